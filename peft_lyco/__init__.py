@@ -1,0 +1,33 @@
+"""LyCORIS-exact LoHa and LoKr for the Hugging Face stack.
+
+Importing this package registers ``LYCO_LOHA`` and ``LYCO_LOKR`` with PEFT (idempotent), so ``get_peft_model``,
+``PeftModel.from_pretrained`` and friends work with ``LoHaConfig``/``LoKrConfig`` beside PEFT's own LoHa/LoKr.
+"""
+
+from ._registry import LYCO_LOHA, LYCO_LOKR, register_method
+from .tuners import LoHaConfig, LoHaLayer, LoHaModel, LoKrConfig, LoKrLayer, LoKrModel, LycoConfig, LycoLayer
+
+__version__ = "0.1.0"
+
+
+def register() -> None:
+    """Register both method types with PEFT; safe to call any number of times."""
+    register_method(LYCO_LOHA, LoHaConfig, LoHaModel)
+    register_method(LYCO_LOKR, LoKrConfig, LoKrModel)
+
+
+register()
+
+__all__ = [
+    "LYCO_LOHA",
+    "LYCO_LOKR",
+    "LoHaConfig",
+    "LoHaLayer",
+    "LoHaModel",
+    "LoKrConfig",
+    "LoKrLayer",
+    "LoKrModel",
+    "LycoConfig",
+    "LycoLayer",
+    "register",
+]

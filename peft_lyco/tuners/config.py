@@ -1,0 +1,110 @@
+"""Configuration fields shared by LoHa and LoKr, with validation that names the bad field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Union
+
+from peft.tuners.lycoris_utils import LycorisConfig
+
+from ..functional import check_factor, check_rank
+
+INIT_CHOICES = (True, False, "lycoris", "peft")
+
+
+@dataclass
+class LycoConfig(LycorisConfig):
+    """Fields common to ``LoHaConfig`` and ``LoKrConfig`` (PEFT's ``rank_pattern``/``alpha_pattern`` included).
+
+    Scale is ``alpha / r`` (``alpha`` None or 0 means ``alpha = r``), applied exactly once. kxk convolutions use
+    ``conv_r``/``conv_alpha`` when set. ``rank_pattern``/``alpha_pattern``/``option_pattern`` override per module with
+    PEFT's pattern rule (``re.match(rf"(.*\\.)?({key})$", name)``, first match wins).
+    """
+
+    r: int = field(default=8, metadata={"help": "Rank of Linear and 1x1-conv adapters (kohya network_dim)."})
+    alpha: Optional[float] = field(
+        default=8.0, metadata={"help": "Scale numerator: scale = alpha / r. None or 0 means alpha = r (scale 1)."}
+    )
+    conv_r: Optional[int] = field(
+        default=None, metadata={"help": "Rank for kxk convolutions (kohya conv_dim); None uses r."}
+    )
+    conv_alpha: Optional[float] = field(
+        default=None, metadata={"help": "Alpha for kxk convolutions (kohya conv_alpha); None uses alpha."}
+    )
+    use_tucker: bool = field(
+        default=False, metadata={"help": "Tucker cores for kxk convolutions instead of folding the kernel into in."}
+    )
+    rank_dropout: float = field(
+        default=0.0, metadata={"help": "Probability of dropping an output row of ΔW in training (kohya semantics)."}
+    )
+    rank_dropout_scale: bool = field(
+        default=True, metadata={"help": "Rescale kept rows by 1/(1-p) (sd-scripts); False leaves them (LyCORIS)."}
+    )
+    module_dropout: float = field(
+        default=0.0, metadata={"help": "Probability of skipping the whole adapter of a module in a training step."}
+    )
+    init_weights: Union[bool, str] = field(
+        default=True,
+        metadata={
+            "help": "True or 'lycoris': kohya/LyCORIS init (ΔW = 0). 'peft': PEFT's init (ΔW = 0). "
+            "False: random non-zero factors, for tests."
+        },
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Module names, suffixes or a regex to adapt (nn.Linear and nn.Conv2d), as in PEFT."},
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names, suffixes or a regex never to adapt, as in PEFT."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Layer indices to adapt, as in PEFT."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list that layers_to_transform indexes, as in PEFT."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Extra modules to train in full and save, as in PEFT."}
+    )
+    option_pattern: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Per-module layout overrides: pattern -> {option: value}, options as the config's own layout "
+            "fields (e.g. {'conv_in': {'use_tucker': False}}). The converter writes these for files."
+        },
+    )
+
+    layout_options: ClassVar[tuple[str, ...]] = ("use_tucker",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+        self._validate()
+
+    def _validate(self) -> None:
+        name = type(self).__name__
+        check_rank(self.r, f"{name}.r")
+        if self.conv_r is not None:
+            check_rank(self.conv_r, f"{name}.conv_r")
+        for key, rank in self.rank_pattern.items():
+            check_rank(rank, f"{name}.rank_pattern[{key!r}]")
+        for what in ("rank_dropout", "module_dropout"):
+            p = getattr(self, what)
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"{name}.{what} must be in [0, 1), got {p!r}")
+        if self.init_weights not in INIT_CHOICES:
+            raise ValueError(f"{name}.init_weights must be one of {INIT_CHOICES}, got {self.init_weights!r}")
+        for key, options in self.option_pattern.items():
+            unknown = set(options) - set(self.layout_options)
+            if unknown:
+                raise ValueError(
+                    f"{name}.option_pattern[{key!r}] has unknown options {sorted(unknown)}; "
+                    f"allowed: {list(self.layout_options)}"
+                )
+            if "factor" in options:
+                check_factor(options["factor"])

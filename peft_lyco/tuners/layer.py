@@ -1,0 +1,208 @@
+"""What LoHa and LoKr layers share: per-adapter scale, dropouts, the fused forward, merge and unmerge.
+
+Subclasses only say which parameters a layout has and how they are initialised; ΔW always comes from
+``functional.delta_weight`` so forward, merge, unmerge and export use one formula with the scale applied once.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from ..functional import add_delta, delta_weight, rank_dropout_mask
+from .config import LycoConfig
+from .options import LayerSpec, layer_geometry
+
+
+class LycoLayer(nn.Module, BaseTunerLayer):
+    """A Linear or Conv2d with any number of LoHa/LoKr adapters, held in ``ParameterDict``s keyed by adapter name.
+
+    Training and inference run one op per call on ``W + Σ scale·ΔW`` (the base weight is never modified); when the
+    base is itself a tuner layer (e.g. PEFT LoRA underneath), the ΔW op is added to its output instead.
+    """
+
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names = (
+        "r",
+        "alpha",
+        "base_scale",
+        "scaling",
+        "layouts",
+        "rank_dropout",
+        "rank_dropout_scale",
+        "module_dropout",
+    )
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, spec: LayerSpec, config: LycoConfig, module_name: str = ""):
+        super().__init__()
+        self.base_layer = base_layer
+        self.module_name = module_name
+        self.out_features, self.in_features, self.kernel_size = layer_geometry(self.get_base_layer(), module_name)
+        for name in self.adapter_layer_names:
+            setattr(self, name, nn.ParameterDict())
+        for name in self.other_param_names:
+            setattr(self, name, {})
+        self._merged_scale: dict[str, float] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, spec, config)
+
+    # ----------------------------------------------------------------------------------------------- construction
+    @classmethod
+    @abstractmethod
+    def layout_for(cls, out_features: int, in_features: int, kernel: tuple[int, ...], spec: LayerSpec) -> Any:
+        """The functional layout (shapes and mode) of an adapter with this spec on a weight (out, in, *kernel)."""
+
+    @abstractmethod
+    def init_parameters(self, adapter_name: str, init_weights: bool | str) -> None:
+        """Initialise the freshly created parameters of ``adapter_name``."""
+
+    def layout_scale(self, layout: Any, spec: LayerSpec) -> float:
+        """The adapter's own scale: ``alpha / rank`` unless the layout dictates otherwise."""
+        return spec.alpha / spec.rank
+
+    def update_layer(self, adapter_name: str, spec: LayerSpec, config: LycoConfig) -> None:
+        """Create (or re-create) adapter ``adapter_name`` from a resolved spec."""
+        layout = self.layout_for(self.out_features, self.in_features, self.kernel_size, spec)
+        self._drop_parameters(adapter_name)
+        base_weight = self.get_base_layer().weight
+        dtype = base_weight.dtype if base_weight.dtype in (torch.float32, torch.float64) else torch.float32
+        for name, shape in layout.shapes.items():
+            getattr(self, name)[adapter_name] = nn.Parameter(torch.empty(shape, device=base_weight.device, dtype=dtype))
+        self.layouts[adapter_name] = layout
+        self.r[adapter_name] = spec.rank
+        self.alpha[adapter_name] = spec.alpha
+        self.base_scale[adapter_name] = self.layout_scale(layout, spec)
+        self.scaling[adapter_name] = self.base_scale[adapter_name]
+        self.rank_dropout[adapter_name] = config.rank_dropout
+        self.rank_dropout_scale[adapter_name] = config.rank_dropout_scale
+        self.module_dropout[adapter_name] = config.module_dropout
+        with torch.no_grad():
+            self.init_parameters(adapter_name, config.init_weights)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _drop_parameters(self, adapter_name: str) -> None:
+        for name in self.adapter_layer_names:
+            if adapter_name in getattr(self, name):
+                del getattr(self, name)[adapter_name]
+
+    def adapter_parameters(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under their kohya names (``hada_w1_a``, ``lokr_w1``, ...)."""
+        return {
+            name: getattr(self, name)[adapter_name]
+            for name in self.adapter_layer_names
+            if adapter_name in getattr(self, name)
+        }
+
+    @property
+    def _available_adapters(self) -> set[str]:
+        return set(self.layouts)
+
+    # --------------------------------------------------------------------------------------------------- scaling
+    def set_scale(self, adapter: str, scale: float) -> None:
+        """Set the user weight of ``adapter`` (diffusers ``set_adapters``): scaling = weight · own scale."""
+        if adapter in self._available_adapters:
+            self.scaling[adapter] = scale * self.base_scale[adapter]
+
+    def scale_layer(self, scale: float) -> None:
+        """Multiply the scaling of the active adapters (diffusers ``fuse_lora(lora_scale=...)``)."""
+        for adapter in self.active_adapters:
+            if adapter in self._available_adapters:
+                self.scaling[adapter] *= scale
+
+    def unscale_layer(self, scale: Optional[float] = None) -> None:
+        """Undo ``scale_layer``; with ``None`` reset the active adapters to their own scale."""
+        for adapter in self.active_adapters:
+            if adapter in self._available_adapters:
+                if scale is None:
+                    self.scaling[adapter] = self.base_scale[adapter]
+                else:
+                    self.scaling[adapter] /= scale
+
+    # ------------------------------------------------------------------------------------------------------- ΔW
+    def get_delta_weight(self, adapter_name: str, *, apply_rank_dropout: bool = False) -> torch.Tensor:
+        """ΔW of one adapter in the base weight's shape, times its current scaling, in the adapter's dtype."""
+        return self._delta(adapter_name, self.scaling[adapter_name], apply_rank_dropout)
+
+    def _delta(self, adapter_name: str, scale: float, apply_rank_dropout: bool = False) -> torch.Tensor:
+        weight_shape = self.get_base_layer().weight.shape
+        delta = delta_weight(self.adapter_parameters(adapter_name), scale).reshape(weight_shape)
+        p = self.rank_dropout[adapter_name]
+        if apply_rank_dropout and p > 0:
+            mask = rank_dropout_mask(
+                weight_shape[0], p, self.rank_dropout_scale[adapter_name], device=delta.device, dtype=delta.dtype
+            )
+            delta = delta * mask.view(-1, *[1] * (delta.dim() - 1))
+        return delta
+
+    def _training_delta(self) -> Optional[torch.Tensor]:
+        """Sum of the active adapters' ΔW for this call, honouring module and rank dropout in training."""
+        total = None
+        for adapter in self.active_adapters:
+            if adapter not in self._available_adapters:
+                continue
+            if self.training and self.module_dropout[adapter] > 0 and torch.rand(1).item() < self.module_dropout[adapter]:
+                continue
+            delta = self._delta(adapter, self.scaling[adapter], apply_rank_dropout=self.training)
+            total = delta if total is None else total + delta.to(total.dtype)
+        return total
+
+    # -------------------------------------------------------------------------------------------------- forward
+    def _base_op(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """The base layer's own op (linear or conv with its stride/padding/dilation/groups) on another weight."""
+        base = self.get_base_layer()
+        if isinstance(base, nn.Conv2d):
+            return base._conv_forward(x, weight, bias)
+        return F.linear(x, weight, bias)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        delta = self._training_delta()
+        if delta is None:
+            return self.base_layer(x, *args, **kwargs)
+        base = self.get_base_layer()
+        if self.base_layer is base:
+            return self._base_op(x, add_delta(base.weight, delta), base.bias)
+        result = self.base_layer(x, *args, **kwargs)
+        return result + self._base_op(x.to(delta.dtype), delta, None).to(result.dtype)
+
+    # ---------------------------------------------------------------------------------------------- merge/unmerge
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add the adapters' scaled ΔW into the base weight (summed in float32 for fp16/bf16 weights)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for adapter in adapter_names:
+            if adapter not in self._available_adapters:
+                continue
+            scale = self.scaling[adapter]
+            with torch.no_grad():
+                merged = add_delta(base.weight.data, self._delta(adapter, scale))
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights of '{self.module_name}'; adapter {adapter} is broken")
+            base.weight.data = merged
+            self._merged_scale[adapter] = scale
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        """Subtract exactly what ``merge`` added (same ΔW, same scale), newest first."""
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            scale = self._merged_scale.pop(adapter)
+            if adapter in self._available_adapters:
+                with torch.no_grad():
+                    base.weight.data = add_delta(base.weight.data, self._delta(adapter, scale), sign=-1)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__module__.split('.')[-2]}.{super().__repr__()}"
