@@ -84,14 +84,21 @@ def loha_delta_weight(
     t2: Optional[torch.Tensor] = None,
     *,
     scale: float = 1.0,
+    recompute: bool = True,
 ) -> torch.Tensor:
     """LoHa ΔW, scaled once by ``scale``.
 
     Flat (Linear, 1x1, kxk folded): returns ``(out, in * prod(kernel))``. Tucker (``t1``/``t2`` given, ``w?_a`` of
-    shape ``(r, out)``): returns ``(out, in, *kernel)``.
+    shape ``(r, out)``): returns ``(out, in, *kernel)``. With ``recompute`` (default) backward keeps only the factors
+    and rebuilds the two products; ``recompute=False`` lets autograd keep them, for callers that build ΔW only for
+    an immediate backward (same values, same gradients, no second rebuild).
     """
     if (t1 is None) != (t2 is None):
         raise ValueError("LoHa Tucker needs both hada_t1 and hada_t2 (or neither)")
+    if not recompute:
+        if t1 is None:
+            return (w1_a @ w1_b) * (w2_a @ w2_b) * scale
+        return rebuild_tucker(t1, w1_a, w1_b) * rebuild_tucker(t2, w2_a, w2_b) * scale
     if t1 is None:
         return _HadaProduct.apply(w1_a, w1_b, w2_a, w2_b, float(scale))
     return _HadaProductTucker.apply(t1, w1_a, w1_b, t2, w2_a, w2_b, float(scale))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from itertools import combinations
 from typing import Optional
 
 import torch
@@ -38,3 +40,60 @@ def lokr_delta_weight(
         w1 = w1.unsqueeze(-1)
     delta = torch.kron(w1, w2.contiguous())
     return delta * scale if scale != 1 else delta
+
+
+
+def _kron_halves(params: Mapping[str, torch.Tensor]) -> Optional[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """The matrices a Linear LoKr applies to the ``in_m`` axis (left) and the ``in_n`` axis (right) of a token, in
+    order; ``None`` for conv or Tucker factors, which have no such form."""
+    left = [params["lokr_w1"]] if "lokr_w1" in params else [params["lokr_w1_b"], params["lokr_w1_a"]]
+    right = [params["lokr_w2"]] if "lokr_w2" in params else [params["lokr_w2_b"], params["lokr_w2_a"]]
+    if "lokr_t2" in params or any(t.dim() != 2 for t in left + right):
+        return None
+    return left, right
+
+
+def _cheapest_order(left: list[torch.Tensor], right: list[torch.Tensor]) -> tuple[tuple[str, ...], int]:
+    """Order of applying the left/right matrices (each chain keeps its own order) with the fewest MACs per token."""
+    best: tuple[tuple[str, ...], int] = ((), -1)
+    count = len(left) + len(right)
+    for left_slots in combinations(range(count), len(left)):
+        order = tuple("left" if i in left_slots else "right" for i in range(count))
+        rows, cols = left[0].shape[1], right[0].shape[1]
+        chains = {"left": iter(left), "right": iter(right)}
+        macs = 0
+        for side in order:
+            out_dim = next(chains[side]).shape[0]
+            macs += out_dim * rows * cols
+            rows, cols = (out_dim, cols) if side == "left" else (rows, out_dim)
+        if best[1] < 0 or macs < best[1]:
+            best = (order, macs)
+    return best
+
+
+def lokr_linear_macs(params: Mapping[str, torch.Tensor]) -> Optional[int]:
+    """Multiply-accumulates per token of ``lokr_linear_apply`` with these factors (kohya names), or ``None`` where
+    it does not apply (conv, Tucker)."""
+    halves = _kron_halves(params)
+    return None if halves is None else _cheapest_order(*halves)[1]
+
+
+def lokr_linear_apply(x: torch.Tensor, params: Mapping[str, torch.Tensor], scale: float = 1.0) -> torch.Tensor:
+    """``x @ ΔWᵀ`` of a Linear LoKr without building ΔW: each token viewed as ``X`` (in_m, in_n) maps to
+    ``scale · w1 · X · w2ᵀ`` (flattened ``out_l · out_k``), low-rank factors applied in the cheapest order."""
+    halves = _kron_halves(params)
+    if halves is None:
+        raise ValueError("the Kronecker product without ΔW needs a Linear LoKr (2-D w1 and w2 factors, no Tucker)")
+    left, right = halves
+    in_m, in_n = left[0].shape[1], right[0].shape[1]
+    if x.shape[-1] != in_m * in_n:
+        raise ValueError(f"LoKr factors expect {in_m * in_n} input features ({in_m} x {in_n}), got {x.shape[-1]}")
+    order, _ = _cheapest_order(left, right)
+    chains = {"left": iter(left), "right": iter(right)}
+    tokens = x.reshape(-1, in_m, in_n)
+    for i, side in enumerate(order):
+        matrix = next(chains[side])
+        if i == 0 and scale != 1:
+            matrix = matrix * scale
+        tokens = torch.matmul(matrix, tokens) if side == "left" else torch.matmul(tokens, matrix.T)
+    return tokens.reshape(*x.shape[:-1], -1)

@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ..functional import add_delta, delta_weight, rank_dropout_mask
+from ..functional import add_delta, rank_dropout_mask
+from ..functional.adapted import DeltaTerm, adapted_op, term_delta
+from ..functional.base_op import BaseOp, Conv2dOp, LinearOp
 from .config import LycoConfig
 from .options import LayerSpec, layer_geometry
 
@@ -131,35 +133,54 @@ class LycoLayer(nn.Module, BaseTunerLayer):
         return self._delta(adapter_name, self.scaling[adapter_name], apply_rank_dropout)
 
     def _delta(self, adapter_name: str, scale: float, apply_rank_dropout: bool = False) -> torch.Tensor:
-        weight_shape = self.get_base_layer().weight.shape
-        delta = delta_weight(self.adapter_parameters(adapter_name), scale).reshape(weight_shape)
-        p = self.rank_dropout[adapter_name]
-        if apply_rank_dropout and p > 0:
-            mask = rank_dropout_mask(
-                weight_shape[0], p, self.rank_dropout_scale[adapter_name], device=delta.device, dtype=delta.dtype
-            )
-            delta = delta * mask.view(-1, *[1] * (delta.dim() - 1))
-        return delta
+        return term_delta(self._term(adapter_name, scale, apply_rank_dropout), self.get_base_layer().weight.shape)
 
-    def _training_delta(self) -> Optional[torch.Tensor]:
-        """Sum of the active adapters' ΔW for this call, honouring module and rank dropout in training."""
-        total = None
+    def _term(self, adapter_name: str, scale: float, apply_rank_dropout: bool) -> DeltaTerm:
+        """The adapter's factors and scale for one call, with a fresh rank-dropout row mask when asked for."""
+        params = self.adapter_parameters(adapter_name)
+        p = self.rank_dropout[adapter_name]
+        mask = None
+        if apply_rank_dropout and p > 0:
+            like = next(iter(params.values()))
+            out_features = self.get_base_layer().weight.shape[0]
+            mask = rank_dropout_mask(out_features, p, self.rank_dropout_scale[adapter_name], device=like.device, dtype=like.dtype)
+        return DeltaTerm(params, scale, mask)
+
+    def _active_terms(self) -> list[DeltaTerm]:
+        """The active adapters for this call, honouring module dropout and rank dropout in training."""
+        terms = []
         for adapter in self.active_adapters:
             if adapter not in self._available_adapters:
                 continue
             if self.training and self.module_dropout[adapter] > 0 and torch.rand(1).item() < self.module_dropout[adapter]:
                 continue
-            delta = self._delta(adapter, self.scaling[adapter], apply_rank_dropout=self.training)
-            total = delta if total is None else total + delta.to(total.dtype)
-        return total
+            terms.append(self._term(adapter, self.scaling[adapter], apply_rank_dropout=self.training))
+        return terms
 
     # -------------------------------------------------------------------------------------------------- forward
-    def _base_op(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        """The base layer's own op (linear or conv with its stride/padding/dilation/groups) on another weight."""
+    def _op_and_input(self, x: torch.Tensor) -> tuple[BaseOp, torch.Tensor]:
+        """The base layer's op and its input prepared for it (padding modes other than zeros and ``"same"`` padding
+        applied with ``F.pad`` first, as ``nn.Conv2d`` does; unbatched conv inputs given a batch dimension)."""
         base = self.get_base_layer()
-        if isinstance(base, nn.Conv2d):
-            return base._conv_forward(x, weight, bias)
-        return F.linear(x, weight, bias)
+        if not isinstance(base, nn.Conv2d):
+            return LinearOp(), x
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        padding = base.padding
+        if base.padding_mode != "zeros":
+            x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
+            padding = (0, 0)
+        elif padding == "valid":
+            padding = (0, 0)
+        elif padding == "same":
+            totals = [d * (k - 1) for d, k in zip(base.dilation, base.kernel_size)]
+            if any(total % 2 for total in totals):
+                # odd total: the extra row/column goes to the bottom/right, as F.conv2d(padding="same") does
+                x = F.pad(x, (totals[1] // 2, totals[1] - totals[1] // 2, totals[0] // 2, totals[0] - totals[0] // 2))
+                padding = (0, 0)
+            else:
+                padding = (totals[0] // 2, totals[1] // 2)
+        return Conv2dOp(tuple(base.stride), tuple(padding), tuple(base.dilation), base.groups), x
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
@@ -168,14 +189,21 @@ class LycoLayer(nn.Module, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        delta = self._training_delta()
-        if delta is None:
+        terms = self._active_terms()
+        if not terms:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
+        op, prepared = self._op_and_input(x)
         if self.base_layer is base:
-            return self._base_op(x, add_delta(base.weight, delta), base.bias)
-        result = self.base_layer(x, *args, **kwargs)
-        return result + self._base_op(x.to(delta.dtype), delta, None).to(result.dtype)
+            out = adapted_op(prepared, base.weight, base.bias, op, terms)
+        else:
+            # the base is another tuner layer: add this adapter's op on ΣΔW to its output (bypass)
+            result = self.base_layer(x, *args, **kwargs)
+            dtype = next(iter(terms[0].params.values())).dtype
+            out = adapted_op(prepared.to(dtype), None, None, op, terms, weight_shape=base.weight.shape)
+        if out.dim() > x.dim():
+            out = out.squeeze(0)  # unbatched conv input
+        return out if self.base_layer is base else result + out.to(result.dtype)
 
     # ---------------------------------------------------------------------------------------------- merge/unmerge
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:

@@ -1,0 +1,225 @@
+"""The fused adapted op against plain autograd through ``op(x, W + Σ s·ΔW)``: values, gradients, saved memory."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peft_lyco.functional import add_delta, delta_weight, lokr_layout, loha_layout
+from peft_lyco.functional.adapted import DeltaTerm, adapted_op, kron_grads_pay_off
+from peft_lyco.functional.base_op import Conv2dOp, LinearOp
+from peft_lyco.functional.lokr import lokr_linear_apply, lokr_linear_macs
+
+CONV = Conv2dOp(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1)
+ODD_CONV = Conv2dOp(stride=(2, 1), padding=(2, 0), dilation=(2, 1), groups=2)
+
+# name: (op, weight shape, layouts of the adapters active together, input shape)
+CASES = {
+    "loha-linear": (LinearOp(), (8, 6), [loha_layout(8, 6, (), 2, False), loha_layout(8, 6, (), 3, False)], (2, 3, 6)),
+    "loha-conv-flat": (CONV, (4, 3, 3, 3), [loha_layout(4, 3, (3, 3), 2, False)], (2, 3, 5, 5)),
+    "loha-conv-tucker": (CONV, (4, 3, 3, 3), [loha_layout(4, 3, (3, 3), 2, True)] * 2, (1, 3, 5, 5)),
+    "loha-grouped-strided-dilated": (ODD_CONV, (4, 2, 3, 2), [loha_layout(4, 2, (3, 2), 2, True)], (1, 4, 7, 6)),
+    "lokr-linear-lowrank": (LinearOp(), (16, 16), [lokr_layout(16, 16, (), 1, factor=4)] * 2, (5, 16)),
+    "lokr-linear-full": (LinearOp(), (8, 6), [lokr_layout(8, 6, (), 8, factor=2, warn=False)], (4, 6)),
+    "lokr-linear-decompose-both": (
+        LinearOp(),
+        (16, 8),
+        [lokr_layout(16, 8, (), 1, factor=4, decompose_both=True), lokr_layout(16, 8, (), 1, factor=2)],
+        (3, 8),
+    ),
+    "lokr-conv-flat": (CONV, (8, 4, 3, 3), [lokr_layout(8, 4, (3, 3), 1, factor=2)], (1, 4, 5, 5)),
+    "lokr-conv-tucker": (CONV, (8, 4, 3, 3), [lokr_layout(8, 4, (3, 3), 1, factor=2, use_tucker=True)], (1, 4, 5, 5)),
+}
+
+
+def _params(layout, dtype, generator):
+    return {name: torch.randn(shape, dtype=dtype, generator=generator) * 0.5 for name, shape in layout.shapes.items()}
+
+
+def _setup(case, dtype=torch.float64, masked=False, seed=0):
+    op, wshape, layouts, xshape = CASES[case]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(xshape, dtype=dtype, generator=g)
+    weight = torch.randn(wshape, dtype=dtype, generator=g)
+    bias = torch.randn(wshape[0], dtype=dtype, generator=g)
+    params = [_params(layout, dtype, g) for layout in layouts]
+    scales = [0.7 / (i + 1) for i in range(len(layouts))]
+    masks = [(torch.rand(wshape[0], generator=g) > 0.4).to(dtype) * 1.5 if masked else None for _ in layouts]
+    return op, x, weight, bias, params, scales, masks
+
+
+def _plain(op, x, weight, bias, params, scales, masks, shape=None):
+    """Reference: plain autograd through op(x, W + Σ s·ΔW·mask)."""
+    deltas = []
+    for p, s, m in zip(params, scales, masks):
+        d = delta_weight(p, s).reshape(weight.shape if weight is not None else shape)
+        deltas.append(d if m is None else d * m.view(-1, *[1] * (d.dim() - 1)))
+    total = deltas[0]
+    for d in deltas[1:]:
+        total = total + d
+    merged = total if weight is None else add_delta(weight, total)
+    if isinstance(op, LinearOp):
+        return F.linear(x, merged, bias)
+    return F.conv2d(x, merged, bias, op.stride, op.padding, op.dilation, op.groups)
+
+
+def _fused(op, x, weight, bias, params, scales, masks, kron_grads=True, shape=None):
+    terms = [DeltaTerm(p, s, m) for p, s, m in zip(params, scales, masks)]
+    return adapted_op(x, weight, bias, op, terms, weight_shape=shape, kron_grads=kron_grads)
+
+
+def _leaves(x, weight, bias, params, train_weight=False):
+    x = x.clone().requires_grad_(True)
+    weight = weight.clone().requires_grad_(train_weight)
+    bias = bias.clone().requires_grad_(train_weight)
+    params = [{k: v.clone().requires_grad_(True) for k, v in p.items()} for p in params]
+    return x, weight, bias, params
+
+
+# the dense-G route is forced only where the Kronecker route exists (Linear LoKr); elsewhere both flags are one route
+ROUTES = [(case, kron) for case in sorted(CASES) for kron in ((True, False) if case.startswith("lokr-linear") else (True,))]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("case, kron_grads", ROUTES)
+def test_gradcheck_float64(case, masked, kron_grads):
+    op, x, weight, bias, params, scales, masks = _setup(case, masked=masked)
+    x, weight, bias, params = _leaves(x, weight, bias, params, train_weight=True)
+    names = [list(p) for p in params]
+    flat = [t for p in params for t in p.values()]
+
+    def run(x, weight, bias, *tensors):
+        it = iter(tensors)
+        rebuilt = [{n: next(it) for n in ns} for ns in names]
+        return _fused(op, x, weight, bias, rebuilt, scales, masks, kron_grads)
+
+    # the masked variant runs the same code with one more product: a random-projection check is enough there
+    assert torch.autograd.gradcheck(run, (x, weight, bias, *flat), eps=1e-6, atol=1e-6, fast_mode=masked)
+
+
+@pytest.mark.parametrize("train_weight", [False, True])
+@pytest.mark.parametrize("case, kron_grads", ROUTES)
+def test_equals_plain_autograd_path(case, kron_grads, train_weight):
+    op, x, weight, bias, params, scales, masks = _setup(case, dtype=torch.float32, masked=True)
+    results = []
+    for fn in (_fused, _plain):
+        xl, wl, bl, pl = _leaves(x, weight, bias, params, train_weight)
+        extra = {"kron_grads": kron_grads} if fn is _fused else {}
+        out = fn(op, xl, wl, bl, pl, scales, masks, **extra)
+        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+        grads = [xl.grad] + ([wl.grad, bl.grad] if train_weight else []) + [t.grad for p in pl for t in p.values()]
+        results.append((out.detach(), grads))
+    (out, grads), (ref_out, ref_grads) = results
+    assert torch.equal(out, ref_out)  # same summation as add_delta, so bit-identical to the merged layer
+    assert len(grads) == len(ref_grads) and all(g is not None for g in grads)
+    for got, ref in zip(grads, ref_grads):
+        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("case", ["loha-linear", "lokr-linear-decompose-both", "loha-conv-tucker"])
+def test_bypass_without_base_weight(case):
+    op, x, weight, bias, params, scales, masks = _setup(case)
+    x, _, _, params = _leaves(x, weight, bias, params)
+    flat = [t for p in params for t in p.values()]
+    names = [list(p) for p in params]
+
+    def run(x, *tensors):
+        it = iter(tensors)
+        return _fused(op, x, None, None, [{n: next(it) for n in ns} for ns in names], scales, masks, shape=weight.shape)
+
+    with torch.no_grad():
+        assert torch.equal(run(x, *flat), _plain(op, x, None, None, params, scales, masks, shape=weight.shape))
+    assert torch.autograd.gradcheck(run, (x, *flat), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ["loha-linear", "lokr-linear-lowrank", "loha-conv-tucker"])
+def test_half_base_float32_adapters(case, base_dtype):
+    op, x, weight, bias, params, scales, masks = _setup(case, dtype=torch.float32, masked=True)
+    x, weight, bias = x.to(base_dtype), weight.to(base_dtype), bias.to(base_dtype)
+    results = []
+    for fn in (_fused, _plain):
+        xl, wl, bl, pl = _leaves(x, weight, bias, params)
+        out = fn(op, xl, wl, bl, pl, scales, masks)
+        assert out.dtype == base_dtype
+        out.float().square().sum().backward()
+        results.append((out.detach(), [xl.grad] + [t.grad for p in pl for t in p.values()]))
+    (out, grads), (ref_out, ref_grads) = results
+    assert torch.equal(out, ref_out)
+    assert grads[0].dtype == base_dtype and all(g.dtype == torch.float32 for g in grads[1:])
+    for got, ref in zip(grads, ref_grads):
+        # the Kronecker route reduces in float32 where autograd's dense weight gradient is rounded to the base dtype
+        assert torch.allclose(got.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+def test_no_grad_inference_builds_no_graph_and_matches():
+    op, x, weight, bias, params, scales, masks = _setup("loha-conv-tucker", dtype=torch.float32)
+    params = [{k: v.requires_grad_(True) for k, v in p.items()} for p in params]
+    with torch.no_grad():
+        out = _fused(op, x, weight, bias, params, scales, masks)
+        ref = _plain(op, x, weight, bias, params, scales, masks)
+    assert out.grad_fn is None and torch.equal(out, ref)
+
+
+def _saved_storages(fn):
+    """The distinct storages (by address) autograd keeps for backward while ``fn`` runs."""
+    storages = set()
+
+    def pack(t):
+        storages.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return storages
+
+
+@pytest.mark.parametrize("case", ["loha-linear", "lokr-linear-lowrank", "loha-conv-tucker", "lokr-conv-flat"])
+def test_keeps_only_input_weight_and_factors_for_backward(case):
+    op, x, weight, bias, params, scales, masks = _setup(case, dtype=torch.float32, masked=True)
+    x, weight, bias, params = _leaves(x, weight, bias, params)
+    saved = _saved_storages(lambda: _fused(op, x, weight, bias, params, scales, masks))
+    allowed = {t.untyped_storage().data_ptr() for t in [x, weight, *masks] + [t for p in params for t in p.values()]}
+    assert set(saved) <= allowed and x.untyped_storage().data_ptr() in saved
+    plain_saved = _saved_storages(lambda: _plain(op, x, weight, bias, params, scales, masks))
+    assert not set(plain_saved) <= allowed  # autograd keeps the weight-sized W + ΔW: the check above can fail
+
+
+def test_lokr_linear_apply_equals_dense_delta():
+    g = torch.Generator().manual_seed(1)
+    for layout in [
+        lokr_layout(1280, 640, (), 8, factor=8),
+        lokr_layout(64, 96, (), 2, factor=4, decompose_both=True),
+        lokr_layout(12, 10, (), 100, warn=False),
+    ]:
+        params = _params(layout, torch.float64, g)
+        x = torch.randn(3, 2, layout.in_m * layout.in_n, dtype=torch.float64, generator=g)
+        expected = x @ delta_weight(params, 0.3).T
+        assert torch.allclose(lokr_linear_apply(x, params, 0.3), expected, atol=1e-10)
+    with pytest.raises(ValueError, match="input features"):
+        lokr_linear_apply(torch.randn(2, 5, dtype=torch.float64), params)
+
+
+def test_lokr_linear_macs_counts_the_cheapest_order():
+    # w1 (8, 8) on the in_m axis, w2 = w2_a (640, 4) @ w2_b (4, 160) on the in_n axis: apply w2_b first (8·160·4),
+    # then w1 (8·8·4), then w2_a (8·4·640)
+    params = {name: torch.empty(shape) for name, shape in lokr_layout(5120, 1280, (), 4, factor=8).shapes.items()}
+    assert lokr_linear_macs(params) == 8 * 160 * 4 + 8 * 8 * 4 + 8 * 4 * 640
+    tucker = lokr_layout(64, 64, (3, 3), 2, factor=8, use_tucker=True).shapes
+    assert lokr_linear_macs({n: torch.empty(s) for n, s in tucker.items()}) is None
+
+
+def test_kron_route_is_taken_where_it_pays_off():
+    big = lokr_layout(5120, 1280, (), 8, factor=8)
+    term = DeltaTerm({n: torch.empty(s) for n, s in big.shapes.items()}, 1.0)
+    assert kron_grads_pay_off(LinearOp(), term, torch.Size((5120, 1280)))
+    assert not kron_grads_pay_off(CONV, term, torch.Size((5120, 1280)))
+    loha = DeltaTerm({n: torch.empty(s) for n, s in loha_layout(64, 64, (), 4, False).shapes.items()}, 1.0)
+    assert not kron_grads_pay_off(LinearOp(), loha, torch.Size((64, 64)))
+    # a full-matrix LoKr on a small layer: the factor chain costs more than the dense weight gradient
+    full = lokr_layout(8, 6, (), 100, warn=False)
+    assert not kron_grads_pay_off(LinearOp(), DeltaTerm({n: torch.empty(s) for n, s in full.shapes.items()}, 1.0), torch.Size((8, 6)))
+
+
+def test_empty_term_list_is_refused():
+    with pytest.raises(ValueError, match="at least one"):
+        adapted_op(torch.randn(2, 3), torch.randn(4, 3), None, LinearOp(), [])
