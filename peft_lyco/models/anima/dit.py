@@ -21,7 +21,7 @@ from .config import AnimaConfig, rope_axis_dims
 from .layers import RMSNorm, init_linear, qk_norm_attention
 from .llm_adapter import LLMAdapter
 from .loading import LoadReport, check_finite, check_state_dict, read_safetensors, strip_prefix
-from .rope import ntk_theta, rope3d_angles, timestep_features
+from .rope import at_least_fp32, ntk_theta, rope3d_angles, timestep_features
 
 
 class Attention(nn.Module):
@@ -209,6 +209,8 @@ class RoPE3D(nn.Module):
 
     def forward(self, grid: tuple[int, int, int]) -> torch.Tensor:
         """Angles (T·H·W, head_dim) for a patch grid (T, H, W)."""
+        if self.seq.dtype != at_least_fp32(self.seq.dtype):  # model.to(bfloat16) casts the tables; rebuild them
+            self.reset_buffers()
         too_big = [f"{axis}={size} > {limit}" for axis, size, limit in zip("THW", grid, self.lengths) if size > limit]
         if too_big:
             raise ValueError(f"AnimaDiT: patch grid exceeds the RoPE table ({', '.join(too_big)}); raise max_img_h/w")

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .rope import apply_rope
+from .rope import apply_rope, at_least_fp32
 
 
 class RMSNorm(nn.Module):
-    """``x · rsqrt(mean(x²) + eps) · weight``, the statistics in fp32 and the result cast back to ``x``'s dtype."""
+    """``x · rsqrt(mean(x²) + eps) · weight``, computed in at least fp32 and cast back to ``x``'s dtype."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -21,7 +21,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = x.to(at_least_fp32(x.dtype))
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.to(x.dtype) * self.weight
 

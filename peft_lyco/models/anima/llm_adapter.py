@@ -123,8 +123,8 @@ class LLMAdapter(nn.Module):
     ) -> torch.Tensor:
         x = self.in_proj(self.embed(target_input_ids))
         head_dim = x.shape[-1] // self.num_heads
-        target_angles = rope1d_angles(x.shape[1], head_dim, x.device)
-        source_angles = rope1d_angles(source_hidden_states.shape[1], head_dim, x.device)
+        target_angles = rope1d_angles(x.shape[1], head_dim, x.device, x.dtype)
+        source_angles = rope1d_angles(source_hidden_states.shape[1], head_dim, x.device, x.dtype)
         context = source_hidden_states.to(x.dtype)
         for block in self.blocks:
             x = block(x, context, target_angles, source_angles, target_attention_mask, source_attention_mask)

@@ -7,6 +7,11 @@ import math
 import torch
 
 
+def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half types, the dtype itself for fp32/fp64: position maths never runs in 16 bits."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def ntk_theta(ratio: float, dim: int, base: float = 10000.0) -> float:
     """NTK-scaled RoPE base of one axis: ``base · ratio^(dim / (dim − 2))``."""
     return base * ratio ** (dim / (dim - 2))
@@ -24,14 +29,16 @@ def rope3d_angles(
     temporal_fractions: torch.Tensor,
     thetas: tuple[float, float, float],
 ) -> torch.Tensor:
-    """Angles (T·H·W, head_dim) of every patch in ``(t h w)`` order: ``cat([t, h, w])`` repeated twice, fp32.
+    """Angles (T·H·W, head_dim) of every patch in ``(t h w)`` order: ``cat([t, h, w])`` repeated twice.
 
-    ``positions`` is the integer position table (``arange``); ``thetas`` are the (t, h, w) bases.
+    ``positions`` is the integer position table (``arange``); ``thetas`` are the (t, h, w) bases. Computed in at
+    least fp32 (fp64 tables give fp64 angles).
     """
     t_len, h_len, w_len = grid
     theta_t, theta_h, theta_w = thetas
-    positions = positions.float()
-    spatial_fractions, temporal_fractions = spatial_fractions.float(), temporal_fractions.float()
+    dtype = at_least_fp32(positions.dtype)
+    positions = positions.to(dtype)
+    spatial_fractions, temporal_fractions = spatial_fractions.to(dtype), temporal_fractions.to(dtype)
     ang_t = torch.outer(positions[:t_len], axis_frequencies(theta_t, temporal_fractions))
     ang_h = torch.outer(positions[:h_len], axis_frequencies(theta_h, spatial_fractions))
     ang_w = torch.outer(positions[:w_len], axis_frequencies(theta_w, spatial_fractions))
@@ -46,10 +53,18 @@ def rope3d_angles(
     return torch.cat([half, half], dim=-1)
 
 
-def rope1d_angles(length: int, head_dim: int, device: torch.device | None = None, theta: float = 10000.0) -> torch.Tensor:
-    """Angles (length, head_dim) of positions ``0..length−1``: ``cat([p·f, p·f])`` with ``f = 1/θ^(2i/head_dim)``."""
-    fractions = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
-    half = torch.outer(torch.arange(length, device=device, dtype=torch.float32), axis_frequencies(theta, fractions))
+def rope1d_angles(
+    length: int,
+    head_dim: int,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    theta: float = 10000.0,
+) -> torch.Tensor:
+    """Angles (length, head_dim) of positions ``0..length−1``: ``cat([p·f, p·f])`` with ``f = 1/θ^(2i/head_dim)``,
+    in at least fp32."""
+    dtype = at_least_fp32(dtype)
+    fractions = torch.arange(0, head_dim, 2, device=device, dtype=dtype) / head_dim
+    half = torch.outer(torch.arange(length, device=device, dtype=dtype), axis_frequencies(theta, fractions))
     return torch.cat([half, half], dim=-1)
 
 
@@ -67,11 +82,12 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 
 
 def timestep_features(timesteps: torch.Tensor, channels: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal features ``cat([cos(t·f), sin(t·f)])`` with ``f_i = exp(−ln(max_period)·i/half)``, fp32.
+    """Sinusoidal features ``cat([cos(t·f), sin(t·f)])`` with ``f_i = exp(−ln(max_period)·i/half)``, in at least fp32.
 
     ``timesteps`` has any shape; the result appends a ``channels`` dim. Anima feeds σ ∈ [0, 1] here.
     """
     half = channels // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=timesteps.device, dtype=torch.float32) / half)
-    args = timesteps.float()[..., None] * freqs
+    dtype = at_least_fp32(timesteps.dtype)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=timesteps.device, dtype=dtype) / half)
+    args = timesteps.to(dtype)[..., None] * freqs
     return torch.cat([args.cos(), args.sin()], dim=-1)
