@@ -10,6 +10,7 @@ import ast
 import difflib
 import math
 import re
+import warnings
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -64,8 +65,11 @@ def _bool_from_text(text: str) -> bool:
 
 
 def _literal(text: str) -> Any:
+    """``ast.literal_eval`` (as sd-scripts), quiet about ``'\\.'`` in non-raw strings: the regex is what was meant."""
     try:
-        return ast.literal_eval(text.strip())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", (DeprecationWarning, SyntaxWarning))
+            return ast.literal_eval(text.strip())
     except (ValueError, SyntaxError) as err:
         raise ValueError(f"expected a Python literal such as ['regex', ...] ({err})") from None
 
