@@ -119,10 +119,25 @@ def build_config(
             "network_dim/conv_dim)"
         )
     config = _make_config(config_cls, plan, args, network_dim, network_alpha, passthrough)
+    if _suffix_clash(config.target_modules, (name for name, _ in model.named_modules())):
+        config.target_modules = "|".join(re.escape(path) for path, _, _, _ in plan)  # fullmatch: exact paths only
+    # the rows validate every layout now and log LoKr's full-matrix fallback at build time, as sd-scripts does
     rows = describe(config, model, modules=[(path, layer) for path, layer, _, _ in plan])
     if args.verbose:
         print(format_table(rows))
     return config
+
+
+def _suffix_clash(targets: set[str], names) -> bool:
+    """True if PEFT's list matching (``name == t`` or ``name.endswith("." + t)``) would also hit a module that is not
+    a target, e.g. ``1.0`` for target ``0`` in nested containers."""
+    for name in names:
+        if name in targets:
+            continue
+        parts = name.split(".")
+        if any(".".join(parts[i:]) in targets for i in range(1, len(parts))):
+            return True
+    return False
 
 
 def _check_network_dim_alpha(network_dim: Any, network_alpha: Any) -> tuple[int, float]:

@@ -162,6 +162,14 @@ def test_unknown_architecture_suggests_target_modules_and_custom_targets_work():
     assert (layers["0"].r["default"], layers["1"].r["default"]) == (2, 3)
 
 
+def test_exact_paths_never_leak_to_nested_modules_with_the_same_suffix():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)))
+    config = build_config("loha", model, target_modules=["0", "1"], exclude_patterns=[r"1\.0"])
+    assert set(adapted(model, config)) == {"0", "1.1"}  # PEFT's suffix rule alone would also adapt "1.0"
+    listed = build_config("loha", model, target_modules=["0", "1"])
+    assert isinstance(listed.target_modules, set) and set(adapted(model, listed)) == {"0", "1.0", "1.1"}
+
+
 def test_peft_wrapped_models_keep_their_paths(models):
     te1 = models[1]
     config = build_config("loha", te1)
@@ -173,9 +181,11 @@ def test_peft_wrapped_models_keep_their_paths(models):
 
 def test_train_llm_adapter_adds_adapter_blocks_only_on_the_dit():
     tiny = build_tiny_anima()
-    without = build_config("loha", tiny.dit)
-    with_adapter = build_config("loha", tiny.dit, train_llm_adapter=True)
-    added = with_adapter.target_modules - without.target_modules
+    without = set(adapted(tiny.dit, build_config("loha", tiny.dit)))
+    assert len(without) == tiny.dit.config.num_blocks * 10
+    assert not [p for p in without if p.startswith("llm_adapter")]  # DiT paths are suffixes of adapter paths
+    with_adapter = set(adapted(tiny.dit, build_config("loha", tiny.dit, train_llm_adapter=True)))
+    added = with_adapter - without
     assert added and all(p.startswith("llm_adapter.blocks.") for p in added)
     assert len(added) == tiny.dit.config.adapter_num_layers * 10
     assert build_config("loha", tiny.text_encoder, train_llm_adapter=True).target_modules == build_config(

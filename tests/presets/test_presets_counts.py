@@ -14,7 +14,7 @@ from presets_models import meta_sdxl
 from transformers import Qwen3Model
 
 from peft_lyco.models.anima import AnimaDiT, qwen3_06b_config
-from peft_lyco.presets import build_config
+from peft_lyco.presets import build_config, describe
 
 # SDXL: attention levels down 1/2 (2 attentions each, depth 2/10), mid (1, depth 10), up 0/1 (3 each, depth 10/2)
 TRANSFORMER_MODELS = 2 + 2 + 1 + 3 + 3
@@ -32,10 +32,15 @@ def sdxl():
     return meta_sdxl()
 
 
+def selected(config, model):
+    """The module paths PEFT's own matching hits with this config (what injection would adapt)."""
+    return [row.name for row in describe(config, model)]
+
+
 def kinds(model, config):
     modules = dict(model.named_modules())
     count = {"linear": 0, "1x1": 0, "kxk": 0}
-    for path in config.target_modules:
+    for path in selected(config, model):
         layer = modules[path]
         if isinstance(layer, torch.nn.Linear):
             count["linear"] += 1
@@ -48,10 +53,10 @@ def kinds(model, config):
 def test_sdxl_unet_counts_with_and_without_conv_dim(sdxl, algo):
     unet = sdxl[0]
     plain = build_config(algo, unet, network_dim=16, network_alpha=8)
-    assert len(plain.target_modules) == SDXL_UNET_LINEAR == 722
+    assert len(selected(plain, unet)) == SDXL_UNET_LINEAR == 722
     assert kinds(unet, plain) == {"linear": 722, "1x1": 0, "kxk": 0}
     conv = build_config(algo, unet, network_dim=16, network_alpha=8, network_args=["conv_dim=8", "conv_alpha=4"])
-    assert len(conv.target_modules) == SDXL_UNET_LINEAR + SDXL_UNET_CONV == 788
+    assert len(selected(conv, unet)) == SDXL_UNET_LINEAR + SDXL_UNET_CONV == 788
     assert kinds(unet, conv) == {"linear": 722 + RESNETS, "1x1": SHORTCUTS, "kxk": RESNETS * 2 + SAMPLERS}
     assert (conv.r, conv.alpha, conv.conv_r, conv.conv_alpha) == (16, 8.0, 8, 4.0)
     assert conv.rank_pattern == {} and conv.alpha_pattern == {}
@@ -84,7 +89,7 @@ def sgm_path(path, layers_per_block=2):
 def test_sdxl_selection_is_the_sgm_selection_of_sd_scripts(sdxl):
     """Every selected module maps to a distinct SGM module inside the container sd-scripts targets."""
     config = build_config("lokr", sdxl[0], network_args=["conv_dim=4"])
-    sgm = [sgm_path(path) for path in config.target_modules]
+    sgm = [sgm_path(path) for path in selected(config, sdxl[0])]
     assert len(set(sgm)) == 788
     transformer = [p for p in sgm if ".transformer_blocks." in p or p.endswith((".proj_in", ".proj_out"))]
     assert len(transformer) == 722
@@ -103,26 +108,27 @@ def test_sdxl_text_encoder_counts(sdxl):
     layers = {"te1": 12, "te2": 32}  # CLIP-L / CLIP-bigG encoder layers, 4 attention + 2 MLP Linears each
     config1 = build_config("lokr", te1, network_dim=8)
     config2 = build_config("lokr", te2, network_dim=8)
-    assert len(config1.target_modules) == layers["te1"] * 6 == 72
-    assert len(config2.target_modules) == layers["te2"] * 6 == 192
-    assert "text_projection" not in config2.target_modules
-    assert all(path.startswith("text_model.encoder.layers.") for path in config2.target_modules)
-    assert all(path.startswith("encoder.layers.") for path in config1.target_modules)  # transformers 5: no text_model
+    paths1, paths2 = selected(config1, te1), selected(config2, te2)
+    assert len(paths1) == layers["te1"] * 6 == 72
+    assert len(paths2) == layers["te2"] * 6 == 192
+    assert "text_projection" not in paths2
+    assert all(path.startswith("text_model.encoder.layers.") for path in paths2)
+    assert all(path.startswith("encoder.layers.") for path in paths1)  # transformers 5: no text_model level
 
 
 def test_anima_counts_default_adapter_and_text_encoder():
     with torch.device("meta"):
         dit, qwen3 = AnimaDiT(), Qwen3Model(qwen3_06b_config())
     per_block = 4 + 4 + 2  # self_attn q/k/v/output, cross_attn q/k/v/output, mlp.layer1/2
-    default = build_config("lokr", dit, network_dim=32, network_alpha=16)
-    assert len(default.target_modules) == 28 * per_block == 280
-    assert not [p for p in default.target_modules if re.search("modulation|embedder|final_layer", p)]
-    adapter = build_config("lokr", dit, network_dim=32, network_alpha=16, train_llm_adapter=True)
+    default = selected(build_config("lokr", dit, network_dim=32, network_alpha=16), dit)
+    assert len(default) == 28 * per_block == 280
+    assert not [p for p in default if re.search("modulation|embedder|final_layer|llm_adapter", p)]
+    adapter = selected(build_config("lokr", dit, network_dim=32, network_alpha=16, train_llm_adapter=True), dit)
     adapter_per_block = 4 + 4 + 2  # self_attn q/k/v/o, cross_attn q/k/v/o, mlp.0, mlp.2
-    assert len(adapter.target_modules) == 280 + 6 * adapter_per_block == 340
-    assert not [p for p in adapter.target_modules if p in ("llm_adapter.out_proj", "llm_adapter.embed")]
-    text = build_config("lokr", qwen3, network_dim=32, network_alpha=16)
-    assert len(text.target_modules) == 28 * (4 + 3) == 196
+    assert len(adapter) == 280 + 6 * adapter_per_block == 340
+    assert not [p for p in adapter if p in ("llm_adapter.out_proj", "llm_adapter.embed")]
+    text = selected(build_config("lokr", qwen3, network_dim=32, network_alpha=16), qwen3)
+    assert len(text) == 28 * (4 + 3) == 196
     # what the default excludes removed comes back only through include_patterns
     rescued = build_config("lokr", dit, network_args=[r"include_patterns=[r'final_layer\.linear', r'x_embedder\..*']"])
-    assert set(rescued.target_modules) - set(default.target_modules) == {"final_layer.linear", "x_embedder.proj.1"}
+    assert set(selected(rescued, dit)) - set(default) == {"final_layer.linear", "x_embedder.proj.1"}
