@@ -11,7 +11,7 @@ import difflib
 import math
 import re
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 Pairs = tuple[tuple[str, Any], ...]
@@ -258,9 +258,6 @@ UNSUPPORTED = {
     "mid_lr_weight": "block-wise lr weights are LoRA-only in sd-scripts; use network_reg_lrs",
     "up_lr_weight": "block-wise lr weights are LoRA-only in sd-scripts; use network_reg_lrs",
 }
-
-assert {f.name for f in fields(NetworkArgs)} == set(OPTIONS), "NetworkArgs and OPTIONS must list the same names"
-
 
 def _unknown(name: str) -> NetworkArgsError:
     if name in UNSUPPORTED:

@@ -1,8 +1,11 @@
 """sd-scripts --network_args parsing: every option as a string and as a keyword, and errors that name the argument."""
 
+from dataclasses import fields
+
 import pytest
 
 from peft_lyco.presets import NetworkArgs, NetworkArgsError, parse_network_args
+from peft_lyco.presets.network_args import OPTIONS
 
 ALL_STRINGS = [
     "conv_dim=16",
@@ -26,6 +29,10 @@ ALL_STRINGS = [
     "full_matrix=False",
     "unbalanced_factorization=False",
 ]
+
+
+def test_every_option_has_a_parser_and_a_field():
+    assert {f.name for f in fields(NetworkArgs)} == set(OPTIONS) == {item.split("=", 1)[0] for item in ALL_STRINGS}
 
 
 def test_every_option_parses_from_sd_scripts_strings():

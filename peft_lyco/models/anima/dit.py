@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import AnimaConfig, rope_axis_dims
-from .layers import RMSNorm, init_linear, qk_norm_attention
+from .layers import RMSNorm, init_weights, qk_norm_attention
 from .llm_adapter import LLMAdapter
 from .loading import LoadReport, check_finite, check_state_dict, read_safetensors, strip_prefix
 from .rope import at_least_fp32, ntk_theta, rope3d_angles, timestep_features
@@ -261,13 +261,7 @@ class AnimaDiT(nn.Module):
 
     def reset_parameters(self) -> None:
         """The reference init: Linears truncated-normal, modulation outputs zero, norms one."""
-        for name, module in self.named_modules():
-            if name.startswith("llm_adapter"):
-                continue
-            if isinstance(module, nn.Linear):
-                init_linear(module)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+        init_weights(module for name, module in self.named_modules() if not name.startswith("llm_adapter"))
         for block in self.blocks:
             for modulation in (block.adaln_modulation_self_attn, block.adaln_modulation_cross_attn, block.adaln_modulation_mlp):
                 nn.init.zeros_(modulation[2].weight)
