@@ -1,13 +1,16 @@
 """Single-file loading of the Anima DiT and the Qwen3 text encoder: prefixes, tolerated buffers, clear errors."""
 
+import copy
 import logging
 
 import pytest
 import torch
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors.torch import save_file
 from transformers import Qwen3Config, Qwen3Model
 
 from peft_lyco.models.anima import AnimaConfig, AnimaDiT, qwen3_text_encoder_from_single_file
+from peft_lyco.presets import build_config
 
 CONFIG = AnimaConfig(model_channels=32, num_blocks=2, num_heads=2, crossattn_emb_channels=16, adaln_lora_dim=8,
                      max_img_h=32, max_img_w=32, max_frames=4, adapter_source_dim=16, adapter_model_dim=16,
@@ -125,3 +128,16 @@ def test_qwen3_text_encoder_from_single_file(tmp_path):
     del state["model.norm.weight"]
     with pytest.raises(ValueError, match="missing keys: norm.weight"):
         qwen3_text_encoder_from_single_file(saved(tmp_path, {k: v.clone() for k, v in state.items()}, "bad.safetensors"), config)
+
+
+def test_peft_adapter_round_trips_through_both_peft_loading_paths(source, tmp_path):
+    config = build_config("lokr", source, network_dim=2, network_alpha=1, init_weights=False)
+    model = get_peft_model(copy.deepcopy(source), config)
+    expected = output(model)
+    assert (expected - output(source)).abs().max() > 1e-4
+    model.save_pretrained(tmp_path)
+    assert torch.equal(output(PeftModel.from_pretrained(copy.deepcopy(source), tmp_path)), expected)
+    injected = inject_adapter_in_model(copy.deepcopy(config), copy.deepcopy(source))
+    result = set_peft_model_state_dict(injected, get_peft_model_state_dict(model))  # goes through our load_state_dict
+    assert result.unexpected_keys == []
+    assert torch.equal(output(injected), expected)
