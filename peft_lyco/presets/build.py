@@ -170,7 +170,9 @@ def _plan(model, args, network_dim, network_alpha, target_modules) -> list[tuple
 
 def _log_unused_patterns(args: NetworkArgs, paths: list[str]) -> None:
     """Patterns that match no candidate usually target another component or another naming (e.g. SGM paths)."""
-    named = [("exclude_patterns", p) for p in args.exclude_patterns] + [("include_patterns", p) for p in args.include_patterns]
+    named = [("exclude_patterns", p) for p in args.exclude_patterns] + [
+        ("include_patterns", p) for p in args.include_patterns
+    ]
     named += [("network_reg_dims", p) for p, _ in args.network_reg_dims]
     for option, pattern in named:
         if not any(re.fullmatch(pattern, path) for path in paths):
@@ -226,7 +228,9 @@ def describe(
     algo = "lokr" if isinstance(config, LoKrConfig) else "loha"
     layer_cls = ALGORITHMS[algo][1]
     if modules is None:
-        modules = [(path, layer) for path, layer in adaptable_layers(unwrap(model)) if check_target_module_exists(config, path)]
+        modules = [
+            (path, layer) for path, layer in adaptable_layers(unwrap(model)) if check_target_module_exists(config, path)
+        ]
     rows = []
     for path, layer in modules:
         spec = resolve_layer_spec(config, path, layer)

@@ -259,6 +259,7 @@ UNSUPPORTED = {
     "up_lr_weight": "block-wise lr weights are LoRA-only in sd-scripts; use network_reg_lrs",
 }
 
+
 def _unknown(name: str) -> NetworkArgsError:
     if name in UNSUPPORTED:
         return NetworkArgsError(f"network argument {name!r} is not supported: {UNSUPPORTED[name]}")

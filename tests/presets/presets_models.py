@@ -1,4 +1,4 @@
-"""Models for the preset tests, built from configs in code: real-size SDXL parts on the meta device, tiny ones on CPU."""
+"""Models for the preset tests, built from configs in code: real-size SDXL on the meta device, tiny ones on CPU."""
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -21,9 +21,17 @@ SDXL_UNET = dict(
     addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816,
 )
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, hidden_act="quick_gelu")
-CLIP_BIG_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                  projection_dim=1280, hidden_act="gelu")
+CLIP_L = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, hidden_act="quick_gelu"
+)
+CLIP_BIG_G = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    projection_dim=1280,
+    hidden_act="gelu",
+)
 
 # peft_integration.md §6: a tiny SDXL-shaped UNet and CLIP pair
 TINY_UNET = dict(
@@ -43,8 +51,17 @@ TINY_UNET = dict(
     projection_class_embeddings_input_dim=80,
     norm_num_groups=1,
 )
-TINY_CLIP = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4, projection_dim=32,
-                 vocab_size=1000, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+TINY_CLIP = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=5,
+    num_attention_heads=4,
+    projection_dim=32,
+    vocab_size=1000,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=1,
+)
 
 
 def meta_sdxl():

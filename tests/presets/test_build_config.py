@@ -47,7 +47,9 @@ def test_excludes_fullmatch_and_includes_only_rescue(models):
     every = set(transformer_linears(unet))
     assert build_config("loha", unet, exclude_patterns=[".*attn2"]).target_modules == every  # no fullmatch
     attn2 = {p for p in every if ".attn2." in p}
-    config = build_config("loha", unet, exclude_patterns=[r".*attn2\..*"], include_patterns=[r".*attn2\.to_q", "conv_in"])
+    config = build_config(
+        "loha", unet, exclude_patterns=[r".*attn2\..*"], include_patterns=[r".*attn2\.to_q", "conv_in"]
+    )
     rescued = {p for p in attn2 if p.endswith("attn2.to_q")}
     assert config.target_modules == (every - attn2) | rescued  # conv_in is no candidate, so it is not added
     assert rescued
@@ -60,8 +62,11 @@ def test_reg_dims_first_match_wins_zero_skips_and_alpha_is_network_alpha(models)
         unet,
         network_dim=4,
         network_alpha=2,
-        network_args=[r"network_reg_dims=.*attn1\.to_q=8,.*attn1\..*=6,.*ff\.net\.2=0,.*resnets\.0\.conv1=5",
-                      "conv_dim=3", "conv_alpha=1.5"],
+        network_args=[
+            r"network_reg_dims=.*attn1\.to_q=8,.*attn1\..*=6,.*ff\.net\.2=0,.*resnets\.0\.conv1=5",
+            "conv_dim=3",
+            "conv_alpha=1.5",
+        ],
     )
     targets = config.target_modules
     assert not [p for p in targets if p.endswith("ff.net.2")]
@@ -100,15 +105,29 @@ def test_layout_options_and_passthrough_reach_the_config(models):
         "lokr",
         unet,
         network_dim=2,
-        network_args=["conv_dim=2", "use_tucker=True", "factor=4", "rank_dropout=0.1", "module_dropout=0.05",
-                      "decompose_both=True", "rank_dropout_scale=False"],
+        network_args=[
+            "conv_dim=2",
+            "use_tucker=True",
+            "factor=4",
+            "rank_dropout=0.1",
+            "module_dropout=0.05",
+            "decompose_both=True",
+            "rank_dropout_scale=False",
+        ],
         init_weights=False,
         modules_to_save=["conv_in"],
     )
     assert isinstance(config, LoKrConfig)
-    assert (config.factor, config.use_tucker, config.decompose_both, config.rank_dropout, config.module_dropout,
-            config.rank_dropout_scale, config.init_weights, config.modules_to_save) == (
-        4, True, True, 0.1, 0.05, False, False, ["conv_in"])
+    assert (
+        config.factor,
+        config.use_tucker,
+        config.decompose_both,
+        config.rank_dropout,
+        config.module_dropout,
+        config.rank_dropout_scale,
+        config.init_weights,
+        config.modules_to_save,
+    ) == (4, True, True, 0.1, 0.05, False, False, ["conv_in"])
     modes = {row.mode for row in describe(config, unet)}
     assert "tucker" in modes and "linear" in modes
     with pytest.raises(NetworkArgsError, match=r"\['factor'\] apply only to algo='lokr'"):
@@ -125,8 +144,9 @@ def test_layout_options_and_passthrough_reach_the_config(models):
 
 def test_verbose_table_matches_the_injected_layers(models, capsys):
     _, te1, _ = models
-    config = build_config("lokr", te1, network_dim=4, network_alpha=2, network_args=[r"network_reg_dims=.*fc1=8",
-                                                                                     "verbose=True"])
+    config = build_config(
+        "lokr", te1, network_dim=4, network_alpha=2, network_args=[r"network_reg_dims=.*fc1=8", "verbose=True"]
+    )
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[0].split() == ["module", "algo", "mode", "rank", "alpha", "scale", "params"]
     layers = adapted(te1, config)
@@ -135,8 +155,12 @@ def test_verbose_table_matches_the_injected_layers(models, capsys):
     for path, layer in layers.items():
         params = sum(p.numel() for p in layer.adapter_parameters("default").values())
         algo, mode, rank, alpha, scale, count = rows[path]
-        assert (algo, mode, int(rank), float(alpha)) == ("lokr", layer.layouts["default"].mode, layer.r["default"],
-                                                         layer.alpha["default"])
+        assert (algo, mode, int(rank), float(alpha)) == (
+            "lokr",
+            layer.layouts["default"].mode,
+            layer.r["default"],
+            layer.alpha["default"],
+        )
         assert float(scale) == pytest.approx(layer.scaling["default"]) and int(count.replace(",", "")) == params
     total = sum(sum(p.numel() for p in layer.adapter_parameters("default").values()) for layer in layers.values())
     assert printed[-1] == f"30 modules, {total:,} parameters"
@@ -150,13 +174,15 @@ def test_full_matrix_lokr_warns_at_build_time(models, caplog):
 
 def test_unknown_architecture_suggests_target_modules_and_custom_targets_work():
     model = nn.Sequential(nn.Linear(8, 8), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 1), nn.ReLU())
-    with pytest.raises(ValueError, match="cannot detect the architecture of torch.nn.modules.container.Sequential.*"
-                                         "Pass target_modules"):
+    with pytest.raises(
+        ValueError, match="cannot detect the architecture of torch.nn.modules.container.Sequential.*Pass target_modules"
+    ):
         build_config("loha", model)
     config = build_config("loha", model, network_dim=2, target_modules=["0", "1", "2"])
     assert config.target_modules == {"0", "1", "2"} and config.conv_r is None  # kxk falls back to network_dim
-    with_conv = build_config("loha", model, network_dim=2, target_modules=r"\d", network_args=["conv_dim=3"],
-                             exclude_patterns=["2"])
+    with_conv = build_config(
+        "loha", model, network_dim=2, target_modules=r"\d", network_args=["conv_dim=3"], exclude_patterns=["2"]
+    )
     assert with_conv.target_modules == {"0", "1"} and with_conv.conv_r == 3
     layers = adapted(model, with_conv)
     assert (layers["0"].r["default"], layers["1"].r["default"]) == (2, 3)
@@ -188,14 +214,22 @@ def test_train_llm_adapter_adds_adapter_blocks_only_on_the_dit():
     added = with_adapter - without
     assert added and all(p.startswith("llm_adapter.blocks.") for p in added)
     assert len(added) == tiny.dit.config.adapter_num_layers * 10
-    assert build_config("loha", tiny.text_encoder, train_llm_adapter=True).target_modules == build_config(
-        "loha", tiny.text_encoder).target_modules
+    assert (
+        build_config("loha", tiny.text_encoder, train_llm_adapter=True).target_modules
+        == build_config("loha", tiny.text_encoder).target_modules
+    )
 
 
 def test_config_survives_save_and_reload(models, tmp_path):
     _, _, te2 = models
-    config = build_config("loha", te2, network_dim=2, network_alpha=1, network_args=[r"network_reg_dims=.*\.0\..*q_proj=6"],
-                          init_weights=False)
+    config = build_config(
+        "loha",
+        te2,
+        network_dim=2,
+        network_alpha=1,
+        network_args=[r"network_reg_dims=.*\.0\..*q_proj=6"],
+        init_weights=False,
+    )
     model = get_peft_model(copy.deepcopy(te2), config)
     model.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(copy.deepcopy(te2), tmp_path)
@@ -208,9 +242,28 @@ def test_config_survives_save_and_reload(models, tmp_path):
 
 
 def test_qwen3_text_encoder_preset():
-    model = Qwen3Model(Qwen3Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-                                   num_attention_heads=2, num_key_value_heads=1, head_dim=8))
+    model = Qwen3Model(
+        Qwen3Config(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+        )
+    )
     config = build_config("lokr", model, network_dim=2)
-    assert config.target_modules == {f"layers.{i}.{part}" for i in range(3) for part in (
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
-        "mlp.down_proj")}
+    assert config.target_modules == {
+        f"layers.{i}.{part}"
+        for i in range(3)
+        for part in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    }

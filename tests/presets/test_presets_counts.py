@@ -65,8 +65,12 @@ def test_sdxl_unet_counts_with_and_without_conv_dim(sdxl, algo):
 def sgm_path(path, layers_per_block=2):
     """formats.md §9.2: the SGM path (sd-scripts' own UNet) of a diffusers UNet module path."""
     step = layers_per_block + 1
-    inner = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
-             "conv_shortcut": "skip_connection"}
+    inner = {
+        "conv1": "in_layers.2",
+        "conv2": "out_layers.3",
+        "time_emb_proj": "emb_layers.1",
+        "conv_shortcut": "skip_connection",
+    }
     match = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", path)
     if match:
         side, b, kind, j, rest = match.groups()
@@ -94,12 +98,22 @@ def test_sdxl_selection_is_the_sgm_selection_of_sd_scripts(sdxl):
     transformer = [p for p in sgm if ".transformer_blocks." in p or p.endswith((".proj_in", ".proj_out"))]
     assert len(transformer) == 722
     assert all(re.match(r"(input_blocks\.[4578]\.1|output_blocks\.[0-5]\.1|middle_block\.1)\.", p) for p in transformer)
-    resnet = [re.sub(r"^(input_blocks\.\d+\.0|output_blocks\.\d+\.0|middle_block\.[02])\.", "", p)
-              for p in sorted(set(sgm) - set(transformer)) if not p.endswith((".op", ".2.conv"))]
-    assert Counter(resnet) == {"in_layers.2": RESNETS, "out_layers.3": RESNETS, "emb_layers.1": RESNETS,
-                               "skip_connection": SHORTCUTS}
+    resnet = [
+        re.sub(r"^(input_blocks\.\d+\.0|output_blocks\.\d+\.0|middle_block\.[02])\.", "", p)
+        for p in sorted(set(sgm) - set(transformer))
+        if not p.endswith((".op", ".2.conv"))
+    ]
+    assert Counter(resnet) == {
+        "in_layers.2": RESNETS,
+        "out_layers.3": RESNETS,
+        "emb_layers.1": RESNETS,
+        "skip_connection": SHORTCUTS,
+    }
     assert sorted(p for p in sgm if p.endswith((".op", ".2.conv"))) == [
-        "input_blocks.3.0.op", "input_blocks.6.0.op", "output_blocks.2.2.conv", "output_blocks.5.2.conv"
+        "input_blocks.3.0.op",
+        "input_blocks.6.0.op",
+        "output_blocks.2.2.conv",
+        "output_blocks.5.2.conv",
     ]
 
 

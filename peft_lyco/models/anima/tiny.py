@@ -113,8 +113,15 @@ def build_tiny_anima(seed: int = 0) -> AnimaComponents:
         dit = AnimaDiT(tiny_anima_config(len(t5_tokenizer)))
         with torch.no_grad():
             for name, param in dit.named_parameters():
-                if name.endswith(("adaln_modulation_self_attn.2.weight", "adaln_modulation_cross_attn.2.weight",
-                                  "adaln_modulation_mlp.2.weight", "adaln_modulation.2.weight", "mlp.2.weight")):
+                if name.endswith(
+                    (
+                        "adaln_modulation_self_attn.2.weight",
+                        "adaln_modulation_cross_attn.2.weight",
+                        "adaln_modulation_mlp.2.weight",
+                        "adaln_modulation.2.weight",
+                        "mlp.2.weight",
+                    )
+                ):
                     param.normal_(std=0.02)
         vae = AutoencoderKLQwenImage(latents_mean=list(LATENT_MEAN), latents_std=list(LATENT_STD), **TINY_VAE)
     finally:
