@@ -1,11 +1,11 @@
 """One op per adapted layer: ``op(x, W + Σ ΔW_i)`` for any number of adapters, keeping for backward only what it needs.
 
 Autograd through ``op(x, W + ΔW)`` keeps the weight-sized ``W + ΔW`` alive until backward. The custom function here
-keeps the input, a reference to the frozen weight and the small factors, and rebuilds ``W + ΔW`` in backward (the
-same ops in the same order, so the input gradient equals autograd's bit for bit). Factor gradients come from the
-weight gradient ``G = ∂L/∂W`` through each adapter's own ΔW backward (LoHa's factor-only one included), or, for Linear
-LoKr where it is cheaper, straight from the input and the output gradient through the Kronecker structure without
-``G`` ever being formed.
+keeps the input, a reference to the weight and the small factors, and rebuilds ``W + ΔW`` in backward (the same ops in
+the same order, so the input gradient equals autograd's). Factor gradients then come from the weight gradient
+``G = ∂L/∂W``: for LoHa through its factor-only backward fed with the products already rebuilt for ``W + ΔW``; for
+LoKr through autograd of its Kronecker product. For Linear LoKr (Kronecker chain) and flat Linear LoHa (a rank-r1·r2
+product) they come, where cheaper, straight from the input and the output gradient, without ``G`` ever being formed.
 """
 
 from __future__ import annotations
@@ -19,11 +19,14 @@ from torch.autograd.function import once_differentiable
 
 from .base_op import BaseOp, LinearOp
 from .delta import add_delta, delta_weight
+from .loha import hadamard, loha_as_lowrank, loha_factor_grads, loha_products
 from .lokr import lokr_linear_apply, lokr_linear_macs
 
-# Factor gradients through the Kronecker structure cost about three passes of the factor chain per token
-# (forward again, then both backward products); the dense route costs one weight-sized product per token.
+# Per-token cost of the structured factor gradients, against the dense route's one weight-sized product per token:
+# Linear LoKr runs its factor chain about three times (forward again, then both backward products); flat LoHa as a
+# rank-r1·r2 product runs four (out|in) x r1·r2 products.
 _KRON_GRAD_PASSES = 3
+_LOHA_ORDER = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 
 
 @dataclass(frozen=True)
@@ -35,12 +38,16 @@ class DeltaTerm:
     row_mask: Optional[torch.Tensor] = None
 
 
-def term_delta(term: DeltaTerm, shape: torch.Size, *, recompute: bool = True) -> torch.Tensor:
-    """The term's ΔW in ``shape`` (the base weight's), scaled once, with rank-dropout rows zeroed/rescaled."""
-    delta = delta_weight(term.params, term.scale, recompute=recompute).reshape(shape)
+def _shaped(delta: torch.Tensor, term: DeltaTerm, shape: torch.Size) -> torch.Tensor:
+    delta = delta.reshape(shape)
     if term.row_mask is not None:
         delta = delta * term.row_mask.view(-1, *[1] * (delta.dim() - 1))
     return delta
+
+
+def term_delta(term: DeltaTerm, shape: torch.Size) -> torch.Tensor:
+    """The term's ΔW in ``shape`` (the base weight's), scaled once, with rank-dropout rows zeroed/rescaled."""
+    return _shaped(delta_weight(term.params, term.scale), term, shape)
 
 
 def sum_deltas(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -51,12 +58,19 @@ def sum_deltas(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     return total
 
 
-def kron_grads_pay_off(op: BaseOp, term: DeltaTerm, weight_shape: torch.Size) -> bool:
-    """Whether the Linear-LoKr factor gradients from (x, ∂L/∂y) are cheaper than going through the dense ``G``."""
+def structured_grads_pay_off(op: BaseOp, term: DeltaTerm, weight_shape: torch.Size) -> bool:
+    """Whether the factor gradients straight from (x, ∂L/∂y) through the adapter's structure (Linear LoKr's Kronecker
+    chain, flat Linear LoHa as a rank-r1·r2 product) are cheaper than going through the dense ``G = ∂L/∂W``."""
     if not isinstance(op, LinearOp):
         return False
-    macs = lokr_linear_macs(term.params) if "lokr_w1" in term.params or "lokr_w1_a" in term.params else None
-    return macs is not None and _KRON_GRAD_PASSES * macs < weight_shape[0] * weight_shape[1]
+    out_features, in_features = weight_shape[0], weight_shape[1]
+    if "hada_w1_a" in term.params:
+        if "hada_t1" in term.params:
+            return False
+        rank = term.params["hada_w1_a"].shape[1] * term.params["hada_w2_a"].shape[1]
+        return 2 * rank * (out_features + in_features) < out_features * in_features
+    macs = lokr_linear_macs(term.params)
+    return macs is not None and _KRON_GRAD_PASSES * macs < out_features * in_features
 
 
 @dataclass(frozen=True)
@@ -64,18 +78,17 @@ class _TermLayout:
     names: tuple[str, ...]
     scale: float
     masked: bool
-    kron_grads: bool
+    structured: bool
 
 
-def _terms_from(layouts: Sequence[_TermLayout], tensors: Sequence[torch.Tensor]) -> list[DeltaTerm]:
-    """Rebuild the terms from the flat tensor list the autograd function receives (factors first, then masks)."""
-    terms, pos = [], 0
-    masks = iter(tensors[sum(len(layout.names) for layout in layouts) :])
+def _split(layouts: Sequence[_TermLayout], flat: Sequence[Any]) -> list[tuple[dict[str, Any], Any]]:
+    """Per term, its entries of the flat list the autograd function receives (factors first, then masks)."""
+    out, pos = [], 0
+    masks = iter(flat[sum(len(layout.names) for layout in layouts) :])
     for layout in layouts:
-        params = dict(zip(layout.names, tensors[pos : pos + len(layout.names)]))
+        out.append((dict(zip(layout.names, flat[pos : pos + len(layout.names)])), next(masks) if layout.masked else None))
         pos += len(layout.names)
-        terms.append(DeltaTerm(params, layout.scale, next(masks) if layout.masked else None))
-    return terms
+    return out
 
 
 def _merged_weight(weight: Optional[torch.Tensor], total: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -83,16 +96,19 @@ def _merged_weight(weight: Optional[torch.Tensor], total: torch.Tensor, dtype: t
     return add_delta(weight, total) if weight is not None else total.to(dtype)
 
 
+def _loha_factors(params: Mapping[str, torch.Tensor]) -> list[Optional[torch.Tensor]]:
+    return [params.get(name) for name in _LOHA_ORDER]
+
+
 class _AdaptedOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x, weight, bias, op: BaseOp, shape, layouts, *tensors):
-        terms = _terms_from(layouts, tensors)
+        terms = [DeltaTerm(params, layout.scale, mask) for (params, mask), layout in zip(_split(layouts, tensors), layouts)]
         merged = _merged_weight(weight, sum_deltas([term_delta(t, shape) for t in terms]), x.dtype)
         need = ctx.needs_input_grad
         ctx.op, ctx.shape, ctx.layouts, ctx.x_dtype = op, shape, layouts, x.dtype
         ctx.weight_dtype = None if weight is None else weight.dtype
-        needs_x = need[1] or any(need[6:])
-        ctx.save_for_backward(x if needs_x else None, weight if need[0] else None, *tensors)
+        ctx.save_for_backward(x if need[1] or any(need[6:]) else None, weight if need[0] else None, *tensors)
         return op.forward(x, merged, bias)
 
     @staticmethod
@@ -101,48 +117,52 @@ class _AdaptedOp(torch.autograd.Function):
         x, weight, *tensors = ctx.saved_tensors
         op, shape, layouts = ctx.op, ctx.shape, ctx.layouts
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        need_t = ctx.needs_input_grad[6:]
-        with torch.no_grad():
-            leaves = [t.detach().requires_grad_(n) for t, n in zip(tensors, need_t)]
-        terms = _terms_from(layouts, leaves)
-        tracked = [
-            not layout.kron_grads and any(p.requires_grad for p in term.params.values())
-            for layout, term in zip(layouts, terms)
-        ]
-        deltas = []
-        for term, track in zip(terms, tracked):
-            if need_x or track:
-                with torch.set_grad_enabled(track):
-                    # built for an immediate backward: let autograd keep LoHa's products instead of rebuilding them
-                    deltas.append(term_delta(term, shape, recompute=False))
-            else:
-                deltas.append(None)
+        tensors = [t.detach() for t in tensors]
+        split = _split(layouts, tensors)
+        terms = [DeltaTerm(params, layout.scale, mask) for (params, mask), layout in zip(split, layouts)]
+        wanted = [{name: bool(flag) for name, flag in flags.items()} for flags, _ in _split(layouts, ctx.needs_input_grad[6:])]
+        # terms whose factor gradients go through the dense G: LoHa by its own backward, LoKr by autograd
+        via_dense = [any(w.values()) and not layout.structured for w, layout in zip(wanted, layouts)]
+        dense_loha = [d and "hada_w1_a" in t.params for d, t in zip(via_dense, terms)]
+
+        products: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         merged = None
         if need_x:
-            merged = _merged_weight(weight, sum_deltas([d.detach() for d in deltas]), ctx.x_dtype)
-        need_dense = need_w or any(tracked)
+            with torch.no_grad():
+                deltas = []
+                for i, term in enumerate(terms):
+                    if dense_loha[i]:  # keep the products: the factor gradients below reuse them
+                        products[i] = loha_products(*_loha_factors(term.params))
+                        deltas.append(_shaped(hadamard(*products[i], term.scale), term, shape))
+                    else:
+                        deltas.append(term_delta(term, shape))
+                merged = _merged_weight(weight, sum_deltas(deltas), ctx.x_dtype)
+                del deltas
         stand_in = merged if merged is not None else _shape_only(shape, grad)
-        grad_x, dense = op.backward(grad, x, stand_in, need_x, need_dense)
-        del stand_in
-        del merged
+        grad_x, dense = op.backward(grad, x, stand_in, need_x, need_w or any(via_dense))
+        del stand_in, merged
+
         factor_grads: dict[int, torch.Tensor] = {}
-        if any(tracked):
-            dense32 = {}
-            outputs, inputs, grad_outputs = [], [], []
-            for term, delta, track in zip(terms, deltas, tracked):
-                if track:
-                    outputs.append(delta)
-                    grad_outputs.append(dense32.setdefault(delta.dtype, dense.to(delta.dtype)))
-                    inputs.extend(p for p in term.params.values() if p.requires_grad)
-            factor_grads.update(zip(map(id, inputs), torch.autograd.grad(outputs, inputs, grad_outputs)))
-        for layout, term in zip(layouts, terms):
-            wanted = [p for p in term.params.values() if p.requires_grad]
-            if layout.kron_grads and wanted:
-                factor_grads.update(zip(map(id, wanted), _kron_factor_grads(term, wanted, x, grad)))
+        dense32: dict[torch.dtype, torch.Tensor] = {}
+        for i, (term, layout) in enumerate(zip(terms, layouts)):
+            want = [name for name, flag in wanted[i].items() if flag]
+            if not want:
+                continue
+            if layout.structured:
+                found = _structured_grads(term, want, x, grad)
+            else:
+                dtype = next(iter(term.params.values())).dtype
+                grad_delta = dense32.setdefault(dtype, dense.to(dtype))
+                if term.row_mask is not None:
+                    grad_delta = grad_delta * term.row_mask.view(-1, *[1] * (grad_delta.dim() - 1)).to(dtype)
+                if dense_loha[i]:
+                    found = _loha_grads(term, want, grad_delta, products.pop(i, None))
+                else:
+                    found = _autograd_grads(term, want, grad_delta, shape)
+            factor_grads.update({id(term.params[name]): g for name, g in found.items()})
         grad_w = dense.to(ctx.weight_dtype) if need_w else None
         grad_b = op.bias_grad(grad) if need_b else None
-        grads_t = [factor_grads.get(id(leaf)) for leaf in leaves]
-        return (grad_x, grad_w, grad_b, None, None, None, *grads_t)
+        return (grad_x, grad_w, grad_b, None, None, None, *[factor_grads.get(id(t)) for t in tensors])
 
 
 def _shape_only(shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
@@ -150,15 +170,48 @@ def _shape_only(shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(()).expand(shape)
 
 
-def _kron_factor_grads(term: DeltaTerm, wanted: list[torch.Tensor], x: torch.Tensor, grad: torch.Tensor):
-    """Gradients of a Linear LoKr's factors from the input and the output gradient, without forming ``G``."""
-    dtype = wanted[0].dtype
-    grad = grad.to(dtype)
+def _loha_grads(term: DeltaTerm, want: list[str], grad_delta: torch.Tensor, products) -> dict[str, torch.Tensor]:
+    """LoHa factor gradients from ``∂L/∂ΔW`` through its factor-only backward (products rebuilt if not given)."""
+    factors = _loha_factors(term.params)
+    if products is None:
+        with torch.no_grad():
+            products = loha_products(*factors)
+    need = [name in want for name in _LOHA_ORDER]
+    grads = loha_factor_grads(grad_delta, *products, *factors, scale=term.scale, need=need)
+    return {name: g for name, g in zip(_LOHA_ORDER, grads) if name in want}
+
+
+def _autograd_grads(term: DeltaTerm, want: list[str], grad_delta: torch.Tensor, shape: torch.Size) -> dict[str, torch.Tensor]:
+    """Factor gradients from ``∂L/∂ΔW`` through autograd of the adapter's ΔW (LoKr's Kronecker product)."""
+    with torch.enable_grad():
+        params = {name: p.requires_grad_(name in want) for name, p in term.params.items()}
+        delta = delta_weight(params, term.scale).reshape(shape)
+        grads = torch.autograd.grad(delta, [params[name] for name in want], grad_delta)
+    return dict(zip(want, grads))
+
+
+def _structured_grads(term: DeltaTerm, want: list[str], x: torch.Tensor, grad: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Factor gradients of a Linear LoKr or flat LoHa from the input and the output gradient, without forming ``G``."""
+    dtype = next(iter(term.params.values())).dtype
+    x = x.reshape(-1, x.shape[-1]).to(dtype)
+    grad = grad.reshape(-1, grad.shape[-1]).to(dtype)
     if term.row_mask is not None:
         grad = grad * term.row_mask.to(dtype)
     with torch.enable_grad():
-        out = lokr_linear_apply(x.to(dtype), term.params, term.scale)
-    return torch.autograd.grad(out, wanted, grad)
+        params = {name: p.requires_grad_(name in want) for name, p in term.params.items()}
+        wanted = [params[name] for name in want]
+        if "hada_w1_a" not in params:
+            grads = torch.autograd.grad(lokr_linear_apply(x, params, term.scale), wanted, grad)
+            return dict(zip(want, grads))
+        left, right = loha_as_lowrank(params["hada_w1_a"], params["hada_w1_b"], params["hada_w2_a"], params["hada_w2_b"])
+    # y = scale · (x @ rightᵀ) @ leftᵀ: the gradients of left and right, then of the factors through their products
+    with torch.no_grad():
+        grad = grad * term.scale
+        inner = x @ right.T
+        grad_left = grad.T @ inner
+        grad_right = (grad @ left).T @ x
+    grads = torch.autograd.grad([left, right], wanted, [grad_left, grad_right])
+    return dict(zip(want, grads))
 
 
 def adapted_op(
@@ -169,13 +222,13 @@ def adapted_op(
     terms: Sequence[DeltaTerm],
     *,
     weight_shape: Optional[torch.Size] = None,
-    kron_grads: bool = True,
+    structured_grads: bool = True,
 ) -> torch.Tensor:
     """``op(x, W + Σ ΔW_i, bias)`` as one op whose backward saves only ``x``, ``W`` and the factors.
 
     ``W + ΣΔW`` is summed like ``add_delta`` (>= fp32, cast once), so the result equals the merged layer's output.
     With ``weight=None`` it is ``op(x, ΣΔW)`` (bypass, for bases that cannot be summed into; give ``weight_shape``).
-    ``kron_grads=False`` forces the dense-``G`` route for Linear LoKr (tests compare both routes).
+    ``structured_grads=False`` forces the dense-``G`` route where a structured one would be taken (tests compare both).
     """
     if not terms:
         raise ValueError("adapted_op needs at least one adapter term")
@@ -185,7 +238,12 @@ def adapted_op(
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in [x, weight, bias, *tensors] if t is not None):
         return op.forward(x, _merged_weight(weight, sum_deltas([term_delta(t, shape) for t in terms]), x.dtype), bias)
     layouts = tuple(
-        _TermLayout(tuple(term.params), term.scale, term.row_mask is not None, kron_grads and kron_grads_pay_off(op, term, shape))
+        _TermLayout(
+            tuple(term.params),
+            term.scale,
+            term.row_mask is not None,
+            structured_grads and structured_grads_pay_off(op, term, shape),
+        )
         for term in terms
     )
     return _AdaptedOp.apply(x, weight, bias, op, shape, layouts, *tensors, *masks)

@@ -18,11 +18,11 @@ LOHA_PARAMS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "h
 LOKR_PARAMS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
 
-def delta_weight(params: Mapping[str, torch.Tensor], scale: float = 1.0, *, recompute: bool = True) -> torch.Tensor:
+def delta_weight(params: Mapping[str, torch.Tensor], scale: float = 1.0) -> torch.Tensor:
     """ΔW of one LoHa (``hada_*``) or LoKr (``lokr_*``) module, multiplied by ``scale`` exactly once.
 
     The result is 2-D ``(out, in * prod(kernel))`` for Linear and flat convs, ``(out, in, *kernel)`` for Tucker and full
-    conv factors; callers reshape it to the weight's shape. ``recompute=False``: see ``loha_delta_weight``.
+    conv factors; callers reshape it to the weight's shape.
     """
     if "hada_w1_a" in params:
         return loha_delta_weight(
@@ -33,7 +33,6 @@ def delta_weight(params: Mapping[str, torch.Tensor], scale: float = 1.0, *, reco
             params.get("hada_t1"),
             params.get("hada_t2"),
             scale=scale,
-            recompute=recompute,
         )
     if any(name in params for name in LOKR_PARAMS):
         return lokr_delta_weight(**{name[len("lokr_") :]: params.get(name) for name in LOKR_PARAMS}, scale=scale)

@@ -7,6 +7,7 @@ backward contracts each side with its *own* chain; PEFT and sd-scripts use the o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
@@ -14,65 +15,107 @@ import torch
 from .tucker import rebuild_tucker
 
 
-class _HadaProduct(torch.autograd.Function):
-    """``scale * (w1_a @ w1_b) * (w2_a @ w2_b)`` saving only the four factors."""
+def loha_products(
+    w1_a: torch.Tensor,
+    w1_b: torch.Tensor,
+    w2_a: torch.Tensor,
+    w2_b: torch.Tensor,
+    t1: Optional[torch.Tensor] = None,
+    t2: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two weight-sized products whose Hadamard product is ΔW: ``w?_a @ w?_b`` (flat) or the Tucker rebuilds."""
+    if t1 is None:
+        return w1_a @ w1_b, w2_a @ w2_b
+    return rebuild_tucker(t1, w1_a, w1_b), rebuild_tucker(t2, w2_a, w2_b)
 
-    @staticmethod
-    def forward(ctx: Any, w1_a, w1_b, w2_a, w2_b, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(w1_a, w1_b, w2_a, w2_b)
-        ctx.scale = scale
-        return (w1_a @ w1_b) * (w2_a @ w2_b) * scale
 
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor):
-        w1_a, w1_b, w2_a, w2_b = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        grad = grad * ctx.scale
-        g_w1_a = g_w1_b = g_w2_a = g_w2_b = None
-        if need[0] or need[1]:
-            side1 = grad * (w2_a @ w2_b)
-            g_w1_a = side1 @ w1_b.T if need[0] else None
-            g_w1_b = w1_a.T @ side1 if need[1] else None
-        if need[2] or need[3]:
-            side2 = grad * (w1_a @ w1_b)
-            g_w2_a = side2 @ w2_b.T if need[2] else None
-            g_w2_b = w2_a.T @ side2 if need[3] else None
-        return g_w1_a, g_w1_b, g_w2_a, g_w2_b, None
+def loha_as_lowrank(
+    w1_a: torch.Tensor, w1_b: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(left, right)`` with ``left @ right == (w1_a @ w1_b) ⊙ (w2_a @ w2_b)`` for flat LoHa factors.
+
+    The Hadamard product of a rank-r1 and a rank-r2 product has rank at most r1·r2:
+    ``left[p, (j, k)] = w1_a[p, j]·w2_a[p, k]`` and ``right[(j, k), q] = w1_b[j, q]·w2_b[k, q]``.
+    """
+    left = (w1_a[:, :, None] * w2_a[:, None, :]).reshape(w1_a.shape[0], -1)
+    right = (w1_b[:, None, :] * w2_b[None, :, :]).reshape(-1, w1_b.shape[1])
+    return left, right
+
+
+def hadamard(r1: torch.Tensor, r2: torch.Tensor, scale: float) -> torch.Tensor:
+    """ΔW from the two products, scaled once (the one place the LoHa forward formula is written)."""
+    return r1 * r2 * scale
 
 
 def _tucker_side_grads(grad_side, core, w_a, w_b, need):
-    """Gradients of one Tucker side given ``grad_side = ∂L/∂rebuild`` of that side, shape ``(out, in, *k)``."""
+    """Gradients ``(core, w_a, w_b)`` of one Tucker side given ``grad_side = ∂L/∂rebuild`` of that side (out, in, *k),
+    written as matrix products on the weight's own layout (no permuted weight-sized copies)."""
+    rank = core.shape[0]
+    flat = grad_side.reshape(w_a.shape[1], -1)
     g_core = g_a = g_b = None
     if need[1]:
-        core_b = torch.einsum("i j ..., j r -> i r ...", core, w_b)
-        g_a = torch.einsum("p r ..., i r ... -> i p", grad_side, core_b)
+        inner = torch.einsum("i j ..., j q -> i q ...", core, w_b)
+        g_a = inner.reshape(rank, -1) @ flat.T
     if need[0] or need[2]:
-        back_a = torch.einsum("i p, p r ... -> i r ...", w_a, grad_side)
-        g_core = torch.einsum("j r, i r ... -> i j ...", w_b, back_a) if need[0] else None
-        g_b = torch.einsum("i j ..., i r ... -> j r", core, back_a) if need[2] else None
+        back = (w_a @ flat).reshape(rank, w_b.shape[1], -1)
+        if need[0]:
+            g_core = torch.einsum("j q, i q k -> i j k", w_b, back).reshape(core.shape)
+        if need[2]:
+            g_b = torch.einsum("i j k, i q k -> j q", core.reshape(rank, rank, -1), back)
     return g_core, g_a, g_b
 
 
-class _HadaProductTucker(torch.autograd.Function):
-    """``scale * rebuild(t1, w1_a, w1_b) * rebuild(t2, w2_a, w2_b)`` saving only the six factors."""
+def loha_factor_grads(
+    grad: torch.Tensor,
+    r1: torch.Tensor,
+    r2: torch.Tensor,
+    w1_a: torch.Tensor,
+    w1_b: torch.Tensor,
+    w2_a: torch.Tensor,
+    w2_b: torch.Tensor,
+    t1: Optional[torch.Tensor] = None,
+    t2: Optional[torch.Tensor] = None,
+    *,
+    scale: float,
+    need: Sequence[bool] = (True,) * 6,
+) -> tuple[Optional[torch.Tensor], ...]:
+    """Gradients of ``(w1_a, w1_b, w2_a, w2_b, t1, t2)`` given ``grad = ∂L/∂ΔW`` and the products ``r1, r2``.
+
+    ``r1``/``r2`` (as ``loha_products`` returns them) are overwritten: each side's ``∂L/∂r = grad ⊙ r_other`` is formed
+    in the other product's buffer, so the backward needs no weight-sized buffer of its own. Each Tucker side contracts
+    with its *own* chain.
+    """
+    grad = grad.reshape(r1.shape)
+    grads: list[Optional[torch.Tensor]] = [None] * 6
+    for a, b, t, other, w_a, w_b, core in ((0, 1, 4, r2, w1_a, w1_b, t1), (2, 3, 5, r1, w2_a, w2_b, t2)):
+        if not (need[a] or need[b] or (core is not None and need[t])):
+            continue
+        side = other.mul_(grad)
+        if core is None:
+            found = (side @ w_b.T if need[a] else None, w_a.T @ side if need[b] else None, None)
+        else:
+            g_core, g_a, g_b = _tucker_side_grads(side, core, w_a, w_b, (need[t], need[a], need[b]))
+            found = (g_a, g_b, g_core)
+        for index, value in zip((a, b, t), found):
+            grads[index] = None if value is None else value * scale
+    return tuple(grads)
+
+
+class _HadaProduct(torch.autograd.Function):
+    """``scale · products[0] ⊙ products[1]`` (flat or Tucker) saving only the factors; backward rebuilds the products."""
 
     @staticmethod
-    def forward(ctx: Any, t1, w1_a, w1_b, t2, w2_a, w2_b, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(t1, w1_a, w1_b, t2, w2_a, w2_b)
+    def forward(ctx: Any, w1_a, w1_b, w2_a, w2_b, t1, t2, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(w1_a, w1_b, w2_a, w2_b, t1, t2)
         ctx.scale = scale
-        return rebuild_tucker(t1, w1_a, w1_b) * rebuild_tucker(t2, w2_a, w2_b) * scale
+        return hadamard(*loha_products(w1_a, w1_b, w2_a, w2_b, t1, t2), scale)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
-        t1, w1_a, w1_b, t2, w2_a, w2_b = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        grad = grad * ctx.scale
-        grads1 = grads2 = (None, None, None)
-        if any(need[0:3]):
-            grads1 = _tucker_side_grads(grad * rebuild_tucker(t2, w2_a, w2_b), t1, w1_a, w1_b, need[0:3])
-        if any(need[3:6]):
-            grads2 = _tucker_side_grads(grad * rebuild_tucker(t1, w1_a, w1_b), t2, w2_a, w2_b, need[3:6])
-        return (*grads1, *grads2, None)
+        factors = ctx.saved_tensors
+        products = loha_products(*factors)
+        grads = loha_factor_grads(grad, *products, *factors, scale=ctx.scale, need=ctx.needs_input_grad[:6])
+        return (*grads, None)
 
 
 def loha_delta_weight(
@@ -84,21 +127,12 @@ def loha_delta_weight(
     t2: Optional[torch.Tensor] = None,
     *,
     scale: float = 1.0,
-    recompute: bool = True,
 ) -> torch.Tensor:
     """LoHa ΔW, scaled once by ``scale``.
 
     Flat (Linear, 1x1, kxk folded): returns ``(out, in * prod(kernel))``. Tucker (``t1``/``t2`` given, ``w?_a`` of
-    shape ``(r, out)``): returns ``(out, in, *kernel)``. With ``recompute`` (default) backward keeps only the factors
-    and rebuilds the two products; ``recompute=False`` lets autograd keep them, for callers that build ΔW only for
-    an immediate backward (same values, same gradients, no second rebuild).
+    shape ``(r, out)``): returns ``(out, in, *kernel)``.
     """
     if (t1 is None) != (t2 is None):
         raise ValueError("LoHa Tucker needs both hada_t1 and hada_t2 (or neither)")
-    if not recompute:
-        if t1 is None:
-            return (w1_a @ w1_b) * (w2_a @ w2_b) * scale
-        return rebuild_tucker(t1, w1_a, w1_b) * rebuild_tucker(t2, w2_a, w2_b) * scale
-    if t1 is None:
-        return _HadaProduct.apply(w1_a, w1_b, w2_a, w2_b, float(scale))
-    return _HadaProductTucker.apply(t1, w1_a, w1_b, t2, w2_a, w2_b, float(scale))
+    return _HadaProduct.apply(w1_a, w1_b, w2_a, w2_b, t1, t2, float(scale))

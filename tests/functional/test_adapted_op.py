@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from peft_lyco.functional import add_delta, delta_weight, lokr_layout, loha_layout
-from peft_lyco.functional.adapted import DeltaTerm, adapted_op, kron_grads_pay_off
+from peft_lyco.functional.adapted import DeltaTerm, adapted_op, structured_grads_pay_off
 from peft_lyco.functional.base_op import Conv2dOp, LinearOp
+from peft_lyco.functional.loha import loha_as_lowrank
 from peft_lyco.functional.lokr import lokr_linear_apply, lokr_linear_macs
 
 CONV = Conv2dOp(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1)
@@ -15,6 +16,12 @@ ODD_CONV = Conv2dOp(stride=(2, 1), padding=(2, 0), dilation=(2, 1), groups=2)
 # name: (op, weight shape, layouts of the adapters active together, input shape)
 CASES = {
     "loha-linear": (LinearOp(), (8, 6), [loha_layout(8, 6, (), 2, False), loha_layout(8, 6, (), 3, False)], (2, 3, 6)),
+    "loha-linear-lowrank-route": (
+        LinearOp(),
+        (32, 24),
+        [loha_layout(32, 24, (), 2, False), loha_layout(32, 24, (), 1, False)],
+        (2, 3, 24),
+    ),
     "loha-conv-flat": (CONV, (4, 3, 3, 3), [loha_layout(4, 3, (3, 3), 2, False)], (2, 3, 5, 5)),
     "loha-conv-tucker": (CONV, (4, 3, 3, 3), [loha_layout(4, 3, (3, 3), 2, True)] * 2, (1, 3, 5, 5)),
     "loha-grouped-strided-dilated": (ODD_CONV, (4, 2, 3, 2), [loha_layout(4, 2, (3, 2), 2, True)], (1, 4, 7, 6)),
@@ -62,9 +69,9 @@ def _plain(op, x, weight, bias, params, scales, masks, shape=None):
     return F.conv2d(x, merged, bias, op.stride, op.padding, op.dilation, op.groups)
 
 
-def _fused(op, x, weight, bias, params, scales, masks, kron_grads=True, shape=None):
+def _fused(op, x, weight, bias, params, scales, masks, structured=True, shape=None):
     terms = [DeltaTerm(p, s, m) for p, s, m in zip(params, scales, masks)]
-    return adapted_op(x, weight, bias, op, terms, weight_shape=shape, kron_grads=kron_grads)
+    return adapted_op(x, weight, bias, op, terms, weight_shape=shape, structured_grads=structured)
 
 
 def _leaves(x, weight, bias, params, train_weight=False):
@@ -75,13 +82,15 @@ def _leaves(x, weight, bias, params, train_weight=False):
     return x, weight, bias, params
 
 
-# the dense-G route is forced only where the Kronecker route exists (Linear LoKr); elsewhere both flags are one route
-ROUTES = [(case, kron) for case in sorted(CASES) for kron in ((True, False) if case.startswith("lokr-linear") else (True,))]
+# the dense-G route is forced only where a structured route is taken (Linear LoKr, small-rank Linear LoHa); elsewhere
+# both flags give one route
+STRUCTURED = ("lokr-linear-lowrank", "lokr-linear-decompose-both", "loha-linear-lowrank-route")
+ROUTES = [(case, flag) for case in sorted(CASES) for flag in ((True, False) if case in STRUCTURED else (True,))]
 
 
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("case, kron_grads", ROUTES)
-def test_gradcheck_float64(case, masked, kron_grads):
+@pytest.mark.parametrize("case, structured", ROUTES)
+def test_gradcheck_float64(case, masked, structured):
     op, x, weight, bias, params, scales, masks = _setup(case, masked=masked)
     x, weight, bias, params = _leaves(x, weight, bias, params, train_weight=True)
     names = [list(p) for p in params]
@@ -90,20 +99,20 @@ def test_gradcheck_float64(case, masked, kron_grads):
     def run(x, weight, bias, *tensors):
         it = iter(tensors)
         rebuilt = [{n: next(it) for n in ns} for ns in names]
-        return _fused(op, x, weight, bias, rebuilt, scales, masks, kron_grads)
+        return _fused(op, x, weight, bias, rebuilt, scales, masks, structured)
 
     # the masked variant runs the same code with one more product: a random-projection check is enough there
     assert torch.autograd.gradcheck(run, (x, weight, bias, *flat), eps=1e-6, atol=1e-6, fast_mode=masked)
 
 
 @pytest.mark.parametrize("train_weight", [False, True])
-@pytest.mark.parametrize("case, kron_grads", ROUTES)
-def test_equals_plain_autograd_path(case, kron_grads, train_weight):
+@pytest.mark.parametrize("case, structured", ROUTES)
+def test_equals_plain_autograd_path(case, structured, train_weight):
     op, x, weight, bias, params, scales, masks = _setup(case, dtype=torch.float32, masked=True)
     results = []
     for fn in (_fused, _plain):
         xl, wl, bl, pl = _leaves(x, weight, bias, params, train_weight)
-        extra = {"kron_grads": kron_grads} if fn is _fused else {}
+        extra = {"structured": structured} if fn is _fused else {}
         out = fn(op, xl, wl, bl, pl, scales, masks, **extra)
         out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
         grads = [xl.grad] + ([wl.grad, bl.grad] if train_weight else []) + [t.grad for p in pl for t in p.values()]
@@ -208,16 +217,32 @@ def test_lokr_linear_macs_counts_the_cheapest_order():
     assert lokr_linear_macs({n: torch.empty(s) for n, s in tucker.items()}) is None
 
 
-def test_kron_route_is_taken_where_it_pays_off():
-    big = lokr_layout(5120, 1280, (), 8, factor=8)
-    term = DeltaTerm({n: torch.empty(s) for n, s in big.shapes.items()}, 1.0)
-    assert kron_grads_pay_off(LinearOp(), term, torch.Size((5120, 1280)))
-    assert not kron_grads_pay_off(CONV, term, torch.Size((5120, 1280)))
-    loha = DeltaTerm({n: torch.empty(s) for n, s in loha_layout(64, 64, (), 4, False).shapes.items()}, 1.0)
-    assert not kron_grads_pay_off(LinearOp(), loha, torch.Size((64, 64)))
+def _term(layout):
+    return DeltaTerm({n: torch.empty(s) for n, s in layout.shapes.items()}, 1.0)
+
+
+def test_structured_routes_are_taken_where_they_pay_off():
+    kron = _term(lokr_layout(5120, 1280, (), 8, factor=8))
+    assert structured_grads_pay_off(LinearOp(), kron, torch.Size((5120, 1280)))
+    assert not structured_grads_pay_off(CONV, kron, torch.Size((5120, 1280)))
     # a full-matrix LoKr on a small layer: the factor chain costs more than the dense weight gradient
-    full = lokr_layout(8, 6, (), 100, warn=False)
-    assert not kron_grads_pay_off(LinearOp(), DeltaTerm({n: torch.empty(s) for n, s in full.shapes.items()}, 1.0), torch.Size((8, 6)))
+    assert not structured_grads_pay_off(LinearOp(), _term(lokr_layout(8, 6, (), 100, warn=False)), torch.Size((8, 6)))
+    # LoHa as a rank-r² product: 2·r²·(in + out) against in·out multiply-adds per token
+    assert structured_grads_pay_off(LinearOp(), _term(loha_layout(1280, 1280, (), 16, False)), torch.Size((1280, 1280)))
+    assert not structured_grads_pay_off(LinearOp(), _term(loha_layout(1280, 1280, (), 32, False)), torch.Size((1280, 1280)))
+    assert not structured_grads_pay_off(CONV, _term(loha_layout(64, 64, (3, 3), 2, True)), torch.Size((64, 64, 3, 3)))
+    for case in STRUCTURED:
+        op, wshape, layouts, _ = CASES[case]
+        assert all(structured_grads_pay_off(op, _term(layout), torch.Size(wshape)) for layout in layouts), case
+
+
+def test_loha_as_lowrank_is_the_hadamard_product():
+    g = torch.Generator().manual_seed(3)
+    params = _params(loha_layout(20, 12, (), 3, False), torch.float64, g)
+    left, right = loha_as_lowrank(params["hada_w1_a"], params["hada_w1_b"], params["hada_w2_a"], params["hada_w2_b"])
+    assert left.shape == (20, 9) and right.shape == (9, 12)
+    expected = (params["hada_w1_a"] @ params["hada_w1_b"]) * (params["hada_w2_a"] @ params["hada_w2_b"])
+    assert torch.allclose(left @ right, expected, atol=1e-12)
 
 
 def test_empty_term_list_is_refused():
