@@ -91,9 +91,19 @@ def _split(layouts: Sequence[_TermLayout], flat: Sequence[Any]) -> list[tuple[di
     return out
 
 
-def _merged_weight(weight: Optional[torch.Tensor], total: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``W + ΣΔW`` summed as ``add_delta`` does; without a base weight (bypass) just ΣΔW in the input's dtype."""
-    return add_delta(weight, total) if weight is not None else total.to(dtype)
+def _merged_weight(
+    weight: Optional[torch.Tensor], total: torch.Tensor, dtype: torch.dtype, *, owned: bool = True
+) -> torch.Tensor:
+    """``W + ΣΔW`` summed as ``add_delta`` does; without a base weight (bypass) just ΣΔW in the input's dtype.
+
+    When ``total`` is the caller's own temporary (``owned``) and already has ``add_delta``'s summation dtype, the
+    weight is added into it: the same sum, bit for bit, without a second weight-sized buffer or an upcast copy.
+    """
+    if weight is None:
+        return total.to(dtype)
+    if owned and total.dtype == torch.promote_types(torch.promote_types(weight.dtype, total.dtype), torch.float32):
+        return total.reshape(weight.shape).add_(weight).to(weight.dtype)
+    return add_delta(weight, total)
 
 
 def _loha_factors(params: Mapping[str, torch.Tensor]) -> list[Optional[torch.Tensor]]:
@@ -125,19 +135,24 @@ class _AdaptedOp(torch.autograd.Function):
         via_dense = [any(w.values()) and not layout.structured for w, layout in zip(wanted, layouts)]
         dense_loha = [d and "hada_w1_a" in t.params for d, t in zip(via_dense, terms)]
 
+        # rebuild W + ΣΔW for ∂L/∂x, keeping what the factor gradients reuse: LoHa's two products, LoKr's ΔW graph
         products: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        graphs: dict[int, torch.Tensor] = {}
         merged = None
         if need_x:
-            with torch.no_grad():
-                deltas = []
-                for i, term in enumerate(terms):
-                    if dense_loha[i]:  # keep the products: the factor gradients below reuse them
-                        products[i] = loha_products(*_loha_factors(term.params))
-                        deltas.append(_shaped(hadamard(*products[i], term.scale), term, shape))
-                    else:
-                        deltas.append(term_delta(term, shape))
-                merged = _merged_weight(weight, sum_deltas(deltas), ctx.x_dtype)
-                del deltas
+            deltas = []
+            for i, term in enumerate(terms):
+                if dense_loha[i]:
+                    products[i] = loha_products(*_loha_factors(term.params), scale=term.scale)
+                    deltas.append(_shaped(hadamard(*products[i]), term, shape))
+                elif via_dense[i]:
+                    graphs[i] = _delta_graph(term, wanted[i], shape)
+                    deltas.append(graphs[i].detach())
+                else:
+                    deltas.append(term_delta(term, shape))
+            # a lone LoKr ΔW is the root of its graph: not ours to add into
+            merged = _merged_weight(weight, sum_deltas(deltas), ctx.x_dtype, owned=len(deltas) > 1 or not graphs)
+            del deltas
         stand_in = merged if merged is not None else _shape_only(shape, grad)
         grad_x, dense = op.backward(grad, x, stand_in, need_x, need_w or any(via_dense))
         del stand_in, merged
@@ -153,12 +168,13 @@ class _AdaptedOp(torch.autograd.Function):
             else:
                 dtype = next(iter(term.params.values())).dtype
                 grad_delta = dense32.setdefault(dtype, dense.to(dtype))
-                if term.row_mask is not None:
-                    grad_delta = grad_delta * term.row_mask.view(-1, *[1] * (grad_delta.dim() - 1)).to(dtype)
                 if dense_loha[i]:
+                    if term.row_mask is not None:
+                        grad_delta = grad_delta * term.row_mask.view(-1, *[1] * (grad_delta.dim() - 1)).to(dtype)
                     found = _loha_grads(term, want, grad_delta, products.pop(i, None))
-                else:
-                    found = _autograd_grads(term, want, grad_delta, shape)
+                else:  # the graph's ΔW carries the row mask itself
+                    delta = graphs.pop(i) if i in graphs else _delta_graph(term, wanted[i], shape)
+                    found = dict(zip(want, torch.autograd.grad(delta, [term.params[name] for name in want], grad_delta)))
             factor_grads.update({id(term.params[name]): g for name, g in found.items()})
         grad_w = dense.to(ctx.weight_dtype) if need_w else None
         grad_b = op.bias_grad(grad) if need_b else None
@@ -175,19 +191,17 @@ def _loha_grads(term: DeltaTerm, want: list[str], grad_delta: torch.Tensor, prod
     factors = _loha_factors(term.params)
     if products is None:
         with torch.no_grad():
-            products = loha_products(*factors)
+            products = loha_products(*factors, scale=term.scale)
     need = [name in want for name in _LOHA_ORDER]
     grads = loha_factor_grads(grad_delta, *products, *factors, scale=term.scale, need=need)
     return {name: g for name, g in zip(_LOHA_ORDER, grads) if name in want}
 
 
-def _autograd_grads(term: DeltaTerm, want: list[str], grad_delta: torch.Tensor, shape: torch.Size) -> dict[str, torch.Tensor]:
-    """Factor gradients from ``∂L/∂ΔW`` through autograd of the adapter's ΔW (LoKr's Kronecker product)."""
+def _delta_graph(term: DeltaTerm, wanted: Mapping[str, bool], shape: torch.Size) -> torch.Tensor:
+    """The term's ΔW with autograd tracking the wanted factors (LoKr: the graph keeps only the two small halves)."""
     with torch.enable_grad():
-        params = {name: p.requires_grad_(name in want) for name, p in term.params.items()}
-        delta = delta_weight(params, term.scale).reshape(shape)
-        grads = torch.autograd.grad(delta, [params[name] for name in want], grad_delta)
-    return dict(zip(want, grads))
+        params = {name: p.requires_grad_(wanted[name]) for name, p in term.params.items()}
+        return term_delta(DeltaTerm(params, term.scale, term.row_mask), shape)
 
 
 def _structured_grads(term: DeltaTerm, want: list[str], x: torch.Tensor, grad: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -22,11 +22,17 @@ def loha_products(
     w2_b: torch.Tensor,
     t1: Optional[torch.Tensor] = None,
     t2: Optional[torch.Tensor] = None,
+    *,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two weight-sized products whose Hadamard product is ΔW: ``w?_a @ w?_b`` (flat) or the Tucker rebuilds."""
+    """The two weight-sized products whose Hadamard product is ΔW: ``w?_a @ w?_b`` (flat) or the Tucker rebuilds.
+
+    ``scale`` goes into the first product through its smallest factor (``w1_a``, or the core ``t1``), so scaling ΔW
+    costs no weight-sized pass.
+    """
     if t1 is None:
-        return w1_a @ w1_b, w2_a @ w2_b
-    return rebuild_tucker(t1, w1_a, w1_b), rebuild_tucker(t2, w2_a, w2_b)
+        return (w1_a * scale if scale != 1 else w1_a) @ w1_b, w2_a @ w2_b
+    return rebuild_tucker(t1 * scale if scale != 1 else t1, w1_a, w1_b), rebuild_tucker(t2, w2_a, w2_b)
 
 
 def loha_as_lowrank(
@@ -42,9 +48,9 @@ def loha_as_lowrank(
     return left, right
 
 
-def hadamard(r1: torch.Tensor, r2: torch.Tensor, scale: float) -> torch.Tensor:
-    """ΔW from the two products, scaled once (the one place the LoHa forward formula is written)."""
-    return r1 * r2 * scale
+def hadamard(r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
+    """ΔW from the two products of ``loha_products`` (the one place the LoHa forward formula is written)."""
+    return r1 * r2
 
 
 def _tucker_side_grads(grad_side, core, w_a, w_b, need):
@@ -81,13 +87,17 @@ def loha_factor_grads(
 ) -> tuple[Optional[torch.Tensor], ...]:
     """Gradients of ``(w1_a, w1_b, w2_a, w2_b, t1, t2)`` given ``grad = ∂L/∂ΔW`` and the products ``r1, r2``.
 
-    ``r1``/``r2`` (as ``loha_products`` returns them) are overwritten: each side's ``∂L/∂r = grad ⊙ r_other`` is formed
-    in the other product's buffer, so the backward needs no weight-sized buffer of its own. Each Tucker side contracts
-    with its *own* chain.
+    ``r1``/``r2`` are what ``loha_products`` returned for this ``scale`` (``r1`` carries it) and are overwritten: each
+    side's ``∂L/∂r = grad ⊙ r_other`` is formed in the other product's buffer, so the backward needs no weight-sized
+    buffer of its own. Each Tucker side contracts with its *own* chain.
     """
     grad = grad.reshape(r1.shape)
     grads: list[Optional[torch.Tensor]] = [None] * 6
-    for a, b, t, other, w_a, w_b, core in ((0, 1, 4, r2, w1_a, w1_b, t1), (2, 3, 5, r1, w2_a, w2_b, t2)):
+    # side 1's gradients get the scale its product carries; side 2's ∂L/∂r2 = grad ⊙ r1 has it already
+    for a, b, t, other, w_a, w_b, core, side_scale in (
+        (0, 1, 4, r2, w1_a, w1_b, t1, scale),
+        (2, 3, 5, r1, w2_a, w2_b, t2, 1.0),
+    ):
         if not (need[a] or need[b] or (core is not None and need[t])):
             continue
         side = other.mul_(grad)
@@ -97,7 +107,7 @@ def loha_factor_grads(
             g_core, g_a, g_b = _tucker_side_grads(side, core, w_a, w_b, (need[t], need[a], need[b]))
             found = (g_a, g_b, g_core)
         for index, value in zip((a, b, t), found):
-            grads[index] = None if value is None else value * scale
+            grads[index] = value if value is None or side_scale == 1 else value * side_scale
     return tuple(grads)
 
 
@@ -108,12 +118,12 @@ class _HadaProduct(torch.autograd.Function):
     def forward(ctx: Any, w1_a, w1_b, w2_a, w2_b, t1, t2, scale: float) -> torch.Tensor:
         ctx.save_for_backward(w1_a, w1_b, w2_a, w2_b, t1, t2)
         ctx.scale = scale
-        return hadamard(*loha_products(w1_a, w1_b, w2_a, w2_b, t1, t2), scale)
+        return hadamard(*loha_products(w1_a, w1_b, w2_a, w2_b, t1, t2, scale=scale))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
         factors = ctx.saved_tensors
-        products = loha_products(*factors)
+        products = loha_products(*factors, scale=ctx.scale)
         grads = loha_factor_grads(grad, *products, *factors, scale=ctx.scale, need=ctx.needs_input_grad[:6])
         return (*grads, None)
 
