@@ -10,6 +10,7 @@ product) they come, where cheaper, straight from the input and the output gradie
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -19,13 +20,13 @@ from torch.autograd.function import once_differentiable
 
 from .base_op import BaseOp, LinearOp
 from .delta import add_delta, delta_weight
-from .loha import hadamard, loha_as_lowrank, loha_factor_grads, loha_products
-from .lokr import lokr_linear_apply, lokr_linear_macs
+from .loha import hadamard, loha_as_lowrank, loha_conv_apply, loha_conv_macs, loha_factor_grads, loha_products
+from .lokr import lokr_conv_apply, lokr_conv_macs, lokr_linear_apply, lokr_linear_macs
 
-# Per-token cost of the structured factor gradients, against the dense route's one weight-sized product per token:
-# Linear LoKr runs its factor chain about three times (forward again, then both backward products); flat LoHa as a
-# rank-r1·r2 product runs four (out|in) x r1·r2 products.
-_KRON_GRAD_PASSES = 3
+# The structured routes (gradients through a ΔW-free product, by autograd) cost about three passes of that product
+# per token or output pixel (forward again, then both backward products), against one weight-sized product for the
+# dense weight gradient. Flat Linear LoHa has its own two-pass route (``_loha_linear_grads``).
+_STRUCTURED_PASSES = 3
 _LOHA_ORDER = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 
 
@@ -59,18 +60,23 @@ def sum_deltas(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def structured_grads_pay_off(op: BaseOp, term: DeltaTerm, weight_shape: torch.Size) -> bool:
-    """Whether the factor gradients straight from (x, ∂L/∂y) through the adapter's structure (Linear LoKr's Kronecker
-    chain, flat Linear LoHa as a rank-r1·r2 product) are cheaper than going through the dense ``G = ∂L/∂W``."""
-    if not isinstance(op, LinearOp):
+    """Whether the factor gradients straight from (x, ∂L/∂y) through the adapter's structure are cheaper than going
+    through the dense ``G = ∂L/∂W``: Linear LoKr's Kronecker chain, flat LoHa as a rank-r1·r2 product (Linear and
+    ungrouped convs), Conv2d LoKr as grouped convolutions."""
+    dense = math.prod(weight_shape)
+    is_loha = "hada_w1_a" in term.params
+    if is_loha and "hada_t1" in term.params:
         return False
-    out_features, in_features = weight_shape[0], weight_shape[1]
-    if "hada_w1_a" in term.params:
-        if "hada_t1" in term.params:
-            return False
-        rank = term.params["hada_w1_a"].shape[1] * term.params["hada_w2_a"].shape[1]
-        return 2 * rank * (out_features + in_features) < out_features * in_features
-    macs = lokr_linear_macs(term.params)
-    return macs is not None and _KRON_GRAD_PASSES * macs < out_features * in_features
+    if isinstance(op, LinearOp):
+        if is_loha:
+            rank = term.params["hada_w1_a"].shape[1] * term.params["hada_w2_a"].shape[1]
+            return 2 * rank * sum(weight_shape) < dense
+        macs = lokr_linear_macs(term.params)
+        return macs is not None and _STRUCTURED_PASSES * macs < dense
+    if op.groups != 1:
+        return False
+    macs = loha_conv_macs(term.params, weight_shape) if is_loha else lokr_conv_macs(term.params, weight_shape)
+    return _STRUCTURED_PASSES * macs < dense
 
 
 @dataclass(frozen=True)
@@ -164,7 +170,7 @@ class _AdaptedOp(torch.autograd.Function):
             if not want:
                 continue
             if layout.structured:
-                found = _structured_grads(term, want, x, grad)
+                found = _structured_grads(term, want, x, grad, op, shape)
             else:
                 dtype = next(iter(term.params.values())).dtype
                 grad_delta = dense32.setdefault(dtype, dense.to(dtype))
@@ -204,28 +210,41 @@ def _delta_graph(term: DeltaTerm, wanted: Mapping[str, bool], shape: torch.Size)
         return term_delta(DeltaTerm(params, term.scale, term.row_mask), shape)
 
 
-def _structured_grads(term: DeltaTerm, want: list[str], x: torch.Tensor, grad: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Factor gradients of a Linear LoKr or flat LoHa from the input and the output gradient, without forming ``G``."""
-    dtype = next(iter(term.params.values())).dtype
-    x = x.reshape(-1, x.shape[-1]).to(dtype)
-    grad = grad.reshape(-1, grad.shape[-1]).to(dtype)
-    if term.row_mask is not None:
-        grad = grad * term.row_mask.to(dtype)
+def _structured_grads(
+    term: DeltaTerm, want: list[str], x: torch.Tensor, grad: torch.Tensor, op: BaseOp, shape: torch.Size
+) -> dict[str, torch.Tensor]:
+    """Factor gradients from the input and the output gradient through a ΔW-free product, without forming ``G``.
+
+    The large products run in the input's dtype (as the dense route's weight gradient would); the factors' own
+    chain rule in theirs.
+    """
+    if term.row_mask is not None:  # output features: the last axis of a Linear's output, axis 1 of a conv's
+        mask = term.row_mask.to(grad.dtype)
+        grad = grad * (mask if isinstance(op, LinearOp) else mask.view(-1, 1, 1))
     with torch.enable_grad():
         params = {name: p.requires_grad_(name in want) for name, p in term.params.items()}
         wanted = [params[name] for name in want]
-        if "hada_w1_a" not in params:
-            grads = torch.autograd.grad(lokr_linear_apply(x, params, term.scale), wanted, grad)
-            return dict(zip(want, grads))
-        left, right = loha_as_lowrank(params["hada_w1_a"], params["hada_w1_b"], params["hada_w2_a"], params["hada_w2_b"])
-    # y = scale · (x @ rightᵀ) @ leftᵀ: the gradients of left and right, then of the factors through their products
+        cast = {name: p.to(x.dtype) for name, p in params.items()}
+        if isinstance(op, LinearOp) and "hada_w1_a" in cast:
+            return dict(zip(want, _loha_linear_grads(cast, wanted, x, grad, term.scale)))
+        if isinstance(op, LinearOp):
+            out = lokr_linear_apply(x, cast, term.scale)
+        else:
+            apply = loha_conv_apply if "hada_w1_a" in cast else lokr_conv_apply
+            out = apply(x, cast, term.scale, tuple(shape), lambda inp, kernel: op.forward(inp, kernel, None))
+        return dict(zip(want, torch.autograd.grad(out, wanted, grad)))
+
+
+def _loha_linear_grads(params, wanted, x, grad, scale) -> tuple[torch.Tensor, ...]:
+    """Flat Linear LoHa: ``y = scale · (x @ rightᵀ) @ leftᵀ`` with ``left @ right = ΔW/scale``; the gradients of
+    ``left`` and ``right`` by two products each, then of the factors through their small products."""
+    left, right = loha_as_lowrank(params["hada_w1_a"], params["hada_w1_b"], params["hada_w2_a"], params["hada_w2_b"])
+    x, grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
     with torch.no_grad():
-        grad = grad * term.scale
         inner = x @ right.T
-        grad_left = grad.T @ inner
-        grad_right = (grad @ left).T @ x
-    grads = torch.autograd.grad([left, right], wanted, [grad_left, grad_right])
-    return dict(zip(want, grads))
+        grad_left = (grad.T @ inner).mul_(scale)
+        grad_right = ((grad @ left).T @ x).mul_(scale)
+    return torch.autograd.grad([left, right], wanted, [grad_left, grad_right])
 
 
 def adapted_op(

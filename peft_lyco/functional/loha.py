@@ -7,10 +7,12 @@ backward contracts each side with its *own* chain; PEFT and sd-scripts use the o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 
 from .tucker import rebuild_tucker
 
@@ -46,6 +48,27 @@ def loha_as_lowrank(
     left = (w1_a[:, :, None] * w2_a[:, None, :]).reshape(w1_a.shape[0], -1)
     right = (w1_b[:, None, :] * w2_b[None, :, :]).reshape(-1, w1_b.shape[1])
     return left, right
+
+
+def loha_conv_macs(params: Mapping[str, torch.Tensor], weight_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates per output pixel of ``loha_conv_apply`` with these flat factors (kohya names)."""
+    rank = params["hada_w1_a"].shape[1] * params["hada_w2_a"].shape[1]
+    return rank * (math.prod(weight_shape[1:]) + weight_shape[0])
+
+
+def loha_conv_apply(
+    x: torch.Tensor,
+    params: Mapping[str, torch.Tensor],
+    scale: float,
+    weight_shape: tuple[int, ...],
+    conv: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``conv(x, ΔW)`` of a flat Conv2d LoHa without building ΔW: ``ΔW = left @ right`` (``loha_as_lowrank``), so a
+    convolution with ``right`` as a rank-r1·r2 kernel (``conv`` applies the layer's stride/padding/dilation) followed
+    by a 1x1 convolution with ``scale · left``."""
+    left, right = loha_as_lowrank(params["hada_w1_a"], params["hada_w1_b"], params["hada_w2_a"], params["hada_w2_b"])
+    inner = conv(x, right.reshape(right.shape[0], *weight_shape[1:]))
+    return F.conv2d(inner, (left * scale)[:, :, None, None])
 
 
 def hadamard(r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from itertools import combinations
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 from .tucker import rebuild_tucker
 
@@ -40,7 +41,6 @@ def lokr_delta_weight(
         w1 = w1.unsqueeze(-1)
     delta = torch.kron(w1, w2.contiguous())
     return delta * scale if scale != 1 else delta
-
 
 
 def _kron_halves(params: Mapping[str, torch.Tensor]) -> Optional[tuple[list[torch.Tensor], list[torch.Tensor]]]:
@@ -97,3 +97,63 @@ def lokr_linear_apply(x: torch.Tensor, params: Mapping[str, torch.Tensor], scale
             matrix = matrix * scale
         tokens = torch.matmul(matrix, tokens) if side == "left" else torch.matmul(tokens, matrix.T)
     return tokens.reshape(*x.shape[:-1], -1)
+
+
+
+def _pointwise(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution with ``matrix`` (out, in)."""
+    return F.conv2d(x, matrix[:, :, None, None])
+
+
+def _w2_stages(params: Mapping[str, torch.Tensor], in_n: int, kernel: tuple[int, int]) -> list[tuple[bool, torch.Tensor]]:
+    """``w2`` of a Conv2d LoKr as a chain of convolutions ``(spatial, weight)``: spatial stages take the layer's
+    stride/padding/dilation, the others are 1x1 (``weight`` then a matrix); ``w2`` itself is never built."""
+    if "lokr_w2" in params:
+        return [(True, params["lokr_w2"])]
+    w2_a, w2_b = params["lokr_w2_a"], params["lokr_w2_b"]
+    if "lokr_t2" in params:  # w2_b (r, in_n), t2 (r, r, kh, kw), w2_a (r, out_k)
+        return [(False, w2_b), (True, params["lokr_t2"]), (False, w2_a.T)]
+    return [(True, w2_b.reshape(w2_b.shape[0], in_n, *kernel)), (False, w2_a)]
+
+
+def lokr_conv_macs(params: Mapping[str, torch.Tensor], weight_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates per output pixel of ``lokr_conv_apply`` with these factors (kohya names)."""
+    out_l, in_m = _w1_shape(params)
+    in_n = weight_shape[1] // in_m
+    stages = _w2_stages(params, in_n, tuple(weight_shape[2:]))
+    out_k = stages[-1][1].shape[0]
+    mixed = in_n if out_l < in_m else out_k
+    return min(out_l, in_m) * sum(weight.numel() for _, weight in stages) + out_l * in_m * mixed
+
+
+def _w1_shape(params: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+    if "lokr_w1" in params:
+        return tuple(params["lokr_w1"].shape)
+    return params["lokr_w1_a"].shape[0], params["lokr_w1_b"].shape[1]
+
+
+def lokr_conv_apply(
+    x: torch.Tensor,
+    params: Mapping[str, torch.Tensor],
+    scale: float,
+    weight_shape: tuple[int, ...],
+    conv: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``conv(x, ΔW)`` of a Conv2d LoKr without building ΔW: the input channels form ``in_m`` groups of ``in_n``, each
+    group goes through ``w2``'s convolutions (``conv`` applies the layer's stride/padding/dilation) and ``scale · w1``
+    mixes the groups (before the convolutions when that leaves fewer groups to convolve)."""
+    w1 = params["lokr_w1"] if "lokr_w1" in params else params["lokr_w1_a"] @ params["lokr_w1_b"]
+    w1 = w1 * scale if scale != 1 else w1
+    out_l, in_m = w1.shape
+    in_n, batch = weight_shape[1] // in_m, x.shape[0]
+    groups = x.reshape(batch, in_m, in_n, *x.shape[2:])
+    mix_first = out_l < in_m
+    if mix_first:
+        groups = torch.einsum("ab,nb...->na...", w1, groups)
+    y = groups.reshape(-1, in_n, *x.shape[2:])
+    for spatial, weight in _w2_stages(params, in_n, tuple(weight_shape[2:])):
+        y = conv(y, weight) if spatial else _pointwise(y, weight)
+    y = y.reshape(batch, -1, *y.shape[1:])
+    if not mix_first:
+        y = torch.einsum("ab,nb...->na...", w1, y)
+    return y.reshape(batch, -1, *y.shape[3:])

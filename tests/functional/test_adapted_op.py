@@ -7,11 +7,12 @@ import torch.nn.functional as F
 from peft_lyco.functional import add_delta, delta_weight, lokr_layout, loha_layout
 from peft_lyco.functional.adapted import DeltaTerm, adapted_op, structured_grads_pay_off
 from peft_lyco.functional.base_op import Conv2dOp, LinearOp
-from peft_lyco.functional.loha import loha_as_lowrank
-from peft_lyco.functional.lokr import lokr_linear_apply, lokr_linear_macs
+from peft_lyco.functional.loha import loha_as_lowrank, loha_conv_apply, loha_conv_macs
+from peft_lyco.functional.lokr import lokr_conv_apply, lokr_conv_macs, lokr_linear_apply, lokr_linear_macs
 
 CONV = Conv2dOp(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1)
 ODD_CONV = Conv2dOp(stride=(2, 1), padding=(2, 0), dilation=(2, 1), groups=2)
+STRIDED = Conv2dOp(stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=1)
 
 # name: (op, weight shape, layouts of the adapters active together, input shape)
 CASES = {
@@ -25,6 +26,7 @@ CASES = {
     "loha-conv-flat": (CONV, (4, 3, 3, 3), [loha_layout(4, 3, (3, 3), 2, False)], (2, 3, 5, 5)),
     "loha-conv-tucker": (CONV, (4, 3, 3, 3), [loha_layout(4, 3, (3, 3), 2, True)] * 2, (1, 3, 5, 5)),
     "loha-grouped-strided-dilated": (ODD_CONV, (4, 2, 3, 2), [loha_layout(4, 2, (3, 2), 2, True)], (1, 4, 7, 6)),
+    "loha-conv-lowrank-route": (STRIDED, (8, 4, 3, 3), [loha_layout(8, 4, (3, 3), 1, False)] * 2, (2, 4, 6, 6)),
     "lokr-linear-lowrank": (LinearOp(), (16, 16), [lokr_layout(16, 16, (), 1, factor=4)] * 2, (5, 16)),
     "lokr-linear-full": (LinearOp(), (8, 6), [lokr_layout(8, 6, (), 8, factor=2, warn=False)], (4, 6)),
     "lokr-linear-decompose-both": (
@@ -34,7 +36,14 @@ CASES = {
         (3, 8),
     ),
     "lokr-conv-flat": (CONV, (8, 4, 3, 3), [lokr_layout(8, 4, (3, 3), 1, factor=2)], (1, 4, 5, 5)),
-    "lokr-conv-tucker": (CONV, (8, 4, 3, 3), [lokr_layout(8, 4, (3, 3), 1, factor=2, use_tucker=True)], (1, 4, 5, 5)),
+    "lokr-conv-tucker": (STRIDED, (8, 4, 3, 3), [lokr_layout(8, 4, (3, 3), 1, factor=2, use_tucker=True)], (1, 4, 5, 5)),
+    "lokr-conv-mix-first": (
+        CONV,
+        (4, 16, 3, 3),
+        [lokr_layout(4, 16, (3, 3), 1, factor=4), lokr_layout(4, 16, (3, 3), 1, factor=4, decompose_both=True)],
+        (1, 16, 4, 4),
+    ),
+    "lokr-conv-full": (CONV, (8, 4, 3, 3), [lokr_layout(8, 4, (3, 3), 4, factor=2, warn=False)], (1, 4, 5, 5)),
 }
 
 
@@ -82,9 +91,16 @@ def _leaves(x, weight, bias, params, train_weight=False):
     return x, weight, bias, params
 
 
-# the dense-G route is forced only where a structured route is taken (Linear LoKr, small-rank Linear LoHa); elsewhere
-# both flags give one route
-STRUCTURED = ("lokr-linear-lowrank", "lokr-linear-decompose-both", "loha-linear-lowrank-route")
+# the dense-G route is forced only where a structured route is taken; elsewhere both flags give one route
+STRUCTURED = (
+    "lokr-linear-lowrank",
+    "lokr-linear-decompose-both",
+    "loha-linear-lowrank-route",
+    "loha-conv-lowrank-route",
+    "lokr-conv-flat",
+    "lokr-conv-tucker",
+    "lokr-conv-mix-first",
+)
 ROUTES = [(case, flag) for case in sorted(CASES) for flag in ((True, False) if case in STRUCTURED else (True,))]
 
 
@@ -208,6 +224,26 @@ def test_lokr_linear_apply_equals_dense_delta():
         lokr_linear_apply(torch.randn(2, 5, dtype=torch.float64), params)
 
 
+@pytest.mark.parametrize("case", ["loha-conv-lowrank-route", "lokr-conv-flat", "lokr-conv-tucker", "lokr-conv-mix-first", "lokr-conv-full"])
+def test_conv_apply_equals_conv_with_the_dense_delta(case):
+    op, x, weight, _, params, scales, _ = _setup(case)
+    for p, s in zip(params, scales):
+        apply = loha_conv_apply if "hada_w1_a" in p else lokr_conv_apply
+        got = apply(x, p, s, tuple(weight.shape), lambda inp, kernel: op.forward(inp, kernel, None))
+        expected = op.forward(x, delta_weight(p, s).reshape(weight.shape), None)
+        assert got.shape == expected.shape
+        assert torch.allclose(got, expected, atol=1e-10)
+
+
+def test_conv_macs_count_every_stage():
+    # LoKr factor 4 on a 320-channel 3x3 conv, rank 8: in_m = out_l = 4 groups of 80 channels; per group a 3x3 conv
+    # 80 -> 8 (w2_b) and a 1x1 8 -> 80 (w2_a), then the 4 x 4 mix of 80 channels
+    params = {n: torch.empty(s) for n, s in lokr_layout(320, 320, (3, 3), 8, factor=4).shapes.items()}
+    assert lokr_conv_macs(params, (320, 320, 3, 3)) == 4 * (8 * 80 * 9 + 80 * 8) + 4 * 4 * 80
+    loha = {n: torch.empty(s) for n, s in loha_layout(64, 32, (3, 3), 4, False).shapes.items()}
+    assert loha_conv_macs(loha, (64, 32, 3, 3)) == 16 * (32 * 9 + 64)
+
+
 def test_lokr_linear_macs_counts_the_cheapest_order():
     # w1 (8, 8) on the in_m axis, w2 = w2_a (640, 4) @ w2_b (4, 160) on the in_n axis: apply w2_b first (8·160·4),
     # then w1 (8·8·4), then w2_a (8·4·640)
@@ -224,16 +260,20 @@ def _term(layout):
 def test_structured_routes_are_taken_where_they_pay_off():
     kron = _term(lokr_layout(5120, 1280, (), 8, factor=8))
     assert structured_grads_pay_off(LinearOp(), kron, torch.Size((5120, 1280)))
-    assert not structured_grads_pay_off(CONV, kron, torch.Size((5120, 1280)))
+    conv_kron = _term(lokr_layout(320, 320, (3, 3), 8, factor=4))
+    assert structured_grads_pay_off(CONV, conv_kron, torch.Size((320, 320, 3, 3)))
+    assert not structured_grads_pay_off(ODD_CONV, conv_kron, torch.Size((320, 320, 3, 3)))  # grouped: dense route
     # a full-matrix LoKr on a small layer: the factor chain costs more than the dense weight gradient
     assert not structured_grads_pay_off(LinearOp(), _term(lokr_layout(8, 6, (), 100, warn=False)), torch.Size((8, 6)))
     # LoHa as a rank-r² product: 2·r²·(in + out) against in·out multiply-adds per token
     assert structured_grads_pay_off(LinearOp(), _term(loha_layout(1280, 1280, (), 16, False)), torch.Size((1280, 1280)))
     assert not structured_grads_pay_off(LinearOp(), _term(loha_layout(1280, 1280, (), 32, False)), torch.Size((1280, 1280)))
     assert not structured_grads_pay_off(CONV, _term(loha_layout(64, 64, (3, 3), 2, True)), torch.Size((64, 64, 3, 3)))
-    for case in STRUCTURED:
+    assert structured_grads_pay_off(CONV, _term(loha_layout(640, 640, (3, 3), 8, False)), torch.Size((640, 640, 3, 3)))
+    for case in CASES:
         op, wshape, layouts, _ = CASES[case]
-        assert all(structured_grads_pay_off(op, _term(layout), torch.Size(wshape)) for layout in layouts), case
+        taken = [structured_grads_pay_off(op, _term(layout), torch.Size(wshape)) for layout in layouts]
+        assert all(taken) if case in STRUCTURED else not any(taken), case
 
 
 def test_loha_as_lowrank_is_the_hadamard_product():
