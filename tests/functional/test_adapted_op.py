@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from peft_lyco.functional import add_delta, delta_weight, lokr_layout, loha_layout
+from peft_lyco.functional import structured
 from peft_lyco.functional.adapted import DeltaTerm, adapted_op, structured_grads_pay_off
 from peft_lyco.functional.base_op import Conv2dOp, LinearOp
 from peft_lyco.functional.loha import loha_as_lowrank, loha_conv_apply, loha_conv_macs
@@ -140,7 +141,33 @@ def test_equals_plain_autograd_path(case, structured, train_weight):
         assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("case", ["loha-linear", "lokr-linear-decompose-both", "loha-conv-tucker"])
+@pytest.mark.parametrize("rebuild_cost", [0, 10**9])
+@pytest.mark.parametrize("case", STRUCTURED)
+def test_input_gradient_from_the_rebuilt_weight_or_the_route_agree(case, rebuild_cost, monkeypatch):
+    # the cost model picks one of the two per call; force each and compare with plain autograd
+    monkeypatch.setattr(structured, "REBUILD_MACS_PER_WEIGHT", rebuild_cost)
+    op, x, weight, bias, params, scales, masks = _setup(case, dtype=torch.float32, masked=True)
+    grads = []
+    for fn in (_fused, _plain):
+        xl, wl, bl, pl = _leaves(x, weight, bias, params)
+        fn(op, xl, wl, bl, pl, scales, masks).pow(2).sum().backward()
+        grads.append([xl.grad] + [t.grad for p in pl for t in p.values()])
+    for got, ref in zip(*grads):
+        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("case", ["loha-linear-lowrank-route", "lokr-conv-flat", "loha-conv-tucker"])
+def test_frozen_adapters_still_pass_the_input_gradient(case):
+    op, x, weight, bias, params, scales, masks = _setup(case, dtype=torch.float32)
+    grads = []
+    for fn in (_fused, _plain):
+        xl = x.clone().requires_grad_(True)
+        fn(op, xl, weight, bias, params, scales, masks).pow(2).sum().backward()
+        grads.append(xl.grad)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-5 * grads[1].abs().max().item())
+
+
+@pytest.mark.parametrize("case", ["loha-linear", "lokr-linear-decompose-both", "loha-conv-tucker", "lokr-conv-mix-first"])
 def test_bypass_without_base_weight(case):
     op, x, weight, bias, params, scales, masks = _setup(case)
     x, _, _, params = _leaves(x, weight, bias, params)
