@@ -108,7 +108,9 @@ class _AdaptedOp(torch.autograd.Function):
         need = ctx.needs_input_grad
         ctx.op, ctx.shape, ctx.layouts, ctx.x_dtype = op, shape, layouts, x.dtype
         ctx.weight_dtype = None if weight is None else weight.dtype
-        ctx.save_for_backward(x if need[1] or any(need[6:]) else None, weight if need[0] else None, *tensors)
+        # the input is needed for any weight-side gradient, and by a convolution's input gradient (as the base keeps it)
+        keep_x = need[1] or any(need[6:]) or (need[0] and not isinstance(op, LinearOp))
+        ctx.save_for_backward(x if keep_x else None, weight if need[0] else None, *tensors)
         return op.forward(x, merged, bias)
 
     @staticmethod
