@@ -112,7 +112,7 @@ def kohya_to_peft(
     modules (incomplete key sets, wrong shapes, NaN, DoRA) always raise.
     """
     groups, unknown = _group_keys(state_dict)
-    scheme = model_names(model_type) if model_type else detect_model_type(groups, metadata)
+    scheme = model_names(model_type or detect_model_type(groups, metadata))
     models = component_models(scheme, model)
     resolver = NameResolver(scheme, models)
     preferred_factor = _metadata_factor(metadata)

@@ -193,7 +193,9 @@ def _read_loha(tensors, alpha, geometry, kernel_hint) -> ModuleAdapter:
     options = {"use_tucker": tucker}
     layout = layout_for("loha", geometry, rank, options)
     _check_layout(tensors, layout, geometry)
-    return ModuleAdapter("", "", "loha", tensors, rank, rank if alpha is None else alpha, geometry, layout, options, (options,))
+    # use_tucker only matters for kxk convs; elsewhere both values reproduce the module and both get a vote
+    candidates = tuple({"use_tucker": value} for value in (tucker, not tucker) if layout_for("loha", geometry, rank, {"use_tucker": value}) == layout)
+    return ModuleAdapter("", "", "loha", tensors, rank, rank if alpha is None else alpha, geometry, layout, options, candidates)
 
 
 def _read_lokr(tensors, alpha, geometry, kernel_hint, preferred_factor) -> ModuleAdapter:
@@ -224,7 +226,7 @@ def _read_lokr(tensors, alpha, geometry, kernel_hint, preferred_factor) -> Modul
     if w2_mode == "full" and geometry.kernel:  # sd-scripts writes a 1x1 conv's full w2 2-D
         tensors["lokr_w2"] = _with_kernel(tensors["lokr_w2"], (*tensors["lokr_w2"].shape[:2], *geometry.kernel))
     shapes = tuple(sorted((name, tuple(tensor.shape)) for name, tensor in tensors.items()))
-    candidates = lokr_candidates(geometry, rank, shapes, w1_decomposed, w2_mode, preferred_factor)
+    candidates = lokr_candidates(geometry, rank, shapes, preferred_factor)
     if not candidates:
         raise ModuleError(
             f"no LoKr layout of a {geometry.describe()} layer at rank {rank} reproduces the shapes {dict(shapes)} "
@@ -257,14 +259,9 @@ def _lokr_geometry(tensors, w1_decomposed, w2_mode, kernel_hint) -> Geometry:
 
 @lru_cache(maxsize=4096)
 def lokr_candidates(
-    geometry: Geometry,
-    rank: int,
-    shapes: tuple[tuple[str, tuple[int, ...]], ...],
-    w1_decomposed: bool,
-    w2_mode: str,
-    preferred_factor: Optional[int] = None,
+    geometry: Geometry, rank: int, shapes: tuple[tuple[str, tuple[int, ...]], ...], preferred_factor: Optional[int] = None
 ) -> tuple[dict[str, Any], ...]:
-    """Every LoKr option set (factor, full_matrix, unbalanced_factorization) that reproduces ``shapes``, best first.
+    """Every LoKr option set that reproduces ``shapes`` on this layer, plainest first (flags off before on).
 
     Factors tried: the file's own (from metadata), -1, the four Kronecker halves; only if none fits, every integer up
     to the largest half (a non-dividing factor acts like the largest divisor below it, so that range covers all).
@@ -274,17 +271,11 @@ def lokr_candidates(
     in_m = wanted["lokr_w1"][1] if "lokr_w1" in wanted else wanted["lokr_w1_b"][1]
     halves = (out_l, in_m, geometry.out_features // out_l, geometry.in_features // in_m)
     first = [f for f in (preferred_factor, -1, *halves) if f is not None and (f == -1 or f > 0)]
-    flags = list(itertools.product((False, True) if w2_mode == "full" else (False,), (False, True)))
+    flags = ("decompose_both", "use_tucker", "full_matrix", "unbalanced_factorization")
     found: list[dict[str, Any]] = []
     for factors in (list(dict.fromkeys(first)), range(1, 1 + max(halves))):
-        for factor, (full_matrix, unbalanced) in itertools.product(factors, flags):
-            options = {
-                "factor": factor,
-                "decompose_both": w1_decomposed,
-                "use_tucker": w2_mode == "tucker",
-                "full_matrix": full_matrix,
-                "unbalanced_factorization": unbalanced,
-            }
+        for factor, *values in itertools.product(factors, *[(False, True)] * len(flags)):
+            options = {"factor": factor, **dict(zip(flags, values))}
             if options not in found and layout_for("lokr", geometry, rank, options).shapes == wanted:
                 found.append(options)
         if found:
