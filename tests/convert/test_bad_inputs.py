@@ -1,0 +1,114 @@
+"""Bad files get one clear ``LycoFileError`` that names every offending key or module (the pipeline-level "left
+exactly as it was" checks are in tests/diffusers)."""
+
+import pytest
+import torch
+
+from peft_lyco.convert import LycoFileError, kohya_to_peft
+from tests.convert.helpers import fresh_pipe, lycoris_case
+from tests.convert.test_lycoris_files import VARIANTS
+
+PROJ_IN = "lora_unet_down_blocks_1_attentions_0_proj_in"
+CONV_IN = "lora_unet_conv_in"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return fresh_pipe()
+
+
+@pytest.fixture
+def loha():
+    return dict(lycoris_case(**VARIANTS["loha"])[0])
+
+
+@pytest.fixture
+def lokr():
+    return dict(lycoris_case(**VARIANTS["lokr-f-1-dim2"])[0])
+
+
+def convert(state_dict, pipe, **kwargs):
+    return kohya_to_peft(state_dict, model=pipe, **kwargs)
+
+
+def test_unknown_keys_are_listed_or_skipped_on_request(loha, pipe, caplog):
+    loha[f"{PROJ_IN}.weight"] = torch.zeros(1)
+    loha["lora_unet_input_blocks_99_1_proj_in.hada_w1_a"] = torch.zeros(1)
+    with pytest.raises(LycoFileError) as err:
+        convert(loha, pipe)
+    message = str(err.value)
+    assert f"{PROJ_IN}.weight" in message and "lora_unet_input_blocks_99_1_proj_in" in message
+    assert "ignore_unknown_keys=True" in message
+    conversion = convert(loha, pipe, ignore_unknown_keys=True)
+    assert len(conversion["unet"].modules) == 183
+    assert "skipping 1 keys" in caplog.text and "lora_unet_input_blocks_99_1_proj_in" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "damage,expected",
+    [
+        (lambda sd: sd.pop(f"{PROJ_IN}.hada_w2_b"), r"incomplete or mixed key set: missing \['hada_w2_b'\]"),
+        (lambda sd: sd.update({f"{PROJ_IN}.hada_t1": torch.zeros(4, 4, 1, 1)}), "missing.*hada_t2"),
+        (lambda sd: sd.update({f"{PROJ_IN}.hada_w1_b": torch.zeros(4, 33)}), r"do not fit a Linear 64->64 layer"),
+        (lambda sd: sd.update({f"{PROJ_IN}.hada_w1_a": torch.full((64, 4), float("nan"))}), "hada_w1_a contains NaN"),
+        (lambda sd: sd.update({f"{PROJ_IN}.hada_w1_a": torch.zeros(64, 4, dtype=torch.int32)}), "must be floating point"),
+        (lambda sd: sd.update({f"{PROJ_IN}.alpha": torch.ones(2)}), "alpha must hold one value"),
+        (lambda sd: sd.update({f"{PROJ_IN}.dora_scale": torch.ones(64, 1)}), "DoRA .* not supported"),
+        (lambda sd: sd.update({f"{PROJ_IN}.scale": torch.ones(())}), "'scale' tensor"),
+        (lambda sd: sd.update({"lora_unet_conv_out.alpha": torch.ones(())} if not sd.pop("lora_unet_conv_out.hada_w1_a") is None else {}), "missing"),
+        (lambda sd: sd.update({"lora_unet_out_2.hada_w1_a": sd[f"{CONV_IN}.hada_w1_a"]}), "already adapted"),
+    ],
+    ids=["missing-factor", "half-tucker", "wrong-shape", "nan", "int", "alpha-vector", "dora", "scale", "orphan", "duplicate"],
+)
+def test_invalid_modules_are_named(loha, pipe, damage, expected):
+    damage(loha)
+    with pytest.raises(LycoFileError, match=expected):
+        convert(loha, pipe)
+
+
+def test_every_problem_is_reported_at_once(loha, pipe):
+    loha.pop(f"{PROJ_IN}.hada_w2_b")
+    loha[f"{CONV_IN}.hada_w1_a"] = loha[f"{CONV_IN}.hada_w1_a"] * float("inf")
+    loha["lora_te1_encoder_layers_0_mlp_fc1.lora_mid.weight"] = torch.zeros(1)
+    with pytest.raises(LycoFileError, match="3 invalid modules") as err:
+        convert(loha, pipe)
+    assert all(name in str(err.value) for name in (PROJ_IN, CONV_IN, "lora_te1_encoder_layers_0_mlp_fc1"))
+
+
+def test_lokr_shape_problems(lokr, pipe):
+    lokr_w1 = next(k for k in lokr if k.endswith(".lokr_w1") and k.startswith(PROJ_IN))
+    bad = dict(lokr)
+    bad[lokr_w1] = torch.zeros(3, 3)  # no factor splits 64 into 3 x ...
+    with pytest.raises(LycoFileError, match=f"{PROJ_IN}.*no LoKr layout of a Linear 64->64 layer at rank 2"):
+        convert(bad, pipe)
+    bad = dict(lokr)
+    del bad[lokr_w1]
+    with pytest.raises(LycoFileError, match="missing \\['lokr_w1'\\]"):
+        convert(bad, pipe)
+    bad = dict(lokr)
+    name = lokr_w1.split(".")[0]
+    bad.pop(lokr_w1)
+    bad[f"{name}.lokr_w1_a"], bad[f"{name}.lokr_w1_b"] = torch.zeros(8, 3), torch.zeros(3, 8)
+    with pytest.raises(LycoFileError, match="different ranks"):
+        convert(bad, pipe)
+
+
+def test_a_file_for_another_model_is_refused(loha, pipe):
+    anima = {
+        "lora_unet_blocks_0_self_attn_q_proj.lokr_w1": torch.zeros(32, 32),
+        "lora_unet_blocks_0_self_attn_q_proj.lokr_w2": torch.zeros(64, 64),
+    }
+    with pytest.raises(LycoFileError, match="match no module of the sdxl model"):
+        convert(anima, pipe, model_type="sdxl")
+    bigger = {key: torch.cat([value, value]) if value.dim() == 2 and key.endswith("_a") else value for key, value in loha.items()}
+    with pytest.raises(LycoFileError, match=r"\d+ invalid modules"):
+        convert(bigger, pipe)
+    with pytest.raises(LycoFileError, match="no LoHa, LoKr or LoRA module"):
+        convert({}, pipe, model_type="sdxl")
+
+
+def test_dora_files_from_lycoris_are_refused_naming_modules(pipe):
+    state_dict = lycoris_case(algo="loha", dora_wd=True)[0]
+    with pytest.raises(LycoFileError, match="(?s)243 invalid modules.*DoRA") as err:
+        convert(state_dict, pipe)
+    assert PROJ_IN in str(err.value)
