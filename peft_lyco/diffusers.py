@@ -8,6 +8,7 @@ If anything fails the pipeline is left exactly as it was.
 
 from __future__ import annotations
 
+import itertools
 import os
 import types
 import warnings
@@ -45,8 +46,14 @@ def _load_lora_weights(
     """``load_lora_weights`` that sends LoHa/LoKr files to ``load_lyco_weights`` and everything else to diffusers."""
     state_dict, metadata = _fetch(pretrained_model_name_or_path_or_dict, kwargs)
     if state_dict is None or not is_lycoris_state_dict(state_dict):
+        models = component_models(model_names(_pipeline_type(self)), self)
+        before = _adapter_names(models)
         original = getattr(self, _ORIGINAL)
-        return original(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, hotswap=hotswap, **kwargs)
+        original(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, hotswap=hotswap, **kwargs)
+        new = _adapter_names(models) - before
+        if len(new) == 1:  # diffusers activates a new LoRA only on LoRA layers; make it the only active adapter
+            _activate_only(models, new.pop())
+        return None
     if hotswap:
         raise ValueError("hotswap is not supported for LoHa/LoKr adapters; load them under a new adapter_name")
     load_lyco_weights(
@@ -114,7 +121,8 @@ def load_lyco_weights(
     metadata = {**file_metadata, **(metadata or {})}
     scheme = model_names(_pipeline_type(pipe))
     models = component_models(scheme, pipe)
-    adapter_name = adapter_name or _free_name(models)
+    used = _adapter_names(models)
+    adapter_name = adapter_name or next(f"default_{i}" for i in itertools.count(len(used)) if f"default_{i}" not in used)
     taken = sorted(name for name, model in models.items() if adapter_name in getattr(model, "peft_config", {}))
     if taken:
         raise ValueError(f"adapter name '{adapter_name}' is already used in {taken}; pick another adapter_name")
@@ -126,6 +134,7 @@ def load_lyco_weights(
     try:
         for name, component in conversion.items():
             _inject(models[name], component, adapter_name, low_cpu_mem_usage)
+        _activate_only(models, adapter_name)
         if weight != 1.0:
             for model in models.values():
                 for layer in model.modules():
@@ -147,13 +156,20 @@ def _pipeline_type(pipe: Any) -> str:
     raise ValueError(f"{type(pipe).__name__} is neither an SDXL pipeline (unet + text_encoder_2) nor an Anima pipeline")
 
 
-def _free_name(models: Mapping[str, nn.Module]) -> str:
-    """diffusers' default adapter naming: ``default_<n>`` with n the number of adapters already loaded."""
-    used = {name for model in models.values() for name in getattr(model, "peft_config", {})}
-    index = len(used)
-    while f"default_{index}" in used:
-        index += 1
-    return f"default_{index}"
+def _adapter_names(models: Mapping[str, nn.Module]) -> set[str]:
+    return {name for model in models.values() for name in getattr(model, "peft_config", {})}
+
+
+def _activate_only(models: Mapping[str, nn.Module], adapter_name: str) -> None:
+    """Make the newly loaded adapter the only active one on every tuner layer, as diffusers does for LoRA files.
+
+    PEFT switches only the layers of the tuner type it just injected, so without this an adapter of another type
+    (LoRA under LoKr, or the reverse) would silently stay active.
+    """
+    for model in models.values():
+        for layer in model.modules():
+            if isinstance(layer, BaseTunerLayer):
+                layer.set_adapter([adapter_name])
 
 
 def _inject(model: nn.Module, component, adapter_name: str, low_cpu_mem_usage: bool) -> None:
