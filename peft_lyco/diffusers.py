@@ -44,6 +44,7 @@ def _load_lora_weights(
     self: Any, pretrained_model_name_or_path_or_dict: StateDictOrPath, adapter_name: Optional[str] = None, hotswap: bool = False, **kwargs: Any
 ) -> None:
     """``load_lora_weights`` that sends LoHa/LoKr files to ``load_lyco_weights`` and everything else to diffusers."""
+    ignore_unknown_keys = kwargs.pop("ignore_unknown_keys", False)
     state_dict, metadata = _fetch(pretrained_model_name_or_path_or_dict, kwargs)
     if state_dict is None or not is_lycoris_state_dict(state_dict):
         models = component_models(model_names(_pipeline_type(self)), self)
@@ -62,7 +63,7 @@ def _load_lora_weights(
         adapter_name=adapter_name,
         metadata=metadata,
         low_cpu_mem_usage=kwargs.get("low_cpu_mem_usage", False),
-        ignore_unknown_keys=kwargs.get("ignore_unknown_keys", False),
+        ignore_unknown_keys=ignore_unknown_keys,
     )
 
 

@@ -13,7 +13,8 @@ from functools import lru_cache
 import toml
 import torch
 from lycoris.kohya import LycorisNetworkKohya, create_network
-from lycoris.wrapper import LycorisNetwork
+from lycoris.wrapper import LycorisNetwork, create_lycoris
+from torch import nn
 
 from peft_lyco.convert import SDXL, NameResolver, load_kohya
 from peft_lyco.models.tiny_sdxl import tiny_sdxl_pipeline
@@ -222,3 +223,31 @@ def reference_pipe(files: list[tuple[dict, float]]):
             merged = layer.weight.double() + weight * reference_delta(params, layer.weight.shape)
             layer.weight.copy_(merged.to(layer.weight.dtype))
     return pipe
+
+
+def model_from_paths(paths, device="meta") -> nn.Module:
+    """A module tree with the given Linear paths and shapes (on ``device``): a stand-in with a real model's module names."""
+    root = nn.Module()
+    for path, out, inp in paths:
+        parent = root
+        *parents, leaf = path.split(".")
+        for part in parents:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(leaf, nn.Linear(inp, out, bias=False, device=device))
+    return root
+
+
+def generic_lycoris(model, prefix="lycoris_", targets=("Linear",), **kwargs):
+    """lycoris-lora's generic wrapper on every layer of the ``targets`` classes, randomised, names re-prefixed."""
+    with lycoris_presets():
+        LycorisNetwork.apply_preset({"target_module": list(targets), "target_name": []})
+        network = create_lycoris(model, 1.0, **kwargs)
+    network.apply_to()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in network.parameters():
+            param.normal_(std=0.1)
+    state = {prefix + key.removeprefix("lycoris_"): value.detach().clone() for key, value in network.state_dict().items()}
+    return network, state

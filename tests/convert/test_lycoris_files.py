@@ -6,7 +6,7 @@ import torch
 
 from peft_lyco.convert import kohya_to_peft
 from peft_lyco.diffusers import enable_lyco
-from tests.convert.helpers import fresh_pipe, lycoris_case, max_diff, outputs, rename
+from tests.convert.helpers import fresh_pipe, generic_lycoris, lycoris_case, max_diff, outputs, rename
 
 TOL = 1e-5
 
@@ -91,3 +91,18 @@ def test_fp16_file_keeps_its_tensors_exactly():
     key = "down_blocks.1.attentions.0.proj_in.hada_w1_a"
     assert peft_state[key].dtype == torch.float16
     assert torch.equal(peft_state[key], state_dict["lora_unet_down_blocks_1_attentions_0_proj_in.hada_w1_a"])
+
+
+def test_generic_wrapper_file_with_lycoris_prefix():
+    """A file from LyCORIS' generic ``create_lycoris`` on the UNet: ``lycoris_`` + diffusers paths."""
+    theirs = fresh_pipe()
+    base = outputs(theirs)["unet"]
+    network, state_dict = generic_lycoris(
+        theirs.unet, targets=("Linear", "Conv2d"), algo="lokr", linear_dim=2, linear_alpha=1, factor=4, use_tucker=True
+    )
+    assert len(network.loras) == 183 and all(key.startswith("lycoris_") for key in state_dict)
+    reference = outputs(theirs)["unet"]
+    pipe = enable_lyco(fresh_pipe())
+    pipe.load_lora_weights(state_dict)
+    assert (reference - base).abs().max() > 1e-3
+    assert (outputs(pipe)["unet"] - reference).abs().max() <= TOL

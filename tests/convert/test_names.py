@@ -16,7 +16,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from peft_lyco.convert import ANIMA, SDXL, NameResolver, detect_model_type
 from peft_lyco.convert.names import adaptable_modules, split_key
-from tests.convert.helpers import fresh_pipe
+from tests.convert.helpers import fresh_pipe, model_from_paths
 
 SDXL_BASE_UNET = dict(
     sample_size=128,
@@ -162,20 +162,6 @@ ANIMA_MODULES = [
 ]
 
 
-def _model_from_paths(paths: list[tuple[str, int, int]]) -> nn.Module:
-    """A module tree with the given Linear paths and shapes (meta device), i.e. the real DiT's names."""
-    root = nn.Module()
-    for path, out, inp in paths:
-        parent = root
-        *parents, leaf = path.split(".")
-        for part in parents:
-            if not hasattr(parent, part):
-                parent.add_module(part, nn.Module())
-            parent = getattr(parent, part)
-        parent.add_module(leaf, nn.Linear(inp, out, bias=False, device="meta"))
-    return root
-
-
 def _sd_scripts_anima_targets() -> list[str]:
     """sd-scripts' default Anima DiT targets (280) plus the LLM adapter's (60), formats.md §9.4."""
     dit = [
@@ -194,7 +180,7 @@ def _sd_scripts_anima_targets() -> list[str]:
 
 
 def test_anima_dit_names_map_to_exactly_one_module():
-    transformer = _model_from_paths(ANIMA_MODULES)
+    transformer = model_from_paths(ANIMA_MODULES)
     targets = _sd_scripts_anima_targets()
     assert len(targets) == 340 and set(targets) <= {path for path, _, _ in ANIMA_MODULES}
     with_model, without_model = NameResolver(ANIMA, {"transformer": transformer}), NameResolver(ANIMA)
