@@ -14,7 +14,7 @@ import types
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from peft import inject_adapter_in_model, set_peft_model_state_dict
@@ -25,7 +25,7 @@ from .convert import is_lycoris_state_dict, kohya_to_peft, load_kohya
 from .convert.kohya import KohyaConversion, component_models
 from .convert.names import model_names
 
-StateDictOrPath = Union[str, os.PathLike, Mapping[str, torch.Tensor]]
+StateDictOrPath = str | os.PathLike | Mapping[str, torch.Tensor]
 _ORIGINAL = "_peft_lyco_original_load_lora_weights"
 
 
@@ -41,7 +41,11 @@ def enable_lyco(pipe: Any) -> Any:
 
 
 def _load_lora_weights(
-    self: Any, pretrained_model_name_or_path_or_dict: StateDictOrPath, adapter_name: Optional[str] = None, hotswap: bool = False, **kwargs: Any
+    self: Any,
+    pretrained_model_name_or_path_or_dict: StateDictOrPath,
+    adapter_name: str | None = None,
+    hotswap: bool = False,
+    **kwargs: Any,
 ) -> None:
     """``load_lora_weights`` that sends LoHa/LoKr files to ``load_lyco_weights`` and everything else to diffusers."""
     ignore_unknown_keys = kwargs.pop("ignore_unknown_keys", False)
@@ -54,7 +58,7 @@ def _load_lora_weights(
         new = _adapter_names(models) - before
         if len(new) == 1:  # diffusers activates a new LoRA only on LoRA layers; make it the only active adapter
             _activate_only(models, new.pop())
-        return None
+        return
     if hotswap:
         raise ValueError("hotswap is not supported for LoHa/LoKr adapters; load them under a new adapter_name")
     load_lyco_weights(
@@ -67,7 +71,7 @@ def _load_lora_weights(
     )
 
 
-def _fetch(source: StateDictOrPath, kwargs: Mapping[str, Any]) -> tuple[Optional[Mapping], Optional[dict]]:
+def _fetch(source: StateDictOrPath, kwargs: Mapping[str, Any]) -> tuple[Mapping | None, dict | None]:
     """The raw state dict and file metadata behind ``load_lora_weights``' arguments (``None`` if not safetensors).
 
     Local files and folders (with ``weight_name``) are read here; hub ids go through diffusers' own fetcher with
@@ -86,8 +90,16 @@ def _fetch(source: StateDictOrPath, kwargs: Mapping[str, Any]) -> tuple[Optional
 
     fetch_args = {
         name: kwargs.get(name)
-        for name in ("weight_name", "local_files_only", "cache_dir", "force_download", "proxies", "token", "revision",
-                     "subfolder")  # fmt: skip
+        for name in (
+            "weight_name",
+            "local_files_only",
+            "cache_dir",
+            "force_download",
+            "proxies",
+            "token",
+            "revision",
+            "subfolder",
+        )
     }
     try:
         state_dict, _, metadata = _fetch_state_dict(
@@ -101,10 +113,10 @@ def _fetch(source: StateDictOrPath, kwargs: Mapping[str, Any]) -> tuple[Optional
 def load_lyco_weights(
     pipe: Any,
     path_or_dict: StateDictOrPath,
-    adapter_name: Optional[str] = None,
+    adapter_name: str | None = None,
     weight: float = 1.0,
     *,
-    metadata: Optional[Mapping[str, str]] = None,
+    metadata: Mapping[str, str] | None = None,
     low_cpu_mem_usage: bool = False,
     ignore_unknown_keys: bool = False,
 ) -> str:
@@ -123,12 +135,18 @@ def load_lyco_weights(
     scheme = model_names(_pipeline_type(pipe))
     models = component_models(scheme, pipe)
     used = _adapter_names(models)
-    adapter_name = adapter_name or next(f"default_{i}" for i in itertools.count(len(used)) if f"default_{i}" not in used)
+    adapter_name = adapter_name or next(
+        f"default_{i}" for i in itertools.count(len(used)) if f"default_{i}" not in used
+    )
     taken = sorted(name for name, model in models.items() if adapter_name in getattr(model, "peft_config", {}))
     if taken:
         raise ValueError(f"adapter name '{adapter_name}' is already used in {taken}; pick another adapter_name")
     conversion = kohya_to_peft(
-        state_dict, metadata=metadata, model_type=scheme.model_type, model=models, ignore_unknown_keys=ignore_unknown_keys
+        state_dict,
+        metadata=metadata,
+        model_type=scheme.model_type,
+        model=models,
+        ignore_unknown_keys=ignore_unknown_keys,
     )
     offload = pipe._optionally_disable_offloading(pipe) if hasattr(pipe, "_optionally_disable_offloading") else None
     snapshot = _Snapshot(models, conversion)
@@ -178,16 +196,22 @@ def _inject(model: nn.Module, component, adapter_name: str, low_cpu_mem_usage: b
     for algo, part in component.parts.items():
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            inject_adapter_in_model(part.config, model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=part.state_dict)
+            inject_adapter_in_model(
+                part.config, model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=part.state_dict
+            )
         state_dict = _match_dtypes(model, part.state_dict, adapter_name) if low_cpu_mem_usage else part.state_dict
         result = set_peft_model_state_dict(model, state_dict, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
         loaded = set(state_dict) - set(result.unexpected_keys)
         if len(loaded) != len(state_dict):
-            raise RuntimeError(f"{algo} tensors not loaded into {type(model).__name__}: {sorted(result.unexpected_keys)[:5]}")
+            raise RuntimeError(
+                f"{algo} tensors not loaded into {type(model).__name__}: {sorted(result.unexpected_keys)[:5]}"
+            )
     model._hf_peft_config_loaded = True
 
 
-def _match_dtypes(model: nn.Module, state_dict: Mapping[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
+def _match_dtypes(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], adapter_name: str
+) -> dict[str, torch.Tensor]:
     """Cast file tensors to the dtype of the (empty) adapter parameters they replace; assignment would keep fp16."""
     params = dict(model.named_parameters())
     cast = {}
@@ -201,7 +225,7 @@ def _match_dtypes(model: nn.Module, state_dict: Mapping[str, torch.Tensor], adap
     return cast
 
 
-def _reapply_offloading(pipe: Any, offload: Optional[tuple]) -> None:
+def _reapply_offloading(pipe: Any, offload: tuple | None) -> None:
     """Put back the CPU/group offloading hooks diffusers' ``_optionally_disable_offloading`` removed."""
     if not offload:
         return
@@ -230,7 +254,9 @@ class _Snapshot:
                 parent_path, _, child = module.path.rpartition(".")
                 parent = model.get_submodule(parent_path)
                 self.modules[name, module.path] = (parent, child, getattr(parent, child))
-        self.configs = {name: dict(model.peft_config) if hasattr(model, "peft_config") else None for name, model in models.items()}
+        self.configs = {
+            name: dict(model.peft_config) if hasattr(model, "peft_config") else None for name, model in models.items()
+        }
         self.flags = {name: model.__dict__.get("_hf_peft_config_loaded", _MISSING) for name, model in models.items()}
         self.trainable = [(p, p.requires_grad) for model in models.values() for p in model.parameters()]
         self.active = {
@@ -244,7 +270,9 @@ class _Snapshot:
         for parent, child, original in self.modules.values():
             setattr(parent, child, original)
         for layer, active in self.active.values():
-            if any(adapter_name in getattr(layer, n, {}) for n in (*layer.adapter_layer_names, *layer.other_param_names)):
+            if any(
+                adapter_name in getattr(layer, n, {}) for n in (*layer.adapter_layer_names, *layer.other_param_names)
+            ):
                 layer.delete_adapter(adapter_name)
             layer.set_adapter(active)
         for name, model in self.models.items():

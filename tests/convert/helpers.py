@@ -8,7 +8,7 @@ import copy
 import os
 import tempfile
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import toml
 import torch
@@ -33,9 +33,17 @@ PRESET = {
 _CLASS_STATE = [
     (cls, name)
     for cls in (LycorisNetworkKohya, LycorisNetwork)
-    for name in ("ENABLE_CONV", "UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME", "TEXT_ENCODER_TARGET_REPLACE_MODULE",
-                 "TEXT_ENCODER_TARGET_REPLACE_NAME", "TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "MODULE_ALGO_MAP",
-                 "NAME_ALGO_MAP")  # fmt: skip
+    for name in (
+        "ENABLE_CONV",
+        "UNET_TARGET_REPLACE_MODULE",
+        "UNET_TARGET_REPLACE_NAME",
+        "TEXT_ENCODER_TARGET_REPLACE_MODULE",
+        "TEXT_ENCODER_TARGET_REPLACE_NAME",
+        "TARGET_REPLACE_MODULE",
+        "TARGET_REPLACE_NAME",
+        "MODULE_ALGO_MAP",
+        "NAME_ALGO_MAP",
+    )
     if hasattr(cls, name)
 ]
 
@@ -96,8 +104,10 @@ def _preset_file(preset: dict) -> str:
     return path
 
 
-@lru_cache(maxsize=None)
-def lycoris_case(algo: str, dim: int = 4, alpha: float = 2, dtype: str = "float32", seed: int = 0, module_algo_map=None, **kwargs):
+@cache
+def lycoris_case(
+    algo: str, dim: int = 4, alpha: float = 2, dtype: str = "float32", seed: int = 0, module_algo_map=None, **kwargs
+):
     """A file written by lycoris-lora's kohya wrapper on the tiny pipeline, with lycoris' applied outputs.
 
     Parameters are randomised (N(0, 0.1)) so every module changes the output. Returns ``(state_dict, metadata,
@@ -111,7 +121,15 @@ def lycoris_case(algo: str, dim: int = 4, alpha: float = 2, dtype: str = "float3
     preset_path = _preset_file(preset)
     with lycoris_presets():
         network = create_network(
-            1.0, dim, alpha, None, [pipe.text_encoder, pipe.text_encoder_2], pipe.unet, preset=preset_path, algo=algo, **kwargs
+            1.0,
+            dim,
+            alpha,
+            None,
+            [pipe.text_encoder, pipe.text_encoder_2],
+            pipe.unet,
+            preset=preset_path,
+            algo=algo,
+            **kwargs,
         )
     os.unlink(preset_path)
     torch.manual_seed(seed)
@@ -158,7 +176,11 @@ def rename(state_dict: dict, style: str) -> dict:
         name, param = key.split(".", 1)
         component, path = table[name]
         if style == "sd-scripts":
-            new = sgm.kohya_name(component, path, "sgm") if component == "unet" else name.replace("lora_te1_", "lora_te1_text_model_")
+            new = (
+                sgm.kohya_name(component, path, "sgm")
+                if component == "unet"
+                else name.replace("lora_te1_", "lora_te1_text_model_")
+            )
         elif style == "lycoris_prefix":
             new = "lycoris_" + name.removeprefix("lora_unet_") if component == "unet" else name
         elif style == "dotted":
@@ -181,7 +203,9 @@ def reference_delta(params: dict[str, torch.Tensor], weight_shape) -> torch.Tens
     if "hada_w1_a" in t:
         rank = t["hada_w1_b"].shape[0]
         if "hada_t1" in t:
-            delta = _rebuild(t["hada_t1"], t["hada_w1_a"], t["hada_w1_b"]) * _rebuild(t["hada_t2"], t["hada_w2_a"], t["hada_w2_b"])
+            delta = _rebuild(t["hada_t1"], t["hada_w1_a"], t["hada_w1_b"]) * _rebuild(
+                t["hada_t2"], t["hada_w2_a"], t["hada_w2_b"]
+            )
         else:
             delta = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])
     elif "lora_down.weight" in t:
@@ -249,5 +273,7 @@ def generic_lycoris(model, prefix="lycoris_", targets=("Linear",), **kwargs):
     with torch.no_grad():
         for param in network.parameters():
             param.normal_(std=0.1)
-    state = {prefix + key.removeprefix("lycoris_"): value.detach().clone() for key, value in network.state_dict().items()}
+    state = {
+        prefix + key.removeprefix("lycoris_"): value.detach().clone() for key, value in network.state_dict().items()
+    }
     return network, state

@@ -15,7 +15,9 @@ from peft_lyco.convert import kohya_to_peft, peft_to_kohya
 from tests.convert.helpers import generic_lycoris, model_from_paths
 
 TOL = 1e-5
-REAL = [line.split("\t") for line in (Path(__file__).parent / "data/anima_linear_modules.tsv").read_text().splitlines()[1:]]
+REAL = [
+    line.split("\t") for line in (Path(__file__).parent / "data/anima_linear_modules.tsv").read_text().splitlines()[1:]
+]
 SCALE = {2048: 32, 1024: 16, 8192: 64, 6144: 48, 4096: 32, 256: 8, 68: 8, 64: 8}
 
 
@@ -69,7 +71,7 @@ def test_qwen3_text_encoder_file_matches_lycoris():
     encoder = tiny_qwen3()
     ours = copy.deepcopy(encoder)
     ids = torch.randint(0, 100, (2, 7))
-    network, state = generic_lycoris(encoder, "lora_te_", algo="lokr", linear_dim=2, linear_alpha=1, factor=-1)
+    _, state = generic_lycoris(encoder, "lora_te_", algo="lokr", linear_dim=2, linear_alpha=1, factor=-1)
     with torch.no_grad():
         expected = encoder(ids).last_hidden_state
     conversion = kohya_to_peft(state, model_type="anima", model={"text_encoder": ours})

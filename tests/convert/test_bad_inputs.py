@@ -51,14 +51,35 @@ def test_unknown_keys_are_listed_or_skipped_on_request(loha, pipe, caplog):
         (lambda sd: sd.update({f"{PROJ_IN}.hada_t1": torch.zeros(4, 4, 1, 1)}), "missing.*hada_t2"),
         (lambda sd: sd.update({f"{PROJ_IN}.hada_w1_b": torch.zeros(4, 33)}), r"do not fit a Linear 64->64 layer"),
         (lambda sd: sd.update({f"{PROJ_IN}.hada_w1_a": torch.full((64, 4), float("nan"))}), "hada_w1_a contains NaN"),
-        (lambda sd: sd.update({f"{PROJ_IN}.hada_w1_a": torch.zeros(64, 4, dtype=torch.int32)}), "must be floating point"),
+        (
+            lambda sd: sd.update({f"{PROJ_IN}.hada_w1_a": torch.zeros(64, 4, dtype=torch.int32)}),
+            "must be floating point",
+        ),
         (lambda sd: sd.update({f"{PROJ_IN}.alpha": torch.ones(2)}), "alpha must hold one value"),
         (lambda sd: sd.update({f"{PROJ_IN}.dora_scale": torch.ones(64, 1)}), "DoRA .* not supported"),
         (lambda sd: sd.update({f"{PROJ_IN}.scale": torch.ones(())}), "'scale' tensor"),
-        (lambda sd: sd.update({"lora_unet_conv_out.alpha": torch.ones(())} if not sd.pop("lora_unet_conv_out.hada_w1_a") is None else {}), "missing"),
+        (
+            lambda sd: sd.update(
+                {"lora_unet_conv_out.alpha": torch.ones(())}
+                if not sd.pop("lora_unet_conv_out.hada_w1_a") is None
+                else {}
+            ),
+            "missing",
+        ),
         (lambda sd: sd.update({"lora_unet_out_2.hada_w1_a": sd[f"{CONV_IN}.hada_w1_a"]}), "already adapted"),
     ],
-    ids=["missing-factor", "half-tucker", "wrong-shape", "nan", "int", "alpha-vector", "dora", "scale", "orphan", "duplicate"],
+    ids=[
+        "missing-factor",
+        "half-tucker",
+        "wrong-shape",
+        "nan",
+        "int",
+        "alpha-vector",
+        "dora",
+        "scale",
+        "orphan",
+        "duplicate",
+    ],
 )
 def test_invalid_modules_are_named(loha, pipe, damage, expected):
     damage(loha)
@@ -100,7 +121,10 @@ def test_a_file_for_another_model_is_refused(loha, pipe):
     }
     with pytest.raises(LycoFileError, match="match no module of the sdxl model"):
         convert(anima, pipe, model_type="sdxl")
-    bigger = {key: torch.cat([value, value]) if value.dim() == 2 and key.endswith("_a") else value for key, value in loha.items()}
+    bigger = {
+        key: torch.cat([value, value]) if value.dim() == 2 and key.endswith("_a") else value
+        for key, value in loha.items()
+    }
     with pytest.raises(LycoFileError, match=r"\d+ invalid modules"):
         convert(bigger, pipe)
     with pytest.raises(LycoFileError, match="no LoHa, LoKr or LoRA module"):

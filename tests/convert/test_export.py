@@ -19,8 +19,15 @@ from tests.convert.test_lycoris_files import VARIANTS
 
 TOL = 1e-5
 FACTORS = {
-    "hada": [{"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}, {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"}],
-    "lokr": [{*w1, *w2} for w1 in ({"lokr_w1"}, {"lokr_w1_a", "lokr_w1_b"}) for w2 in ({"lokr_w2"}, {"lokr_w2_a", "lokr_w2_b"})],
+    "hada": [
+        {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"},
+        {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"},
+    ],
+    "lokr": [
+        {*w1, *w2}
+        for w1 in ({"lokr_w1"}, {"lokr_w1_a", "lokr_w1_b"})
+        for w2 in ({"lokr_w2"}, {"lokr_w2_a", "lokr_w2_b"})
+    ],
     "lora": [{"lora_down.weight", "lora_up.weight"}],
 }
 DIFFUSERS_UNET_WORDS = re.compile(r"down_blocks|up_blocks|mid_block|add_embedding|time_embedding|conv_in|conv_shortcut")
@@ -47,7 +54,9 @@ def check_writer_rules(state_dict, metadata, lokr_tucker=False):
         assert params["alpha"].dim() == 0, name
         family = "hada" if "hada_w1_a" in params else ("lora" if "lora_down.weight" in params else "lokr")
         factors = set(params) - {"alpha"}
-        allowed = FACTORS[family] + ([{*s, "lokr_t2"} for s in FACTORS["lokr"] if "lokr_w2_a" in s] if lokr_tucker else [])
+        allowed = FACTORS[family] + (
+            [{*s, "lokr_t2"} for s in FACTORS["lokr"] if "lokr_w2_a" in s] if lokr_tucker else []
+        )
         assert factors in allowed, f"{name}: {sorted(factors)}"
         assert len({t.dtype for n, t in params.items() if n != "alpha"}) == 1, name
         for param in ("hada_w1_b", "hada_w2_b", "lokr_w2_b", "hada_w1_a", "lokr_w1", "lokr_w1_a", "lokr_w1_b"):
@@ -83,7 +92,11 @@ def test_tucker_lokr_is_written_as_full_w2_with_the_scale_baked_in(variant):
     state_dict, metadata, reference, _ = lycoris_case(**VARIANTS[variant])
     written, written_metadata = peft_to_kohya(kohya_to_peft(state_dict, metadata=metadata))
     check_writer_rules(written, written_metadata)
-    rebuilt = {n: p for n, p in modules_of(written).items() if "lokr_w2" in p and p["lokr_w2"].dim() == 4 and p["lokr_w2"].shape[-1] == 3}
+    rebuilt = {
+        n: p
+        for n, p in modules_of(written).items()
+        if "lokr_w2" in p and p["lokr_w2"].dim() == 4 and p["lokr_w2"].shape[-1] == 3
+    }
     assert rebuilt and all("lokr_w1" in p for p in rebuilt.values())
     # readers give two full halves scale 1, so alpha is the training rank and alpha/rank lives in lokr_w1
     assert all(p["alpha"].item() == VARIANTS[variant]["dim"] for p in rebuilt.values())
@@ -101,7 +114,7 @@ LYCORIS_LOADABLE = ["loha", "loha-tucker", "loha-conv-rank", "lokr-f-1", "lokr-f
 
 @pytest.mark.parametrize("variant", LYCORIS_LOADABLE)
 def test_lycoris_loads_our_export_with_the_same_outputs(variant):
-    state_dict, metadata, _, _ = lycoris_case(**VARIANTS[variant])
+    state_dict, _, _, _ = lycoris_case(**VARIANTS[variant])
     ours = fresh_pipe()
     load_lyco_weights(ours, state_dict, adapter_name="style")
     expected = outputs(ours)
@@ -111,7 +124,9 @@ def test_lycoris_loads_our_export_with_the_same_outputs(variant):
     theirs = fresh_pipe()
     with lycoris_presets():
         LycorisNetworkKohya.apply_preset(PRESET)  # its default preset crashes on a diffusers UNet
-        network, _ = create_network_from_weights(1.0, None, None, [theirs.text_encoder, theirs.text_encoder_2], theirs.unet, weights_sd=written)
+        network, _ = create_network_from_weights(
+            1.0, None, None, [theirs.text_encoder, theirs.text_encoder_2], theirs.unet, weights_sd=written
+        )
     assert len(network.unet_loras) + len(network.text_encoder_loras) == len(modules_of(written))
     network.apply_to([theirs.text_encoder, theirs.text_encoder_2], theirs.unet, True, True)
     assert max(max_diff(outputs(theirs), expected).values()) <= TOL
@@ -124,8 +139,18 @@ UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
 @pytest.mark.parametrize(
     "config",
     [
-        LoHaConfig(r=2, alpha=1, conv_r=3, conv_alpha=6, use_tucker=True, target_modules=UNET_TARGETS, init_weights=False),
-        LoKrConfig(r=1, alpha=3, factor=4, use_tucker=True, decompose_both=True, target_modules=UNET_TARGETS, init_weights=False),
+        LoHaConfig(
+            r=2, alpha=1, conv_r=3, conv_alpha=6, use_tucker=True, target_modules=UNET_TARGETS, init_weights=False
+        ),
+        LoKrConfig(
+            r=1,
+            alpha=3,
+            factor=4,
+            use_tucker=True,
+            decompose_both=True,
+            target_modules=UNET_TARGETS,
+            init_weights=False,
+        ),
         LoKrConfig(r=2, alpha=1, factor=-1, target_modules=UNET_TARGETS, init_weights=False),
     ],
     ids=["loha-tucker-conv-rank", "lokr-tucker-decompose", "lokr-full-fallback"],

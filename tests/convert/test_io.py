@@ -11,11 +11,16 @@ from peft_lyco.convert import load_kohya, save_kohya
 
 
 def test_save_and_load_round_trip(tmp_path):
-    state = {"lora_unet_conv_in.hada_w1_a": torch.randn(4, 2, dtype=torch.float16), "lora_unet_conv_in.alpha": torch.tensor(2.0)}
+    state = {
+        "lora_unet_conv_in.hada_w1_a": torch.randn(4, 2, dtype=torch.float16),
+        "lora_unet_conv_in.alpha": torch.tensor(2.0),
+    }
     path = save_kohya(tmp_path / "a.safetensors", state, {"ss_network_dim": "2"})
     loaded, metadata = load_kohya(path)
     assert metadata == {"ss_network_dim": "2"}
-    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], v) and loaded[k].dtype == v.dtype for k, v in state.items())
+    assert loaded.keys() == state.keys() and all(
+        torch.equal(loaded[k], v) and loaded[k].dtype == v.dtype for k, v in state.items()
+    )
     assert path.read_bytes()[8:10] == b'{"'  # standard header: A1111 asserts it starts with {"
 
 

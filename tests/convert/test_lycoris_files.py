@@ -27,7 +27,8 @@ VARIANTS = {
     "loha-fp16": dict(algo="loha", dtype="float16"),
     "lokr-bf16": dict(algo="lokr", factor=4, dim=2, alpha=1, dtype="bfloat16"),
     "mixed-lora-loha-lokr": dict(
-        algo="loha", module_algo_map=(("ResnetBlock2D", (("algo", "lora"),)), ("CLIPMLP", (("algo", "lokr"), ("factor", 4))))
+        algo="loha",
+        module_algo_map=(("ResnetBlock2D", (("algo", "lora"),)), ("CLIPMLP", (("algo", "lokr"), ("factor", 4)))),
     ),
 }
 NAMINGS = ["lycoris", "sd-scripts", "lycoris_prefix", "dotted"]
@@ -37,7 +38,7 @@ FAST = [(v, "lycoris") for v in VARIANTS] + [(v, n) for v in ("loha-tucker", "lo
 
 
 def load_and_compare(variant: str, naming: str) -> dict[str, float]:
-    state_dict, metadata, reference, base = lycoris_case(**VARIANTS[variant])
+    state_dict, _, reference, base = lycoris_case(**VARIANTS[variant])
     pipe = enable_lyco(fresh_pipe())
     pipe.load_lora_weights(rename(state_dict, naming), adapter_name="lyco")
     ours = outputs(pipe)
@@ -70,7 +71,9 @@ def test_file_layouts_become_per_module_patterns():
     state_dict, metadata, _, _ = lycoris_case(**VARIANTS["loha-conv-rank"])
     unet = kohya_to_peft(state_dict, metadata=metadata)["unet"].config
     convs = {"conv_in", "conv_out", "conv1", "conv2", "conv"}
-    assert {key.lstrip("^").replace("\\.", ".").split(".")[-1] for key in unet.rank_pattern} <= convs and len(unet.rank_pattern) == 28  # 12 resnets x 2 + conv_in, conv_out, down-, upsampler
+    assert {key.lstrip("^").replace("\\.", ".").split(".")[-1] for key in unet.rank_pattern} <= convs and len(
+        unet.rank_pattern
+    ) == 28  # 12 resnets x 2 + conv_in, conv_out, down-, upsampler
     assert set(unet.rank_pattern.values()) == {2} and set(unet.alpha_pattern.values()) == {1.0}
 
 
@@ -80,9 +83,11 @@ def test_mixed_file_uses_peft_lora_for_lora_modules():
     assert set(conversion["unet"].parts) == {"lora", "loha"}
     assert set(conversion["text_encoder"].parts) == {"loha", "lokr"}
     with pytest.raises(ValueError, match="mixes"):
-        conversion["unet"].config
+        _ = conversion["unet"].config
     lora = conversion["unet"].parts["lora"]
-    assert lora.config.peft_type == "LORA" and all(".lora_A.weight" in k or ".lora_B.weight" in k for k in lora.state_dict)
+    assert lora.config.peft_type == "LORA" and all(
+        ".lora_A.weight" in k or ".lora_B.weight" in k for k in lora.state_dict
+    )
 
 
 def test_fp16_file_keeps_its_tensors_exactly():

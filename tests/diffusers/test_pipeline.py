@@ -119,7 +119,9 @@ def test_disable_enable_delete_and_unload(files):
 def test_mixed_file_and_lokr_beside_ordinary_lora(files):
     pipe = enable_lyco(fresh_pipe())
     pipe.load_lora_weights(rename(files["lora"], "sd-scripts"), adapter_name="lora")
-    mixed = lycoris_case(algo="loha", module_algo_map=(("ResnetBlock2D", (("algo", "lora"),)), ("CLIPMLP", (("algo", "lokr"),))))
+    mixed = lycoris_case(
+        algo="loha", module_algo_map=(("ResnetBlock2D", (("algo", "lora"),)), ("CLIPMLP", (("algo", "lokr"),)))
+    )
     pipe.load_lora_weights(mixed[0], adapter_name="mixed")
     pipe.load_lora_weights(files["lokr"], adapter_name="lokr")
     pipe.set_adapters(["lora", "mixed", "lokr"], [0.5, 1.0, 2.0])
@@ -144,7 +146,13 @@ def test_full_pipeline_call_with_lora_scale(files):
 
     def image(p, **kwargs):
         return p(
-            "a red cube", num_inference_steps=2, height=64, width=64, output_type="np", generator=torch.manual_seed(0), **kwargs
+            "a red cube",
+            num_inference_steps=2,
+            height=64,
+            width=64,
+            output_type="np",
+            generator=torch.manual_seed(0),
+            **kwargs,
         ).images
 
     ours = image(pipe, cross_attention_kwargs={"scale": 0.5})
