@@ -33,7 +33,9 @@ def enable_lyco(pipe: Any) -> Any:
     """Make ``pipe.load_lora_weights`` accept LoHa/LoKr (and mixed) kohya/LyCORIS files; LoRA files go to diffusers.
 
     Only this pipeline object changes (its bound method is replaced); calling it twice is harmless. Returns ``pipe``.
+    Raises ``ValueError`` for pipelines of other model families (SDXL and Anima are supported).
     """
+    _pipeline_type(pipe)
     if not hasattr(pipe, _ORIGINAL):
         setattr(pipe, _ORIGINAL, pipe.load_lora_weights)
         pipe.load_lora_weights = types.MethodType(_load_lora_weights, pipe)

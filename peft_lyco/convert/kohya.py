@@ -163,8 +163,8 @@ def _report(unknown, unmatched, errors, ignore_unknown_keys, scheme: ModelNames,
     sections = []
     where = f"the {scheme.model_type} " + ("model" if models else "naming scheme")
     skippable = [
-        (f"{len(unknown)} keys with no known parameter name", unknown),
-        (f"{len(unmatched)} module names that match no module of {where}", unmatched),
+        (f"keys with no known parameter name ({len(unknown)})", unknown),
+        (f"module names that match no module of {where} ({len(unmatched)})", unmatched),
     ]
     for title, items in skippable:
         if items and ignore_unknown_keys:
@@ -172,7 +172,7 @@ def _report(unknown, unmatched, errors, ignore_unknown_keys, scheme: ModelNames,
         elif items:
             sections.append((title, items))
     if errors:
-        sections.append((f"{len(errors)} invalid modules", errors))
+        sections.append((f"invalid modules ({len(errors)})", errors))
     if sections:
         body = "\n".join(f"{title}:\n    " + "\n    ".join(sorted(items)) for title, items in sections)
         hint = (

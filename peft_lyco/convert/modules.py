@@ -109,7 +109,7 @@ def read_module(
     for name, tensor in params.items():
         if not torch.is_floating_point(tensor):
             raise ModuleError(f"{name} has dtype {tensor.dtype}; adapter tensors must be floating point")
-        if not torch.isfinite(tensor).all():
+        if name != "alpha" and not torch.isfinite(tensor).all():
             raise ModuleError(f"{name} contains NaN or infinite values")
     algo = algo_of(params)
     tensors = {name: tensor for name, tensor in params.items() if name != "alpha"}
@@ -122,16 +122,20 @@ def read_module(
         module = _read_lora(tensors, alpha, geometry)
     else:
         raise ModuleError(f"no adapter tensors, only {sorted(params)}")
+    if not math.isfinite(module.alpha):
+        raise ModuleError(f"alpha is {module.alpha}; only LoKr modules with both halves full may carry any alpha")
     module.component, module.path = component, path
     return module
 
 
 def _alpha(tensor: torch.Tensor | None) -> float | None:
+    """The module's alpha; ``None`` when missing or 0 (both mean alpha = rank, as LyCORIS and sd-scripts read it)."""
     if tensor is None:
         return None
     if tensor.numel() != 1:
         raise ModuleError(f"alpha must hold one value, got shape {tuple(tensor.shape)}")
-    return float(tensor.reshape(()).item())
+    value = float(tensor.reshape(()).item())
+    return None if value == 0 else value
 
 
 def _require(tensors: Mapping[str, torch.Tensor], required: tuple[str, ...], allowed: tuple[str, ...]) -> None:
@@ -224,7 +228,8 @@ def _read_lokr(tensors, alpha, geometry, kernel_hint, preferred_factor) -> Modul
         raise ModuleError(f"w1 and w2 have different ranks {ranks}; LyCORIS uses one rank for both halves")
     if ranks:
         rank = next(iter(ranks.values()))
-    else:  # both halves full: the rank is not in the tensors; writers store alpha = rank and readers use scale 1
+    else:  # both halves full: the rank is not in the tensors; writers store alpha = rank and readers use scale 1.
+        # An fp16 file of a "full dimension" run stores alpha 100000 as inf; any alpha is ignored here.
         rank = int(alpha) if alpha is not None and math.isfinite(alpha) and alpha >= 1 and alpha == int(alpha) else 1
         alpha = float(rank)
     if geometry is None:

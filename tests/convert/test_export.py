@@ -67,7 +67,8 @@ def check_writer_rules(state_dict, metadata, lokr_tucker=False):
     int(metadata["ss_network_dim"]), float(metadata["ss_network_alpha"]), json.loads(metadata["ss_network_args"])
 
 
-ROUND_TRIP = [v for v in VARIANTS]
+# fp16 cannot hold alpha = 100000 (LyCORIS saves inf); that alpha is ignored on read and written back as the rank 1
+ROUND_TRIP = [v for v in VARIANTS if v != "lokr-dim100000-fp16"]
 
 
 @pytest.mark.parametrize("variant", ROUND_TRIP)

@@ -23,6 +23,7 @@ VARIANTS = {
     "lokr-tucker-decompose": dict(algo="lokr", factor=4, dim=1, alpha=1, use_tucker=True, decompose_both=True),
     "lokr-full-matrix": dict(algo="lokr", factor=8, full_matrix=True),
     "lokr-dim100000": dict(algo="lokr", factor=8, dim=100000, alpha=3),
+    "lokr-dim100000-fp16": dict(algo="lokr", factor=-1, dim=100000, alpha=3, dtype="float16"),  # alpha saved as inf
     "lokr-unbalanced": dict(algo="lokr", factor=4, dim=2, alpha=1, unbalanced_factorization=True),
     "loha-fp16": dict(algo="loha", dtype="float16"),
     "lokr-bf16": dict(algo="lokr", factor=4, dim=2, alpha=1, dtype="bfloat16"),
