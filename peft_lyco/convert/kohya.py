@@ -29,7 +29,6 @@ from .modules import (
     Geometry,
     LycoFileError,
     ModuleAdapter,
-    ModuleError,
     algo_of,
     kohya_tensors,
     layout_for,
@@ -131,7 +130,7 @@ def kohya_to_peft(
             geometry = Geometry(*layer_geometry(layer, path)) if layer is not None else None
             hint = None if geometry else resolver.kernel_hint(component, path)
             module = read_module(params, component, path, geometry, hint, preferred_factor)
-        except (ModuleError, TypeError) as err:
+        except (ValueError, TypeError) as err:  # ModuleError, or a layout/geometry check naming the problem
             errors.append(f"{name} ({component} '{path}'): {err}")
             continue
         module.name = name
@@ -315,9 +314,11 @@ def peft_to_kohya(
         for param, tensor in tensors.items():
             state_dict[f"{name}.{param}"] = tensor.detach().to(device="cpu", dtype=target).contiguous()
         alpha_tensor = torch.tensor(alpha, dtype=target)
+        # a rank of 100000 overflows fp16: keep that (ignored, both-full) alpha in fp32 rather than write inf
         state_dict[f"{name}.alpha"] = alpha_tensor if torch.isfinite(alpha_tensor) else torch.tensor(alpha)
         written.append((module.algo, module.rank, alpha))
-    return dict(sorted(state_dict.items())), _file_metadata(scheme, written, configs, metadata, strict)
+    tucker = any(key.endswith((".hada_t1", ".lokr_t2")) for key in state_dict)
+    return dict(sorted(state_dict.items())), _file_metadata(scheme, written, configs, metadata, strict, tucker)
 
 
 def _collect(components: Any, adapter_name: str, model_type: str | None):
@@ -432,14 +433,19 @@ def _check_complete_sets(scheme: ModelNames, modules: list[ModuleAdapter], stric
 
 
 def _file_metadata(
-    scheme: ModelNames, written, configs, extra: Mapping[str, str] | None, strict: bool
+    scheme: ModelNames, written, configs, extra: Mapping[str, str] | None, strict: bool, tucker: bool
 ) -> dict[str, str]:
-    """sd-scripts' network metadata (module, dim, alpha, args, base model version) plus the caller's entries."""
+    """sd-scripts' network metadata (module, dim, alpha, args, base model version) plus the caller's entries.
+
+    ``ss_network_args`` holds the algorithm(s) and the adapter config's layout options, with ``use_tucker`` saying
+    whether the file itself has Tucker factors (Tucker LoKr is rebuilt to full ``lokr_w2`` by default).
+    """
     algos = sorted({algo for algo, _, _ in written})
     args: dict[str, str] = {"algo": "+".join(algos)}
     lyco = next((c for c in configs if isinstance(c, LycoConfig)), None)
     if lyco is not None:
         args.update({name: str(getattr(lyco, name)) for name in type(lyco).layout_options})
+        args["use_tucker"] = str(tucker)
     metadata = {
         "ss_network_module": NETWORK_MODULES[algos[0]] if len(algos) == 1 else "lycoris.kohya",
         "ss_network_dim": str(_most_common([rank for _, rank, _ in written])),

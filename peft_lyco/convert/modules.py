@@ -109,7 +109,11 @@ def read_module(
     for name, tensor in params.items():
         if not torch.is_floating_point(tensor):
             raise ModuleError(f"{name} has dtype {tensor.dtype}; adapter tensors must be floating point")
-        if name != "alpha" and not torch.isfinite(tensor).all():
+        if name == "alpha":
+            continue
+        if tensor.dim() < 2 or tensor.numel() == 0:
+            raise ModuleError(f"{name} must be a non-empty matrix or conv kernel, got shape {tuple(tensor.shape)}")
+        if not torch.isfinite(tensor).all():
             raise ModuleError(f"{name} contains NaN or infinite values")
     algo = algo_of(params)
     tensors = {name: tensor for name, tensor in params.items() if name != "alpha"}

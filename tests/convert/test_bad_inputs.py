@@ -144,3 +144,11 @@ def test_missing_or_zero_alpha_means_alpha_equals_rank(loha, pipe):
     modules = {m.name: m for m in convert(loha, pipe)["unet"].modules}
     assert modules[PROJ_IN].alpha == modules[PROJ_IN].rank == 4
     assert modules[CONV_IN].alpha == modules[CONV_IN].rank == 4
+
+
+def test_degenerate_tensors_are_named(loha, pipe):
+    loha[f"{PROJ_IN}.hada_w1_b"] = torch.zeros(4)
+    loha[f"{CONV_IN}.hada_w1_b"] = torch.zeros(0, 36)
+    with pytest.raises(LycoFileError, match=r"(?s)invalid modules \(2\).*must be a non-empty matrix") as err:
+        convert(loha, pipe)
+    assert PROJ_IN in str(err.value) and CONV_IN in str(err.value)
