@@ -168,7 +168,9 @@ def test_peft_trained_adapter_exports_and_loads_back(config, tmp_path):
     path = save_kohya(tmp_path / "exported.safetensors", *peft_to_kohya({"unet": trained}, dtype=torch.float32))
     written, metadata = load_kohya(path)
     check_writer_rules(written, metadata)
-    assert json.loads(metadata["ss_network_args"])["use_tucker"] == str(config.use_tucker)
+    # LoHa keeps its Tucker factors; Tucker LoKr is written as full lokr_w2, so the file has none
+    assert json.loads(metadata["ss_network_args"])["use_tucker"] == str(isinstance(config, LoHaConfig))
+    assert not any(key.endswith(".lokr_t2") for key in written)
     loaded = fresh_pipe()
     load_lyco_weights(loaded, path)
     assert (outputs(loaded)["unet"] - expected).abs().max().item() <= TOL
