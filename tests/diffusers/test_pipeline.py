@@ -132,11 +132,15 @@ def test_mixed_file_and_lokr_beside_ordinary_lora(files):
 
 def test_low_cpu_mem_usage_gives_the_same_adapter(files):
     pipe = enable_lyco(fresh_pipe())
-    mixed = lycoris_case(algo="lokr", factor=4, dim=2, alpha=1, module_algo_map=(("ResnetBlock2D", (("algo", "lora"),)),))[0]
+    mixed = lycoris_case(
+        algo="lokr", factor=4, dim=2, alpha=1, module_algo_map=(("ResnetBlock2D", (("algo", "lora"),)),)
+    )[0]
     half = {key: value.half() for key, value in mixed.items()}
     pipe.load_lora_weights(half, adapter_name="mixed", low_cpu_mem_usage=True)
     lokr = [p for layer in layers(pipe, LoKrLayer) for p in layer.adapter_parameters("mixed").values()]
-    lora = [p for layer in layers(pipe, LoraLayer) for p in (layer.lora_A["mixed"].weight, layer.lora_B["mixed"].weight)]
+    lora = [
+        p for layer in layers(pipe, LoraLayer) for p in (layer.lora_A["mixed"].weight, layer.lora_B["mixed"].weight)
+    ]
     assert lokr and lora and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in lokr + lora)
     close(pipe, expected((half, 1.0)))
 
