@@ -36,6 +36,11 @@ def enable_lyco(pipe: Any) -> Any:
     Raises ``ValueError`` for pipelines of other model families (SDXL and Anima are supported).
     """
     _pipeline_type(pipe)
+    if not hasattr(pipe, "load_lora_weights"):
+        raise ValueError(
+            f"{type(pipe).__name__} has no load_lora_weights to extend; call peft_lyco.diffusers.load_lyco_weights(pipe, "
+            "path_or_dict, adapter_name=...) directly"
+        )
     if not hasattr(pipe, _ORIGINAL):
         setattr(pipe, _ORIGINAL, pipe.load_lora_weights)
         pipe.load_lora_weights = types.MethodType(_load_lora_weights, pipe)
@@ -172,9 +177,12 @@ def load_lyco_weights(
 def _pipeline_type(pipe: Any) -> str:
     if isinstance(getattr(pipe, "unet", None), nn.Module) and hasattr(pipe, "text_encoder_2"):
         return "sdxl"
-    if isinstance(getattr(pipe, "transformer", None), nn.Module):
+    if any(isinstance(getattr(pipe, name, None), nn.Module) for name in ("transformer", "dit")):
         return "anima"
-    raise ValueError(f"{type(pipe).__name__} is neither an SDXL pipeline (unet + text_encoder_2) nor an Anima pipeline")
+    raise ValueError(
+        f"{type(pipe).__name__} is neither an SDXL pipeline (unet + text_encoder_2) nor an Anima pipeline "
+        "(transformer or dit)"
+    )
 
 
 def _adapter_names(models: Mapping[str, nn.Module]) -> set[str]:

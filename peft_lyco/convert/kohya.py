@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 ALGO_CONFIGS = {"loha": LoHaConfig, "lokr": LoKrConfig}
 ALGO_LAYERS = {"loha": LoHaLayer, "lokr": LoKrLayer}
+DENOISER_CLASSES = {"UNet2DConditionModel": "unet", "AnimaDiT": "transformer"}
 NETWORK_MODULES = {"loha": "networks.loha", "lokr": "networks.lokr", "lora": "networks.lora"}
 # A1111 applies CLIP-bigG attention projections only through its fused MultiheadAttention: all four or none.
 COMPLETE_SETS = {("sdxl", "text_encoder_2"): (r"^(.*\.self_attn)\.(q_proj|k_proj|v_proj|out_proj)$", 4)}
@@ -202,7 +203,13 @@ def component_models(scheme: ModelNames, model: Any) -> dict[str, nn.Module]:
         return {name: _unwrap(value) for name, value in model.items() if isinstance(value, nn.Module)}
     if isinstance(model, nn.Module):
         return {names[0]: _unwrap(model)}
-    return {name: _unwrap(getattr(model, name)) for name in names if isinstance(getattr(model, name, None), nn.Module)}
+    found = {}
+    for component in scheme.components:
+        held = [getattr(model, a, None) for a in component.attributes or (component.name,)]
+        held = [value for value in held if isinstance(value, nn.Module)]
+        if held:
+            found[component.name] = _unwrap(held[0])
+    return found
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -344,16 +351,19 @@ def _collect(components: Any, adapter_name: str, model_type: str | None):
 
 
 def _guess_model_type(components: Any) -> str:
-    """``sdxl`` for a UNet (pipeline, mapping or model), ``anima`` for a transformer; else ask for ``model_type``."""
+    """``sdxl`` for a UNet (pipeline, mapping or model), ``anima`` for a DiT; else ask for ``model_type``."""
     if isinstance(components, Mapping):
         names = set(components)
     elif isinstance(components, nn.Module):
-        names = {"unet"} if type(_unwrap(components)).__name__ == "UNet2DConditionModel" else set()
+        names = {DENOISER_CLASSES.get(type(_unwrap(components)).__name__)}
     else:
-        names = {name for name in ("unet", "transformer") if isinstance(getattr(components, name, None), nn.Module)}
-    for name, model_type in (("unet", "sdxl"), ("transformer", "anima")):
-        if name in names:
-            return model_type
+        names = {
+            name for name in ("unet", "transformer", "dit") if isinstance(getattr(components, name, None), nn.Module)
+        }
+    if "unet" in names:
+        return "sdxl"
+    if names & {"transformer", "dit"}:
+        return "anima"
     raise ValueError("cannot tell the model family of these components; pass model_type='sdxl' or 'anima'")
 
 

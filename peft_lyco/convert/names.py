@@ -219,7 +219,8 @@ class ComponentNames:
     ``styles`` are tried in order when reading; ``write_style`` maps the writer's ``naming`` choice to a style.
     ``tokens`` are the multi-underscore names used to parse flat names without a model; ``kernel_hints`` give the
     kernel of convolutions (by canonical path regex) when no model is at hand; ``layout`` names the style of the
-    default model's own paths (a callable, because it can depend on the installed transformers).
+    default model's own paths (a callable, because it can depend on the installed transformers); ``attributes`` are
+    the pipeline attributes that may hold the component (default: its name).
     """
 
     name: str
@@ -231,6 +232,7 @@ class ComponentNames:
     tokens: frozenset[str]
     layout: Callable[[], str]
     kernel_hints: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    attributes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -389,6 +391,7 @@ ANIMA = ModelNames(
             write_style={"sgm": "identity", "diffusers": "identity"},
             tokens=_ANIMA_DIT_TOKENS,
             layout=lambda: "identity",
+            attributes=("transformer", "dit"),  # peft_lyco.models.anima.AnimaPipeline keeps it as .dit
         ),
         ComponentNames(
             name="text_encoder",

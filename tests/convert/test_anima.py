@@ -11,7 +11,8 @@ import torch
 from peft import inject_adapter_in_model, set_peft_model_state_dict
 from transformers import Qwen3Config, Qwen3Model
 
-from peft_lyco.convert import kohya_to_peft, peft_to_kohya
+from peft_lyco.convert import ANIMA, NameResolver, kohya_to_peft, peft_to_kohya
+from peft_lyco.diffusers import load_lyco_weights
 from tests.convert.helpers import generic_lycoris, model_from_paths
 
 TOL = 1e-5
@@ -106,3 +107,42 @@ def test_real_size_anima_file_converts_without_a_model():
     assert layouts["blocks.0.self_attn.q_proj"].both_full and not layouts["blocks.0.mlp.layer1"].both_full
     assert transformer.config.r == 32 and transformer.config.factor == -1
     assert conversion["text_encoder"].modules[0].path == "layers.0.self_attn.q_proj"
+
+
+def test_real_size_anima_dit_resolves_every_sd_scripts_name():
+    """Our ``AnimaDiT`` (released config, meta device) has exactly the fixture's Linear modules under their names."""
+    from peft_lyco.models.anima import AnimaConfig, AnimaDiT
+
+    with torch.device("meta"):
+        dit = AnimaDiT(AnimaConfig())
+    resolver = NameResolver(ANIMA, {"transformer": dit})
+    assert set(resolver.layers("transformer")) == {path for path, _, _ in REAL}
+    for path, out, inp in REAL:
+        assert resolver.resolve("lora_unet_" + path.replace(".", "_")) == ("transformer", path)
+        layer = resolver.layers("transformer")[path]
+        assert (layer.out_features, layer.in_features) == (int(out), int(inp))
+
+
+def test_anima_pipeline_loads_a_lycoris_file():
+    """A DiT + Qwen3 file written by lycoris-lora loads into our tiny ``AnimaPipeline`` (DiT kept as ``.dit``)."""
+    from peft_lyco.models.anima import build_tiny_anima
+
+    theirs, ours = build_tiny_anima(), build_tiny_anima()
+    g = torch.Generator().manual_seed(3)
+    x, sigma = torch.randn(1, 16, 8, 8, generator=g), torch.tensor([0.4])
+    qwen_states, t5_ids = torch.randn(1, 6, 32, generator=g), torch.randint(0, 40, (1, 5), generator=g)
+    ids = torch.randint(0, 100, (1, 6), generator=g)
+
+    @torch.no_grad()
+    def run(parts):
+        velocity = parts.dit(x, sigma, context=qwen_states, target_input_ids=t5_ids)
+        return velocity, parts.text_encoder(ids).last_hidden_state
+
+    base = run(theirs)
+    _, dit_state = generic_lycoris(theirs.dit, "lora_unet_", algo="lokr", linear_dim=2, linear_alpha=1, factor=4)
+    _, te_state = generic_lycoris(theirs.text_encoder, "lora_te_", algo="loha", linear_dim=2, linear_alpha=1)
+    expected = run(theirs)
+    load_lyco_weights(ours.pipeline(), {**dit_state, **te_state}, adapter_name="anima")
+    got = run(ours)
+    for b, e, o in zip(base, expected, got):
+        assert (e - b).abs().max() > 1e-3 and (o - e).abs().max() <= TOL
