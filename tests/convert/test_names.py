@@ -5,51 +5,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 from diffusers.loaders.lora_conversion_utils import (
     _convert_non_diffusers_lora_to_diffusers,
     _maybe_map_sgm_blocks_to_diffusers,
 )
 from diffusers.utils import convert_unet_state_dict_to_peft
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, Qwen3Config, Qwen3Model
+from transformers import Qwen3Config, Qwen3Model
 
 from peft_lyco.convert import ANIMA, SDXL, NameResolver, detect_model_type
 from peft_lyco.convert.names import adaptable_modules, split_key
 from tests.convert.helpers import fresh_pipe, model_from_paths
-
-SDXL_BASE_UNET = dict(
-    sample_size=128,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(320, 640, 1280),
-    layers_per_block=2,
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-    norm_num_groups=32,
-)
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768)
-CLIP_G = dict(
-    hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, projection_dim=1280
-)
+from tests.presets.presets_models import meta_sdxl
 
 
 @pytest.fixture(scope="module")
 def real_sdxl():
     """SDXL base UNet and both CLIPs at full size, on the meta device (no memory, no download)."""
-    with torch.device("meta"):
-        return {
-            "unet": UNet2DConditionModel(**SDXL_BASE_UNET),
-            "text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_L)),
-            "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G)),
-        }
+    unet, text_encoder, text_encoder_2 = meta_sdxl()
+    return {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
 
 
 def diffusers_path_of_sgm_name(name: str, unet_config) -> str:
