@@ -1,0 +1,118 @@
+"""The accelerate side of training: accelerator, optimizer, lr schedule, step plan, gradient sync and progress."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from .args import parse_key_values
+
+
+def make_accelerator(args: argparse.Namespace, *, unused_parameters: bool = False) -> Accelerator:
+    """One accelerator for the run: mixed precision and trackers. ``accelerate launch`` supplies the processes.
+
+    ``unused_parameters``: some trained parameters get no gradient (SDXL's TE1 last layer, whose output SDXL does not
+    use), so multi-GPU DDP must look for them. Gradient accumulation is handled by ``GradientSteps`` (exact to resume,
+    syncs at epoch ends), not by accelerate.
+    """
+    log_with = None if not args.log_with else (["tensorboard", "wandb"] if args.log_with == "all" else [args.log_with])
+    return Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=args.logging_dir),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused_parameters)],
+    )
+
+
+def weight_dtype(accelerator: Accelerator) -> torch.dtype:
+    """The dtype frozen weights are kept in: fp16/bf16 under mixed precision, else float32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def make_optimizer(args: argparse.Namespace, param_groups: list[dict]) -> torch.optim.Optimizer:
+    """AdamW from torch, or bitsandbytes' AdamW8bit; ``--optimizer_args`` become keyword arguments."""
+    kwargs = parse_key_values(args.optimizer_args, "--optimizer_args")
+    if args.optimizer_type == "AdamW8bit":
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(param_groups, lr=args.learning_rate, **kwargs)
+    return torch.optim.AdamW(param_groups, lr=args.learning_rate, **kwargs)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How long training runs: optimizer steps per epoch, total steps and total epochs."""
+
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    total_epochs: int
+
+
+def plan_steps(batches_per_epoch: int, accumulation: int, max_train_steps: int, max_train_epochs: int | None) -> StepPlan:
+    """``--max_train_epochs`` wins over ``--max_train_steps`` (sd-scripts); an epoch ends with an optimizer step."""
+    steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
+    total_steps = max_train_epochs * steps_per_epoch if max_train_epochs else max_train_steps
+    return StepPlan(batches_per_epoch, steps_per_epoch, total_steps, math.ceil(total_steps / steps_per_epoch))
+
+
+def make_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, total_steps: int):
+    """A diffusers lr schedule stepped once per optimizer step; warmup may be a fraction (< 1) of all steps."""
+    warmup = args.lr_warmup_steps
+    warmup_steps = int(warmup * total_steps) if 0 < warmup < 1 else int(warmup)
+    return get_scheduler(
+        args.lr_scheduler,
+        optimizer,
+        num_warmup_steps=warmup_steps,
+        num_training_steps=total_steps,
+        num_cycles=args.lr_scheduler_num_cycles,
+        power=args.lr_scheduler_power,
+    )
+
+
+class GradientSteps:
+    """Which micro-batches end an optimizer step: every ``accumulation`` batches and at the end of each epoch.
+
+    Between sync points DDP's gradient all-reduce is skipped (``no_sync``); the loss is divided by the size of the
+    current accumulation group so every optimizer step averages over the batches it saw.
+    """
+
+    def __init__(self, accelerator: Accelerator, models: Iterable[torch.nn.Module], accumulation: int):
+        self.accelerator, self.models, self.accumulation = accelerator, list(models), accumulation
+
+    def group_size(self, batch_index: int, batches_per_epoch: int) -> int:
+        start = batch_index - batch_index % self.accumulation
+        return min(self.accumulation, batches_per_epoch - start)
+
+    def is_sync(self, batch_index: int, batches_per_epoch: int) -> bool:
+        return (batch_index + 1) % self.accumulation == 0 or batch_index + 1 == batches_per_epoch
+
+    def context(self, sync: bool):
+        """``no_sync`` on every trained model for a non-final micro-batch, nothing otherwise."""
+        stack = contextlib.ExitStack()
+        if not sync:
+            for model in self.models:
+                stack.enter_context(self.accelerator.no_sync(model))
+        return stack
+
+
+def current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Learning rate per parameter group, by the group's name when it has one."""
+    return {group.get("name", f"group{i}"): group["lr"] for i, group in enumerate(optimizer.param_groups)}
+
+
+def progress_bar(accelerator: Accelerator, total: int, initial: int) -> tqdm:
+    return tqdm(total=total, initial=initial, desc="steps", disable=not accelerator.is_local_main_process)
+
+
+def trainable_parameters(*models: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for model in models for p in model.parameters() if p.requires_grad]

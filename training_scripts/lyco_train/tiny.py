@@ -1,0 +1,57 @@
+"""The embedded default: option values for the tiny CPU run, its sample prompts, and the reload check it ends with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+TINY_SEED = 0
+
+TINY_DEFAULTS = {
+    "common": dict(
+        output_dir="outputs/tiny",
+        resolution="64",
+        enable_bucket=True,
+        min_bucket_reso=32,
+        max_bucket_reso=128,
+        bucket_reso_steps=16,
+        train_batch_size=2,
+        max_train_steps=40,
+        learning_rate=3e-3,
+        network_dim=4,
+        network_alpha=2.0,
+        cache_latents=True,
+        seed=TINY_SEED,
+        save_every_n_steps=20,
+    ),
+    "sdxl": dict(output_dir="outputs/tiny_sdxl", output_name="tiny_sdxl_lokr"),
+    "anima": dict(output_dir="outputs/tiny_anima", output_name="tiny_anima_lokr"),
+}
+
+
+def tiny_defaults(model: str) -> dict:
+    """Defaults for the tiny run of ``model`` ("sdxl" or "anima"); options given on the command line still win."""
+    return {**TINY_DEFAULTS["common"], **TINY_DEFAULTS[model]}
+
+
+def write_tiny_prompts(path: Path, size: int) -> Path:
+    """Two ``--sample_prompts`` lines rendered small and fast (sd-scripts prompt syntax)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"a red circle on a white background --w {size} --h {size} --s 4 --d 1 --l 3\n"
+        f"a blue square on a black background --w {size} --h {size} --s 4 --d 2 --l 3\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def report_reload(path: Path, reloaded: np.ndarray, base: np.ndarray, in_memory: np.ndarray, how: str) -> None:
+    """Print and check the reload: the reloaded adapter must change the output and match the in-memory model."""
+    change = float(np.abs(reloaded - base).max())
+    mismatch = float(np.abs(reloaded - in_memory).max())
+    print(f"reloaded {path} through {how}:")
+    print(f"  max |output with adapter - base output|     = {change:.4g} (the adapter changes the output)")
+    print(f"  max |reloaded output - in-memory output|    = {mismatch:.3g} (the file holds what was trained)")
+    if change < 1e-3 or mismatch > 1e-4:
+        raise RuntimeError(f"reload check failed for {path}: change {change:.3g}, mismatch {mismatch:.3g}")

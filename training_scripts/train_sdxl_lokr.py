@@ -1,0 +1,297 @@
+"""Train a LoKr (or LoHa) adapter for Stable Diffusion XL on a folder of captioned images.
+
+    accelerate launch training_scripts/train_sdxl_lokr.py \\
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \\
+        --train_data_dir data/my_style --resolution 1024 --enable_bucket \\
+        --network_dim 16 --network_alpha 8 --network_args factor=8 --learning_rate 1e-4 \\
+        --mixed_precision bf16 --cache_latents --output_dir outputs --output_name my_style
+
+Options follow kohya sd-scripts' ``sdxl_train_network.py``; the result is a kohya-format ``.safetensors`` that
+ComfyUI, A1111, sd-scripts and ``pipe.load_lora_weights`` (after ``peft_lyco.diffusers.enable_lyco(pipe)``) load.
+With no ``--pretrained_model_name_or_path`` the script builds a tiny random SDXL, trains it on generated coloured
+shapes on CPU, reloads the saved file into a fresh pipeline and checks that the adapter changes the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate.utils import set_seed
+from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+
+import peft_lyco  # noqa: F401  (registers LYCO_LOHA / LYCO_LOKR with PEFT)
+from lyco_train import args as options
+from lyco_train.batches import BatchBuilder, EpochPlan
+from lyco_train.buckets import assign_buckets
+from lyco_train.cache import LatentCache, TextCache
+from lyco_train.data import DataError, scan_dataset
+from lyco_train.export import save_adapter
+from lyco_train.loop import make_accelerator, make_optimizer, make_scheduler, plan_steps, weight_dtype
+from lyco_train.metadata import RunInfo, training_metadata
+from lyco_train.network import check_network_args, inject, network_args_metadata, optimizer_groups
+from lyco_train.objectives import (
+    ddpm_target,
+    min_snr_weights,
+    sample_noise,
+    sample_timesteps,
+    sdxl_time_ids,
+    weighted_mse,
+)
+from lyco_train.runner import Hooks, Trainer
+from lyco_train.sampling import SamplePrompt, read_sample_prompts, sample_path
+from lyco_train.state import Position, saved_seed
+from lyco_train.synthetic import make_shapes_dataset
+from lyco_train.tiny import TINY_SEED, report_reload, tiny_defaults, write_tiny_prompts
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+@dataclass
+class Result:
+    """What a run produced (the tests and the embedded default look at it)."""
+
+    args: argparse.Namespace
+    pipe: StableDiffusionXLPipeline
+    losses: list[float]
+    files: list[Path]
+    final: Path
+
+
+# ---------------------------------------------------------------------------------------------------- arguments
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument("--pretrained_model_name_or_path",
+                       help="hub id, diffusers folder or single .safetensors checkpoint (none: tiny CPU demo)")
+    model.add_argument("--vae", help="another VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix")
+    model.add_argument("--revision")
+    model.add_argument("--variant", help="e.g. fp16")
+    model.add_argument("--v_parameterization", action="store_true", help="train v-prediction instead of epsilon")
+    model.add_argument("--min_snr_gamma", type=float, help="Min-SNR-γ loss weighting, e.g. 5")
+    options.add_data_args(parser)
+    options.add_network_args(parser, default_name="sdxl_lokr")
+    options.add_optimization_args(parser)
+    options.add_output_args(parser)
+    args = parser.parse_args(argv)
+    if args.pretrained_model_name_or_path is None:
+        parser.set_defaults(**tiny_defaults("sdxl"))
+        args = parser.parse_args(argv)
+    args.resolution = args.resolution or "1024"
+    options.normalise(args)
+    options.check_args(args, pixel_multiple=8)
+    check_network_args(args)
+    if args.train_data_dir is None and args.pretrained_model_name_or_path is not None:
+        raise options.UsageError("cannot start training:\n  --train_data_dir is required with a real model")
+    if args.seed is None:
+        args.seed = saved_seed(args.resume) if args.resume else random.SystemRandom().randrange(2**31)
+    return args
+
+
+# ------------------------------------------------------------------------------------------------------ models
+def load_pipeline(args: argparse.Namespace) -> StableDiffusionXLPipeline:
+    """The SDXL pipeline to train on: the tiny random one, a single-file checkpoint, or a diffusers folder/hub id."""
+    name = args.pretrained_model_name_or_path
+    if name is None:
+        from peft_lyco.models.tiny_sdxl import tiny_sdxl_pipeline
+
+        return tiny_sdxl_pipeline(seed=TINY_SEED)
+    if name.endswith(".safetensors"):
+        pipe = StableDiffusionXLPipeline.from_single_file(name, torch_dtype=torch.float32)
+    else:
+        pipe = StableDiffusionXLPipeline.from_pretrained(name, revision=args.revision, variant=args.variant,
+                                                         torch_dtype=torch.float32)
+    if args.vae:
+        from diffusers import AutoencoderKL
+
+        pipe.vae = AutoencoderKL.from_pretrained(args.vae, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def encode_captions(pipe: StableDiffusionXLPipeline, captions: list[str], encoders: tuple) -> dict[str, torch.Tensor]:
+    """SDXL conditioning as the pipeline builds it: both encoders' penultimate states, and TE2's pooled output.
+
+    ``encoders`` are the two text encoders to call (the accelerate-prepared ones when they are trained).
+    """
+    states = []
+    for tokenizer, encoder in zip((pipe.tokenizer, pipe.tokenizer_2), encoders):
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(pipe.unet.device)
+        output = encoder(ids, output_hidden_states=True)
+        states.append(output.hidden_states[-2])
+    return {"prompt_embeds": torch.cat(states, dim=-1), "pooled": output.text_embeds}
+
+
+def encode_images(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """VAE latents (distribution mean, times the scaling factor); the VAE always runs in float32."""
+    with torch.no_grad():
+        latents = vae.encode(pixels.to(vae.device, torch.float32)).latent_dist.mode()
+    return latents * vae.config.scaling_factor
+
+
+def check_reload(path: Path, trained: StableDiffusionXLPipeline, prompt: str) -> None:
+    """The embedded default's last step: load the saved file into a fresh tiny pipeline as a user would
+    (``enable_lyco`` + ``load_lora_weights``) and compare its images with the base and the in-memory model."""
+    from peft_lyco.diffusers import enable_lyco
+    from peft_lyco.models.tiny_sdxl import tiny_sdxl_pipeline
+
+    fresh = tiny_sdxl_pipeline(seed=TINY_SEED)
+    enable_lyco(fresh)
+    fresh.load_lora_weights(str(path), adapter_name="trained")
+
+    def render(pipe: StableDiffusionXLPipeline):
+        return pipe(prompt, width=64, height=64, num_inference_steps=4, guidance_scale=3.0, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    reloaded = render(fresh)
+    fresh.disable_lora()
+    base = render(fresh)
+    report_reload(path, reloaded, base, render(trained), "enable_lyco(pipe) + pipe.load_lora_weights")
+
+
+# -------------------------------------------------------------------------------------------------------- main
+def main(argv: Optional[list[str]] = None) -> Result:
+    args = parse_args(argv)
+    tiny = args.pretrained_model_name_or_path is None
+    output_dir = Path(args.output_dir)
+    if args.train_data_dir is None:
+        args.train_data_dir = str(make_shapes_dataset(output_dir / "data", size=64).parent)
+        args.sample_prompts = args.sample_prompts or str(write_tiny_prompts(output_dir / "data" / "prompts.txt", 64))
+    records = scan_dataset(args.train_data_dir, args.caption_extension)
+    buckets = assign_buckets([r.size for r in records], options.bucket_settings(args))
+
+    accelerator = make_accelerator(args, unused_parameters=not args.network_train_unet_only)
+    set_seed(args.seed, device_specific=True)
+    run = RunInfo(str(uuid.uuid4()), time.time(), args.pretrained_model_name_or_path or "tiny-random-sdxl", "sdxl")
+    pipe = load_pipeline(args)
+    dtype, device = weight_dtype(accelerator), accelerator.device
+    pipe.vae.to(device, torch.float32).requires_grad_(False)
+    for module in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
+        module.to(device, dtype).requires_grad_(False)
+    noise_scheduler = DDPMScheduler.from_config(
+        pipe.scheduler.config, prediction_type="v_prediction" if args.v_parameterization else "epsilon"
+    )
+
+    # the adapter: the UNet always, both text encoders unless --network_train_unet_only
+    trained = {"unet": pipe.unet}
+    if not args.network_train_unet_only:
+        trained.update({name: getattr(pipe, name) for name in TEXT_ENCODERS})
+    inject(args, trained)
+    if args.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+        for name in TEXT_ENCODERS:
+            if name in trained:
+                trained[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # caches of frozen outputs, filled once before training
+    cache_dir = Path(args.cache_dir or Path(args.train_data_dir) / ".lyco_cache")
+    latent_cache = None
+    if args.cache_latents:
+        latent_cache = LatentCache(f"sdxl:{run.model_name}:{args.vae}", cache_dir if args.cache_latents_to_disk else None)
+        jobs = [(r, b, flip) for r, b in zip(records, buckets) for flip in ((False, True) if args.flip_aug else (False,))]
+        with accelerator.main_process_first():
+            latent_cache.fill(jobs, lambda px: encode_images(pipe.vae, px), args.vae_batch_size,
+                              accelerator.is_local_main_process)
+    text_cache = None
+    if args.cache_text_encoder_outputs:
+        def encode_frozen(captions: list[str]) -> dict[str, torch.Tensor]:
+            with torch.no_grad(), accelerator.autocast():
+                return encode_captions(pipe, captions, (pipe.text_encoder, pipe.text_encoder_2))
+
+        text_cache = TextCache(f"sdxl:{run.model_name}", encode_frozen,
+                               cache_dir if args.cache_text_encoder_outputs_to_disk else None)
+        with accelerator.main_process_first():
+            text_cache.fill([r.caption for r in records] + [""], args.train_batch_size, accelerator.is_local_main_process)
+
+    data = EpochPlan(records, buckets, batch_size=args.train_batch_size, seed=args.seed, flip_aug=args.flip_aug,
+                     random_crop=args.random_crop, caption_dropout_rate=args.caption_dropout_rate,
+                     num_processes=accelerator.num_processes, process_index=accelerator.process_index)
+    steps = plan_steps(data.batches_per_epoch, args.gradient_accumulation_steps, args.max_train_steps,
+                       args.max_train_epochs)
+    optimizer = make_optimizer(args, optimizer_groups(args, trained))
+    lr_scheduler = make_scheduler(args, optimizer, steps.total_steps)
+    prepared = accelerator.prepare(*trained.values(), optimizer)
+    models, optimizer = dict(zip(trained, prepared[:-1])), prepared[-1]
+    generator = torch.Generator(device).manual_seed(args.seed + 1_000_003 * accelerator.process_index)
+
+    def loss(batch: dict) -> torch.Tensor:
+        if "latents" in batch:
+            latents = batch["latents"].to(device, torch.float32)
+        else:
+            latents = encode_images(pipe.vae, batch["pixels"])
+        if text_cache:
+            text = text_cache.get(batch["captions"])
+        else:
+            encoders = tuple(models.get(name, getattr(pipe, name)) for name in TEXT_ENCODERS)
+            text = encode_captions(pipe, batch["captions"], encoders)
+        noise = sample_noise(latents, generator, args.noise_offset)
+        timesteps = sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator, device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"]).to(device)
+        prediction = models["unet"](
+            noisy.to(dtype), timesteps, text["prompt_embeds"].to(device, dtype),
+            added_cond_kwargs={"text_embeds": text["pooled"].to(device, dtype), "time_ids": time_ids.to(dtype)},
+        ).sample
+        target = ddpm_target(noise_scheduler, latents, noise, timesteps)
+        weights = min_snr_weights(noise_scheduler, timesteps, args.min_snr_gamma) if args.min_snr_gamma else None
+        return weighted_mse(prediction, target, weights)
+
+    def save(stem: str, position: Position) -> list[Path]:
+        metadata = training_metadata(
+            args, run, network_args=network_args_metadata(args), records=records, buckets=buckets,
+            batches_per_epoch=data.batches_per_epoch, num_epochs=steps.total_epochs, total_steps=steps.total_steps,
+            step=position.step, epoch=position.epoch, num_processes=accelerator.num_processes,
+            objective={"ss_v_parameterization": args.v_parameterization, "ss_min_snr_gamma": args.min_snr_gamma},
+        )
+        return save_adapter(output_dir, stem, {k: accelerator.unwrap_model(m) for k, m in models.items()},
+                            model_type="sdxl", metadata=metadata, precision=args.save_precision,
+                            peft_folders=args.save_peft_adapter)
+
+    def sample(step: int) -> None:
+        defaults = SamplePrompt(prompt="", width=1024, height=1024)
+        for index, prompt in enumerate(read_sample_prompts(args.sample_prompts, defaults)):
+            with torch.no_grad(), accelerator.autocast():
+                image = pipe(prompt.prompt, negative_prompt=prompt.negative, width=prompt.width,
+                             height=prompt.height, num_inference_steps=prompt.steps, guidance_scale=prompt.guidance,
+                             generator=torch.Generator(device).manual_seed(prompt.seed)).images[0]
+            path = sample_path(output_dir, args.output_name, step, index)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path)
+
+    fingerprint = {"algo": args.algo, "network_dim": args.network_dim, "network_alpha": args.network_alpha,
+                   "network_args": args.network_args, "seed": args.seed, "batches_per_epoch": data.batches_per_epoch,
+                   "gradient_accumulation_steps": args.gradient_accumulation_steps}
+    trainer = Trainer(args, accelerator, models, optimizer, lr_scheduler, data,
+                      BatchBuilder(records, buckets, latent_cache), steps, generator,
+                      Hooks(loss=loss, save=save, sample=sample if args.sample_prompts else None), fingerprint)
+    if accelerator.is_main_process and args.log_with:
+        accelerator.init_trackers(args.log_tracker_name or "train_sdxl_lokr",
+                                  config={k: str(v) for k, v in vars(args).items()})
+    start = trainer.resume(args.resume) if args.resume else Position(0, 0, 0)
+    accelerator.print(f"{len(records)} images, {data.image_count()} per epoch with repeats, "
+                      f"{data.batches_per_epoch} batches per epoch, {steps.total_steps} steps, seed {args.seed}")
+    history = trainer.run(start)
+    accelerator.end_training()
+    final = output_dir / f"{args.output_name}.safetensors"
+    for model in models.values():
+        model.eval()
+    if tiny and accelerator.is_main_process:
+        check_reload(final, pipe, prompt=records[0].caption)
+    if accelerator.is_main_process:
+        print("files written:\n" + "\n".join(f"  {path}" for path in history.saved))
+    return Result(args, pipe, history.losses, history.saved, final)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (options.UsageError, DataError) as err:
+        sys.exit(f"error: {err}")
