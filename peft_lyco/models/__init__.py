@@ -1,0 +1,1 @@
+"""Model definitions and builders used by peft_lyco (tiny SDXL pipeline, Anima DiT)."""
