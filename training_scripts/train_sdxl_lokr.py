@@ -31,10 +31,10 @@ import peft_lyco  # noqa: F401  (registers LYCO_LOHA / LYCO_LOKR with PEFT)
 from lyco_train import args as options
 from lyco_train.batches import BatchBuilder, EpochPlan
 from lyco_train.buckets import assign_buckets
-from lyco_train.cache import LatentCache, TextCache
+from lyco_train.cache import LatentCache, TextCache, latent_jobs
 from lyco_train.data import DataError, scan_dataset
 from lyco_train.export import save_adapter
-from lyco_train.loop import make_accelerator, make_optimizer, make_scheduler, plan_steps, weight_dtype
+from lyco_train.loop import make_accelerator, make_optimizer, make_scheduler, plan_steps, start_trackers, weight_dtype
 from lyco_train.metadata import RunInfo, training_metadata
 from lyco_train.network import check_network_args, inject, network_args_metadata, optimizer_groups
 from lyco_train.objectives import (
@@ -46,10 +46,10 @@ from lyco_train.objectives import (
     weighted_mse,
 )
 from lyco_train.runner import Hooks, Trainer
-from lyco_train.sampling import SamplePrompt, read_sample_prompts, sample_path
-from lyco_train.state import Position, saved_seed
+from lyco_train.sampling import SamplePrompt, read_sample_prompts, save_sample
+from lyco_train.state import Position, run_fingerprint, saved_seed
 from lyco_train.synthetic import make_shapes_dataset
-from lyco_train.tiny import TINY_SEED, report_reload, tiny_defaults, write_tiny_prompts
+from lyco_train.tiny import TINY_SEED, report_reload, tiny_defaults, use_one_cpu_thread, write_tiny_prompts
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -162,6 +162,8 @@ def main(argv: Optional[list[str]] = None) -> Result:
     args = parse_args(argv)
     tiny = args.pretrained_model_name_or_path is None
     output_dir = Path(args.output_dir)
+    if tiny:
+        use_one_cpu_thread()
     if args.train_data_dir is None:
         args.train_data_dir = str(make_shapes_dataset(output_dir / "data", size=64).parent)
         args.sample_prompts = args.sample_prompts or str(write_tiny_prompts(output_dir / "data" / "prompts.txt", 64))
@@ -173,9 +175,9 @@ def main(argv: Optional[list[str]] = None) -> Result:
     run = RunInfo(str(uuid.uuid4()), time.time(), args.pretrained_model_name_or_path or "tiny-random-sdxl", "sdxl")
     pipe = load_pipeline(args)
     dtype, device = weight_dtype(accelerator), accelerator.device
-    pipe.vae.to(device, torch.float32).requires_grad_(False)
+    pipe.vae.to(device).float().requires_grad_(False)
     for module in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
-        module.to(device, dtype).requires_grad_(False)
+        module.to(device).to(dtype).requires_grad_(False)
     noise_scheduler = DDPMScheduler.from_config(
         pipe.scheduler.config, prediction_type="v_prediction" if args.v_parameterization else "epsilon"
     )
@@ -196,10 +198,9 @@ def main(argv: Optional[list[str]] = None) -> Result:
     latent_cache = None
     if args.cache_latents:
         latent_cache = LatentCache(f"sdxl:{run.model_name}:{args.vae}", cache_dir if args.cache_latents_to_disk else None)
-        jobs = [(r, b, flip) for r, b in zip(records, buckets) for flip in ((False, True) if args.flip_aug else (False,))]
         with accelerator.main_process_first():
-            latent_cache.fill(jobs, lambda px: encode_images(pipe.vae, px), args.vae_batch_size,
-                              accelerator.is_local_main_process)
+            latent_cache.fill(latent_jobs(records, buckets, args.flip_aug), lambda px: encode_images(pipe.vae, px),
+                              args.vae_batch_size, accelerator.is_local_main_process)
     text_cache = None
     if args.cache_text_encoder_outputs:
         def encode_frozen(captions: list[str]) -> dict[str, torch.Tensor]:
@@ -262,31 +263,18 @@ def main(argv: Optional[list[str]] = None) -> Result:
                 image = pipe(prompt.prompt, negative_prompt=prompt.negative, width=prompt.width,
                              height=prompt.height, num_inference_steps=prompt.steps, guidance_scale=prompt.guidance,
                              generator=torch.Generator(device).manual_seed(prompt.seed)).images[0]
-            path = sample_path(output_dir, args.output_name, step, index)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            image.save(path)
+            save_sample(image, output_dir, args.output_name, step, index)
 
-    fingerprint = {"algo": args.algo, "network_dim": args.network_dim, "network_alpha": args.network_alpha,
-                   "network_args": args.network_args, "seed": args.seed, "batches_per_epoch": data.batches_per_epoch,
-                   "gradient_accumulation_steps": args.gradient_accumulation_steps}
     trainer = Trainer(args, accelerator, models, optimizer, lr_scheduler, data,
                       BatchBuilder(records, buckets, latent_cache), steps, generator,
-                      Hooks(loss=loss, save=save, sample=sample if args.sample_prompts else None), fingerprint)
-    if accelerator.is_main_process and args.log_with:
-        accelerator.init_trackers(args.log_tracker_name or "train_sdxl_lokr",
-                                  config={k: str(v) for k, v in vars(args).items()})
+                      Hooks(loss=loss, save=save, sample=sample if args.sample_prompts else None),
+                      run_fingerprint(args, data.batches_per_epoch))
+    start_trackers(accelerator, args, "train_sdxl_lokr")
     start = trainer.resume(args.resume) if args.resume else Position(0, 0, 0)
-    accelerator.print(f"{len(records)} images, {data.image_count()} per epoch with repeats, "
-                      f"{data.batches_per_epoch} batches per epoch, {steps.total_steps} steps, seed {args.seed}")
-    history = trainer.run(start)
-    accelerator.end_training()
+    history = trainer.run(start, summary=f"{len(records)} images, {data.image_count()} per epoch with repeats")
     final = output_dir / f"{args.output_name}.safetensors"
-    for model in models.values():
-        model.eval()
     if tiny and accelerator.is_main_process:
         check_reload(final, pipe, prompt=records[0].caption)
-    if accelerator.is_main_process:
-        print("files written:\n" + "\n".join(f"  {path}" for path in history.saved))
     return Result(args, pipe, history.losses, history.saved, final)
 
 

@@ -62,6 +62,12 @@ def _digest(*parts: object) -> str:
     return hashlib.sha1("\x1f".join(map(str, parts)).encode("utf-8")).hexdigest()
 
 
+def latent_jobs(records: list[ImageRecord], buckets: list[tuple[int, int]], flip_aug: bool) -> list[tuple]:
+    """Every (record, bucket, flip) a run can ask for: both orientations when flipping."""
+    flips = (False, True) if flip_aug else (False,)
+    return [(record, bucket, flip) for record, bucket in zip(records, buckets) for flip in flips]
+
+
 class LatentCache:
     """VAE latents of centre-cropped images, keyed by file identity, bucket, flip and ``tag`` (model and settings)."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -10,6 +11,7 @@ from peft_lyco.convert import peft_to_kohya, save_kohya
 
 from .network import ADAPTER_NAME, save_peft_folder
 
+CONVERTER_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args")
 PRECISIONS = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -23,13 +25,20 @@ def save_adapter(
     precision: str = "float",
     peft_folders: bool = False,
 ) -> list[Path]:
-    """``<output_dir>/<stem>.safetensors`` in kohya format with ``metadata`` (training keys win over the
-    converter's), plus ``<output_dir>/<stem>_peft/<component>/`` folders when asked; returns the paths written."""
-    state_dict, file_metadata = peft_to_kohya(components, adapter_name=ADAPTER_NAME, model_type=model_type)
-    dtype = PRECISIONS[precision]
-    state_dict = {key: value.detach().to("cpu", dtype) for key, value in state_dict.items()}
+    """``<output_dir>/<stem>.safetensors`` in kohya format, plus ``<output_dir>/<stem>_peft/<component>/`` folders
+    when asked; returns the paths written.
+
+    The converter's network keys (``ss_network_module/dim/alpha``, and the layout options in ``ss_network_args``,
+    which loaders read back) take precedence; the user's raw ``--network_args`` are merged into ``ss_network_args``.
+    """
+    converted = {k: v for k, v in metadata.items() if k not in CONVERTER_KEYS}
+    state_dict, file_metadata = peft_to_kohya(components, adapter_name=ADAPTER_NAME, model_type=model_type,
+                                              dtype=PRECISIONS[precision], metadata=converted)
+    if "ss_network_args" in metadata:
+        merged = {**json.loads(metadata["ss_network_args"]), **json.loads(file_metadata.get("ss_network_args", "{}"))}
+        file_metadata["ss_network_args"] = json.dumps(merged)
     path = Path(output_dir) / f"{stem}.safetensors"
-    save_kohya(path, state_dict, metadata={**(file_metadata or {}), **metadata})
+    save_kohya(path, state_dict, metadata=file_metadata)
     written = [path]
     if peft_folders:
         for name, module in components.items():

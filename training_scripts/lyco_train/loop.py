@@ -33,6 +33,12 @@ def make_accelerator(args: argparse.Namespace, *, unused_parameters: bool = Fals
     )
 
 
+def start_trackers(accelerator: Accelerator, args: argparse.Namespace, default_name: str) -> None:
+    """Open the ``--log_with`` trackers (TensorBoard/wandb) with every option as the run's config."""
+    if args.log_with:
+        accelerator.init_trackers(args.log_tracker_name or default_name, config={k: str(v) for k, v in vars(args).items()})
+
+
 def weight_dtype(accelerator: Accelerator) -> torch.dtype:
     """The dtype frozen weights are kept in: fp16/bf16 under mixed precision, else float32."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)

@@ -123,9 +123,12 @@ class Trainer:
         if _save_due(args.sample_every_n_epochs, epoch):
             self._sample(position.step)
 
-    def run(self, start: Position) -> History:
-        """Train from ``start`` to the planned number of steps, then save the final files (and state)."""
+    def run(self, start: Position, summary: str = "") -> History:
+        """Train from ``start`` to the planned number of steps, save the final files (and state), list what was
+        written; the models are left in eval mode."""
         args, accelerator, steps = self.args, self.accelerator, self.steps
+        accelerator.print(f"{summary}{', ' if summary else ''}{self.data.batches_per_epoch} batches per epoch, "
+                          f"{steps.total_steps} steps in {steps.total_epochs} epochs, seed {args.seed}")
         step, per_epoch = start.step, self.data.batches_per_epoch
         for model in self.models.values():
             model.train()
@@ -166,4 +169,8 @@ class Trainer:
         bar.close()
         self.history.position = position
         self._save(position, stem=args.output_name, state_name=state_folder_name(args.output_name))
+        accelerator.end_training()
+        for model in self.models.values():
+            model.eval()
+        accelerator.print("files written:\n" + "\n".join(f"  {path}" for path in self.history.saved))
         return self.history

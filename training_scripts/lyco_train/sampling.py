@@ -47,7 +47,10 @@ def read_sample_prompts(path: str | Path, defaults: SamplePrompt) -> list[Sample
     return prompts
 
 
-def sample_path(output_dir: str | Path, output_name: str, step: int, index: int) -> Path:
-    """``<output_dir>/sample/<output_name>_<step>_<index>.png``."""
-    return Path(output_dir) / "sample" / f"{output_name}_{step:06d}_{index:02d}.png"
+def save_sample(image, output_dir: str | Path, output_name: str, step: int, index: int) -> Path:
+    """Save a PIL image as ``<output_dir>/sample/<output_name>_<step>_<index>.png``; return the path."""
+    path = Path(output_dir) / "sample" / f"{output_name}_{step:06d}_{index:02d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
 

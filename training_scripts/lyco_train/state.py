@@ -194,6 +194,13 @@ def state_folder_name(output_name: str, step: Optional[int] = None, epoch: Optio
     return f"{output_name}-state"
 
 
+def run_fingerprint(args, batches_per_epoch: int) -> dict[str, Any]:
+    """What must not change between a saved state and the run resuming it (network, seed, data layout)."""
+    return {"algo": args.algo, "network_dim": args.network_dim, "network_alpha": args.network_alpha,
+            "network_args": list(args.network_args), "seed": args.seed, "batches_per_epoch": batches_per_epoch,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps}
+
+
 def saved_seed(folder: str | Path) -> int:
     """The seed a state folder was trained with (a resumed run must keep it for the same data order)."""
     state = json.loads((Path(folder) / STATE_FILE).read_text(encoding="utf-8"))
