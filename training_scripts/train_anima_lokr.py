@@ -175,9 +175,9 @@ def check_reload(path: Path, trained: AnimaComponents, prompt: str) -> None:
     converted = kohya_to_peft(state_dict, metadata=metadata, model_type="anima")
     fresh, base = build_tiny_anima(seed=TINY_SEED), build_tiny_anima(seed=TINY_SEED)
     targets = {"transformer": fresh.dit, "text_encoder": fresh.text_encoder}
-    for component, (config, peft_state) in converted.items():
-        inject_adapter_in_model(config, targets[component], adapter_name="trained", state_dict=peft_state)
-        set_peft_model_state_dict(targets[component], peft_state, adapter_name="trained")
+    for component, adapter in converted.items():
+        inject_adapter_in_model(adapter.config, targets[component], adapter_name="trained", state_dict=adapter.state_dict)
+        set_peft_model_state_dict(targets[component], adapter.state_dict, adapter_name="trained")
 
     def render(models: AnimaComponents):
         return models.pipeline()(prompt, height=64, width=64, num_inference_steps=4, guidance_scale=3.0,
@@ -206,7 +206,9 @@ def main(argv: Optional[list[str]] = None) -> Result:
     models = load_models(args, dtype)
     models.vae.to(device).float().requires_grad_(False)
     for module in (models.dit, models.text_encoder):
-        module.to(device).to(dtype).requires_grad_(False)
+        module.to(device).requires_grad_(False)
+        if dtype != torch.float32:
+            module.to(dtype)
 
     # the adapter: the DiT (and its LLM adapter with train_llm_adapter=True); Qwen3 unless --network_train_unet_only
     trained = {"transformer": models.dit}
@@ -273,7 +275,7 @@ def main(argv: Optional[list[str]] = None) -> Result:
         metadata = training_metadata(
             args, run, network_args=network_args_metadata(args), records=records, buckets=buckets,
             batches_per_epoch=data.batches_per_epoch, num_epochs=steps.total_epochs, total_steps=steps.total_steps,
-            step=position.step, epoch=position.epoch, num_processes=accelerator.num_processes, objective=objective,
+            position=position, num_processes=accelerator.num_processes, objective=objective,
         )
         return save_adapter(output_dir, stem, {k: accelerator.unwrap_model(m) for k, m in modules.items()},
                             model_type="anima", metadata=metadata, precision=args.save_precision,

@@ -177,7 +177,9 @@ def main(argv: Optional[list[str]] = None) -> Result:
     dtype, device = weight_dtype(accelerator), accelerator.device
     pipe.vae.to(device).float().requires_grad_(False)
     for module in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
-        module.to(device).to(dtype).requires_grad_(False)
+        module.to(device).requires_grad_(False)
+        if dtype != torch.float32:
+            module.to(dtype)
     noise_scheduler = DDPMScheduler.from_config(
         pipe.scheduler.config, prediction_type="v_prediction" if args.v_parameterization else "epsilon"
     )
@@ -249,7 +251,7 @@ def main(argv: Optional[list[str]] = None) -> Result:
         metadata = training_metadata(
             args, run, network_args=network_args_metadata(args), records=records, buckets=buckets,
             batches_per_epoch=data.batches_per_epoch, num_epochs=steps.total_epochs, total_steps=steps.total_steps,
-            step=position.step, epoch=position.epoch, num_processes=accelerator.num_processes,
+            position=position, num_processes=accelerator.num_processes,
             objective={"ss_v_parameterization": args.v_parameterization, "ss_min_snr_gamma": args.min_snr_gamma},
         )
         return save_adapter(output_dir, stem, {k: accelerator.unwrap_model(m) for k, m in models.items()},

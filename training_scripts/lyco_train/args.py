@@ -15,6 +15,10 @@ OPTIMIZERS = ("AdamW", "AdamW8bit")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
+# switches the embedded default turns on also get a --no-<name> form
+SWITCH = argparse.BooleanOptionalAction
+
+
 class UsageError(ValueError):
     """An option (or combination of options) that cannot work; raised before any heavy work starts."""
 
@@ -24,7 +28,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--train_data_dir", help="images with same-name .txt captions; 'N_name' subfolders repeat N times")
     group.add_argument("--caption_extension", default=".txt")
     group.add_argument("--resolution", help="training resolution 'SIZE' or 'WIDTH,HEIGHT'")
-    group.add_argument("--enable_bucket", action="store_true", help="aspect-ratio bucketing")
+    group.add_argument("--enable_bucket", action=SWITCH, default=False, help="aspect-ratio bucketing")
     group.add_argument("--min_bucket_reso", type=int, default=256)
     group.add_argument("--max_bucket_reso", type=int, default=1024)
     group.add_argument("--bucket_reso_steps", type=int, default=64)
@@ -34,9 +38,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--caption_dropout_rate", type=float, default=0.0, help="probability of training on ''")
     group.add_argument("--train_batch_size", type=int, default=1)
     group.add_argument("--max_data_loader_n_workers", type=int, default=0)
-    group.add_argument("--cache_latents", action="store_true", help="encode every image once with the VAE")
+    group.add_argument("--cache_latents", action=SWITCH, default=False, help="encode every image once with the VAE")
     group.add_argument("--cache_latents_to_disk", action="store_true", help="keep latent caches as files (implies --cache_latents)")
-    group.add_argument("--cache_text_encoder_outputs", action="store_true", help="needs frozen text encoders")
+    group.add_argument("--cache_text_encoder_outputs", action=SWITCH, default=False, help="needs frozen text encoders")
     group.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true")
     group.add_argument("--cache_dir", help="where disk caches go (default: <train_data_dir>/.lyco_cache)")
     group.add_argument("--vae_batch_size", type=int, default=1)
@@ -49,7 +53,7 @@ def add_network_args(parser: argparse.ArgumentParser, *, default_name: str) -> N
     group.add_argument("--network_dim", type=int, default=4)
     group.add_argument("--network_alpha", type=float, default=1.0)
     group.add_argument("--network_args", nargs="*", default=[], help="sd-scripts style 'key=value' strings")
-    group.add_argument("--network_train_unet_only", action="store_true", help="train the UNet/DiT adapter only")
+    group.add_argument("--network_train_unet_only", action=SWITCH, default=False, help="train the UNet/DiT adapter only")
     group.add_argument("--learning_rate", type=float, default=1e-4)
     group.add_argument("--unet_lr", type=float, help="learning rate of the UNet/DiT adapter")
     group.add_argument("--text_encoder_lr", type=float, nargs="+", help="one value, or one per text encoder")

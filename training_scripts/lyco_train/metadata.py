@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .data import ImageRecord
+from .state import Position
 
 FAMILIES = {
     "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "https://github.com/Stability-AI/generative-models"),
@@ -65,12 +66,11 @@ def training_metadata(
     batches_per_epoch: int,
     num_epochs: int,
     total_steps: int,
-    step: int,
-    epoch: int,
+    position: Position,
     objective: dict[str, Any],
     num_processes: int = 1,
 ) -> dict[str, str]:
-    """The metadata of a file saved after ``step`` optimizer steps in epoch ``epoch`` (1-based, as sd-scripts)."""
+    """The metadata of a file saved at ``position``; ``ss_epoch`` counts the epoch in progress (1-based, as sd-scripts)."""
     version, architecture, implementation = FAMILIES[run.family]
     width, height = (int(v) for v in (args.resolution.split(",") * 2)[:2])
     values: dict[str, Any] = {
@@ -103,8 +103,8 @@ def training_metadata(
                 "ss_num_batches_per_epoch": batches_per_epoch,
                 "ss_num_epochs": num_epochs,
                 "ss_max_train_steps": total_steps,
-                "ss_steps": step,
-                "ss_epoch": epoch,
+                "ss_steps": position.step,
+                "ss_epoch": position.epoch + (1 if position.batch else 0),
                 "ss_batch_size_per_device": args.train_batch_size,
                 "ss_total_batch_size": args.train_batch_size * args.gradient_accumulation_steps * num_processes,
                 "ss_gradient_accumulation_steps": args.gradient_accumulation_steps,

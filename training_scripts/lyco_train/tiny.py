@@ -22,13 +22,22 @@ TINY_DEFAULTS = {
         learning_rate=3e-3,
         network_dim=2,
         network_alpha=1.0,
-        cache_latents=True,
         seed=TINY_SEED,
         save_every_n_steps=20,
         sample_every_n_steps=20,
     ),
     "sdxl": dict(output_dir="outputs/tiny_sdxl", output_name="tiny_sdxl_lokr"),
-    "anima": dict(output_dir="outputs/tiny_anima", output_name="tiny_anima_lokr"),
+    "anima": dict(
+        output_dir="outputs/tiny_anima",
+        output_name="tiny_anima_lokr",
+        max_train_steps=80,
+        save_every_n_steps=40,
+        sample_every_n_steps=40,
+        network_args=["train_llm_adapter=True"],
+        network_train_unet_only=True,
+        cache_text_encoder_outputs=True,
+        cache_latents=True,
+    ),
 }
 
 
