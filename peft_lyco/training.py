@@ -16,7 +16,7 @@ from torch import nn
 from .presets.architectures import detect_architecture, unwrap
 from .presets.network_args import parse_network_args
 
-# sd-scripts' LoRA+ rule ("lora_up", "hada_w2_a" or "lokr_w1" in the name: lokr_w1_a/_b match too); PEFT LoRA's up is lora_B
+# sd-scripts' LoRA+ rule: "lora_up", "hada_w2_a" or "lokr_w1" in the name (so lokr_w1_a/_b too); PEFT LoRA: lora_B
 PLUS_PARAMS = frozenset({"hada_w2_a", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lora_up", "lora_B"})
 
 Lr = Union[float, int]
@@ -102,7 +102,9 @@ def _components(model: Union[nn.Module, Mapping[str, nn.Module]]) -> list[tuple[
     for name, module in model.items():
         match = re.fullmatch(r"text_encoder(?:_(\d+))?", name)
         if name.startswith("text_encoder") and not match:
-            raise ValueError(f"param_groups: text encoder components are named text_encoder, text_encoder_2, ...; got {name!r}")
+            raise ValueError(
+                f"param_groups: text encoder components are named text_encoder, text_encoder_2, ...; got {name!r}"
+            )
         index = (int(match.group(1)) - 1 if match.group(1) else 0) if match else 0
         components.append((name, match is not None, index, module))
     return components

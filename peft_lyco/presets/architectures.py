@@ -32,7 +32,9 @@ class Architecture:
 
     def candidates(self, model: nn.Module, *, conv: bool, adapter: bool) -> list[tuple[str, nn.Module]]:
         """``(path, layer)`` of every Linear/Conv2d inside the selected containers, in model order, no repeats."""
-        containers = self.containers + (self.conv_containers if conv else ()) + (self.adapter_containers if adapter else ())
+        containers = (
+            self.containers + (self.conv_containers if conv else ()) + (self.adapter_containers if adapter else ())
+        )
         found: dict[str, nn.Module] = {}
         for path, module in model.named_modules():
             if isinstance(module, containers):
@@ -65,7 +67,7 @@ def architectures() -> tuple[Architecture, ...]:
     from diffusers.models.upsampling import Upsample2D
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, Qwen3Model
     from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention
-    from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3Attention
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3MLP
 
     from ..models.anima import AnimaDiT, DiTBlock, FinalLayer, LLMAdapterBlock, PatchEmbed, TimestepEmbedding
 

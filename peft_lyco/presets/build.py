@@ -119,10 +119,25 @@ def build_config(
             "network_dim/conv_dim)"
         )
     config = _make_config(config_cls, plan, args, network_dim, network_alpha, passthrough)
+    if _suffix_clash(config.target_modules, (name for name, _ in model.named_modules())):
+        config.target_modules = "|".join(re.escape(path) for path, _, _, _ in plan)  # fullmatch: exact paths only
+    # the rows validate every layout now and log LoKr's full-matrix fallback at build time, as sd-scripts does
     rows = describe(config, model, modules=[(path, layer) for path, layer, _, _ in plan])
     if args.verbose:
         print(format_table(rows))
     return config
+
+
+def _suffix_clash(targets: set[str], names) -> bool:
+    """True if PEFT's list matching (``name == t`` or ``name.endswith("." + t)``) would also hit a module that is not
+    a target, e.g. ``1.0`` for target ``0`` in nested containers."""
+    for name in names:
+        if name in targets:
+            continue
+        parts = name.split(".")
+        if any(".".join(parts[i:]) in targets for i in range(1, len(parts))):
+            return True
+    return False
 
 
 def _check_network_dim_alpha(network_dim: Any, network_alpha: Any) -> tuple[int, float]:
@@ -155,7 +170,9 @@ def _plan(model, args, network_dim, network_alpha, target_modules) -> list[tuple
 
 def _log_unused_patterns(args: NetworkArgs, paths: list[str]) -> None:
     """Patterns that match no candidate usually target another component or another naming (e.g. SGM paths)."""
-    named = [("exclude_patterns", p) for p in args.exclude_patterns] + [("include_patterns", p) for p in args.include_patterns]
+    named = [("exclude_patterns", p) for p in args.exclude_patterns] + [
+        ("include_patterns", p) for p in args.include_patterns
+    ]
     named += [("network_reg_dims", p) for p, _ in args.network_reg_dims]
     for option, pattern in named:
         if not any(re.fullmatch(pattern, path) for path in paths):
@@ -211,7 +228,9 @@ def describe(
     algo = "lokr" if isinstance(config, LoKrConfig) else "loha"
     layer_cls = ALGORITHMS[algo][1]
     if modules is None:
-        modules = [(path, layer) for path, layer in adaptable_layers(unwrap(model)) if check_target_module_exists(config, path)]
+        modules = [
+            (path, layer) for path, layer in adaptable_layers(unwrap(model)) if check_target_module_exists(config, path)
+        ]
     rows = []
     for path, layer in modules:
         spec = resolve_layer_spec(config, path, layer)

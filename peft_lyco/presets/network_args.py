@@ -10,7 +10,8 @@ import ast
 import difflib
 import math
 import re
-from dataclasses import dataclass, fields
+import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 Pairs = tuple[tuple[str, Any], ...]
@@ -64,8 +65,11 @@ def _bool_from_text(text: str) -> bool:
 
 
 def _literal(text: str) -> Any:
+    """``ast.literal_eval`` (as sd-scripts), quiet about ``'\\.'`` in non-raw strings: the regex is what was meant."""
     try:
-        return ast.literal_eval(text.strip())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", (DeprecationWarning, SyntaxWarning))
+            return ast.literal_eval(text.strip())
     except (ValueError, SyntaxError) as err:
         raise ValueError(f"expected a Python literal such as ['regex', ...] ({err})") from None
 
@@ -254,8 +258,6 @@ UNSUPPORTED = {
     "mid_lr_weight": "block-wise lr weights are LoRA-only in sd-scripts; use network_reg_lrs",
     "up_lr_weight": "block-wise lr weights are LoRA-only in sd-scripts; use network_reg_lrs",
 }
-
-assert {f.name for f in fields(NetworkArgs)} == set(OPTIONS), "NetworkArgs and OPTIONS must list the same names"
 
 
 def _unknown(name: str) -> NetworkArgsError:

@@ -97,7 +97,7 @@ def modulation(emb, head, adaln_lora, chunks):
 
 def block(blk, x, emb, context, angles, adaln_lora, num_heads):
     """anima.md §3 step 5 for x (B, T, H, W, D)."""
-    b, t, h, w, d = x.shape
+    _, t, h, w, _ = x.shape
 
     def sub(x, head, fn):
         shift, scale, gate = modulation(emb, head, adaln_lora, 3)
@@ -137,8 +137,11 @@ def dit(model, x, sigma, context, padding_mask, t5_ids=None, t5_mask=None, sourc
     x = rearrange(x, "b c (t r) (h m) (w n) -> b t h w (c r m n)", r=r, m=p, n=p)
     x = linear(x, model.x_embedder.proj[1])
     grid = x.shape[1:4]
-    angles = rope3d_angles(grid, cfg.head_dim, (cfg.rope_t_extrapolation_ratio, cfg.rope_h_extrapolation_ratio,
-                                                cfg.rope_w_extrapolation_ratio))
+    angles = rope3d_angles(
+        grid,
+        cfg.head_dim,
+        (cfg.rope_t_extrapolation_ratio, cfg.rope_h_extrapolation_ratio, cfg.rope_w_extrapolation_ratio),
+    )
     raw = timestep_features(sigma[:, None], cfg.model_channels)
     adaln_lora = linear(silu(linear(raw, model.t_embedder[1].linear_1)), model.t_embedder[1].linear_2)
     emb = rms_norm(raw, model.t_embedding_norm.weight)

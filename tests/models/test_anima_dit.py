@@ -30,9 +30,19 @@ def randomise(module, std=0.3):
 
 def tiny_config(**overrides):
     values = dict(
-        model_channels=32, num_blocks=1, num_heads=2, crossattn_emb_channels=24, adaln_lora_dim=8, max_img_h=32,
-        max_img_w=32, max_frames=4, adapter_source_dim=20, adapter_model_dim=24, adapter_num_layers=1,
-        adapter_num_heads=4, adapter_vocab_size=50,
+        model_channels=32,
+        num_blocks=1,
+        num_heads=2,
+        crossattn_emb_channels=24,
+        adaln_lora_dim=8,
+        max_img_h=32,
+        max_img_w=32,
+        max_frames=4,
+        adapter_source_dim=20,
+        adapter_model_dim=24,
+        adapter_num_layers=1,
+        adapter_num_heads=4,
+        adapter_vocab_size=50,
     )
     return AnimaConfig(**{**values, **overrides})
 
@@ -103,15 +113,23 @@ def test_whole_dit_with_adapter_matches_hand_computation_fp64():
     padding[1, :, :, 3:] = 1
     expected = ref.dit(model, x, sigma, qwen, padding, ids, t5_mask, qwen_mask)
     with torch.no_grad():
-        got = model(x, sigma, qwen, padding_mask=padding, target_input_ids=ids, target_attention_mask=t5_mask,
-                    source_attention_mask=qwen_mask)
+        got = model(
+            x,
+            sigma,
+            qwen,
+            padding_mask=padding,
+            target_input_ids=ids,
+            target_attention_mask=t5_mask,
+            source_attention_mask=qwen_mask,
+        )
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
 
 
 def test_llm_adapter_matches_hand_computation_fp64():
     torch.manual_seed(1)
-    adapter = randomise(LLMAdapter(source_dim=12, target_dim=16, model_dim=16, num_layers=2, num_heads=2,
-                                   vocab_size=30)).double()
+    adapter = randomise(
+        LLMAdapter(source_dim=12, target_dim=16, model_dim=16, num_layers=2, num_heads=2, vocab_size=30)
+    ).double()
     source, ids = torch.randn(2, 4, 12, dtype=torch.float64), torch.randint(0, 30, (2, 3))
     t_mask, s_mask = torch.tensor([[1, 1, 0], [1, 1, 1]]), torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
     expected = ref.llm_adapter(adapter, source, ids, t_mask, s_mask, num_heads=2)
@@ -127,7 +145,11 @@ def test_rope3d_matches_formula_at_real_head_dim():
     # token (t=1, h=2, w=3) is row 1*12 + 2*4 + 3; its first h-frequency angle is 2 (position h) * 1
     assert got[1 * 12 + 2 * 4 + 3, 22].item() == pytest.approx(2.0)
     assert got[1 * 12 + 2 * 4 + 3, 22 + 21 + 1].item() == pytest.approx(3.0 * (1e4 * 4.0 ** (42 / 40)) ** (-2 / 42))
-    assert module.seq.shape == (256,) and module.dim_spatial_range.shape == (21,) and module.dim_temporal_range.shape == (22,)
+    assert (
+        module.seq.shape == (256,)
+        and module.dim_spatial_range.shape == (21,)
+        and module.dim_temporal_range.shape == (22,)
+    )
 
 
 def test_adapter_rope_and_timestep_features_match_formulas():

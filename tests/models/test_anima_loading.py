@@ -1,17 +1,38 @@
 """Single-file loading of the Anima DiT and the Qwen3 text encoder: prefixes, tolerated buffers, clear errors."""
 
+import copy
 import logging
 
 import pytest
 import torch
+from peft import (
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_peft_model_state_dict,
+)
 from safetensors.torch import save_file
 from transformers import Qwen3Config, Qwen3Model
 
 from peft_lyco.models.anima import AnimaConfig, AnimaDiT, qwen3_text_encoder_from_single_file
+from peft_lyco.presets import build_config
 
-CONFIG = AnimaConfig(model_channels=32, num_blocks=2, num_heads=2, crossattn_emb_channels=16, adaln_lora_dim=8,
-                     max_img_h=32, max_img_w=32, max_frames=4, adapter_source_dim=16, adapter_model_dim=16,
-                     adapter_num_layers=1, adapter_num_heads=2, adapter_vocab_size=40)
+CONFIG = AnimaConfig(
+    model_channels=32,
+    num_blocks=2,
+    num_heads=2,
+    crossattn_emb_channels=16,
+    adaln_lora_dim=8,
+    max_img_h=32,
+    max_img_w=32,
+    max_frames=4,
+    adapter_source_dim=16,
+    adapter_model_dim=16,
+    adapter_num_layers=1,
+    adapter_num_heads=2,
+    adapter_vocab_size=40,
+)
 BUFFERS = ("pos_embedder.seq", "pos_embedder.dim_spatial_range", "pos_embedder.dim_temporal_range")
 
 
@@ -45,7 +66,9 @@ def test_from_single_file_round_trip(source, tmp_path, prefix, with_buffers):
     model = AnimaDiT.from_single_file(saved(tmp_path, state), CONFIG)
     assert not model.training
     assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
-    torch.testing.assert_close(output(model), output(source), rtol=1e-6, atol=1e-6)  # same weights; file tensors may differ in alignment
+    torch.testing.assert_close(
+        output(model), output(source), rtol=1e-6, atol=1e-6
+    )  # same weights; file tensors may differ in alignment
 
 
 def test_from_single_file_dtype_and_unexpected_keys(source, tmp_path, caplog):
@@ -66,8 +89,14 @@ def test_from_single_file_dtype_and_unexpected_keys(source, tmp_path, caplog):
     "change, message",
     [
         (lambda sd: sd.pop("blocks.1.mlp.layer2.weight"), "missing keys: blocks.1.mlp.layer2.weight"),
-        (lambda sd: sd.__setitem__("blocks.0.mlp.layer1.weight", torch.zeros(3, 3)), "shape mismatch.*blocks.0.mlp.layer1"),
-        (lambda sd: sd["final_layer.linear.weight"].__setitem__((0, 0), float("nan")), "non-finite.*final_layer.linear"),
+        (
+            lambda sd: sd.__setitem__("blocks.0.mlp.layer1.weight", torch.zeros(3, 3)),
+            "shape mismatch.*blocks.0.mlp.layer1",
+        ),
+        (
+            lambda sd: sd["final_layer.linear.weight"].__setitem__((0, 0), float("nan")),
+            "non-finite.*final_layer.linear",
+        ),
         (lambda sd: sd.__setitem__("transformer_blocks.0.attn1.to_q.weight", torch.zeros(1)), "diffusers"),
     ],
     ids=["missing", "shape", "nan", "diffusers-layout"],
@@ -112,8 +141,16 @@ def test_load_state_dict_accepts_prefix_reports_and_leaves_model_untouched_on_er
 
 def test_qwen3_text_encoder_from_single_file(tmp_path):
     torch.manual_seed(0)
-    config = Qwen3Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True)
+    config = Qwen3Config(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        tie_word_embeddings=True,
+    )
     source = Qwen3Model(config).eval()
     state = {"model." + key: value for key, value in source.state_dict().items()}
     state["lm_head.weight"] = source.embed_tokens.weight  # tied head as causal-LM files carry it
@@ -124,4 +161,19 @@ def test_qwen3_text_encoder_from_single_file(tmp_path):
         torch.testing.assert_close(loaded(input_ids=ids).last_hidden_state, source(input_ids=ids).last_hidden_state)
     del state["model.norm.weight"]
     with pytest.raises(ValueError, match="missing keys: norm.weight"):
-        qwen3_text_encoder_from_single_file(saved(tmp_path, {k: v.clone() for k, v in state.items()}, "bad.safetensors"), config)
+        qwen3_text_encoder_from_single_file(
+            saved(tmp_path, {k: v.clone() for k, v in state.items()}, "bad.safetensors"), config
+        )
+
+
+def test_peft_adapter_round_trips_through_both_peft_loading_paths(source, tmp_path):
+    config = build_config("lokr", source, network_dim=2, network_alpha=1, init_weights=False)
+    model = get_peft_model(copy.deepcopy(source), config)
+    expected = output(model)
+    assert (expected - output(source)).abs().max() > 1e-4
+    model.save_pretrained(tmp_path)
+    assert torch.equal(output(PeftModel.from_pretrained(copy.deepcopy(source), tmp_path)), expected)
+    injected = inject_adapter_in_model(copy.deepcopy(config), copy.deepcopy(source))
+    result = set_peft_model_state_dict(injected, get_peft_model_state_dict(model))  # goes through our load_state_dict
+    assert result.unexpected_keys == []
+    assert torch.equal(output(injected), expected)

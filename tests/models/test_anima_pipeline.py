@@ -38,7 +38,7 @@ def test_encode_prompt_masks_and_zeroes_padding(tiny):
     t5 = tiny_t5_tokenizer()
     expected_ids = t5("a red cat")["input_ids"]
     assert embeds.t5_input_ids[0, : len(expected_ids)].tolist() == expected_ids and expected_ids[-1] == 1  # </s>
-    assert embeds.t5_input_ids[0, len(expected_ids):].eq(0).all()
+    assert embeds.t5_input_ids[0, len(expected_ids) :].eq(0).all()
     assert embeds.t5_attention_mask[0].sum() == len(expected_ids)
 
 
@@ -61,8 +61,17 @@ def test_vae_latents_are_normalised_per_channel(tiny):
 def test_sampling_is_guided_euler_on_the_flow(tiny):
     pipe = tiny.pipeline()
     start = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(0))
-    got = pipe("a red cat", "blurry", height=32, width=32, num_inference_steps=2, guidance_scale=2.5,
-               flow_shift=3.0, latents=start, output_type="latent")
+    got = pipe(
+        "a red cat",
+        "blurry",
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        guidance_scale=2.5,
+        flow_shift=3.0,
+        latents=start,
+        output_type="latent",
+    )
     cond = pipe.context(pipe.encode_prompt("a red cat"))
     uncond = pipe.context(pipe.encode_prompt("blurry"))
     x = start.clone()

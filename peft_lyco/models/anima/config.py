@@ -61,7 +61,9 @@ class AnimaConfig:
                 f"({self.adapter_num_heads})"
             )
         if self.use_llm_adapter and (self.adapter_model_dim // self.adapter_num_heads) % 2:
-            raise ValueError("AnimaConfig adapter head dim (adapter_model_dim / adapter_num_heads) must be even for RoPE")
+            raise ValueError(
+                "AnimaConfig adapter head dim (adapter_model_dim / adapter_num_heads) must be even for RoPE"
+            )
 
     @property
     def head_dim(self) -> int:

@@ -7,10 +7,9 @@ Forward semantics follow anima.md §3.
 
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import logging
 import os
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +17,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import AnimaConfig, rope_axis_dims
-from .layers import RMSNorm, init_linear, qk_norm_attention
+from .layers import RMSNorm, init_weights, qk_norm_attention
 from .llm_adapter import LLMAdapter
-from .loading import LoadReport, check_finite, check_state_dict, read_safetensors, strip_prefix
+from .loading import LoadReport, check_finite, check_state_dict, list_keys, read_safetensors, strip_prefix
 from .rope import at_least_fp32, ntk_theta, rope3d_angles, timestep_features
 
 
@@ -98,7 +97,8 @@ class DiTBlock(nn.Module):
         angles: torch.Tensor,
         adaln_lora: torch.Tensor,
     ) -> torch.Tensor:
-        """``x`` (B, T, H, W, D), ``emb`` (B, T, D), ``context`` (B, N, C), ``angles`` (T·H·W, d), ``adaln_lora`` (B, T, 3D)."""
+        """``x`` (B, T, H, W, D), ``emb`` (B, T, D), ``context`` (B, N, C), ``angles`` (T·H·W, d),
+        ``adaln_lora`` (B, T, 3D)."""
         batch, frames, height, width, dim = x.shape
         sublayers = (
             (self.adaln_modulation_self_attn, self.layer_norm_self_attn, lambda h: self.self_attn(h, angles=angles)),
@@ -132,7 +132,9 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, in_channels: int, dim: int, temporal: int, spatial: int):
         super().__init__()
-        self.proj = nn.Sequential(Patchify(temporal, spatial), nn.Linear(in_channels * temporal * spatial**2, dim, bias=False))
+        self.proj = nn.Sequential(
+            Patchify(temporal, spatial), nn.Linear(in_channels * temporal * spatial**2, dim, bias=False)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)
@@ -261,15 +263,13 @@ class AnimaDiT(nn.Module):
 
     def reset_parameters(self) -> None:
         """The reference init: Linears truncated-normal, modulation outputs zero, norms one."""
-        for name, module in self.named_modules():
-            if name.startswith("llm_adapter"):
-                continue
-            if isinstance(module, nn.Linear):
-                init_linear(module)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+        init_weights(module for name, module in self.named_modules() if not name.startswith("llm_adapter"))
         for block in self.blocks:
-            for modulation in (block.adaln_modulation_self_attn, block.adaln_modulation_cross_attn, block.adaln_modulation_mlp):
+            for modulation in (
+                block.adaln_modulation_self_attn,
+                block.adaln_modulation_cross_attn,
+                block.adaln_modulation_mlp,
+            ):
                 nn.init.zeros_(modulation[2].weight)
         nn.init.zeros_(self.final_layer.adaln_modulation[2].weight)
 
@@ -299,13 +299,13 @@ class AnimaDiT(nn.Module):
         check_finite(state_dict, what)
         with torch.device("meta"):
             model = cls(config)
-        report = check_state_dict(model, state_dict, optional=OPTIONAL_BUFFERS, strict=False, what=what)
-        if report.missing_keys:
-            raise ValueError(f"{what}: missing keys: {', '.join(report.missing_keys[:8])} ({len(report.missing_keys)} in all)")
+        report = check_state_dict(model, state_dict, optional=OPTIONAL_BUFFERS, strict=strict, what=what)
+        if report.missing_keys:  # parameters cannot stay on the meta device, even when not strict
+            raise ValueError(f"{what}: missing keys: {list_keys(report.missing_keys)}")
         if report.unexpected_keys:
-            if strict:
-                raise ValueError(f"{what}: unexpected keys: {', '.join(report.unexpected_keys[:8])}")
-            logger.warning("%s: ignoring %d unexpected keys: %s", what, len(report.unexpected_keys), report.unexpected_keys[:8])
+            logger.warning(
+                "%s: ignoring %d unexpected keys: %s", what, len(report.unexpected_keys), report.unexpected_keys[:8]
+            )
             state_dict = {key: value for key, value in state_dict.items() if key not in report.unexpected_keys}
         if torch_dtype is not None:
             state_dict = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
@@ -318,7 +318,9 @@ class AnimaDiT(nn.Module):
         """``nn.Module.load_state_dict`` that accepts ``net.``-prefixed keys, tolerates missing RoPE buffers and
         checks keys and shapes before copying anything (a failed load leaves the model unchanged)."""
         state_dict = strip_prefix(dict(state_dict), "net.")
-        report = check_state_dict(self, state_dict, optional=OPTIONAL_BUFFERS, strict=strict, what="AnimaDiT.load_state_dict")
+        report = check_state_dict(
+            self, state_dict, optional=OPTIONAL_BUFFERS, strict=strict, what="AnimaDiT.load_state_dict"
+        )
         super().load_state_dict(state_dict, strict=False, assign=assign)
         return report
 
@@ -336,7 +338,9 @@ class AnimaDiT(nn.Module):
     ) -> torch.Tensor:
         """Run the LLM adapter and zero the rows of padded T5 positions: the (B, L, C) cross-attention context."""
         if not self.config.use_llm_adapter:
-            raise ValueError("AnimaDiT: target_input_ids given but this model has no LLM adapter (use_llm_adapter=False)")
+            raise ValueError(
+                "AnimaDiT: target_input_ids given but this model has no LLM adapter (use_llm_adapter=False)"
+            )
         context = self.llm_adapter(qwen3_hidden_states, t5_input_ids, t5_attention_mask, qwen3_attention_mask)
         if t5_attention_mask is not None:
             context = context * t5_attention_mask.to(context.dtype)[..., None]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,15 @@ def init_linear(layer: nn.Linear) -> None:
     nn.init.trunc_normal_(layer.weight, std=std, a=-3 * std, b=3 * std)
     if layer.bias is not None:
         nn.init.zeros_(layer.bias)
+
+
+def init_weights(modules: Iterable[nn.Module]) -> None:
+    """The reference init for every ``nn.Linear`` (``init_linear``) and ``RMSNorm`` (ones) among ``modules``."""
+    for module in modules:
+        if isinstance(module, nn.Linear):
+            init_linear(module)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
 
 
 def qk_norm_attention(

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .layers import RMSNorm, init_linear, qk_norm_attention
+from .layers import RMSNorm, init_weights, qk_norm_attention
 from .rope import rope1d_angles
 
 
@@ -105,11 +105,7 @@ class LLMAdapter(nn.Module):
 
     def reset_parameters(self) -> None:
         """Linears truncated-normal, norms one, each block's last MLP weight zero (the reference's init)."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                init_linear(module)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+        init_weights(self.modules())
         nn.init.normal_(self.embed.weight)
         for block in self.blocks:
             nn.init.zeros_(block.mlp[2].weight)

@@ -43,7 +43,8 @@ def strip_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, 
     return {key.removeprefix(prefix): value for key, value in state_dict.items()}
 
 
-def _listing(keys: Iterable[str]) -> str:
+def list_keys(keys: Iterable[str]) -> str:
+    """The first few keys, sorted, and how many there are in all."""
     keys = sorted(keys)
     shown = ", ".join(keys[:MAX_LISTED])
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > MAX_LISTED else "")
@@ -66,14 +67,16 @@ def check_state_dict(
     optional = set(optional)
     not_tensors = [key for key, value in state_dict.items() if not isinstance(value, torch.Tensor)]
     if not_tensors:
-        raise ValueError(f"{what}: values are not tensors for keys {_listing(not_tensors)}")
+        raise ValueError(f"{what}: values are not tensors for keys {list_keys(not_tensors)}")
     mismatched = [
         f"{key}: file {tuple(value.shape)} vs model {tuple(expected[key])}"
         for key, value in state_dict.items()
         if key in expected and tuple(value.shape) != tuple(expected[key])
     ]
     if mismatched:
-        raise ValueError(f"{what}: shape mismatch (a file for another model or config?): " + "; ".join(mismatched[:MAX_LISTED]))
+        raise ValueError(
+            f"{what}: shape mismatch (a file for another model or config?): " + "; ".join(mismatched[:MAX_LISTED])
+        )
     report = LoadReport(
         missing_keys=sorted(set(expected) - set(state_dict) - optional),
         unexpected_keys=sorted(set(state_dict) - set(expected)),
@@ -81,9 +84,9 @@ def check_state_dict(
     if strict and (report.missing_keys or report.unexpected_keys):
         parts = []
         if report.missing_keys:
-            parts.append(f"missing keys: {_listing(report.missing_keys)}")
+            parts.append(f"missing keys: {list_keys(report.missing_keys)}")
         if report.unexpected_keys:
-            parts.append(f"unexpected keys: {_listing(report.unexpected_keys)}")
+            parts.append(f"unexpected keys: {list_keys(report.unexpected_keys)}")
         raise ValueError(f"{what}: " + "; ".join(parts))
     return report
 
@@ -92,4 +95,4 @@ def check_finite(state_dict: dict[str, torch.Tensor], what: str = "checkpoint") 
     """Raise naming the first keys whose floating tensors hold NaN or inf."""
     bad = [key for key, value in state_dict.items() if value.is_floating_point() and not torch.isfinite(value).all()]
     if bad:
-        raise ValueError(f"{what}: non-finite values (NaN/inf) in {_listing(bad)}")
+        raise ValueError(f"{what}: non-finite values (NaN/inf) in {list_keys(bad)}")

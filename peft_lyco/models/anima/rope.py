@@ -82,7 +82,7 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 
 
 def timestep_features(timesteps: torch.Tensor, channels: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal features ``cat([cos(t·f), sin(t·f)])`` with ``f_i = exp(−ln(max_period)·i/half)``, in at least fp32.
+    """Sinusoidal features ``cat([cos(t·f), sin(t·f)])``, ``f_i = exp(−ln(max_period)·i/half)``, in at least fp32.
 
     ``timesteps`` has any shape; the result appends a ``channels`` dim. Anima feeds σ ∈ [0, 1] here.
     """

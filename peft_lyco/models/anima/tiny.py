@@ -6,6 +6,7 @@ what the tests use. ``build_tiny_anima()`` returns every component; ``.pipeline(
 
 from __future__ import annotations
 
+import re
 import string
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ from .dit import AnimaDiT
 from .pipeline import AnimaPipeline
 from .vae import LATENT_MEAN, LATENT_STD
 
+# weights the reference initialises to zero (AdaLN-LoRA outputs, adapter MLP outputs)
+ZERO_INIT_WEIGHTS = re.compile(r".*(adaln_modulation\w*\.2|llm_adapter\.blocks\.\d+\.mlp\.2)\.weight")
 TINY_MAX_LENGTH = 32
 TINY_QWEN3 = dict(
     hidden_size=32,
@@ -113,8 +116,7 @@ def build_tiny_anima(seed: int = 0) -> AnimaComponents:
         dit = AnimaDiT(tiny_anima_config(len(t5_tokenizer)))
         with torch.no_grad():
             for name, param in dit.named_parameters():
-                if name.endswith(("adaln_modulation_self_attn.2.weight", "adaln_modulation_cross_attn.2.weight",
-                                  "adaln_modulation_mlp.2.weight", "adaln_modulation.2.weight", "mlp.2.weight")):
+                if ZERO_INIT_WEIGHTS.fullmatch(name):
                     param.normal_(std=0.02)
         vae = AutoencoderKLQwenImage(latents_mean=list(LATENT_MEAN), latents_std=list(LATENT_STD), **TINY_VAE)
     finally:

@@ -1,4 +1,4 @@
-"""Qwen-Image VAE (diffusers ``AutoencoderKLQwenImage``) with Anima's per-channel latent normalisation (anima.md §6)."""
+"""Qwen-Image VAE (diffusers ``AutoencoderKLQwenImage``) with Anima's per-channel latent normalisation (§6)."""
 
 from __future__ import annotations
 
