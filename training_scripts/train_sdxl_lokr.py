@@ -137,7 +137,7 @@ def encode_images(vae, pixels: torch.Tensor) -> torch.Tensor:
     return latents * vae.config.scaling_factor
 
 
-def check_reload(path: Path, trained: StableDiffusionXLPipeline, prompt: str) -> None:
+def check_reload(args: argparse.Namespace, path: Path, trained: StableDiffusionXLPipeline, prompt: str) -> None:
     """The embedded default's last step: load the saved file into a fresh tiny pipeline as a user would
     (``enable_lyco`` + ``load_lora_weights``) and compare its images with the base and the in-memory model."""
     from peft_lyco.diffusers import enable_lyco
@@ -154,7 +154,8 @@ def check_reload(path: Path, trained: StableDiffusionXLPipeline, prompt: str) ->
     reloaded = render(fresh)
     fresh.disable_lora()
     base = render(fresh)
-    report_reload(path, reloaded, base, render(trained), "enable_lyco(pipe) + pipe.load_lora_weights")
+    report_reload(path, reloaded, base, render(trained), "enable_lyco(pipe) + pipe.load_lora_weights",
+                  tolerance=1e-4 if args.save_precision == "float" else 5e-2)
 
 
 # -------------------------------------------------------------------------------------------------------- main
@@ -276,7 +277,7 @@ def main(argv: Optional[list[str]] = None) -> Result:
     history = trainer.run(start, summary=f"{len(records)} images, {data.image_count()} per epoch with repeats")
     final = output_dir / f"{args.output_name}.safetensors"
     if tiny and accelerator.is_main_process:
-        check_reload(final, pipe, prompt=records[0].caption)
+        check_reload(args, final, pipe, prompt=records[0].caption)
     return Result(args, pipe, history.losses, history.saved, final)
 
 
