@@ -45,7 +45,7 @@ from lyco_train.sampling import SamplePrompt, read_sample_prompts, save_sample
 from lyco_train.state import Position, run_fingerprint, saved_seed
 from lyco_train.synthetic import make_shapes_dataset
 from lyco_train.tiny import TINY_SEED, report_reload, tiny_defaults, use_one_cpu_thread, write_tiny_prompts
-from peft_lyco.models.anima import AnimaComponents, AnimaPipeline, encode_images
+from peft_lyco.models.anima import AnimaComponents, encode_images
 
 
 @dataclass
@@ -198,6 +198,9 @@ def main(argv: Optional[list[str]] = None) -> Result:
         args.train_data_dir = str(make_shapes_dataset(output_dir / "data", size=64).parent)
         args.sample_prompts = args.sample_prompts or str(write_tiny_prompts(output_dir / "data" / "prompts.txt", 64))
     records = scan_dataset(args.train_data_dir, args.caption_extension)
+    if tiny:
+        print(f"no --pretrained_model_name_or_path: training a tiny random Anima on CPU with the generated "
+              f"dataset in {args.train_data_dir} ({len(records)} images)")
     buckets = assign_buckets([r.size for r in records], options.bucket_settings(args))
 
     accelerator = make_accelerator(args)
@@ -282,15 +285,16 @@ def main(argv: Optional[list[str]] = None) -> Result:
                             model_type="anima", metadata=metadata, precision=args.save_precision,
                             peft_folders=args.save_peft_adapter)
 
-    def sample(step: int) -> None:
-        pipe = AnimaPipeline(models.dit, models.text_encoder, models.tokenizer, models.t5_tokenizer, models.vae,
-                             max_length=models.max_length, t5_max_length=models.t5_max_length)
+    def sample(step: int) -> list[Path]:
+        written = []
+        pipe = models.pipeline()
         for index, prompt in enumerate(read_sample_prompts(args.sample_prompts, SamplePrompt(prompt="", guidance=3.5))):
             with torch.no_grad(), accelerator.autocast():
                 image = pipe(prompt.prompt, prompt.negative, height=prompt.height, width=prompt.width,
                              num_inference_steps=prompt.steps, guidance_scale=prompt.guidance, output_type="pil",
                              generator=torch.Generator().manual_seed(prompt.seed))[0]
-            save_sample(image, output_dir, args.output_name, step, index)
+            written.append(save_sample(image, output_dir, args.output_name, step, index))
+        return written
 
     trainer = Trainer(args, accelerator, modules, optimizer, lr_scheduler, data,
                       BatchBuilder(records, buckets, latent_cache), steps, generator,

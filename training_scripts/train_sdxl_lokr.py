@@ -169,6 +169,9 @@ def main(argv: Optional[list[str]] = None) -> Result:
         args.train_data_dir = str(make_shapes_dataset(output_dir / "data", size=64).parent)
         args.sample_prompts = args.sample_prompts or str(write_tiny_prompts(output_dir / "data" / "prompts.txt", 64))
     records = scan_dataset(args.train_data_dir, args.caption_extension)
+    if tiny:
+        print(f"no --pretrained_model_name_or_path: training a tiny random SDXL on CPU with the generated "
+              f"dataset in {args.train_data_dir} ({len(records)} images)")
     buckets = assign_buckets([r.size for r in records], options.bucket_settings(args))
 
     accelerator = make_accelerator(args, unused_parameters=not args.network_train_unet_only)
@@ -259,14 +262,16 @@ def main(argv: Optional[list[str]] = None) -> Result:
                             model_type="sdxl", metadata=metadata, precision=args.save_precision,
                             peft_folders=args.save_peft_adapter)
 
-    def sample(step: int) -> None:
+    def sample(step: int) -> list[Path]:
+        written = []
         defaults = SamplePrompt(prompt="", width=1024, height=1024)
         for index, prompt in enumerate(read_sample_prompts(args.sample_prompts, defaults)):
             with torch.no_grad(), accelerator.autocast():
                 image = pipe(prompt.prompt, negative_prompt=prompt.negative, width=prompt.width,
                              height=prompt.height, num_inference_steps=prompt.steps, guidance_scale=prompt.guidance,
                              generator=torch.Generator(device).manual_seed(prompt.seed)).images[0]
-            save_sample(image, output_dir, args.output_name, step, index)
+            written.append(save_sample(image, output_dir, args.output_name, step, index))
+        return written
 
     trainer = Trainer(args, accelerator, models, optimizer, lr_scheduler, data,
                       BatchBuilder(records, buckets, latent_cache), steps, generator,

@@ -22,11 +22,11 @@ from .state import Position, load_state, save_state, state_folder_name
 @dataclass
 class Hooks:
     """Model-specific callbacks: ``loss(batch)``; ``save(stem, position)`` writes adapter files named ``stem``;
-    ``sample(step)`` renders ``--sample_prompts`` (None when not sampling)."""
+    ``sample(step)`` renders ``--sample_prompts`` (None when not sampling); both return the paths written."""
 
     loss: Callable[[dict], torch.Tensor]
     save: Callable[[str, Position], list[Path]]
-    sample: Optional[Callable[[int], None]] = None
+    sample: Optional[Callable[[int], list[Path]]] = None
 
 
 @dataclass
@@ -90,7 +90,7 @@ class Trainer:
         if self.hooks.sample is not None and self.accelerator.is_main_process:
             for model in self.models.values():
                 model.eval()
-            self.hooks.sample(step)
+            self.history.saved += self.hooks.sample(step)
             for model in self.models.values():
                 model.train()
         self.accelerator.wait_for_everyone()
@@ -172,5 +172,10 @@ class Trainer:
         accelerator.end_training()
         for model in self.models.values():
             model.eval()
+        losses = self.history.losses
+        if len(losses) >= 2:
+            span = max(1, min(10, len(losses) // 2))
+            accelerator.print(f"loss: mean of the first {span} steps {sum(losses[:span]) / span:.4f}, "
+                              f"of the last {span} steps {sum(losses[-span:]) / span:.4f}")
         accelerator.print("files written:\n" + "\n".join(f"  {path}" for path in self.history.saved))
         return self.history
