@@ -28,8 +28,6 @@ from typing import Optional
 
 import torch
 from accelerate.utils import set_seed
-
-import peft_lyco  # noqa: F401  (registers LYCO_LOHA / LYCO_LOKR with PEFT)
 from lyco_train import args as options
 from lyco_train.batches import BatchBuilder, EpochPlan
 from lyco_train.buckets import assign_buckets
@@ -39,12 +37,20 @@ from lyco_train.export import save_adapter
 from lyco_train.loop import make_accelerator, make_optimizer, make_scheduler, plan_steps, start_trackers, weight_dtype
 from lyco_train.metadata import RunInfo, training_metadata
 from lyco_train.network import check_network_args, inject, network_args_metadata, optimizer_groups
-from lyco_train.objectives import SIGMA_SAMPLING, flow_noisy_input, flow_target, sample_noise, sample_sigmas, weighted_mse
+from lyco_train.objectives import (
+    SIGMA_SAMPLING,
+    flow_noisy_input,
+    flow_target,
+    sample_noise,
+    sample_sigmas,
+    weighted_mse,
+)
 from lyco_train.runner import Hooks, Trainer
 from lyco_train.sampling import SamplePrompt, read_sample_prompts, save_sample
 from lyco_train.state import Position, run_fingerprint, saved_seed
-from lyco_train.synthetic import make_shapes_dataset
-from lyco_train.tiny import TINY_SEED, report_reload, tiny_defaults, use_one_cpu_thread, write_tiny_prompts
+from lyco_train.tiny import TINY_SEED, prepare_tiny_data, report_reload, tiny_defaults, use_one_cpu_thread
+
+import peft_lyco  # noqa: F401  (registers LYCO_LOHA / LYCO_LOKR with PEFT)
 from peft_lyco.models.anima import AnimaComponents, encode_images
 
 
@@ -136,10 +142,13 @@ def load_models(args: argparse.Namespace, dtype: torch.dtype) -> AnimaComponents
         text_encoder = Qwen3Model.from_pretrained(args.qwen3, torch_dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(args.qwen3)
     return AnimaComponents(
-        dit=dit, text_encoder=text_encoder, tokenizer=tokenizer,
+        dit=dit,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
         t5_tokenizer=AutoTokenizer.from_pretrained(args.t5_tokenizer_path),
         vae=load_vae(args.vae, args.vae_subfolder, torch.float32),
-        max_length=args.qwen3_max_token_length, t5_max_length=args.t5_max_token_length,
+        max_length=args.qwen3_max_token_length,
+        t5_max_length=args.t5_max_token_length,
     )
 
 
@@ -154,13 +163,18 @@ def encode_captions(models: AnimaComponents, captions: list[str], text_encoder) 
         tokenizer.pad_token = tokenizer.eos_token
     device = next(models.dit.parameters()).device
     qwen = tokenizer(captions, padding="max_length", max_length=models.max_length, truncation=True, return_tensors="pt")
-    t5 = models.t5_tokenizer(captions, padding="max_length", max_length=models.t5_max_length, truncation=True,
-                             return_tensors="pt")
+    t5 = models.t5_tokenizer(
+        captions, padding="max_length", max_length=models.t5_max_length, truncation=True, return_tensors="pt"
+    )
     mask = qwen["attention_mask"].to(device)
     states = text_encoder(input_ids=qwen["input_ids"].to(device), attention_mask=mask).last_hidden_state
     states = torch.where(mask[..., None].bool(), states, torch.zeros_like(states))
-    return {"prompt_embeds": states, "attention_mask": mask, "t5_input_ids": t5["input_ids"].to(device),
-            "t5_attention_mask": t5["attention_mask"].to(device)}
+    return {
+        "prompt_embeds": states,
+        "attention_mask": mask,
+        "t5_input_ids": t5["input_ids"].to(device),
+        "t5_attention_mask": t5["attention_mask"].to(device),
+    }
 
 
 def check_reload(args: argparse.Namespace, path: Path, trained: AnimaComponents, prompt: str) -> None:
@@ -176,15 +190,33 @@ def check_reload(args: argparse.Namespace, path: Path, trained: AnimaComponents,
     targets = {"transformer": fresh.dit, "text_encoder": fresh.text_encoder}
     converted = kohya_to_peft(state_dict, metadata=metadata, model_type="anima", model=targets)
     for component, adapter in converted.items():
-        inject_adapter_in_model(adapter.config, targets[component], adapter_name="trained", state_dict=adapter.state_dict)
+        inject_adapter_in_model(
+            adapter.config, targets[component], adapter_name="trained", state_dict=adapter.state_dict
+        )
         set_peft_model_state_dict(targets[component], adapter.state_dict, adapter_name="trained")
 
     def render(models: AnimaComponents):
-        return models.pipeline()(prompt, height=64, width=64, num_inference_steps=4, guidance_scale=3.0,
-                                 generator=torch.Generator().manual_seed(0)).permute(0, 2, 3, 1).numpy()
+        return (
+            models.pipeline()(
+                prompt,
+                height=64,
+                width=64,
+                num_inference_steps=4,
+                guidance_scale=3.0,
+                generator=torch.Generator().manual_seed(0),
+            )
+            .permute(0, 2, 3, 1)
+            .numpy()
+        )
 
-    report_reload(path, render(fresh), render(base), render(trained), "peft_lyco.convert.kohya_to_peft",
-                  tolerance=1e-4 if args.save_precision == "float" else 5e-2)
+    report_reload(
+        path,
+        render(fresh),
+        render(base),
+        render(trained),
+        "peft_lyco.convert.kohya_to_peft",
+        tolerance=1e-4 if args.save_precision == "float" else 5e-2,
+    )
 
 
 # -------------------------------------------------------------------------------------------------------- main
@@ -192,18 +224,19 @@ def main(argv: Optional[list[str]] = None) -> Result:
     args = parse_args(argv)
     tiny = args.pretrained_model_name_or_path is None
     output_dir = Path(args.output_dir)
+    accelerator = make_accelerator(args)
     if tiny:
         use_one_cpu_thread()
-    if args.train_data_dir is None:
-        args.train_data_dir = str(make_shapes_dataset(output_dir / "data", size=64).parent)
-        args.sample_prompts = args.sample_prompts or str(write_tiny_prompts(output_dir / "data" / "prompts.txt", 64))
+        with accelerator.main_process_first():
+            prepare_tiny_data(args)
     records = scan_dataset(args.train_data_dir, args.caption_extension)
     if tiny:
-        print(f"no --pretrained_model_name_or_path: training a tiny random Anima on CPU with the generated "
-              f"dataset in {args.train_data_dir} ({len(records)} images)")
+        accelerator.print(
+            f"no --pretrained_model_name_or_path: training a tiny random Anima on CPU with the generated "
+            f"dataset in {args.train_data_dir} ({len(records)} images)"
+        )
     buckets = assign_buckets([r.size for r in records], options.bucket_settings(args))
 
-    accelerator = make_accelerator(args)
     set_seed(args.seed, device_specific=True)
     run = RunInfo(str(uuid.uuid4()), time.time(), args.pretrained_model_name_or_path or "tiny-random-anima", "anima")
     dtype, device = weight_dtype(accelerator), accelerator.device
@@ -230,24 +263,43 @@ def main(argv: Optional[list[str]] = None) -> Result:
     if args.cache_latents:
         latent_cache = LatentCache(f"anima:{args.vae}", cache_dir if args.cache_latents_to_disk else None)
         with accelerator.main_process_first():
-            latent_cache.fill(latent_jobs(records, buckets, args.flip_aug), lambda px: encode_images(models.vae, px),
-                              args.vae_batch_size, accelerator.is_local_main_process)
+            latent_cache.fill(
+                latent_jobs(records, buckets, args.flip_aug),
+                lambda px: encode_images(models.vae, px),
+                args.vae_batch_size,
+                accelerator.is_local_main_process,
+            )
     text_cache = None
     if args.cache_text_encoder_outputs:
+
         def encode_frozen(captions: list[str]) -> dict[str, torch.Tensor]:
             with torch.no_grad(), accelerator.autocast():
                 return encode_captions(models, captions, models.text_encoder)
 
-        text_cache = TextCache(f"anima:{args.qwen3}:{models.max_length}:{models.t5_max_length}", encode_frozen,
-                               cache_dir if args.cache_text_encoder_outputs_to_disk else None)
+        text_cache = TextCache(
+            f"anima:{args.qwen3}:{models.max_length}:{models.t5_max_length}",
+            encode_frozen,
+            cache_dir if args.cache_text_encoder_outputs_to_disk else None,
+        )
         with accelerator.main_process_first():
-            text_cache.fill([r.caption for r in records] + [""], args.train_batch_size, accelerator.is_local_main_process)
+            text_cache.fill(
+                [r.caption for r in records] + [""], args.train_batch_size, accelerator.is_local_main_process
+            )
 
-    data = EpochPlan(records, buckets, batch_size=args.train_batch_size, seed=args.seed, flip_aug=args.flip_aug,
-                     random_crop=args.random_crop, caption_dropout_rate=args.caption_dropout_rate,
-                     num_processes=accelerator.num_processes, process_index=accelerator.process_index)
-    steps = plan_steps(data.batches_per_epoch, args.gradient_accumulation_steps, args.max_train_steps,
-                       args.max_train_epochs)
+    data = EpochPlan(
+        records,
+        buckets,
+        batch_size=args.train_batch_size,
+        seed=args.seed,
+        flip_aug=args.flip_aug,
+        random_crop=args.random_crop,
+        caption_dropout_rate=args.caption_dropout_rate,
+        num_processes=accelerator.num_processes,
+        process_index=accelerator.process_index,
+    )
+    steps = plan_steps(
+        data.batches_per_epoch, args.gradient_accumulation_steps, args.max_train_steps, args.max_train_epochs
+    )
     optimizer = make_optimizer(args, optimizer_groups(args, trained))
     lr_scheduler = make_scheduler(args, optimizer, steps.total_steps)
     prepared = accelerator.prepare(*trained.values(), optimizer)
@@ -264,42 +316,85 @@ def main(argv: Optional[list[str]] = None) -> Result:
         else:
             text = encode_captions(models, batch["captions"], modules.get("text_encoder", models.text_encoder))
         noise = sample_noise(latents, generator)
-        sigmas = sample_sigmas(latents.shape[0], args.timestep_sampling, generator, device,
-                               sigmoid_scale=args.sigmoid_scale, shift=args.discrete_flow_shift)
+        sigmas = sample_sigmas(
+            latents.shape[0],
+            args.timestep_sampling,
+            generator,
+            device,
+            sigmoid_scale=args.sigmoid_scale,
+            shift=args.discrete_flow_shift,
+        )
         prediction = modules["transformer"](
-            flow_noisy_input(latents, noise, sigmas).to(dtype), sigmas.to(dtype), text["prompt_embeds"].to(dtype),
-            target_input_ids=text["t5_input_ids"], target_attention_mask=text["t5_attention_mask"],
+            flow_noisy_input(latents, noise, sigmas).to(dtype),
+            sigmas.to(dtype),
+            text["prompt_embeds"].to(dtype),
+            target_input_ids=text["t5_input_ids"],
+            target_attention_mask=text["t5_attention_mask"],
             source_attention_mask=text["attention_mask"],
         )
         return weighted_mse(prediction, flow_target(latents, noise))
 
     def save(stem: str, position: Position) -> list[Path]:
-        objective = {"ss_timestep_sampling": args.timestep_sampling, "ss_sigmoid_scale": args.sigmoid_scale,
-                     "ss_discrete_flow_shift": args.discrete_flow_shift, "ss_weighting_scheme": "uniform"}
+        objective = {
+            "ss_timestep_sampling": args.timestep_sampling,
+            "ss_sigmoid_scale": args.sigmoid_scale,
+            "ss_discrete_flow_shift": args.discrete_flow_shift,
+            "ss_weighting_scheme": "uniform",
+        }
         metadata = training_metadata(
-            args, run, network_args=network_args_metadata(args), records=records, buckets=buckets,
-            batches_per_epoch=data.batches_per_epoch, num_epochs=steps.total_epochs, total_steps=steps.total_steps,
-            position=position, num_processes=accelerator.num_processes, objective=objective,
+            args,
+            run,
+            network_args=network_args_metadata(args),
+            records=records,
+            buckets=buckets,
+            batches_per_epoch=data.batches_per_epoch,
+            num_epochs=steps.total_epochs,
+            total_steps=steps.total_steps,
+            position=position,
+            num_processes=accelerator.num_processes,
+            objective=objective,
         )
-        return save_adapter(output_dir, stem, {k: accelerator.unwrap_model(m) for k, m in modules.items()},
-                            model_type="anima", metadata=metadata, precision=args.save_precision,
-                            peft_folders=args.save_peft_adapter)
+        return save_adapter(
+            output_dir,
+            stem,
+            {k: accelerator.unwrap_model(m) for k, m in modules.items()},
+            model_type="anima",
+            metadata=metadata,
+            precision=args.save_precision,
+            peft_folders=args.save_peft_adapter,
+        )
 
     def sample(step: int) -> list[Path]:
         written = []
         pipe = models.pipeline()
         for index, prompt in enumerate(read_sample_prompts(args.sample_prompts, SamplePrompt(prompt="", guidance=3.5))):
             with torch.no_grad(), accelerator.autocast():
-                image = pipe(prompt.prompt, prompt.negative, height=prompt.height, width=prompt.width,
-                             num_inference_steps=prompt.steps, guidance_scale=prompt.guidance, output_type="pil",
-                             generator=torch.Generator().manual_seed(prompt.seed))[0]
+                image = pipe(
+                    prompt.prompt,
+                    prompt.negative,
+                    height=prompt.height,
+                    width=prompt.width,
+                    num_inference_steps=prompt.steps,
+                    guidance_scale=prompt.guidance,
+                    output_type="pil",
+                    generator=torch.Generator().manual_seed(prompt.seed),
+                )[0]
             written.append(save_sample(image, output_dir, args.output_name, step, index))
         return written
 
-    trainer = Trainer(args, accelerator, modules, optimizer, lr_scheduler, data,
-                      BatchBuilder(records, buckets, latent_cache), steps, generator,
-                      Hooks(loss=loss, save=save, sample=sample if args.sample_prompts else None),
-                      run_fingerprint(args, data.batches_per_epoch))
+    trainer = Trainer(
+        args,
+        accelerator,
+        modules,
+        optimizer,
+        lr_scheduler,
+        data,
+        BatchBuilder(records, buckets, latent_cache),
+        steps,
+        generator,
+        Hooks(loss=loss, save=save, sample=sample if args.sample_prompts else None),
+        run_fingerprint(args, data.batches_per_epoch),
+    )
     start_trackers(accelerator, args, "train_anima_lokr")
     start = trainer.resume(args.resume) if args.resume else Position(0, 0, 0)
     history = trainer.run(start, summary=f"{len(records)} images, {data.image_count()} per epoch with repeats")

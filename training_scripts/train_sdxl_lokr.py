@@ -26,8 +26,6 @@ from typing import Optional
 import torch
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler, StableDiffusionXLPipeline
-
-import peft_lyco  # noqa: F401  (registers LYCO_LOHA / LYCO_LOKR with PEFT)
 from lyco_train import args as options
 from lyco_train.batches import BatchBuilder, EpochPlan
 from lyco_train.buckets import assign_buckets
@@ -48,8 +46,9 @@ from lyco_train.objectives import (
 from lyco_train.runner import Hooks, Trainer
 from lyco_train.sampling import SamplePrompt, read_sample_prompts, save_sample
 from lyco_train.state import Position, run_fingerprint, saved_seed
-from lyco_train.synthetic import make_shapes_dataset
-from lyco_train.tiny import TINY_SEED, report_reload, tiny_defaults, use_one_cpu_thread, write_tiny_prompts
+from lyco_train.tiny import TINY_SEED, prepare_tiny_data, report_reload, tiny_defaults, use_one_cpu_thread
+
+import peft_lyco  # noqa: F401  (registers LYCO_LOHA / LYCO_LOKR with PEFT)
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -69,8 +68,10 @@ class Result:
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model")
-    model.add_argument("--pretrained_model_name_or_path",
-                       help="hub id, diffusers folder or single .safetensors checkpoint (none: tiny CPU demo)")
+    model.add_argument(
+        "--pretrained_model_name_or_path",
+        help="hub id, diffusers folder or single .safetensors checkpoint (none: tiny CPU demo)",
+    )
     model.add_argument("--vae", help="another VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix")
     model.add_argument("--revision")
     model.add_argument("--variant", help="e.g. fp16")
@@ -106,8 +107,9 @@ def load_pipeline(args: argparse.Namespace) -> StableDiffusionXLPipeline:
     if name.endswith(".safetensors"):
         pipe = StableDiffusionXLPipeline.from_single_file(name, torch_dtype=torch.float32)
     else:
-        pipe = StableDiffusionXLPipeline.from_pretrained(name, revision=args.revision, variant=args.variant,
-                                                         torch_dtype=torch.float32)
+        pipe = StableDiffusionXLPipeline.from_pretrained(
+            name, revision=args.revision, variant=args.variant, torch_dtype=torch.float32
+        )
     if args.vae:
         from diffusers import AutoencoderKL
 
@@ -123,8 +125,9 @@ def encode_captions(pipe: StableDiffusionXLPipeline, captions: list[str], encode
     """
     states = []
     for tokenizer, encoder in zip((pipe.tokenizer, pipe.tokenizer_2), encoders):
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(pipe.unet.device)
+        ids = tokenizer(
+            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(pipe.unet.device)
         output = encoder(ids, output_hidden_states=True)
         states.append(output.hidden_states[-2])
     return {"prompt_embeds": torch.cat(states, dim=-1), "pooled": output.text_embeds}
@@ -148,14 +151,27 @@ def check_reload(args: argparse.Namespace, path: Path, trained: StableDiffusionX
     fresh.load_lora_weights(str(path), adapter_name="trained")
 
     def render(pipe: StableDiffusionXLPipeline):
-        return pipe(prompt, width=64, height=64, num_inference_steps=4, guidance_scale=3.0, output_type="np",
-                    generator=torch.Generator().manual_seed(0)).images
+        return pipe(
+            prompt,
+            width=64,
+            height=64,
+            num_inference_steps=4,
+            guidance_scale=3.0,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        ).images
 
     reloaded = render(fresh)
     fresh.disable_lora()
     base = render(fresh)
-    report_reload(path, reloaded, base, render(trained), "enable_lyco(pipe) + pipe.load_lora_weights",
-                  tolerance=1e-4 if args.save_precision == "float" else 5e-2)
+    report_reload(
+        path,
+        reloaded,
+        base,
+        render(trained),
+        "enable_lyco(pipe) + pipe.load_lora_weights",
+        tolerance=1e-4 if args.save_precision == "float" else 5e-2,
+    )
 
 
 # -------------------------------------------------------------------------------------------------------- main
@@ -163,18 +179,19 @@ def main(argv: Optional[list[str]] = None) -> Result:
     args = parse_args(argv)
     tiny = args.pretrained_model_name_or_path is None
     output_dir = Path(args.output_dir)
+    accelerator = make_accelerator(args, unused_parameters=not args.network_train_unet_only)
     if tiny:
         use_one_cpu_thread()
-    if args.train_data_dir is None:
-        args.train_data_dir = str(make_shapes_dataset(output_dir / "data", size=64).parent)
-        args.sample_prompts = args.sample_prompts or str(write_tiny_prompts(output_dir / "data" / "prompts.txt", 64))
+        with accelerator.main_process_first():
+            prepare_tiny_data(args)
     records = scan_dataset(args.train_data_dir, args.caption_extension)
     if tiny:
-        print(f"no --pretrained_model_name_or_path: training a tiny random SDXL on CPU with the generated "
-              f"dataset in {args.train_data_dir} ({len(records)} images)")
+        accelerator.print(
+            f"no --pretrained_model_name_or_path: training a tiny random SDXL on CPU with the generated "
+            f"dataset in {args.train_data_dir} ({len(records)} images)"
+        )
     buckets = assign_buckets([r.size for r in records], options.bucket_settings(args))
 
-    accelerator = make_accelerator(args, unused_parameters=not args.network_train_unet_only)
     set_seed(args.seed, device_specific=True)
     run = RunInfo(str(uuid.uuid4()), time.time(), args.pretrained_model_name_or_path or "tiny-random-sdxl", "sdxl")
     pipe = load_pipeline(args)
@@ -203,26 +220,45 @@ def main(argv: Optional[list[str]] = None) -> Result:
     cache_dir = Path(args.cache_dir or Path(args.train_data_dir) / ".lyco_cache")
     latent_cache = None
     if args.cache_latents:
-        latent_cache = LatentCache(f"sdxl:{run.model_name}:{args.vae}", cache_dir if args.cache_latents_to_disk else None)
+        latent_cache = LatentCache(
+            f"sdxl:{run.model_name}:{args.vae}", cache_dir if args.cache_latents_to_disk else None
+        )
         with accelerator.main_process_first():
-            latent_cache.fill(latent_jobs(records, buckets, args.flip_aug), lambda px: encode_images(pipe.vae, px),
-                              args.vae_batch_size, accelerator.is_local_main_process)
+            latent_cache.fill(
+                latent_jobs(records, buckets, args.flip_aug),
+                lambda px: encode_images(pipe.vae, px),
+                args.vae_batch_size,
+                accelerator.is_local_main_process,
+            )
     text_cache = None
     if args.cache_text_encoder_outputs:
+
         def encode_frozen(captions: list[str]) -> dict[str, torch.Tensor]:
             with torch.no_grad(), accelerator.autocast():
                 return encode_captions(pipe, captions, (pipe.text_encoder, pipe.text_encoder_2))
 
-        text_cache = TextCache(f"sdxl:{run.model_name}", encode_frozen,
-                               cache_dir if args.cache_text_encoder_outputs_to_disk else None)
+        text_cache = TextCache(
+            f"sdxl:{run.model_name}", encode_frozen, cache_dir if args.cache_text_encoder_outputs_to_disk else None
+        )
         with accelerator.main_process_first():
-            text_cache.fill([r.caption for r in records] + [""], args.train_batch_size, accelerator.is_local_main_process)
+            text_cache.fill(
+                [r.caption for r in records] + [""], args.train_batch_size, accelerator.is_local_main_process
+            )
 
-    data = EpochPlan(records, buckets, batch_size=args.train_batch_size, seed=args.seed, flip_aug=args.flip_aug,
-                     random_crop=args.random_crop, caption_dropout_rate=args.caption_dropout_rate,
-                     num_processes=accelerator.num_processes, process_index=accelerator.process_index)
-    steps = plan_steps(data.batches_per_epoch, args.gradient_accumulation_steps, args.max_train_steps,
-                       args.max_train_epochs)
+    data = EpochPlan(
+        records,
+        buckets,
+        batch_size=args.train_batch_size,
+        seed=args.seed,
+        flip_aug=args.flip_aug,
+        random_crop=args.random_crop,
+        caption_dropout_rate=args.caption_dropout_rate,
+        num_processes=accelerator.num_processes,
+        process_index=accelerator.process_index,
+    )
+    steps = plan_steps(
+        data.batches_per_epoch, args.gradient_accumulation_steps, args.max_train_steps, args.max_train_epochs
+    )
     optimizer = make_optimizer(args, optimizer_groups(args, trained))
     lr_scheduler = make_scheduler(args, optimizer, steps.total_steps)
     prepared = accelerator.prepare(*trained.values(), optimizer)
@@ -244,7 +280,9 @@ def main(argv: Optional[list[str]] = None) -> Result:
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"]).to(device)
         prediction = models["unet"](
-            noisy.to(dtype), timesteps, text["prompt_embeds"].to(device, dtype),
+            noisy.to(dtype),
+            timesteps,
+            text["prompt_embeds"].to(device, dtype),
             added_cond_kwargs={"text_embeds": text["pooled"].to(device, dtype), "time_ids": time_ids.to(dtype)},
         ).sample
         target = ddpm_target(noise_scheduler, latents, noise, timesteps)
@@ -253,30 +291,58 @@ def main(argv: Optional[list[str]] = None) -> Result:
 
     def save(stem: str, position: Position) -> list[Path]:
         metadata = training_metadata(
-            args, run, network_args=network_args_metadata(args), records=records, buckets=buckets,
-            batches_per_epoch=data.batches_per_epoch, num_epochs=steps.total_epochs, total_steps=steps.total_steps,
-            position=position, num_processes=accelerator.num_processes,
+            args,
+            run,
+            network_args=network_args_metadata(args),
+            records=records,
+            buckets=buckets,
+            batches_per_epoch=data.batches_per_epoch,
+            num_epochs=steps.total_epochs,
+            total_steps=steps.total_steps,
+            position=position,
+            num_processes=accelerator.num_processes,
             objective={"ss_v_parameterization": args.v_parameterization, "ss_min_snr_gamma": args.min_snr_gamma},
         )
-        return save_adapter(output_dir, stem, {k: accelerator.unwrap_model(m) for k, m in models.items()},
-                            model_type="sdxl", metadata=metadata, precision=args.save_precision,
-                            peft_folders=args.save_peft_adapter)
+        return save_adapter(
+            output_dir,
+            stem,
+            {k: accelerator.unwrap_model(m) for k, m in models.items()},
+            model_type="sdxl",
+            metadata=metadata,
+            precision=args.save_precision,
+            peft_folders=args.save_peft_adapter,
+        )
 
     def sample(step: int) -> list[Path]:
         written = []
         defaults = SamplePrompt(prompt="", width=1024, height=1024)
         for index, prompt in enumerate(read_sample_prompts(args.sample_prompts, defaults)):
             with torch.no_grad(), accelerator.autocast():
-                image = pipe(prompt.prompt, negative_prompt=prompt.negative, width=prompt.width,
-                             height=prompt.height, num_inference_steps=prompt.steps, guidance_scale=prompt.guidance,
-                             generator=torch.Generator(device).manual_seed(prompt.seed)).images[0]
+                image = pipe(
+                    prompt.prompt,
+                    negative_prompt=prompt.negative,
+                    width=prompt.width,
+                    height=prompt.height,
+                    num_inference_steps=prompt.steps,
+                    guidance_scale=prompt.guidance,
+                    generator=torch.Generator(device).manual_seed(prompt.seed),
+                ).images[0]
             written.append(save_sample(image, output_dir, args.output_name, step, index))
         return written
 
-    trainer = Trainer(args, accelerator, models, optimizer, lr_scheduler, data,
-                      BatchBuilder(records, buckets, latent_cache), steps, generator,
-                      Hooks(loss=loss, save=save, sample=sample if args.sample_prompts else None),
-                      run_fingerprint(args, data.batches_per_epoch))
+    trainer = Trainer(
+        args,
+        accelerator,
+        models,
+        optimizer,
+        lr_scheduler,
+        data,
+        BatchBuilder(records, buckets, latent_cache),
+        steps,
+        generator,
+        Hooks(loss=loss, save=save, sample=sample if args.sample_prompts else None),
+        run_fingerprint(args, data.batches_per_epoch),
+    )
     start_trackers(accelerator, args, "train_sdxl_lokr")
     start = trainer.resume(args.resume) if args.resume else Position(0, 0, 0)
     history = trainer.run(start, summary=f"{len(records)} images, {data.image_count()} per epoch with repeats")

@@ -5,13 +5,19 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from lyco_train.batches import BatchBuilder, EpochPlan
-from lyco_train.buckets import BucketSettings, assign_buckets, bucket_resolutions, check_divisible, fit_geometry, fit_image
+from lyco_train.buckets import (
+    BucketSettings,
+    assign_buckets,
+    bucket_resolutions,
+    check_divisible,
+    fit_geometry,
+    fit_image,
+)
 from lyco_train.cache import LatentCache, TextCache
 from lyco_train.data import DataError, scan_dataset
 from lyco_train.synthetic import make_shapes_dataset
+from PIL import Image
 
 
 def _image(path, size=(32, 32), colour=(255, 0, 0)):
@@ -43,8 +49,13 @@ def test_scan_reads_captions_repeats_and_sizes(tmp_path):
     [
         (lambda root: None, "no images found in"),
         (lambda root: _image(root / "a.png"), "1 image(s) have no caption file"),
-        (lambda root: ((root / "b.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really"), (root / "b.txt").write_text("x")),
-         "cannot be read (corrupt or truncated)"),
+        (
+            lambda root: (
+                (root / "b.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really"),
+                (root / "b.txt").write_text("x"),
+            ),
+            "cannot be read (corrupt or truncated)",
+        ),
         (lambda root: (root / "0_none").mkdir(), "asks for 0 repeats"),
     ],
     ids=["empty", "no-caption", "corrupt", "zero-repeats"],
@@ -119,13 +130,17 @@ def test_epoch_plan_is_deterministic_complete_and_bucketed(tmp_path):
     plan = EpochPlan(records, buckets, batch_size=2, seed=3, flip_aug=True, caption_dropout_rate=0.5)
     first, again, other = plan.batches(0), plan.batches(0), plan.batches(1)
     assert first == again and first != other
-    assert sorted(s.record for batch in first for s in batch) == sorted(i for i in range(len(records)) for _ in range(2))
+    assert sorted(s.record for batch in first for s in batch) == sorted(
+        i for i in range(len(records)) for _ in range(2)
+    )
     assert all(len({buckets[s.record] for s in batch}) == 1 for batch in first)
     assert len(first) == plan.batches_per_epoch
     samples = [s for batch in first + other for s in batch]
     assert any(s.flip for s in samples) and not all(s.flip for s in samples)
     assert any(s.drop_caption for s in samples) and not all(s.drop_caption for s in samples)
-    shards = [EpochPlan(records, buckets, batch_size=2, seed=3, num_processes=2, process_index=i).batches(0) for i in (0, 1)]
+    shards = [
+        EpochPlan(records, buckets, batch_size=2, seed=3, num_processes=2, process_index=i).batches(0) for i in (0, 1)
+    ]
     assert len(shards[0]) == len(shards[1]) and not set(map(str, shards[0])) & set(map(str, shards[1]))
 
 

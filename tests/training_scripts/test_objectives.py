@@ -1,13 +1,11 @@
 """Objectives, step planning, sample-prompt parsing and exact state round trips of the shared helpers."""
 
-import argparse
 import random
 
 import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
-
 from lyco_train.loop import GradientSteps, plan_steps
 from lyco_train.objectives import (
     ddpm_target,
@@ -35,7 +33,9 @@ def test_v_prediction_target_and_min_snr_weights_match_formulas():
     alpha_bar = np.cumprod(1 - betas)[timesteps.numpy()]
     a = torch.tensor(alpha_bar).view(-1, 1, 1, 1)
     assert torch.equal(ddpm_target(eps, latents, noise, timesteps), noise)
-    assert torch.allclose(ddpm_target(v, latents, noise, timesteps), a.sqrt() * noise - (1 - a).sqrt() * latents, atol=1e-6)
+    assert torch.allclose(
+        ddpm_target(v, latents, noise, timesteps), a.sqrt() * noise - (1 - a).sqrt() * latents, atol=1e-6
+    )
     snr = alpha_bar / (1 - alpha_bar)
     gamma = 5.0
     expected_eps = np.minimum(snr, gamma) / snr
@@ -128,9 +128,14 @@ def test_optimizer_state_round_trips_exactly_through_files():
         optimizer.step()
     structure, tensors = _optimizer_to_files(optimizer)
     import json
+
     structure = json.loads(json.dumps(structure))  # what a state folder stores
-    twin = torch.optim.AdamW([{"params": [torch.nn.Parameter(p.detach().clone()) for p in params[:1]], "name": "a"},
-                              {"params": [torch.nn.Parameter(p.detach().clone()) for p in params[1:]], "name": "b"}])
+    twin = torch.optim.AdamW(
+        [
+            {"params": [torch.nn.Parameter(p.detach().clone()) for p in params[:1]], "name": "a"},
+            {"params": [torch.nn.Parameter(p.detach().clone()) for p in params[1:]], "name": "b"},
+        ]
+    )
     twin.load_state_dict(_optimizer_from_files(structure, tensors))
     original, restored = optimizer.state_dict(), twin.state_dict()
     assert restored["param_groups"][1]["lr"] == 0.5 and restored["param_groups"][1]["name"] == "b"
@@ -143,6 +148,7 @@ def test_rng_snapshot_restores_every_generator():
     generator = torch.Generator().manual_seed(3)
     info, tensors = _rng_snapshot(generator)
     import json
+
     info = json.loads(json.dumps(info))
     first = (torch.rand(3), torch.rand(2, generator=generator), np.random.rand(2), random.random())
     _rng_restore(info, tensors, generator)

@@ -25,7 +25,9 @@ class UsageError(ValueError):
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
-    group.add_argument("--train_data_dir", help="images with same-name .txt captions; 'N_name' subfolders repeat N times")
+    group.add_argument(
+        "--train_data_dir", help="images with same-name .txt captions; 'N_name' subfolders repeat N times"
+    )
     group.add_argument("--caption_extension", default=".txt")
     group.add_argument("--resolution", help="training resolution 'SIZE' or 'WIDTH,HEIGHT'")
     group.add_argument("--enable_bucket", action=SWITCH, default=False, help="aspect-ratio bucketing")
@@ -39,7 +41,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--train_batch_size", type=int, default=1)
     group.add_argument("--max_data_loader_n_workers", type=int, default=0)
     group.add_argument("--cache_latents", action=SWITCH, default=False, help="encode every image once with the VAE")
-    group.add_argument("--cache_latents_to_disk", action="store_true", help="keep latent caches as files (implies --cache_latents)")
+    group.add_argument(
+        "--cache_latents_to_disk", action="store_true", help="keep latent caches as files (implies --cache_latents)"
+    )
     group.add_argument("--cache_text_encoder_outputs", action=SWITCH, default=False, help="needs frozen text encoders")
     group.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true")
     group.add_argument("--cache_dir", help="where disk caches go (default: <train_data_dir>/.lyco_cache)")
@@ -53,7 +57,9 @@ def add_network_args(parser: argparse.ArgumentParser, *, default_name: str) -> N
     group.add_argument("--network_dim", type=int, default=4)
     group.add_argument("--network_alpha", type=float, default=1.0)
     group.add_argument("--network_args", nargs="*", default=[], help="sd-scripts style 'key=value' strings")
-    group.add_argument("--network_train_unet_only", action=SWITCH, default=False, help="train the UNet/DiT adapter only")
+    group.add_argument(
+        "--network_train_unet_only", action=SWITCH, default=False, help="train the UNet/DiT adapter only"
+    )
     group.add_argument("--learning_rate", type=float, default=1e-4)
     group.add_argument("--unet_lr", type=float, help="learning rate of the UNet/DiT adapter")
     group.add_argument("--text_encoder_lr", type=float, nargs="+", help="one value, or one per text encoder")
@@ -147,32 +153,58 @@ def check_args(args: argparse.Namespace, *, pixel_multiple: int) -> None:
         check_divisible(bucket_settings(args), pixel_multiple)
     except ValueError as err:
         problems.append(str(err))
-    for option in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "network_dim", "vae_batch_size"):
+    for option in (
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "max_train_steps",
+        "network_dim",
+        "vae_batch_size",
+    ):
         need(getattr(args, option) >= 1, f"--{option} must be at least 1, got {getattr(args, option)}")
-    for option in ("max_train_epochs", "save_every_n_steps", "save_every_n_epochs", "sample_every_n_steps",
-                   "sample_every_n_epochs"):
+    for option in (
+        "max_train_epochs",
+        "save_every_n_steps",
+        "save_every_n_epochs",
+        "sample_every_n_steps",
+        "sample_every_n_epochs",
+    ):
         value = getattr(args, option)
         need(value is None or value >= 1, f"--{option} must be at least 1, got {value}")
-    need(0.0 <= args.caption_dropout_rate < 1.0, f"--caption_dropout_rate must be in [0, 1), got {args.caption_dropout_rate}")
+    need(
+        0.0 <= args.caption_dropout_rate < 1.0,
+        f"--caption_dropout_rate must be in [0, 1), got {args.caption_dropout_rate}",
+    )
     need(args.max_data_loader_n_workers >= 0, "--max_data_loader_n_workers must be >= 0")
-    need(not (args.cache_latents and args.random_crop),
-         "--cache_latents cannot be combined with --random_crop (a cached latent has one fixed crop); drop one of them")
-    need(not args.cache_text_encoder_outputs or args.network_train_unet_only,
-         "--cache_text_encoder_outputs needs frozen text encoders: add --network_train_unet_only")
+    need(
+        not (args.cache_latents and args.random_crop),
+        "--cache_latents cannot be combined with --random_crop (a cached latent has one fixed crop); drop one of them",
+    )
+    need(
+        not args.cache_text_encoder_outputs or args.network_train_unet_only,
+        "--cache_text_encoder_outputs needs frozen text encoders: add --network_train_unet_only",
+    )
     if args.optimizer_type == "AdamW8bit":
-        need(importlib.util.find_spec("bitsandbytes") is not None,
-             "--optimizer_type AdamW8bit needs bitsandbytes: pip install bitsandbytes (or use --optimizer_type AdamW)")
+        need(
+            importlib.util.find_spec("bitsandbytes") is not None,
+            "--optimizer_type AdamW8bit needs bitsandbytes: pip install bitsandbytes (or use --optimizer_type AdamW)",
+        )
     if args.log_with in ("tensorboard", "all"):
-        need(importlib.util.find_spec("tensorboard") is not None,
-             f"--log_with {args.log_with} needs TensorBoard: pip install tensorboard")
+        need(
+            importlib.util.find_spec("tensorboard") is not None,
+            f"--log_with {args.log_with} needs TensorBoard: pip install tensorboard",
+        )
     if args.log_with in ("wandb", "all"):
-        need(importlib.util.find_spec("wandb") is not None, f"--log_with {args.log_with} needs wandb: pip install wandb")
+        need(
+            importlib.util.find_spec("wandb") is not None, f"--log_with {args.log_with} needs wandb: pip install wandb"
+        )
     need(not args.log_with or bool(args.logging_dir), "--log_with needs --logging_dir")
     if args.sample_prompts:
         need(Path(args.sample_prompts).is_file(), f"--sample_prompts file '{args.sample_prompts}' does not exist")
     if args.resume:
-        need(Path(args.resume, "training_state.json").is_file(),
-             f"--resume '{args.resume}' is not a state folder written by --save_state (no training_state.json)")
+        need(
+            Path(args.resume, "training_state.json").is_file(),
+            f"--resume '{args.resume}' is not a state folder written by --save_state (no training_state.json)",
+        )
     try:
         parse_key_values(args.optimizer_args, "--optimizer_args")
     except UsageError as err:

@@ -56,7 +56,8 @@ class EpochPlan:
         self.batches_per_epoch = total // num_processes
         if self.batches_per_epoch == 0:
             raise ValueError(
-                f"only {total} batch(es) per epoch for {num_processes} processes; lower --train_batch_size or add images"
+                f"only {total} batch(es) per epoch for {num_processes} processes; "
+                "lower --train_batch_size or add images"
             )
 
     def batches(self, epoch: int) -> list[list[Sample]]:
@@ -130,6 +131,10 @@ def epoch_loader(plan: EpochPlan, build: BatchBuilder, epoch: int, *, skip: int 
     """A DataLoader over this process's batches of ``epoch``, starting after the first ``skip`` of them."""
     batches = plan.batches(epoch)[skip:]
     return torch.utils.data.DataLoader(
-        _EpochBatches(batches, build), batch_size=None, shuffle=False, num_workers=workers,
-        persistent_workers=False, pin_memory=torch.cuda.is_available(),
+        _EpochBatches(batches, build),
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
     )

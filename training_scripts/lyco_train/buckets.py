@@ -1,4 +1,4 @@
-"""Aspect-ratio bucketing (as sd-scripts): every image trains at a resolution of about the same area and its own shape."""
+"""Aspect-ratio bucketing (as sd-scripts): each image trains at about the same area, in its own shape."""
 
 from __future__ import annotations
 
@@ -35,12 +35,19 @@ def check_divisible(settings: BucketSettings, multiple: int) -> None:
     """Raise a ``ValueError`` if any size the buckets can produce is not a multiple of ``multiple``."""
     named = {"--resolution width": settings.resolution[0], "--resolution height": settings.resolution[1]}
     if settings.enable:
-        named.update({"--bucket_reso_steps": settings.step, "--min_bucket_reso": settings.min_reso,
-                      "--max_bucket_reso": settings.max_reso})
+        named.update(
+            {
+                "--bucket_reso_steps": settings.step,
+                "--min_bucket_reso": settings.min_reso,
+                "--max_bucket_reso": settings.max_reso,
+            }
+        )
     bad = [f"{name}={value}" for name, value in named.items() if value % multiple]
     if bad:
-        raise ValueError(f"{', '.join(bad)} not divisible by {multiple}; this model needs image sides that are multiples "
-                         f"of {multiple} pixels")
+        raise ValueError(
+            f"{', '.join(bad)} not divisible by {multiple}; this model needs image sides that are multiples "
+            f"of {multiple} pixels"
+        )
     if settings.enable and settings.min_reso > settings.max_reso:
         raise ValueError(f"--min_bucket_reso {settings.min_reso} is larger than --max_bucket_reso {settings.max_reso}")
 
@@ -93,7 +100,7 @@ class Geometry:
 
 
 def fit_geometry(size: tuple[int, int], bucket: tuple[int, int], *, crop_offset: float | None, flip: bool) -> Geometry:
-    """Resize (width, height) ``size`` to cover ``bucket``, then crop at the centre or at ``crop_offset`` of the slack."""
+    """Resize (width, height) ``size`` to cover ``bucket``; crop at the centre or at ``crop_offset`` of the slack."""
     width, height = size
     bucket_w, bucket_h = bucket
     scale = max(bucket_w / width, bucket_h / height)

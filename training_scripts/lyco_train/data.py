@@ -49,7 +49,9 @@ def _subsets(root: Path) -> list[tuple[Path, int, str]]:
         match = REPEATS_FOLDER.match(child.name)
         repeats, name = (int(match.group(1)), match.group(2)) if match else (1, child.name)
         if repeats < 1:
-            raise DataError(f"folder '{child}' asks for {repeats} repeats; use a prefix of at least 1 (e.g. '1_{name}')")
+            raise DataError(
+                f"folder '{child}' asks for {repeats} repeats; use a prefix of at least 1 (e.g. '1_{name}')"
+            )
         subsets.append((child, repeats, name))
     return subsets
 

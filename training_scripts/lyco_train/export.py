@@ -32,8 +32,9 @@ def save_adapter(
     which loaders read back) take precedence; the user's raw ``--network_args`` are merged into ``ss_network_args``.
     """
     converted = {k: v for k, v in metadata.items() if k not in CONVERTER_KEYS}
-    state_dict, file_metadata = peft_to_kohya(components, adapter_name=ADAPTER_NAME, model_type=model_type,
-                                              dtype=PRECISIONS[precision], metadata=converted)
+    state_dict, file_metadata = peft_to_kohya(
+        components, adapter_name=ADAPTER_NAME, model_type=model_type, dtype=PRECISIONS[precision], metadata=converted
+    )
     if "ss_network_args" in metadata:
         merged = {**json.loads(metadata["ss_network_args"]), **json.loads(file_metadata.get("ss_network_args", "{}"))}
         file_metadata["ss_network_args"] = json.dumps(merged)

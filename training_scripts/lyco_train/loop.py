@@ -36,7 +36,9 @@ def make_accelerator(args: argparse.Namespace, *, unused_parameters: bool = Fals
 def start_trackers(accelerator: Accelerator, args: argparse.Namespace, default_name: str) -> None:
     """Open the ``--log_with`` trackers (TensorBoard/wandb) with every option as the run's config."""
     if args.log_with:
-        accelerator.init_trackers(args.log_tracker_name or default_name, config={k: str(v) for k, v in vars(args).items()})
+        accelerator.init_trackers(
+            args.log_tracker_name or default_name, config={k: str(v) for k, v in vars(args).items()}
+        )
 
 
 def weight_dtype(accelerator: Accelerator) -> torch.dtype:
@@ -64,7 +66,9 @@ class StepPlan:
     total_epochs: int
 
 
-def plan_steps(batches_per_epoch: int, accumulation: int, max_train_steps: int, max_train_epochs: int | None) -> StepPlan:
+def plan_steps(
+    batches_per_epoch: int, accumulation: int, max_train_steps: int, max_train_epochs: int | None
+) -> StepPlan:
     """``--max_train_epochs`` wins over ``--max_train_steps`` (sd-scripts); an epoch ends with an optimizer step."""
     steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
     total_steps = max_train_epochs * steps_per_epoch if max_train_epochs else max_train_steps

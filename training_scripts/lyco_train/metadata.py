@@ -21,7 +21,14 @@ FAMILIES = {
     "anima": ("anima", "anima-preview/lora", "https://huggingface.co/circlestone-labs/Anima"),
 }
 NETWORK_MODULES = {"lokr": "networks.lokr", "loha": "networks.loha"}
-ESSENTIAL = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args")
+ESSENTIAL = (
+    "ss_v2",
+    "ss_base_model_version",
+    "ss_network_module",
+    "ss_network_dim",
+    "ss_network_alpha",
+    "ss_network_args",
+)
 
 
 @dataclass(frozen=True)
@@ -46,7 +53,8 @@ def _dataset_keys(records: list[ImageRecord], buckets: list[tuple[int, int]]) ->
     counts = Counter(buckets)
     bucket_info = {
         "buckets": {str(i): {"resolution": list(b), "count": counts[b]} for i, b in enumerate(sorted(counts))},
-        "mean_img_ar_error": sum(abs(r.size[0] / r.size[1] - b[0] / b[1]) for r, b in zip(records, buckets)) / len(records),
+        "mean_img_ar_error": sum(abs(r.size[0] / r.size[1] - b[0] / b[1]) for r, b in zip(records, buckets))
+        / len(records),
     }
     return {
         "ss_dataset_dirs": dirs,
@@ -70,7 +78,7 @@ def training_metadata(
     objective: dict[str, Any],
     num_processes: int = 1,
 ) -> dict[str, str]:
-    """The metadata of a file saved at ``position``; ``ss_epoch`` counts the epoch in progress (1-based, as sd-scripts)."""
+    """The metadata of a file saved at ``position``; ``ss_epoch`` is the epoch in progress (1-based, as sd-scripts)."""
     version, architecture, implementation = FAMILIES[run.family]
     width, height = (int(v) for v in (args.resolution.split(",") * 2)[:2])
     values: dict[str, Any] = {
@@ -97,7 +105,9 @@ def training_metadata(
                 "ss_sd_model_name": run.model_name,
                 "ss_learning_rate": args.learning_rate,
                 "ss_unet_lr": args.unet_lr if args.unet_lr is not None else args.learning_rate,
-                "ss_text_encoder_lr": None if args.network_train_unet_only else (args.text_encoder_lr or args.learning_rate),
+                "ss_text_encoder_lr": None
+                if args.network_train_unet_only
+                else (args.text_encoder_lr or args.learning_rate),
                 "ss_network_dropout": None,
                 "ss_num_reg_images": 0,
                 "ss_num_batches_per_epoch": batches_per_epoch,
@@ -111,7 +121,8 @@ def training_metadata(
                 "ss_gradient_checkpointing": args.gradient_checkpointing,
                 "ss_lr_warmup_steps": args.lr_warmup_steps,
                 "ss_lr_scheduler": args.lr_scheduler,
-                "ss_optimizer": args.optimizer_type + (f"({','.join(args.optimizer_args)})" if args.optimizer_args else ""),
+                "ss_optimizer": args.optimizer_type
+                + (f"({','.join(args.optimizer_args)})" if args.optimizer_args else ""),
                 "ss_max_grad_norm": args.max_grad_norm,
                 "ss_mixed_precision": args.mixed_precision,
                 "ss_seed": args.seed,

@@ -38,8 +38,13 @@ def inject(args: argparse.Namespace, components: dict[str, torch.nn.Module]) -> 
     configs = {}
     for name, module in components.items():
         module.requires_grad_(False)
-        config = build_config(args.algo, module, network_dim=args.network_dim, network_alpha=args.network_alpha,
-                              network_args=args.network_args)
+        config = build_config(
+            args.algo,
+            module,
+            network_dim=args.network_dim,
+            network_alpha=args.network_alpha,
+            network_args=args.network_args,
+        )
         inject_adapter_in_model(config, module, adapter_name=ADAPTER_NAME)
         configs[name] = config
     return configs
@@ -48,8 +53,9 @@ def inject(args: argparse.Namespace, components: dict[str, torch.nn.Module]) -> 
 def optimizer_groups(args: argparse.Namespace, components: dict[str, torch.nn.Module]) -> list[dict]:
     """Per-component, regex and LoRA+ learning-rate groups (``peft_lyco.training.param_groups``)."""
     options = parse_network_args(args.network_args).training_options()
-    return param_groups(components, lr=args.learning_rate, unet_lr=args.unet_lr,
-                        text_encoder_lr=args.text_encoder_lr, **options)
+    return param_groups(
+        components, lr=args.learning_rate, unet_lr=args.unet_lr, text_encoder_lr=args.text_encoder_lr, **options
+    )
 
 
 def save_peft_folder(folder: Path, module: torch.nn.Module) -> None:
@@ -57,6 +63,9 @@ def save_peft_folder(folder: Path, module: torch.nn.Module) -> None:
     ``PeftModel.from_pretrained(<base component>, folder)`` loads after ``import peft_lyco``."""
     state = get_peft_model_state_dict(module, adapter_name=ADAPTER_NAME)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_save({f"base_model.model.{key}": value for key, value in state.items()}, folder / "adapter_model.safetensors",
-                metadata={"format": "pt"})
+    atomic_save(
+        {f"base_model.model.{key}": value for key, value in state.items()},
+        folder / "adapter_model.safetensors",
+        metadata={"format": "pt"},
+    )
     module.peft_config[ADAPTER_NAME].save_pretrained(str(folder))

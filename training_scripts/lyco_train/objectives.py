@@ -23,12 +23,16 @@ def sample_noise(latents: torch.Tensor, generator: torch.Generator, offset: floa
 
 
 # ------------------------------------------------------------------------------------------------------------ SDXL
-def sdxl_time_ids(original_sizes: torch.Tensor, crop_top_lefts: torch.Tensor, target_sizes: torch.Tensor) -> torch.Tensor:
+def sdxl_time_ids(
+    original_sizes: torch.Tensor, crop_top_lefts: torch.Tensor, target_sizes: torch.Tensor
+) -> torch.Tensor:
     """SDXL's micro-conditioning (B, 6): original (h, w), crop (top, left), target (h, w), as the pipeline builds it."""
     return torch.cat([original_sizes, crop_top_lefts, target_sizes], dim=1).float()
 
 
-def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+def sample_timesteps(
+    batch: int, num_train_timesteps: int, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
     """Uniform integer DDPM timesteps in [0, num_train_timesteps)."""
     steps = torch.randint(0, num_train_timesteps, (batch,), generator=generator, device=generator.device)
     return steps.to(device)

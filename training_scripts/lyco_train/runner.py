@@ -68,13 +68,21 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------- state
     def _state_kwargs(self) -> dict:
-        return dict(accelerator=self.accelerator, models=self.models, optimizer=self.optimizer,
-                    scheduler=self.lr_scheduler, generator=self.generator, fingerprint=self.fingerprint)
+        return dict(
+            accelerator=self.accelerator,
+            models=self.models,
+            optimizer=self.optimizer,
+            scheduler=self.lr_scheduler,
+            generator=self.generator,
+            fingerprint=self.fingerprint,
+        )
 
     def resume(self, folder: str) -> Position:
         position = load_state(Path(folder), **self._state_kwargs())
-        self.accelerator.print(f"resumed from {folder}: step {position.step}, epoch {position.epoch + 1}, "
-                               f"batch {position.batch} of {self.data.batches_per_epoch}")
+        self.accelerator.print(
+            f"resumed from {folder}: step {position.step}, epoch {position.epoch + 1}, "
+            f"batch {position.batch} of {self.data.batches_per_epoch}"
+        )
         return position
 
     def _save(self, position: Position, *, stem: str, state_name: str) -> None:
@@ -111,15 +119,22 @@ class Trainer:
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{next(iter(lrs.values())):.2e}")
         self.accelerator.log({"loss": loss, **{f"lr/{name}": lr for name, lr in lrs.items()}}, step=position.step)
         if position.step < self.steps.total_steps and _save_due(args.save_every_n_steps, position.step):
-            self._save(position, stem=f"{args.output_name}-step{position.step:08d}",
-                       state_name=state_folder_name(args.output_name, step=position.step))
+            self._save(
+                position,
+                stem=f"{args.output_name}-step{position.step:08d}",
+                state_name=state_folder_name(args.output_name, step=position.step),
+            )
         if _save_due(args.sample_every_n_steps, position.step):
             self._sample(position.step)
 
     def _after_epoch(self, position: Position) -> None:
         args, epoch = self.args, position.epoch
         if position.step < self.steps.total_steps and _save_due(args.save_every_n_epochs, epoch):
-            self._save(position, stem=f"{args.output_name}-{epoch:06d}", state_name=state_folder_name(args.output_name, epoch=epoch))
+            self._save(
+                position,
+                stem=f"{args.output_name}-{epoch:06d}",
+                state_name=state_folder_name(args.output_name, epoch=epoch),
+            )
         if _save_due(args.sample_every_n_epochs, epoch):
             self._sample(position.step)
 
@@ -127,8 +142,10 @@ class Trainer:
         """Train from ``start`` to the planned number of steps, save the final files (and state), list what was
         written; the models are left in eval mode."""
         args, accelerator, steps = self.args, self.accelerator, self.steps
-        accelerator.print(f"{summary}{', ' if summary else ''}{self.data.batches_per_epoch} batches per epoch, "
-                          f"{steps.total_steps} steps in {steps.total_epochs} epochs, seed {args.seed}")
+        accelerator.print(
+            f"{summary}{', ' if summary else ''}{self.data.batches_per_epoch} batches per epoch, "
+            f"{steps.total_steps} steps in {steps.total_epochs} epochs, seed {args.seed}"
+        )
         step, per_epoch = start.step, self.data.batches_per_epoch
         for model in self.models.values():
             model.train()
@@ -148,8 +165,10 @@ class Trainer:
                         loss = self.hooks.loss(batch)
                     value = loss.detach().float().item()
                     if not math.isfinite(value):
-                        raise FloatingPointError(f"loss became {value} at step {step + 1} (epoch {epoch + 1}, batch "
-                                                 f"{batch_index}); lower the learning rate or train in bf16/fp32")
+                        raise FloatingPointError(
+                            f"loss became {value} at step {step + 1} (epoch {epoch + 1}, batch "
+                            f"{batch_index}); lower the learning rate or train in bf16/fp32"
+                        )
                     accelerator.backward(loss / group)
                 accumulated += value / group
                 if not sync:
@@ -175,7 +194,9 @@ class Trainer:
         losses = self.history.losses
         if len(losses) >= 2:
             span = max(1, min(10, len(losses) // 2))
-            accelerator.print(f"loss: mean of the first {span} steps {sum(losses[:span]) / span:.4f}, "
-                              f"of the last {span} steps {sum(losses[-span:]) / span:.4f}")
+            accelerator.print(
+                f"loss: mean of the first {span} steps {sum(losses[:span]) / span:.4f}, "
+                f"of the last {span} steps {sum(losses[-span:]) / span:.4f}"
+            )
         accelerator.print("files written:\n" + "\n".join(f"  {path}" for path in self.history.saved))
         return self.history

@@ -34,7 +34,9 @@ def parse_prompt_line(line: str, defaults: SamplePrompt) -> SamplePrompt:
         try:
             values[field] = cast(value.strip())
         except ValueError:
-            raise ValueError(f"sample prompt option --{key} needs a number, got {value.strip()!r} in {line!r}") from None
+            raise ValueError(
+                f"sample prompt option --{key} needs a number, got {value.strip()!r} in {line!r}"
+            ) from None
     return replace(defaults, **values)
 
 
@@ -53,4 +55,3 @@ def save_sample(image, output_dir: str | Path, output_name: str, step: int, inde
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
-

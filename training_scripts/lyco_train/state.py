@@ -75,7 +75,10 @@ def _rng_snapshot(generator: torch.Generator) -> tuple[dict, dict[str, torch.Ten
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     tensors["numpy_keys"] = torch.from_numpy(keys.astype(np.int64))
     python_version, python_state, python_gauss = random.getstate()
-    info = {"numpy": [kind, int(pos), int(has_gauss), float(cached)], "python": [python_version, list(python_state), python_gauss]}
+    info = {
+        "numpy": [kind, int(pos), int(has_gauss), float(cached)],
+        "python": [python_version, list(python_state), python_gauss],
+    }
     return info, tensors
 
 
@@ -120,10 +123,13 @@ def save_state(
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
     rng_info, rng_tensors = _rng_snapshot(generator)
-    atomic_save(rng_tensors, partial / f"rng_{accelerator.process_index}.safetensors",
-                metadata={"info": json.dumps(rng_info)})
+    atomic_save(
+        rng_tensors, partial / f"rng_{accelerator.process_index}.safetensors", metadata={"info": json.dumps(rng_info)}
+    )
     if accelerator.is_main_process:
-        atomic_save(adapter_tensors({k: accelerator.unwrap_model(m) for k, m in models.items()}), partial / ADAPTER_FILE)
+        atomic_save(
+            adapter_tensors({k: accelerator.unwrap_model(m) for k, m in models.items()}), partial / ADAPTER_FILE
+        )
         structure, tensors = _optimizer_to_files(optimizer)
         atomic_save(tensors, partial / OPTIMIZER_FILE)
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
@@ -166,12 +172,16 @@ def load_state(
     current = adapter_tensors({k: accelerator.unwrap_model(m) for k, m in models.items()})
     if set(saved) != set(current):
         missing, extra = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
-        raise ValueError(f"adapter in '{folder}' does not match this network: missing {missing[:5]}, unexpected {extra[:5]}")
+        raise ValueError(
+            f"adapter in '{folder}' does not match this network: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
     with torch.no_grad():
         for name, tensor in current.items():
             if tensor.shape != saved[name].shape:
-                raise ValueError(f"adapter tensor {name} has shape {tuple(saved[name].shape)} in '{folder}', "
-                                 f"{tuple(tensor.shape)} in this network")
+                raise ValueError(
+                    f"adapter tensor {name} has shape {tuple(saved[name].shape)} in '{folder}', "
+                    f"{tuple(tensor.shape)} in this network"
+                )
             tensor.copy_(saved[name])
     optimizer.load_state_dict(_optimizer_from_files(state["optimizer"], load_file(folder / OPTIMIZER_FILE)))
     scheduler.load_state_dict(state["scheduler"])
@@ -196,9 +206,15 @@ def state_folder_name(output_name: str, step: Optional[int] = None, epoch: Optio
 
 def run_fingerprint(args, batches_per_epoch: int) -> dict[str, Any]:
     """What must not change between a saved state and the run resuming it (network, seed, data layout)."""
-    return {"algo": args.algo, "network_dim": args.network_dim, "network_alpha": args.network_alpha,
-            "network_args": list(args.network_args), "seed": args.seed, "batches_per_epoch": batches_per_epoch,
-            "gradient_accumulation_steps": args.gradient_accumulation_steps}
+    return {
+        "algo": args.algo,
+        "network_dim": args.network_dim,
+        "network_alpha": args.network_alpha,
+        "network_args": list(args.network_args),
+        "seed": args.seed,
+        "batches_per_epoch": batches_per_epoch,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+    }
 
 
 def saved_seed(folder: str | Path) -> int:

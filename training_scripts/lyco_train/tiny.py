@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .synthetic import make_shapes_dataset
+
 TINY_SEED = 0
 
 TINY_DEFAULTS = {
@@ -51,6 +53,15 @@ def use_one_cpu_thread() -> None:
     times faster when other processes compete for the cores (OpenMP workers then wait for each other)."""
     if not torch.cuda.is_available():
         torch.set_num_threads(1)
+
+
+def prepare_tiny_data(args) -> None:
+    """Without ``--train_data_dir``: generate the coloured-shapes dataset (and sample prompts) in the output folder."""
+    data = Path(args.output_dir) / "data"
+    if args.train_data_dir is None:
+        args.train_data_dir = str(make_shapes_dataset(data, size=64).parent)
+    if args.sample_prompts is None:
+        args.sample_prompts = str(write_tiny_prompts(data / "prompts.txt", 64))
 
 
 def write_tiny_prompts(path: Path, size: int) -> Path:
