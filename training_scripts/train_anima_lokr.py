@@ -18,7 +18,6 @@ shapes on CPU, reloads the saved file through the converter and checks that the 
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import time
 import uuid
@@ -29,14 +28,13 @@ from typing import Optional
 import torch
 from accelerate.utils import set_seed
 from lyco_train import args as options
-from lyco_train.batches import BatchBuilder, EpochPlan
-from lyco_train.buckets import assign_buckets
-from lyco_train.cache import LatentCache, TextCache, latent_jobs
-from lyco_train.data import DataError, scan_dataset
-from lyco_train.export import save_adapter
-from lyco_train.loop import make_accelerator, make_optimizer, make_scheduler, plan_steps, start_trackers, weight_dtype
-from lyco_train.metadata import RunInfo, training_metadata
-from lyco_train.network import check_network_args, inject, network_args_metadata, optimizer_groups
+from lyco_train.batches import BatchBuilder, training_images
+from lyco_train.cache import build_latent_cache, build_text_cache
+from lyco_train.data import DataError
+from lyco_train.export import AdapterWriter
+from lyco_train.loop import make_accelerator, place_frozen, prepare_training, weight_dtype
+from lyco_train.metadata import RunInfo
+from lyco_train.network import inject
 from lyco_train.objectives import (
     SIGMA_SAMPLING,
     flow_noisy_input,
@@ -46,9 +44,8 @@ from lyco_train.objectives import (
     weighted_mse,
 )
 from lyco_train.runner import Hooks, Trainer
-from lyco_train.sampling import SamplePrompt, read_sample_prompts, save_sample
-from lyco_train.state import Position, run_fingerprint, saved_seed
-from lyco_train.tiny import TINY_SEED, prepare_tiny_data, report_reload, tiny_defaults, use_one_cpu_thread
+from lyco_train.sampling import SamplePrompt, render_samples
+from lyco_train.tiny import TINY_SEED, report_reload, tiny_defaults, use_one_cpu_thread
 
 import peft_lyco  # noqa: F401  (registers LYCO_LOHA / LYCO_LOKR with PEFT)
 from peft_lyco.models.anima import AnimaComponents, encode_images
@@ -86,21 +83,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     options.add_network_args(parser, default_name="anima_lokr")
     options.add_optimization_args(parser)
     options.add_output_args(parser)
-    args = parser.parse_args(argv)
-    if args.pretrained_model_name_or_path is None:
-        parser.set_defaults(**tiny_defaults("anima"))
-        args = parser.parse_args(argv)
-    args.resolution = args.resolution or "1024"
-    options.normalise(args)
-    options.check_args(args, pixel_multiple=16)
-    check_network_args(args)
-    if args.pretrained_model_name_or_path is not None:
-        missing = [f"--{name}" for name in ("train_data_dir", "qwen3", "vae") if getattr(args, name) is None]
-        if missing:
-            raise options.UsageError(f"cannot start training:\n  {', '.join(missing)} required with a real model")
-    if args.seed is None:
-        args.seed = saved_seed(args.resume) if args.resume else random.SystemRandom().randrange(2**31)
-    return args
+    return options.parse_training_args(
+        parser,
+        argv,
+        tiny_defaults=tiny_defaults("anima"),
+        pixel_multiple=16,
+        required_with_model=("train_data_dir", "qwen3", "vae"),
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ models
@@ -223,29 +212,16 @@ def check_reload(args: argparse.Namespace, path: Path, trained: AnimaComponents,
 def main(argv: Optional[list[str]] = None) -> Result:
     args = parse_args(argv)
     tiny = args.pretrained_model_name_or_path is None
-    output_dir = Path(args.output_dir)
     accelerator = make_accelerator(args)
     if tiny:
         use_one_cpu_thread()
-        with accelerator.main_process_first():
-            prepare_tiny_data(args)
-    records = scan_dataset(args.train_data_dir, args.caption_extension)
-    if tiny:
-        accelerator.print(
-            f"no --pretrained_model_name_or_path: training a tiny random Anima on CPU with the generated "
-            f"dataset in {args.train_data_dir} ({len(records)} images)"
-        )
-    buckets = assign_buckets([r.size for r in records], options.bucket_settings(args))
+    records, buckets = training_images(args, accelerator, tiny_model="Anima" if tiny else None)
 
     set_seed(args.seed, device_specific=True)
     run = RunInfo(str(uuid.uuid4()), time.time(), args.pretrained_model_name_or_path or "tiny-random-anima", "anima")
     dtype, device = weight_dtype(accelerator), accelerator.device
     models = load_models(args, dtype)
-    models.vae.to(device).float().requires_grad_(False)
-    for module in (models.dit, models.text_encoder):
-        module.to(device).requires_grad_(False)
-        if dtype != torch.float32:
-            module.to(dtype)
+    place_frozen(accelerator, models.vae, (models.dit, models.text_encoder))
 
     # the adapter: the DiT (and its LLM adapter with train_llm_adapter=True); Qwen3 unless --network_train_unet_only
     trained = {"transformer": models.dit}
@@ -258,53 +234,17 @@ def main(argv: Optional[list[str]] = None) -> Result:
             models.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # caches of frozen outputs, filled once before training
-    cache_dir = Path(args.cache_dir or Path(args.train_data_dir) / ".lyco_cache")
-    latent_cache = None
-    if args.cache_latents:
-        latent_cache = LatentCache(f"anima:{args.vae}", cache_dir if args.cache_latents_to_disk else None)
-        with accelerator.main_process_first():
-            latent_cache.fill(
-                latent_jobs(records, buckets, args.flip_aug),
-                lambda px: encode_images(models.vae, px),
-                args.vae_batch_size,
-                accelerator.is_local_main_process,
-            )
-    text_cache = None
-    if args.cache_text_encoder_outputs:
+    latent_cache = build_latent_cache(
+        args, accelerator, records, buckets, tag=f"anima:{args.vae}",
+        encode=lambda pixels: encode_images(models.vae, pixels),
+    )  # fmt: skip
+    text_cache = build_text_cache(
+        args, accelerator, records, tag=f"anima:{args.qwen3}:{models.max_length}:{models.t5_max_length}",
+        encode=lambda captions: encode_captions(models, captions, models.text_encoder),
+    )  # fmt: skip
 
-        def encode_frozen(captions: list[str]) -> dict[str, torch.Tensor]:
-            with torch.no_grad(), accelerator.autocast():
-                return encode_captions(models, captions, models.text_encoder)
-
-        text_cache = TextCache(
-            f"anima:{args.qwen3}:{models.max_length}:{models.t5_max_length}",
-            encode_frozen,
-            cache_dir if args.cache_text_encoder_outputs_to_disk else None,
-        )
-        with accelerator.main_process_first():
-            text_cache.fill(
-                [r.caption for r in records] + [""], args.train_batch_size, accelerator.is_local_main_process
-            )
-
-    data = EpochPlan(
-        records,
-        buckets,
-        batch_size=args.train_batch_size,
-        seed=args.seed,
-        flip_aug=args.flip_aug,
-        random_crop=args.random_crop,
-        caption_dropout_rate=args.caption_dropout_rate,
-        num_processes=accelerator.num_processes,
-        process_index=accelerator.process_index,
-    )
-    steps = plan_steps(
-        data.batches_per_epoch, args.gradient_accumulation_steps, args.max_train_steps, args.max_train_epochs
-    )
-    optimizer = make_optimizer(args, optimizer_groups(args, trained))
-    lr_scheduler = make_scheduler(args, optimizer, steps.total_steps)
-    prepared = accelerator.prepare(*trained.values(), optimizer)
-    modules, optimizer = dict(zip(trained, prepared[:-1])), prepared[-1]
-    generator = torch.Generator(device).manual_seed(args.seed + 1_000_003 * accelerator.process_index)
+    training = prepare_training(args, accelerator, records, buckets, trained)
+    modules, generator = training.models, training.generator
 
     def loss(batch: dict) -> torch.Tensor:
         if "latents" in batch:
@@ -317,13 +257,9 @@ def main(argv: Optional[list[str]] = None) -> Result:
             text = encode_captions(models, batch["captions"], modules.get("text_encoder", models.text_encoder))
         noise = sample_noise(latents, generator)
         sigmas = sample_sigmas(
-            latents.shape[0],
-            args.timestep_sampling,
-            generator,
-            device,
-            sigmoid_scale=args.sigmoid_scale,
-            shift=args.discrete_flow_shift,
-        )
+            latents.shape[0], args.timestep_sampling, generator, device,
+            sigmoid_scale=args.sigmoid_scale, shift=args.discrete_flow_shift,
+        )  # fmt: skip
         prediction = modules["transformer"](
             flow_noisy_input(latents, noise, sigmas).to(dtype),
             sigmas.to(dtype),
@@ -334,74 +270,29 @@ def main(argv: Optional[list[str]] = None) -> Result:
         )
         return weighted_mse(prediction, flow_target(latents, noise))
 
-    def save(stem: str, position: Position) -> list[Path]:
-        objective = {
-            "ss_timestep_sampling": args.timestep_sampling,
-            "ss_sigmoid_scale": args.sigmoid_scale,
-            "ss_discrete_flow_shift": args.discrete_flow_shift,
-            "ss_weighting_scheme": "uniform",
-        }
-        metadata = training_metadata(
-            args,
-            run,
-            network_args=network_args_metadata(args),
-            records=records,
-            buckets=buckets,
-            batches_per_epoch=data.batches_per_epoch,
-            num_epochs=steps.total_epochs,
-            total_steps=steps.total_steps,
-            position=position,
-            num_processes=accelerator.num_processes,
-            objective=objective,
-        )
-        return save_adapter(
-            output_dir,
-            stem,
-            {k: accelerator.unwrap_model(m) for k, m in modules.items()},
-            model_type="anima",
-            metadata=metadata,
-            precision=args.save_precision,
-            peft_folders=args.save_peft_adapter,
-        )
+    def render(prompt: SamplePrompt):
+        return models.pipeline()(
+            prompt.prompt, prompt.negative, height=prompt.height, width=prompt.width,
+            num_inference_steps=prompt.steps, guidance_scale=prompt.guidance, output_type="pil",
+            generator=torch.Generator().manual_seed(prompt.seed),
+        )[0]  # fmt: skip
 
-    def sample(step: int) -> list[Path]:
-        written = []
-        pipe = models.pipeline()
-        for index, prompt in enumerate(read_sample_prompts(args.sample_prompts, SamplePrompt(prompt="", guidance=3.5))):
-            with torch.no_grad(), accelerator.autocast():
-                image = pipe(
-                    prompt.prompt,
-                    prompt.negative,
-                    height=prompt.height,
-                    width=prompt.width,
-                    num_inference_steps=prompt.steps,
-                    guidance_scale=prompt.guidance,
-                    output_type="pil",
-                    generator=torch.Generator().manual_seed(prompt.seed),
-                )[0]
-            written.append(save_sample(image, output_dir, args.output_name, step, index))
-        return written
-
-    trainer = Trainer(
-        args,
-        accelerator,
-        modules,
-        optimizer,
-        lr_scheduler,
-        data,
-        BatchBuilder(records, buckets, latent_cache),
-        steps,
-        generator,
-        Hooks(loss=loss, save=save, sample=sample if args.sample_prompts else None),
-        run_fingerprint(args, data.batches_per_epoch),
+    objective = {
+        "ss_timestep_sampling": args.timestep_sampling,
+        "ss_sigmoid_scale": args.sigmoid_scale,
+        "ss_discrete_flow_shift": args.discrete_flow_shift,
+        "ss_weighting_scheme": "uniform",
+    }
+    hooks = Hooks(
+        loss=loss,
+        save=AdapterWriter(args, run, accelerator, training, records, buckets, objective),
+        sample=lambda step: render_samples(args, accelerator, step, render, SamplePrompt(prompt="", guidance=3.5)),
     )
-    start_trackers(accelerator, args, "train_anima_lokr")
-    start = trainer.resume(args.resume) if args.resume else Position(0, 0, 0)
-    history = trainer.run(start, summary=f"{len(records)} images, {data.image_count()} per epoch with repeats")
-    final = output_dir / f"{args.output_name}.safetensors"
+    trainer = Trainer(args, accelerator, training, BatchBuilder(records, buckets, latent_cache), hooks)
+    history = trainer.run("train_anima_lokr", summary=f"{len(records)} images, {training.data.image_count()} per epoch")
     if tiny and accelerator.is_main_process:
-        check_reload(args, final, models, prompt=records[0].caption)
-    return Result(args, models, history.losses, history.saved, final)
+        check_reload(args, history.final, models, prompt=records[0].caption)
+    return Result(args, models, history.losses, history.saved, history.final)
 
 
 if __name__ == "__main__":

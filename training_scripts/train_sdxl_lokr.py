@@ -15,7 +15,6 @@ shapes on CPU, reloads the saved file into a fresh pipeline and checks that the 
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import time
 import uuid
@@ -27,14 +26,13 @@ import torch
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 from lyco_train import args as options
-from lyco_train.batches import BatchBuilder, EpochPlan
-from lyco_train.buckets import assign_buckets
-from lyco_train.cache import LatentCache, TextCache, latent_jobs
-from lyco_train.data import DataError, scan_dataset
-from lyco_train.export import save_adapter
-from lyco_train.loop import make_accelerator, make_optimizer, make_scheduler, plan_steps, start_trackers, weight_dtype
-from lyco_train.metadata import RunInfo, training_metadata
-from lyco_train.network import check_network_args, inject, network_args_metadata, optimizer_groups
+from lyco_train.batches import BatchBuilder, training_images
+from lyco_train.cache import build_latent_cache, build_text_cache
+from lyco_train.data import DataError
+from lyco_train.export import AdapterWriter
+from lyco_train.loop import make_accelerator, place_frozen, prepare_training
+from lyco_train.metadata import RunInfo
+from lyco_train.network import inject
 from lyco_train.objectives import (
     ddpm_target,
     min_snr_weights,
@@ -44,9 +42,8 @@ from lyco_train.objectives import (
     weighted_mse,
 )
 from lyco_train.runner import Hooks, Trainer
-from lyco_train.sampling import SamplePrompt, read_sample_prompts, save_sample
-from lyco_train.state import Position, run_fingerprint, saved_seed
-from lyco_train.tiny import TINY_SEED, prepare_tiny_data, report_reload, tiny_defaults, use_one_cpu_thread
+from lyco_train.sampling import SamplePrompt, render_samples
+from lyco_train.tiny import TINY_SEED, report_reload, tiny_defaults, use_one_cpu_thread
 
 import peft_lyco  # noqa: F401  (registers LYCO_LOHA / LYCO_LOKR with PEFT)
 
@@ -81,19 +78,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     options.add_network_args(parser, default_name="sdxl_lokr")
     options.add_optimization_args(parser)
     options.add_output_args(parser)
-    args = parser.parse_args(argv)
-    if args.pretrained_model_name_or_path is None:
-        parser.set_defaults(**tiny_defaults("sdxl"))
-        args = parser.parse_args(argv)
-    args.resolution = args.resolution or "1024"
-    options.normalise(args)
-    options.check_args(args, pixel_multiple=8)
-    check_network_args(args)
-    if args.train_data_dir is None and args.pretrained_model_name_or_path is not None:
-        raise options.UsageError("cannot start training:\n  --train_data_dir is required with a real model")
-    if args.seed is None:
-        args.seed = saved_seed(args.resume) if args.resume else random.SystemRandom().randrange(2**31)
-    return args
+    return options.parse_training_args(
+        parser, argv, tiny_defaults=tiny_defaults("sdxl"), pixel_multiple=8, required_with_model=("train_data_dir",)
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ models
@@ -178,29 +165,16 @@ def check_reload(args: argparse.Namespace, path: Path, trained: StableDiffusionX
 def main(argv: Optional[list[str]] = None) -> Result:
     args = parse_args(argv)
     tiny = args.pretrained_model_name_or_path is None
-    output_dir = Path(args.output_dir)
     accelerator = make_accelerator(args, unused_parameters=not args.network_train_unet_only)
     if tiny:
         use_one_cpu_thread()
-        with accelerator.main_process_first():
-            prepare_tiny_data(args)
-    records = scan_dataset(args.train_data_dir, args.caption_extension)
-    if tiny:
-        accelerator.print(
-            f"no --pretrained_model_name_or_path: training a tiny random SDXL on CPU with the generated "
-            f"dataset in {args.train_data_dir} ({len(records)} images)"
-        )
-    buckets = assign_buckets([r.size for r in records], options.bucket_settings(args))
+    records, buckets = training_images(args, accelerator, tiny_model="SDXL" if tiny else None)
 
     set_seed(args.seed, device_specific=True)
     run = RunInfo(str(uuid.uuid4()), time.time(), args.pretrained_model_name_or_path or "tiny-random-sdxl", "sdxl")
     pipe = load_pipeline(args)
-    dtype, device = weight_dtype(accelerator), accelerator.device
-    pipe.vae.to(device).float().requires_grad_(False)
-    for module in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
-        module.to(device).requires_grad_(False)
-        if dtype != torch.float32:
-            module.to(dtype)
+    device = accelerator.device
+    dtype = place_frozen(accelerator, pipe.vae, (pipe.unet, pipe.text_encoder, pipe.text_encoder_2))
     noise_scheduler = DDPMScheduler.from_config(
         pipe.scheduler.config, prediction_type="v_prediction" if args.v_parameterization else "epsilon"
     )
@@ -217,53 +191,17 @@ def main(argv: Optional[list[str]] = None) -> Result:
                 trained[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # caches of frozen outputs, filled once before training
-    cache_dir = Path(args.cache_dir or Path(args.train_data_dir) / ".lyco_cache")
-    latent_cache = None
-    if args.cache_latents:
-        latent_cache = LatentCache(
-            f"sdxl:{run.model_name}:{args.vae}", cache_dir if args.cache_latents_to_disk else None
-        )
-        with accelerator.main_process_first():
-            latent_cache.fill(
-                latent_jobs(records, buckets, args.flip_aug),
-                lambda px: encode_images(pipe.vae, px),
-                args.vae_batch_size,
-                accelerator.is_local_main_process,
-            )
-    text_cache = None
-    if args.cache_text_encoder_outputs:
+    latent_cache = build_latent_cache(
+        args, accelerator, records, buckets, tag=f"sdxl:{run.model_name}:{args.vae}",
+        encode=lambda pixels: encode_images(pipe.vae, pixels),
+    )  # fmt: skip
+    text_cache = build_text_cache(
+        args, accelerator, records, tag=f"sdxl:{run.model_name}",
+        encode=lambda captions: encode_captions(pipe, captions, (pipe.text_encoder, pipe.text_encoder_2)),
+    )  # fmt: skip
 
-        def encode_frozen(captions: list[str]) -> dict[str, torch.Tensor]:
-            with torch.no_grad(), accelerator.autocast():
-                return encode_captions(pipe, captions, (pipe.text_encoder, pipe.text_encoder_2))
-
-        text_cache = TextCache(
-            f"sdxl:{run.model_name}", encode_frozen, cache_dir if args.cache_text_encoder_outputs_to_disk else None
-        )
-        with accelerator.main_process_first():
-            text_cache.fill(
-                [r.caption for r in records] + [""], args.train_batch_size, accelerator.is_local_main_process
-            )
-
-    data = EpochPlan(
-        records,
-        buckets,
-        batch_size=args.train_batch_size,
-        seed=args.seed,
-        flip_aug=args.flip_aug,
-        random_crop=args.random_crop,
-        caption_dropout_rate=args.caption_dropout_rate,
-        num_processes=accelerator.num_processes,
-        process_index=accelerator.process_index,
-    )
-    steps = plan_steps(
-        data.batches_per_epoch, args.gradient_accumulation_steps, args.max_train_steps, args.max_train_epochs
-    )
-    optimizer = make_optimizer(args, optimizer_groups(args, trained))
-    lr_scheduler = make_scheduler(args, optimizer, steps.total_steps)
-    prepared = accelerator.prepare(*trained.values(), optimizer)
-    models, optimizer = dict(zip(trained, prepared[:-1])), prepared[-1]
-    generator = torch.Generator(device).manual_seed(args.seed + 1_000_003 * accelerator.process_index)
+    training = prepare_training(args, accelerator, records, buckets, trained)
+    models, generator = training.models, training.generator
 
     def loss(batch: dict) -> torch.Tensor:
         if "latents" in batch:
@@ -289,67 +227,24 @@ def main(argv: Optional[list[str]] = None) -> Result:
         weights = min_snr_weights(noise_scheduler, timesteps, args.min_snr_gamma) if args.min_snr_gamma else None
         return weighted_mse(prediction, target, weights)
 
-    def save(stem: str, position: Position) -> list[Path]:
-        metadata = training_metadata(
-            args,
-            run,
-            network_args=network_args_metadata(args),
-            records=records,
-            buckets=buckets,
-            batches_per_epoch=data.batches_per_epoch,
-            num_epochs=steps.total_epochs,
-            total_steps=steps.total_steps,
-            position=position,
-            num_processes=accelerator.num_processes,
-            objective={"ss_v_parameterization": args.v_parameterization, "ss_min_snr_gamma": args.min_snr_gamma},
-        )
-        return save_adapter(
-            output_dir,
-            stem,
-            {k: accelerator.unwrap_model(m) for k, m in models.items()},
-            model_type="sdxl",
-            metadata=metadata,
-            precision=args.save_precision,
-            peft_folders=args.save_peft_adapter,
-        )
+    def render(prompt: SamplePrompt):
+        return pipe(
+            prompt.prompt, negative_prompt=prompt.negative, width=prompt.width, height=prompt.height,
+            num_inference_steps=prompt.steps, guidance_scale=prompt.guidance,
+            generator=torch.Generator(device).manual_seed(prompt.seed),
+        ).images[0]  # fmt: skip
 
-    def sample(step: int) -> list[Path]:
-        written = []
-        defaults = SamplePrompt(prompt="", width=1024, height=1024)
-        for index, prompt in enumerate(read_sample_prompts(args.sample_prompts, defaults)):
-            with torch.no_grad(), accelerator.autocast():
-                image = pipe(
-                    prompt.prompt,
-                    negative_prompt=prompt.negative,
-                    width=prompt.width,
-                    height=prompt.height,
-                    num_inference_steps=prompt.steps,
-                    guidance_scale=prompt.guidance,
-                    generator=torch.Generator(device).manual_seed(prompt.seed),
-                ).images[0]
-            written.append(save_sample(image, output_dir, args.output_name, step, index))
-        return written
-
-    trainer = Trainer(
-        args,
-        accelerator,
-        models,
-        optimizer,
-        lr_scheduler,
-        data,
-        BatchBuilder(records, buckets, latent_cache),
-        steps,
-        generator,
-        Hooks(loss=loss, save=save, sample=sample if args.sample_prompts else None),
-        run_fingerprint(args, data.batches_per_epoch),
+    objective = {"ss_v_parameterization": args.v_parameterization, "ss_min_snr_gamma": args.min_snr_gamma}
+    hooks = Hooks(
+        loss=loss,
+        save=AdapterWriter(args, run, accelerator, training, records, buckets, objective),
+        sample=lambda step: render_samples(args, accelerator, step, render, SamplePrompt(prompt="")),
     )
-    start_trackers(accelerator, args, "train_sdxl_lokr")
-    start = trainer.resume(args.resume) if args.resume else Position(0, 0, 0)
-    history = trainer.run(start, summary=f"{len(records)} images, {data.image_count()} per epoch with repeats")
-    final = output_dir / f"{args.output_name}.safetensors"
+    trainer = Trainer(args, accelerator, training, BatchBuilder(records, buckets, latent_cache), hooks)
+    history = trainer.run("train_sdxl_lokr", summary=f"{len(records)} images, {training.data.image_count()} per epoch")
     if tiny and accelerator.is_main_process:
-        check_reload(args, final, pipe, prompt=records[0].caption)
-    return Result(args, pipe, history.losses, history.saved, final)
+        check_reload(args, history.final, pipe, prompt=records[0].caption)
+    return Result(args, pipe, history.losses, history.saved, history.final)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def test_two_process_training_shards_data_and_resumes_exactly(tmp_path):
         "1000",
     ]
     first = launch(tmp_path / "a", *common)
-    assert "8 images, 8 per epoch with repeats, 2 batches per epoch" in first  # 5 batches over 2 ranks
+    assert "8 images, 8 per epoch, 2 batches per epoch" in first  # 5 batches over 2 ranks
     state = tmp_path / "a" / "tiny_anima_lokr-step00000002-state"
     assert {p.name for p in state.glob("rng_*")} == {"rng_0.safetensors", "rng_1.safetensors"}
     launch(tmp_path / "b", *common, "--resume", str(state))

@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib.util
+import random
 from pathlib import Path
 from typing import Any
 
+from peft_lyco.presets import NetworkArgsError, parse_network_args
+
 from .buckets import BucketSettings, check_divisible, parse_resolution
+from .state import saved_seed
 
 NETWORK_MODULES = {"networks.lokr": "lokr", "networks.loha": "loha"}
 OPTIMIZERS = ("AdamW", "AdamW8bit")
@@ -211,3 +215,33 @@ def check_args(args: argparse.Namespace, *, pixel_multiple: int) -> None:
         problems.append(str(err))
     if problems:
         raise UsageError("cannot start training:\n  " + "\n  ".join(problems))
+
+
+def parse_training_args(
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    *,
+    tiny_defaults: dict[str, Any],
+    pixel_multiple: int,
+    required_with_model: tuple[str, ...],
+) -> argparse.Namespace:
+    """Parse, apply the embedded default's values when no model is given, and run every check that needs no model
+    (``--network_args`` included), so bad input fails before anything heavy starts."""
+    args = parser.parse_args(argv)
+    if args.pretrained_model_name_or_path is None:
+        parser.set_defaults(**tiny_defaults)
+        args = parser.parse_args(argv)
+    args.resolution = args.resolution or "1024"
+    normalise(args)
+    check_args(args, pixel_multiple=pixel_multiple)
+    try:
+        parse_network_args(args.network_args)
+    except NetworkArgsError as err:
+        raise UsageError(f"cannot start training:\n  --network_args: {err}") from None
+    if args.pretrained_model_name_or_path is not None:
+        missing = [f"--{name}" for name in required_with_model if getattr(args, name) is None]
+        if missing:
+            raise UsageError(f"cannot start training:\n  {', '.join(missing)} required with a real model")
+    if args.seed is None:
+        args.seed = saved_seed(args.resume) if args.resume else random.SystemRandom().randrange(2**31)
+    return args

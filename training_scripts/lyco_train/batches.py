@@ -14,8 +14,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .buckets import fit_geometry, fit_image
-from .data import ImageRecord
+from .args import bucket_settings
+from .buckets import assign_buckets, fit_geometry, fit_image
+from .data import ImageRecord, scan_dataset
+from .tiny import prepare_tiny_data
 
 
 @dataclass(frozen=True)
@@ -138,3 +140,18 @@ def epoch_loader(plan: EpochPlan, build: BatchBuilder, epoch: int, *, skip: int 
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
     )
+
+
+def training_images(args, accelerator, *, tiny_model: Optional[str] = None) -> tuple[list[ImageRecord], list[tuple]]:
+    """The run's images and their buckets. With ``tiny_model`` (the embedded default) the coloured-shapes dataset is
+    generated first (by the main process) unless ``--train_data_dir`` is given."""
+    if tiny_model:
+        with accelerator.main_process_first():
+            prepare_tiny_data(args)
+    records = scan_dataset(args.train_data_dir, args.caption_extension)
+    if tiny_model:
+        accelerator.print(
+            f"no --pretrained_model_name_or_path: training a tiny random {tiny_model} on CPU with the "
+            f"dataset in {args.train_data_dir} ({len(records)} images)"
+        )
+    return records, assign_buckets([r.size for r in records], bucket_settings(args))

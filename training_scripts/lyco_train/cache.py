@@ -139,3 +139,36 @@ class TextCache:
         """The cached outputs of ``captions`` stacked into a batch."""
         entries = [self.store.get(self.key(c)) for c in captions]
         return {name: torch.stack([entry[name] for entry in entries]) for name in entries[0]}
+
+
+def _cache_dir(args) -> Path:
+    return Path(args.cache_dir or Path(args.train_data_dir) / ".lyco_cache")
+
+
+def build_latent_cache(args, accelerator, records, buckets, *, tag: str, encode) -> Optional[LatentCache]:
+    """With ``--cache_latents``: every latent a run can use, encoded once (the main process first, so other
+    processes reuse its disk files); None otherwise."""
+    if not args.cache_latents:
+        return None
+    cache = LatentCache(tag, _cache_dir(args) if args.cache_latents_to_disk else None)
+    with accelerator.main_process_first():
+        cache.fill(
+            latent_jobs(records, buckets, args.flip_aug), encode, args.vae_batch_size, accelerator.is_local_main_process
+        )
+    return cache
+
+
+def build_text_cache(args, accelerator, records, *, tag: str, encode) -> Optional[TextCache]:
+    """With ``--cache_text_encoder_outputs``: every caption and the empty one (caption dropout) encoded once under
+    the run's autocast; None otherwise."""
+    if not args.cache_text_encoder_outputs:
+        return None
+
+    def frozen(captions: list[str]) -> dict[str, torch.Tensor]:
+        with torch.no_grad(), accelerator.autocast():
+            return encode(captions)
+
+    cache = TextCache(tag, frozen, _cache_dir(args) if args.cache_text_encoder_outputs_to_disk else None)
+    with accelerator.main_process_first():
+        cache.fill([r.caption for r in records] + [""], args.train_batch_size, accelerator.is_local_main_process)
+    return cache

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from peft_lyco.convert import peft_to_kohya, save_kohya
 
-from .network import ADAPTER_NAME, save_peft_folder
+from .metadata import RunInfo, training_metadata
+from .network import ADAPTER_NAME, network_args_metadata, save_peft_folder
+from .state import Position
 
 CONVERTER_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args")
 PRECISIONS = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -47,3 +50,37 @@ def save_adapter(
             save_peft_folder(folder, module)
             written.append(folder)
     return written
+
+
+class AdapterWriter:
+    """``save(stem, position)`` for the loop: the run's adapter with sd-scripts metadata for that position."""
+
+    def __init__(self, args, run: RunInfo, accelerator, training, records, buckets, objective: dict[str, Any]):
+        self.args, self.run, self.accelerator, self.training = args, run, accelerator, training
+        self.records, self.buckets, self.objective = records, buckets, objective
+
+    def __call__(self, stem: str, position: Position) -> list[Path]:
+        args, training = self.args, self.training
+        metadata = training_metadata(
+            args,
+            self.run,
+            network_args=network_args_metadata(args),
+            records=self.records,
+            buckets=self.buckets,
+            batches_per_epoch=training.data.batches_per_epoch,
+            num_epochs=training.steps.total_epochs,
+            total_steps=training.steps.total_steps,
+            position=position,
+            num_processes=self.accelerator.num_processes,
+            objective=self.objective,
+        )
+        models = {name: self.accelerator.unwrap_model(model) for name, model in training.models.items()}
+        return save_adapter(
+            Path(args.output_dir),
+            stem,
+            models,
+            model_type=self.run.family,
+            metadata=metadata,
+            precision=args.save_precision,
+            peft_folders=args.save_peft_adapter,
+        )

@@ -6,7 +6,7 @@ import argparse
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from accelerate import Accelerator
@@ -15,6 +15,8 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from .args import parse_key_values
+from .batches import EpochPlan
+from .network import optimizer_groups
 
 
 def make_accelerator(args: argparse.Namespace, *, unused_parameters: bool = False) -> Accelerator:
@@ -44,6 +46,18 @@ def start_trackers(accelerator: Accelerator, args: argparse.Namespace, default_n
 def weight_dtype(accelerator: Accelerator) -> torch.dtype:
     """The dtype frozen weights are kept in: fp16/bf16 under mixed precision, else float32."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def place_frozen(accelerator: Accelerator, vae: torch.nn.Module, models: Iterable[torch.nn.Module]) -> torch.dtype:
+    """Freeze everything and move it to the device: the VAE in float32 (SDXL's VAE overflows in fp16), the other
+    models in the mixed-precision dtype (adapters added later stay float32). Returns that dtype."""
+    dtype = weight_dtype(accelerator)
+    vae.to(accelerator.device).float().requires_grad_(False)
+    for model in models:
+        model.to(accelerator.device).requires_grad_(False)
+        if dtype != torch.float32:
+            model.to(dtype)
+    return dtype
 
 
 def make_optimizer(args: argparse.Namespace, param_groups: list[dict]) -> torch.optim.Optimizer:
@@ -126,3 +140,46 @@ def progress_bar(accelerator: Accelerator, total: int, initial: int) -> tqdm:
 
 def trainable_parameters(*models: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for model in models for p in model.parameters() if p.requires_grad]
+
+
+@dataclass
+class Training:
+    """Everything the loop steps: the data plan, the step plan, the (accelerate-prepared) trained models by
+    component, optimizer, lr schedule and the noise generator."""
+
+    data: EpochPlan
+    steps: StepPlan
+    models: dict[str, torch.nn.Module]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    generator: torch.Generator
+
+
+def prepare_training(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    records: list,
+    buckets: list[tuple[int, int]],
+    trained: dict[str, torch.nn.Module],
+) -> Training:
+    """Plan epochs and steps, build optimizer (sd-scripts lr groups) and lr schedule, let accelerate wrap the models
+    (DDP under ``accelerate launch``), and seed a per-process noise generator."""
+    data = EpochPlan(
+        records,
+        buckets,
+        batch_size=args.train_batch_size,
+        seed=args.seed,
+        flip_aug=args.flip_aug,
+        random_crop=args.random_crop,
+        caption_dropout_rate=args.caption_dropout_rate,
+        num_processes=accelerator.num_processes,
+        process_index=accelerator.process_index,
+    )
+    steps = plan_steps(
+        data.batches_per_epoch, args.gradient_accumulation_steps, args.max_train_steps, args.max_train_epochs
+    )
+    optimizer = make_optimizer(args, optimizer_groups(args, trained))
+    lr_scheduler = make_scheduler(args, optimizer, steps.total_steps)
+    prepared = accelerator.prepare(*trained.values(), optimizer)
+    generator = torch.Generator(accelerator.device).manual_seed(args.seed + 1_000_003 * accelerator.process_index)
+    return Training(data, steps, dict(zip(trained, prepared[:-1])), prepared[-1], lr_scheduler, generator)

@@ -11,21 +11,12 @@ import torch
 from peft import inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 
-from peft_lyco.presets import NetworkArgsError, build_config, parse_network_args
+from peft_lyco.presets import build_config, parse_network_args
 from peft_lyco.training import param_groups
 
-from .args import UsageError
 from .cache import atomic_save
 
 ADAPTER_NAME = "default"
-
-
-def check_network_args(args: argparse.Namespace):
-    """Parse ``--network_args`` before any model loads; an unknown or malformed entry is a ``UsageError``."""
-    try:
-        return parse_network_args(args.network_args)
-    except NetworkArgsError as err:
-        raise UsageError(f"cannot start training:\n  --network_args: {err}") from None
 
 
 def network_args_metadata(args: argparse.Namespace) -> dict[str, str]:

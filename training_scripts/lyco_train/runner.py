@@ -14,9 +14,9 @@ from typing import Callable, Optional
 
 import torch
 
-from .batches import BatchBuilder, EpochPlan, epoch_loader
-from .loop import GradientSteps, StepPlan, current_lrs, progress_bar, trainable_parameters
-from .state import Position, load_state, save_state, state_folder_name
+from .batches import BatchBuilder, epoch_loader
+from .loop import GradientSteps, Training, current_lrs, progress_bar, start_trackers, trainable_parameters
+from .state import Position, load_state, run_fingerprint, save_state, state_folder_name
 
 
 @dataclass
@@ -36,6 +36,7 @@ class History:
     losses: list[float] = field(default_factory=list)
     saved: list[Path] = field(default_factory=list)
     position: Optional[Position] = None
+    final: Optional[Path] = None
 
 
 def _save_due(every: Optional[int], count: int) -> bool:
@@ -43,42 +44,19 @@ def _save_due(every: Optional[int], count: int) -> bool:
 
 
 class Trainer:
-    """Runs the loop for one accelerator, a set of trained models (by component name) and the data plan."""
+    """Runs the loop of one ``Training`` (models, optimizer, schedule, data and step plans) on one accelerator."""
 
-    def __init__(
-        self,
-        args: argparse.Namespace,
-        accelerator,
-        models: dict[str, torch.nn.Module],
-        optimizer: torch.optim.Optimizer,
-        lr_scheduler,
-        data: EpochPlan,
-        build: BatchBuilder,
-        steps: StepPlan,
-        generator: torch.Generator,
-        hooks: Hooks,
-        fingerprint: dict,
-    ):
-        self.args, self.accelerator, self.models = args, accelerator, models
-        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
-        self.data, self.build, self.steps = data, build, steps
-        self.generator, self.hooks, self.fingerprint = generator, hooks, fingerprint
-        self.gradients = GradientSteps(accelerator, models.values(), args.gradient_accumulation_steps)
+    def __init__(self, args: argparse.Namespace, accelerator, training: Training, build: BatchBuilder, hooks: Hooks):
+        self.args, self.accelerator, self.training = args, accelerator, training
+        self.models, self.optimizer, self.lr_scheduler = training.models, training.optimizer, training.lr_scheduler
+        self.data, self.steps, self.build, self.hooks = training.data, training.steps, build, hooks
+        self.fingerprint = run_fingerprint(args, training.data.batches_per_epoch)
+        self.gradients = GradientSteps(accelerator, self.models.values(), args.gradient_accumulation_steps)
         self.history = History()
 
     # ------------------------------------------------------------------------------------------------- state
-    def _state_kwargs(self) -> dict:
-        return dict(
-            accelerator=self.accelerator,
-            models=self.models,
-            optimizer=self.optimizer,
-            scheduler=self.lr_scheduler,
-            generator=self.generator,
-            fingerprint=self.fingerprint,
-        )
-
     def resume(self, folder: str) -> Position:
-        position = load_state(Path(folder), **self._state_kwargs())
+        position = load_state(Path(folder), self.accelerator, self.training, self.fingerprint)
         self.accelerator.print(
             f"resumed from {folder}: step {position.step}, epoch {position.epoch + 1}, "
             f"batch {position.batch} of {self.data.batches_per_epoch}"
@@ -91,11 +69,11 @@ class Trainer:
             self.history.saved += self.hooks.save(stem, position)
         if self.args.save_state:
             folder = Path(self.args.output_dir) / state_name
-            save_state(folder, position=position, **self._state_kwargs())
+            save_state(folder, self.accelerator, self.training, position, self.fingerprint)
             self.history.saved.append(folder)
 
     def _sample(self, step: int) -> None:
-        if self.hooks.sample is not None and self.accelerator.is_main_process:
+        if self.hooks.sample is not None and self.args.sample_prompts and self.accelerator.is_main_process:
             for model in self.models.values():
                 model.eval()
             self.history.saved += self.hooks.sample(step)
@@ -138,10 +116,12 @@ class Trainer:
         if _save_due(args.sample_every_n_epochs, epoch):
             self._sample(position.step)
 
-    def run(self, start: Position, summary: str = "") -> History:
-        """Train from ``start`` to the planned number of steps, save the final files (and state), list what was
-        written; the models are left in eval mode."""
+    def run(self, tracker_name: str, summary: str = "") -> History:
+        """Open the trackers, resume if ``--resume`` says so, train to the planned number of steps, save the final
+        files (and state) and list what was written; the models are left in eval mode."""
         args, accelerator, steps = self.args, self.accelerator, self.steps
+        start_trackers(accelerator, args, tracker_name)
+        start = self.resume(args.resume) if args.resume else Position(0, 0, 0)
         accelerator.print(
             f"{summary}{', ' if summary else ''}{self.data.batches_per_epoch} batches per epoch, "
             f"{steps.total_steps} steps in {steps.total_epochs} epochs, seed {args.seed}"
@@ -188,6 +168,7 @@ class Trainer:
         bar.close()
         self.history.position = position
         self._save(position, stem=args.output_name, state_name=state_folder_name(args.output_name))
+        self.history.final = Path(args.output_dir) / f"{args.output_name}.safetensors"
         accelerator.end_training()
         for model in self.models.values():
             model.eval()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 OPTION_FIELDS = {"n": "negative", "w": "width", "h": "height", "d": "seed", "s": "steps", "l": "guidance"}
 
 
@@ -55,3 +57,13 @@ def save_sample(image, output_dir: str | Path, output_name: str, step: int, inde
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
+
+
+def render_samples(args, accelerator, step: int, render, defaults: SamplePrompt) -> list[Path]:
+    """Render every ``--sample_prompts`` line with ``render(prompt) -> PIL image`` and save it; return the paths."""
+    written = []
+    for index, prompt in enumerate(read_sample_prompts(args.sample_prompts, defaults)):
+        with torch.no_grad(), accelerator.autocast():
+            image = render(prompt)
+        written.append(save_sample(image, args.output_dir, args.output_name, step, index))
+    return written

@@ -104,39 +104,31 @@ def adapter_tensors(models: dict[str, torch.nn.Module]) -> dict[str, torch.Tenso
     }
 
 
-def save_state(
-    folder: Path,
-    *,
-    accelerator,
-    models: dict[str, torch.nn.Module],
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    generator: torch.Generator,
-    position: Position,
-    fingerprint: dict[str, Any],
-) -> None:
-    """Write a complete resumable state to ``folder`` (replacing an older one); every process saves its own RNG."""
+def save_state(folder: Path, accelerator, training, position: Position, fingerprint: dict[str, Any]) -> None:
+    """Write a complete resumable state of ``training`` (a ``loop.Training``) to ``folder``, replacing an older one;
+    every process saves its own RNG."""
     folder = Path(folder)
     partial = folder.with_name(folder.name + ".partial")
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    rng_info, rng_tensors = _rng_snapshot(generator)
+    rng_info, rng_tensors = _rng_snapshot(training.generator)
     atomic_save(
         rng_tensors, partial / f"rng_{accelerator.process_index}.safetensors", metadata={"info": json.dumps(rng_info)}
     )
     if accelerator.is_main_process:
         atomic_save(
-            adapter_tensors({k: accelerator.unwrap_model(m) for k, m in models.items()}), partial / ADAPTER_FILE
+            adapter_tensors({k: accelerator.unwrap_model(m) for k, m in training.models.items()}),
+            partial / ADAPTER_FILE,
         )
-        structure, tensors = _optimizer_to_files(optimizer)
+        structure, tensors = _optimizer_to_files(training.optimizer)
         atomic_save(tensors, partial / OPTIMIZER_FILE)
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         state = {
             "position": asdict(position),
             "optimizer": structure,
-            "scheduler": scheduler.state_dict(),
+            "scheduler": training.lr_scheduler.state_dict(),
             "grad_scaler": scaler,
             "num_processes": accelerator.num_processes,
             "fingerprint": fingerprint,
@@ -149,17 +141,9 @@ def save_state(
     accelerator.wait_for_everyone()
 
 
-def load_state(
-    folder: Path,
-    *,
-    accelerator,
-    models: dict[str, torch.nn.Module],
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    generator: torch.Generator,
-    fingerprint: dict[str, Any],
-) -> Position:
-    """Restore everything ``save_state`` wrote; refuse (naming what differs) if the run is not the same run."""
+def load_state(folder: Path, accelerator, training, fingerprint: dict[str, Any]) -> Position:
+    """Restore into ``training`` everything ``save_state`` wrote; refuse (naming what differs) if the run is not the
+    same run."""
     folder = Path(folder)
     state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
     changed = {k: (state["fingerprint"].get(k), v) for k, v in fingerprint.items() if state["fingerprint"].get(k) != v}
@@ -169,7 +153,7 @@ def load_state(
         detail = "; ".join(f"{k}: saved {old!r}, now {new!r}" for k, (old, new) in changed.items())
         raise ValueError(f"cannot resume exactly from '{folder}': the run differs from the saved one ({detail})")
     saved = load_file(folder / ADAPTER_FILE)
-    current = adapter_tensors({k: accelerator.unwrap_model(m) for k, m in models.items()})
+    current = adapter_tensors({k: accelerator.unwrap_model(m) for k, m in training.models.items()})
     if set(saved) != set(current):
         missing, extra = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
         raise ValueError(
@@ -183,15 +167,15 @@ def load_state(
                     f"{tuple(tensor.shape)} in this network"
                 )
             tensor.copy_(saved[name])
-    optimizer.load_state_dict(_optimizer_from_files(state["optimizer"], load_file(folder / OPTIMIZER_FILE)))
-    scheduler.load_state_dict(state["scheduler"])
+    training.optimizer.load_state_dict(_optimizer_from_files(state["optimizer"], load_file(folder / OPTIMIZER_FILE)))
+    training.lr_scheduler.load_state_dict(state["scheduler"])
     if state["grad_scaler"] is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(state["grad_scaler"])
     rng_path = folder / f"rng_{accelerator.process_index}.safetensors"
     rng_tensors = load_file(rng_path)
     with safe_open(rng_path, "pt") as handle:
         rng_info = json.loads(handle.metadata()["info"])
-    _rng_restore(rng_info, rng_tensors, generator)
+    _rng_restore(rng_info, rng_tensors, training.generator)
     return Position(**state["position"])
 
 
