@@ -157,7 +157,7 @@ def check_reload(args: argparse.Namespace, path: Path, trained: StableDiffusionX
         base,
         render(trained),
         "enable_lyco(pipe) + pipe.load_lora_weights",
-        tolerance=1e-4 if args.save_precision == "float" else 5e-2,
+        tolerance=1e-4 if args.save_precision == "float" and args.mixed_precision == "no" else 5e-2,
     )
 
 

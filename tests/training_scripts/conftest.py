@@ -13,8 +13,13 @@ import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _restore_threads():
-    """The tiny trainers use one CPU thread; give other tests their thread count back."""
+def _fresh_process_state():
+    """Each trainer run is a process of its own in real life: reset accelerate's process-wide singletons (mixed
+    precision is fixed per process) and give other tests their CPU thread count back (tiny runs use one)."""
+    from accelerate.state import AcceleratorState, GradientState
+
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -171,6 +171,8 @@ def test_options_smoke_disk_caches_uniform_sigmas_loha(tmp_path):
         "train_llm_adapter=False",
         "--save_precision",
         "bf16",
+        "--mixed_precision",
+        "bf16",
     )
     assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     state_dict, _ = load_kohya(result.final)

@@ -215,6 +215,7 @@ def dataset(folder, *, captions=True, corrupt=False):
 
 
 NO_BNB = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed")
+NO_TENSORBOARD = pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard installed")
 BAD_INPUTS = [
     pytest.param(lambda d: None, [], DataError, "no images found", id="empty-folder"),
     pytest.param(
@@ -225,6 +226,14 @@ BAD_INPUTS = [
     pytest.param(dataset, ["--resolution", "1001"], UsageError, "not divisible by 8", id="resolution"),
     pytest.param(
         dataset, ["--optimizer_type", "AdamW8bit"], UsageError, "pip install bitsandbytes", id="adamw8bit", marks=NO_BNB
+    ),
+    pytest.param(
+        dataset,
+        ["--logging_dir", "logs"],
+        UsageError,
+        "pip install tensorboard",
+        id="tensorboard",
+        marks=NO_TENSORBOARD,
     ),
     pytest.param(dataset, ["--cache_text_encoder_outputs"], UsageError, "--network_train_unet_only", id="te-cache"),
     pytest.param(dataset, ["--cache_latents", "--random_crop"], UsageError, "--random_crop", id="crop-with-cache"),

@@ -140,7 +140,7 @@ def normalise(args: argparse.Namespace) -> argparse.Namespace:
         args.algo = NETWORK_MODULES[args.network_module]
     args.cache_latents = args.cache_latents or args.cache_latents_to_disk
     args.cache_text_encoder_outputs = args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk
-    if args.logging_dir and not args.log_with and importlib.util.find_spec("tensorboard") is not None:
+    if args.logging_dir and not args.log_with:
         args.log_with = "tensorboard"
     return args
 
