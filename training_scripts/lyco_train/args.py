@@ -213,6 +213,10 @@ def check_args(args: argparse.Namespace, *, pixel_multiple: int) -> None:
         parse_key_values(args.optimizer_args, "--optimizer_args")
     except UsageError as err:
         problems.append(str(err))
+    try:
+        parse_network_args(args.network_args)
+    except NetworkArgsError as err:
+        problems.append(f"--network_args: {err}")
     if problems:
         raise UsageError("cannot start training:\n  " + "\n  ".join(problems))
 
@@ -234,10 +238,6 @@ def parse_training_args(
     args.resolution = args.resolution or "1024"
     normalise(args)
     check_args(args, pixel_multiple=pixel_multiple)
-    try:
-        parse_network_args(args.network_args)
-    except NetworkArgsError as err:
-        raise UsageError(f"cannot start training:\n  --network_args: {err}") from None
     if args.pretrained_model_name_or_path is not None:
         missing = [f"--{name}" for name in required_with_model if getattr(args, name) is None]
         if missing:
