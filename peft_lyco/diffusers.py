@@ -8,12 +8,13 @@ If anything fails the pipeline is left exactly as it was.
 
 from __future__ import annotations
 
+import itertools
 import os
 import types
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from peft import inject_adapter_in_model, set_peft_model_state_dict
@@ -24,7 +25,7 @@ from .convert import is_lycoris_state_dict, kohya_to_peft, load_kohya
 from .convert.kohya import KohyaConversion, component_models
 from .convert.names import model_names
 
-StateDictOrPath = Union[str, os.PathLike, Mapping[str, torch.Tensor]]
+StateDictOrPath = str | os.PathLike | Mapping[str, torch.Tensor]
 _ORIGINAL = "_peft_lyco_original_load_lora_weights"
 
 
@@ -32,7 +33,9 @@ def enable_lyco(pipe: Any) -> Any:
     """Make ``pipe.load_lora_weights`` accept LoHa/LoKr (and mixed) kohya/LyCORIS files; LoRA files go to diffusers.
 
     Only this pipeline object changes (its bound method is replaced); calling it twice is harmless. Returns ``pipe``.
+    Raises ``ValueError`` for pipelines of other model families (SDXL and Anima are supported).
     """
+    _pipeline_type(pipe)
     if not hasattr(pipe, _ORIGINAL):
         setattr(pipe, _ORIGINAL, pipe.load_lora_weights)
         pipe.load_lora_weights = types.MethodType(_load_lora_weights, pipe)
@@ -40,13 +43,24 @@ def enable_lyco(pipe: Any) -> Any:
 
 
 def _load_lora_weights(
-    self: Any, pretrained_model_name_or_path_or_dict: StateDictOrPath, adapter_name: Optional[str] = None, hotswap: bool = False, **kwargs: Any
+    self: Any,
+    pretrained_model_name_or_path_or_dict: StateDictOrPath,
+    adapter_name: str | None = None,
+    hotswap: bool = False,
+    **kwargs: Any,
 ) -> None:
     """``load_lora_weights`` that sends LoHa/LoKr files to ``load_lyco_weights`` and everything else to diffusers."""
+    ignore_unknown_keys = kwargs.pop("ignore_unknown_keys", False)
     state_dict, metadata = _fetch(pretrained_model_name_or_path_or_dict, kwargs)
     if state_dict is None or not is_lycoris_state_dict(state_dict):
+        models = component_models(model_names(_pipeline_type(self)), self)
+        before = _adapter_names(models)
         original = getattr(self, _ORIGINAL)
-        return original(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, hotswap=hotswap, **kwargs)
+        original(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, hotswap=hotswap, **kwargs)
+        new = _adapter_names(models) - before
+        if len(new) == 1:  # diffusers activates a new LoRA only on LoRA layers; make it the only active adapter
+            _activate_only(models, new.pop())
+        return
     if hotswap:
         raise ValueError("hotswap is not supported for LoHa/LoKr adapters; load them under a new adapter_name")
     load_lyco_weights(
@@ -55,11 +69,11 @@ def _load_lora_weights(
         adapter_name=adapter_name,
         metadata=metadata,
         low_cpu_mem_usage=kwargs.get("low_cpu_mem_usage", False),
-        ignore_unknown_keys=kwargs.get("ignore_unknown_keys", False),
+        ignore_unknown_keys=ignore_unknown_keys,
     )
 
 
-def _fetch(source: StateDictOrPath, kwargs: Mapping[str, Any]) -> tuple[Optional[Mapping], Optional[dict]]:
+def _fetch(source: StateDictOrPath, kwargs: Mapping[str, Any]) -> tuple[Mapping | None, dict | None]:
     """The raw state dict and file metadata behind ``load_lora_weights``' arguments (``None`` if not safetensors).
 
     Local files and folders (with ``weight_name``) are read here; hub ids go through diffusers' own fetcher with
@@ -78,8 +92,16 @@ def _fetch(source: StateDictOrPath, kwargs: Mapping[str, Any]) -> tuple[Optional
 
     fetch_args = {
         name: kwargs.get(name)
-        for name in ("weight_name", "local_files_only", "cache_dir", "force_download", "proxies", "token", "revision",
-                     "subfolder")  # fmt: skip
+        for name in (
+            "weight_name",
+            "local_files_only",
+            "cache_dir",
+            "force_download",
+            "proxies",
+            "token",
+            "revision",
+            "subfolder",
+        )
     }
     try:
         state_dict, _, metadata = _fetch_state_dict(
@@ -93,10 +115,10 @@ def _fetch(source: StateDictOrPath, kwargs: Mapping[str, Any]) -> tuple[Optional
 def load_lyco_weights(
     pipe: Any,
     path_or_dict: StateDictOrPath,
-    adapter_name: Optional[str] = None,
+    adapter_name: str | None = None,
     weight: float = 1.0,
     *,
-    metadata: Optional[Mapping[str, str]] = None,
+    metadata: Mapping[str, str] | None = None,
     low_cpu_mem_usage: bool = False,
     ignore_unknown_keys: bool = False,
 ) -> str:
@@ -114,18 +136,26 @@ def load_lyco_weights(
     metadata = {**file_metadata, **(metadata or {})}
     scheme = model_names(_pipeline_type(pipe))
     models = component_models(scheme, pipe)
-    adapter_name = adapter_name or _free_name(models)
+    used = _adapter_names(models)
+    adapter_name = adapter_name or next(
+        f"default_{i}" for i in itertools.count(len(used)) if f"default_{i}" not in used
+    )
     taken = sorted(name for name, model in models.items() if adapter_name in getattr(model, "peft_config", {}))
     if taken:
         raise ValueError(f"adapter name '{adapter_name}' is already used in {taken}; pick another adapter_name")
     conversion = kohya_to_peft(
-        state_dict, metadata=metadata, model_type=scheme.model_type, model=models, ignore_unknown_keys=ignore_unknown_keys
+        state_dict,
+        metadata=metadata,
+        model_type=scheme.model_type,
+        model=models,
+        ignore_unknown_keys=ignore_unknown_keys,
     )
     offload = pipe._optionally_disable_offloading(pipe) if hasattr(pipe, "_optionally_disable_offloading") else None
     snapshot = _Snapshot(models, conversion)
     try:
         for name, component in conversion.items():
             _inject(models[name], component, adapter_name, low_cpu_mem_usage)
+        _activate_only(models, adapter_name)
         if weight != 1.0:
             for model in models.values():
                 for layer in model.modules():
@@ -147,13 +177,20 @@ def _pipeline_type(pipe: Any) -> str:
     raise ValueError(f"{type(pipe).__name__} is neither an SDXL pipeline (unet + text_encoder_2) nor an Anima pipeline")
 
 
-def _free_name(models: Mapping[str, nn.Module]) -> str:
-    """diffusers' default adapter naming: ``default_<n>`` with n the number of adapters already loaded."""
-    used = {name for model in models.values() for name in getattr(model, "peft_config", {})}
-    index = len(used)
-    while f"default_{index}" in used:
-        index += 1
-    return f"default_{index}"
+def _adapter_names(models: Mapping[str, nn.Module]) -> set[str]:
+    return {name for model in models.values() for name in getattr(model, "peft_config", {})}
+
+
+def _activate_only(models: Mapping[str, nn.Module], adapter_name: str) -> None:
+    """Make the newly loaded adapter the only active one on every tuner layer, as diffusers does for LoRA files.
+
+    PEFT switches only the layers of the tuner type it just injected, so without this an adapter of another type
+    (LoRA under LoKr, or the reverse) would silently stay active.
+    """
+    for model in models.values():
+        for layer in model.modules():
+            if isinstance(layer, BaseTunerLayer):
+                layer.set_adapter([adapter_name])
 
 
 def _inject(model: nn.Module, component, adapter_name: str, low_cpu_mem_usage: bool) -> None:
@@ -161,16 +198,22 @@ def _inject(model: nn.Module, component, adapter_name: str, low_cpu_mem_usage: b
     for algo, part in component.parts.items():
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            inject_adapter_in_model(part.config, model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=part.state_dict)
+            inject_adapter_in_model(
+                part.config, model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=part.state_dict
+            )
         state_dict = _match_dtypes(model, part.state_dict, adapter_name) if low_cpu_mem_usage else part.state_dict
         result = set_peft_model_state_dict(model, state_dict, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
         loaded = set(state_dict) - set(result.unexpected_keys)
         if len(loaded) != len(state_dict):
-            raise RuntimeError(f"{algo} tensors not loaded into {type(model).__name__}: {sorted(result.unexpected_keys)[:5]}")
+            raise RuntimeError(
+                f"{algo} tensors not loaded into {type(model).__name__}: {sorted(result.unexpected_keys)[:5]}"
+            )
     model._hf_peft_config_loaded = True
 
 
-def _match_dtypes(model: nn.Module, state_dict: Mapping[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
+def _match_dtypes(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], adapter_name: str
+) -> dict[str, torch.Tensor]:
     """Cast file tensors to the dtype of the (empty) adapter parameters they replace; assignment would keep fp16."""
     params = dict(model.named_parameters())
     cast = {}
@@ -184,7 +227,7 @@ def _match_dtypes(model: nn.Module, state_dict: Mapping[str, torch.Tensor], adap
     return cast
 
 
-def _reapply_offloading(pipe: Any, offload: Optional[tuple]) -> None:
+def _reapply_offloading(pipe: Any, offload: tuple | None) -> None:
     """Put back the CPU/group offloading hooks diffusers' ``_optionally_disable_offloading`` removed."""
     if not offload:
         return
@@ -213,7 +256,9 @@ class _Snapshot:
                 parent_path, _, child = module.path.rpartition(".")
                 parent = model.get_submodule(parent_path)
                 self.modules[name, module.path] = (parent, child, getattr(parent, child))
-        self.configs = {name: dict(model.peft_config) if hasattr(model, "peft_config") else None for name, model in models.items()}
+        self.configs = {
+            name: dict(model.peft_config) if hasattr(model, "peft_config") else None for name, model in models.items()
+        }
         self.flags = {name: model.__dict__.get("_hf_peft_config_loaded", _MISSING) for name, model in models.items()}
         self.trainable = [(p, p.requires_grad) for model in models.values() for p in model.parameters()]
         self.active = {
@@ -227,7 +272,9 @@ class _Snapshot:
         for parent, child, original in self.modules.values():
             setattr(parent, child, original)
         for layer, active in self.active.values():
-            if any(adapter_name in getattr(layer, n, {}) for n in (*layer.adapter_layer_names, *layer.other_param_names)):
+            if any(
+                adapter_name in getattr(layer, n, {}) for n in (*layer.adapter_layer_names, *layer.other_param_names)
+            ):
                 layer.delete_adapter(adapter_name)
             layer.set_adapter(active)
         for name, model in self.models.items():

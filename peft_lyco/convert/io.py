@@ -6,13 +6,12 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Optional, Union
 
 import safetensors
 import torch
 from safetensors.torch import save_file
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 # Leading bytes of formats this module refuses: torch zip checkpoints and raw pickles.
 PICKLE_MAGICS = {b"PK\x03\x04": "a torch zip checkpoint", b"\x80": "a pickle"}
 
@@ -41,7 +40,9 @@ def load_kohya(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     return state_dict, metadata
 
 
-def save_kohya(path: PathLike, state_dict: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None) -> Path:
+def save_kohya(
+    path: PathLike, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> Path:
     """Write ``state_dict`` (+ string ``metadata``) to ``path`` as safetensors, atomically (temp file, then rename).
 
     A crash mid-write never leaves a partial file at ``path``; an existing file is replaced only once the new one is

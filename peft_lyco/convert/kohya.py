@@ -14,13 +14,12 @@ import re
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftConfig
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils.other import get_pattern_key
 from torch import nn
 
 from ..tuners import LoHaConfig, LoHaLayer, LoKrConfig, LoKrLayer, LycoConfig, LycoLayer
@@ -30,7 +29,6 @@ from .modules import (
     Geometry,
     LycoFileError,
     ModuleAdapter,
-    ModuleError,
     algo_of,
     kohya_tensors,
     layout_for,
@@ -98,8 +96,8 @@ class KohyaConversion(Mapping):
 def kohya_to_peft(
     state_dict: Mapping[str, torch.Tensor],
     *,
-    metadata: Optional[Mapping[str, str]] = None,
-    model_type: Optional[str] = None,
+    metadata: Mapping[str, str] | None = None,
+    model_type: str | None = None,
     model: Any = None,
     ignore_unknown_keys: bool = False,
 ) -> KohyaConversion:
@@ -132,7 +130,7 @@ def kohya_to_peft(
             geometry = Geometry(*layer_geometry(layer, path)) if layer is not None else None
             hint = None if geometry else resolver.kernel_hint(component, path)
             module = read_module(params, component, path, geometry, hint, preferred_factor)
-        except (ModuleError, TypeError) as err:
+        except (ValueError, TypeError) as err:  # ModuleError, or a layout/geometry check naming the problem
             errors.append(f"{name} ({component} '{path}'): {err}")
             continue
         module.name = name
@@ -164,8 +162,8 @@ def _report(unknown, unmatched, errors, ignore_unknown_keys, scheme: ModelNames,
     sections = []
     where = f"the {scheme.model_type} " + ("model" if models else "naming scheme")
     skippable = [
-        (f"{len(unknown)} keys with no known parameter name", unknown),
-        (f"{len(unmatched)} module names that match no module of {where}", unmatched),
+        (f"keys with no known parameter name ({len(unknown)})", unknown),
+        (f"module names that match no module of {where} ({len(unmatched)})", unmatched),
     ]
     for title, items in skippable:
         if items and ignore_unknown_keys:
@@ -173,16 +171,18 @@ def _report(unknown, unmatched, errors, ignore_unknown_keys, scheme: ModelNames,
         elif items:
             sections.append((title, items))
     if errors:
-        sections.append((f"{len(errors)} invalid modules", errors))
+        sections.append((f"invalid modules ({len(errors)})", errors))
     if sections:
         body = "\n".join(f"{title}:\n    " + "\n    ".join(sorted(items)) for title, items in sections)
-        hint = "" if ignore_unknown_keys or not skippable[0][1] + skippable[1][1] else (
-            "\n(pass ignore_unknown_keys=True to skip unknown and unmatched keys)"
+        hint = (
+            ""
+            if ignore_unknown_keys or not skippable[0][1] + skippable[1][1]
+            else ("\n(pass ignore_unknown_keys=True to skip unknown and unmatched keys)")
         )
         raise LycoFileError(f"cannot convert the LoHa/LoKr file:\n{body}{hint}")
 
 
-def _metadata_factor(metadata: Optional[Mapping[str, str]]) -> Optional[int]:
+def _metadata_factor(metadata: Mapping[str, str] | None) -> int | None:
     """The LoKr factor recorded in sd-scripts' ``ss_network_args``, if any."""
     try:
         return int(json.loads((metadata or {}).get("ss_network_args", "{}")).get("factor"))
@@ -265,8 +265,10 @@ def _verify(config: LycoConfig, algo: str, modules: list[ModuleAdapter]) -> None
     """Check that the config gives every module its file layout, rank and alpha (the patterns are exact)."""
     for m in modules:
         g = m.geometry
-        stand_in = nn.Conv2d(g.in_features, g.out_features, g.kernel, device="meta") if g.kernel else nn.Linear(
-            g.in_features, g.out_features, device="meta"
+        stand_in = (
+            nn.Conv2d(g.in_features, g.out_features, g.kernel, device="meta")
+            if g.kernel
+            else nn.Linear(g.in_features, g.out_features, device="meta")
         )
         spec = resolve_layer_spec(config, m.path, stand_in)
         if (spec.rank, spec.alpha, ALGO_LAYERS[algo].layout_for(g.out_features, g.in_features, g.kernel, spec)) != (
@@ -282,11 +284,11 @@ def peft_to_kohya(
     components: Any,
     *,
     adapter_name: str = "default",
-    model_type: Optional[str] = None,
+    model_type: str | None = None,
     naming: str = "sgm",
-    dtype: Optional[torch.dtype] = None,
+    dtype: torch.dtype | None = None,
     lokr_tucker: bool = False,
-    metadata: Optional[Mapping[str, str]] = None,
+    metadata: Mapping[str, str] | None = None,
     strict: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Write adapter ``adapter_name`` as a kohya state dict and metadata that sd-scripts, LyCORIS, ComfyUI and A1111 load.
@@ -299,7 +301,9 @@ def peft_to_kohya(
     raise instead of warning.
     """
     scheme, modules, configs = _collect(components, adapter_name, model_type)
-    resolver = NameResolver(scheme, {} if isinstance(components, KohyaConversion) else component_models(scheme, components))
+    resolver = NameResolver(
+        scheme, {} if isinstance(components, KohyaConversion) else component_models(scheme, components)
+    )
     _check_complete_sets(scheme, modules, strict)
     state_dict: dict[str, torch.Tensor] = {}
     written = []
@@ -310,12 +314,14 @@ def peft_to_kohya(
         for param, tensor in tensors.items():
             state_dict[f"{name}.{param}"] = tensor.detach().to(device="cpu", dtype=target).contiguous()
         alpha_tensor = torch.tensor(alpha, dtype=target)
+        # a rank of 100000 overflows fp16: keep that (ignored, both-full) alpha in fp32 rather than write inf
         state_dict[f"{name}.alpha"] = alpha_tensor if torch.isfinite(alpha_tensor) else torch.tensor(alpha)
         written.append((module.algo, module.rank, alpha))
-    return dict(sorted(state_dict.items())), _file_metadata(scheme, written, configs, metadata, strict)
+    tucker = any(key.endswith((".hada_t1", ".lokr_t2")) for key in state_dict)
+    return dict(sorted(state_dict.items())), _file_metadata(scheme, written, configs, metadata, strict, tucker)
 
 
-def _collect(components: Any, adapter_name: str, model_type: Optional[str]):
+def _collect(components: Any, adapter_name: str, model_type: str | None):
     """(scheme, modules, configs) of the adapter to write, from a conversion or from models."""
     if isinstance(components, KohyaConversion):
         scheme = model_names(model_type or components.model_type)
@@ -370,7 +376,7 @@ def modules_from_model(component: str, model: nn.Module, adapter_name: str) -> t
     return modules, problems
 
 
-def _layer_module(layer, adapter: str, component: str, path: str, geometry: Geometry) -> Optional[ModuleAdapter]:
+def _layer_module(layer, adapter: str, component: str, path: str, geometry: Geometry) -> ModuleAdapter | None:
     if isinstance(layer, LycoLayer):
         if adapter not in layer.layouts:
             return None
@@ -386,7 +392,10 @@ def _layer_module(layer, adapter: str, component: str, path: str, geometry: Geom
         rank, alpha = layer.r[adapter], layer.lora_alpha[adapter]
         if layer.use_rslora.get(adapter):
             alpha = alpha * rank**0.5  # PEFT scales by alpha/sqrt(r); kohya readers divide by r
-        tensors = {"lora_down.weight": layer.lora_A[adapter].weight.detach(), "lora_up.weight": layer.lora_B[adapter].weight.detach()}
+        tensors = {
+            "lora_down.weight": layer.lora_A[adapter].weight.detach(),
+            "lora_up.weight": layer.lora_B[adapter].weight.detach(),
+        }
         return ModuleAdapter(component, path, "lora", tensors, rank, float(alpha), geometry)
     if any(adapter in getattr(layer, name, {}) for name in layer.adapter_layer_names):
         raise ValueError(f"{type(layer).__module__}.{type(layer).__name__} layers cannot be written as kohya modules")
@@ -410,7 +419,9 @@ def _check_complete_sets(scheme: ModelNames, modules: list[ModuleAdapter], stric
             match = re.match(pattern, m.path) if m.component == component else None
             if match:
                 groups.setdefault(match.group(1), set()).add(match.group(2))
-        incomplete += [f"{component} '{prefix}': {sorted(members)}" for prefix, members in groups.items() if len(members) != size]
+        incomplete += [
+            f"{component} '{prefix}': {sorted(members)}" for prefix, members in groups.items() if len(members) != size
+        ]
     if incomplete:
         message = (
             "A1111 applies CLIP-bigG attention projections only when q_proj, k_proj, v_proj and out_proj of a layer "
@@ -421,13 +432,20 @@ def _check_complete_sets(scheme: ModelNames, modules: list[ModuleAdapter], stric
         logger.warning(message)
 
 
-def _file_metadata(scheme: ModelNames, written, configs, extra: Optional[Mapping[str, str]], strict: bool) -> dict[str, str]:
-    """sd-scripts' network metadata (module, dim, alpha, args, base model version) plus the caller's entries."""
+def _file_metadata(
+    scheme: ModelNames, written, configs, extra: Mapping[str, str] | None, strict: bool, tucker: bool
+) -> dict[str, str]:
+    """sd-scripts' network metadata (module, dim, alpha, args, base model version) plus the caller's entries.
+
+    ``ss_network_args`` holds the algorithm(s) and the adapter config's layout options, with ``use_tucker`` saying
+    whether the file itself has Tucker factors (Tucker LoKr is rebuilt to full ``lokr_w2`` by default).
+    """
     algos = sorted({algo for algo, _, _ in written})
     args: dict[str, str] = {"algo": "+".join(algos)}
     lyco = next((c for c in configs if isinstance(c, LycoConfig)), None)
     if lyco is not None:
         args.update({name: str(getattr(lyco, name)) for name in type(lyco).layout_options})
+        args["use_tucker"] = str(tucker)
     metadata = {
         "ss_network_module": NETWORK_MODULES[algos[0]] if len(algos) == 1 else "lycoris.kohya",
         "ss_network_dim": str(_most_common([rank for _, rank, _ in written])),

@@ -9,7 +9,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 
@@ -26,7 +26,7 @@ REFUSED_PARAMS = {
 }
 FILE_PARAMS = (*LOHA_PARAMS, *LOKR_PARAMS, *LORA_PARAMS, "alpha", *REFUSED_PARAMS)
 
-Layout = Union[LoHaLayout, LoKrLayout]
+Layout = LoHaLayout | LoKrLayout
 
 
 class LycoFileError(ValueError):
@@ -65,7 +65,7 @@ class ModuleAdapter:
     rank: int
     alpha: float
     geometry: Geometry
-    layout: Optional[Layout] = None
+    layout: Layout | None = None
     options: dict[str, Any] = field(default_factory=dict)
     candidates: tuple[dict[str, Any], ...] = ()
     name: str = ""
@@ -80,7 +80,7 @@ def layout_for(algo: str, geometry: Geometry, rank: int, options: Mapping[str, A
 
 
 # ------------------------------------------------------------------------------------------------------- reading
-def algo_of(params: Mapping[str, Any]) -> Optional[str]:
+def algo_of(params: Mapping[str, Any]) -> str | None:
     """``"loha"``, ``"lokr"``, ``"lora"`` or ``None`` from a module's parameter names."""
     if any(name in params for name in LOHA_PARAMS):
         return "loha"
@@ -95,9 +95,9 @@ def read_module(
     params: Mapping[str, torch.Tensor],
     component: str,
     path: str,
-    geometry: Optional[Geometry],
-    kernel_hint: Optional[tuple[int, ...]] = None,
-    preferred_factor: Optional[int] = None,
+    geometry: Geometry | None,
+    kernel_hint: tuple[int, ...] | None = None,
+    preferred_factor: int | None = None,
 ) -> ModuleAdapter:
     """Infer one module from its file tensors; ``geometry`` is the target layer's (``None``: inferred from the tensors).
 
@@ -109,6 +109,10 @@ def read_module(
     for name, tensor in params.items():
         if not torch.is_floating_point(tensor):
             raise ModuleError(f"{name} has dtype {tensor.dtype}; adapter tensors must be floating point")
+        if name == "alpha":
+            continue
+        if tensor.dim() < 2 or tensor.numel() == 0:
+            raise ModuleError(f"{name} must be a non-empty matrix or conv kernel, got shape {tuple(tensor.shape)}")
         if not torch.isfinite(tensor).all():
             raise ModuleError(f"{name} contains NaN or infinite values")
     algo = algo_of(params)
@@ -122,16 +126,20 @@ def read_module(
         module = _read_lora(tensors, alpha, geometry)
     else:
         raise ModuleError(f"no adapter tensors, only {sorted(params)}")
+    if not math.isfinite(module.alpha):
+        raise ModuleError(f"alpha is {module.alpha}; only LoKr modules with both halves full may carry any alpha")
     module.component, module.path = component, path
     return module
 
 
-def _alpha(tensor: Optional[torch.Tensor]) -> Optional[float]:
+def _alpha(tensor: torch.Tensor | None) -> float | None:
+    """The module's alpha; ``None`` when missing or 0 (both mean alpha = rank, as LyCORIS and sd-scripts read it)."""
     if tensor is None:
         return None
     if tensor.numel() != 1:
         raise ModuleError(f"alpha must hold one value, got shape {tuple(tensor.shape)}")
-    return float(tensor.reshape(()).item())
+    value = float(tensor.reshape(()).item())
+    return None if value == 0 else value
 
 
 def _require(tensors: Mapping[str, torch.Tensor], required: tuple[str, ...], allowed: tuple[str, ...]) -> None:
@@ -185,7 +193,9 @@ def _read_loha(tensors, alpha, geometry, kernel_hint) -> ModuleAdapter:
             tensors[name] = tensors[name].reshape(tensors[name].shape[0], -1)
     if geometry is None:
         if tucker:
-            geometry = Geometry(tensors["hada_w1_a"].shape[1], tensors["hada_w1_b"].shape[1], tuple(tensors["hada_t1"].shape[2:]))
+            geometry = Geometry(
+                tensors["hada_w1_a"].shape[1], tensors["hada_w1_b"].shape[1], tuple(tensors["hada_t1"].shape[2:])
+            )
         else:
             kernel = kernel_hint or ()
             in_features = _flat_in(tensors["hada_w1_b"].shape[1], kernel, "hada_w1_b")
@@ -194,8 +204,14 @@ def _read_loha(tensors, alpha, geometry, kernel_hint) -> ModuleAdapter:
     layout = layout_for("loha", geometry, rank, options)
     _check_layout(tensors, layout, geometry)
     # use_tucker only matters for kxk convs; elsewhere both values reproduce the module and both get a vote
-    candidates = tuple({"use_tucker": value} for value in (tucker, not tucker) if layout_for("loha", geometry, rank, {"use_tucker": value}) == layout)
-    return ModuleAdapter("", "", "loha", tensors, rank, rank if alpha is None else alpha, geometry, layout, options, candidates)
+    candidates = tuple(
+        {"use_tucker": value}
+        for value in (tucker, not tucker)
+        if layout_for("loha", geometry, rank, {"use_tucker": value}) == layout
+    )
+    return ModuleAdapter(
+        "", "", "loha", tensors, rank, rank if alpha is None else alpha, geometry, layout, options, candidates
+    )
 
 
 def _read_lokr(tensors, alpha, geometry, kernel_hint, preferred_factor) -> ModuleAdapter:
@@ -209,16 +225,15 @@ def _read_lokr(tensors, alpha, geometry, kernel_hint, preferred_factor) -> Modul
         tensors["lokr_w2_b"] = tensors["lokr_w2_b"].reshape(tensors["lokr_w2_b"].shape[0], -1)
     if w2_mode == "full" and tensors["lokr_w2"].dim() not in (2, 4):
         raise ModuleError(f"lokr_w2 must be 2-D or 4-D, got shape {tuple(tensors['lokr_w2'].shape)}")
-    ranks = {
-        name: tensors[name].shape[0] for name in ("lokr_t2", "lokr_w2_b", "lokr_w1_b") if name in tensors
-    }
+    ranks = {name: tensors[name].shape[0] for name in ("lokr_t2", "lokr_w2_b", "lokr_w1_b") if name in tensors}
     if "lokr_t2" in ranks:
         ranks.pop("lokr_w2_b")  # Tucker w2_b is (r, in_n) too, same rank
     if len(set(ranks.values())) > 1:
         raise ModuleError(f"w1 and w2 have different ranks {ranks}; LyCORIS uses one rank for both halves")
     if ranks:
         rank = next(iter(ranks.values()))
-    else:  # both halves full: the rank is not in the tensors; writers store alpha = rank and readers use scale 1
+    else:  # both halves full: the rank is not in the tensors; writers store alpha = rank and readers use scale 1.
+        # An fp16 file of a "full dimension" run stores alpha 100000 as inf; any alpha is ignored here.
         rank = int(alpha) if alpha is not None and math.isfinite(alpha) and alpha >= 1 and alpha == int(alpha) else 1
         alpha = float(rank)
     if geometry is None:
@@ -259,7 +274,10 @@ def _lokr_geometry(tensors, w1_decomposed, w2_mode, kernel_hint) -> Geometry:
 
 @lru_cache(maxsize=4096)
 def lokr_candidates(
-    geometry: Geometry, rank: int, shapes: tuple[tuple[str, tuple[int, ...]], ...], preferred_factor: Optional[int] = None
+    geometry: Geometry,
+    rank: int,
+    shapes: tuple[tuple[str, tuple[int, ...]], ...],
+    preferred_factor: int | None = None,
 ) -> tuple[dict[str, Any], ...]:
     """Every LoKr option set that reproduces ``shapes`` on this layer, plainest first (flags off before on).
 
@@ -291,10 +309,16 @@ def _read_lora(tensors, alpha, geometry) -> ModuleAdapter:
         geometry = Geometry(up.shape[0], down.shape[1], tuple(down.shape[2:]))
     g = geometry
     if g.kernel:  # PEFT LoRA on a conv: lora_A (r, in, kh, kw), lora_B (out, r, 1, 1); 1x1 files may be 2-D
-        expected = {"lora_down.weight": (rank, g.in_features, *g.kernel), "lora_up.weight": (g.out_features, rank, 1, 1)}
+        expected = {
+            "lora_down.weight": (rank, g.in_features, *g.kernel),
+            "lora_up.weight": (g.out_features, rank, 1, 1),
+        }
     else:
         expected = {"lora_down.weight": (rank, g.in_features), "lora_up.weight": (g.out_features, rank)}
-    tensors = {name: _with_kernel(tensor, expected[name]) for name, tensor in (("lora_down.weight", down), ("lora_up.weight", up))}
+    tensors = {
+        name: _with_kernel(tensor, expected[name])
+        for name, tensor in (("lora_down.weight", down), ("lora_up.weight", up))
+    }
     got = {name: tuple(tensor.shape) for name, tensor in tensors.items()}
     if got != expected:
         raise ModuleError(f"shapes {got} do not fit a {g.describe()} layer (expected {expected})")

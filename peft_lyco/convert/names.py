@@ -13,8 +13,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Optional, Protocol
+from functools import cache
+from typing import Protocol
 
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -23,7 +23,7 @@ ADAPTABLE_LAYERS = (nn.Linear, nn.Conv2d)
 
 
 # ---------------------------------------------------------------------------------------------------------- keys
-def split_key(key: str, params: Iterable[str]) -> Optional[tuple[str, str]]:
+def split_key(key: str, params: Iterable[str]) -> tuple[str, str] | None:
     """Split a file key into ``(module name, parameter)``; ``None`` if it ends in no known parameter name.
 
     Kohya names contain no dots, so the first dot separates module and parameter; dotted (PEFT/ComfyUI style)
@@ -68,9 +68,9 @@ class PathStyle(Protocol):
 
     name: str
 
-    def to_style(self, path: str) -> Optional[str]: ...
+    def to_style(self, path: str) -> str | None: ...
 
-    def from_style(self, path: str) -> Optional[str]: ...
+    def from_style(self, path: str) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -79,10 +79,10 @@ class IdentityStyle:
 
     name: str
 
-    def to_style(self, path: str) -> Optional[str]:
+    def to_style(self, path: str) -> str | None:
         return path
 
-    def from_style(self, path: str) -> Optional[str]:
+    def from_style(self, path: str) -> str | None:
         return path
 
 
@@ -98,14 +98,14 @@ class RewriteStyle:
     forward: tuple[tuple[str, str], ...]
     backward: tuple[tuple[str, str], ...]
 
-    def to_style(self, path: str) -> Optional[str]:
+    def to_style(self, path: str) -> str | None:
         return _rewrite(path, self.forward) or path
 
-    def from_style(self, path: str) -> Optional[str]:
+    def from_style(self, path: str) -> str | None:
         return _rewrite(path, self.backward)
 
 
-def _rewrite(path: str, rules: tuple[tuple[str, str], ...]) -> Optional[str]:
+def _rewrite(path: str, rules: tuple[tuple[str, str], ...]) -> str | None:
     for pattern, replacement in rules:
         new, count = re.subn(pattern, replacement, path, count=1)
         if count:
@@ -129,7 +129,7 @@ class BlockRule:
     leaves: tuple[tuple[str, str], ...] = ()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _template_regex(template: str) -> re.Pattern:
     pattern = re.escape(template)
     for name in ("b", "j", "n"):
@@ -145,13 +145,13 @@ class BlockStyle:
     rules: tuple[BlockRule, ...]
     layers_per_block: int
 
-    def to_style(self, path: str) -> Optional[str]:
+    def to_style(self, path: str) -> str | None:
         return self._convert(path, to_sgm=True)
 
-    def from_style(self, path: str) -> Optional[str]:
+    def from_style(self, path: str) -> str | None:
         return self._convert(path, to_sgm=False)
 
-    def _convert(self, path: str, to_sgm: bool) -> Optional[str]:
+    def _convert(self, path: str, to_sgm: bool) -> str | None:
         width = self.layers_per_block + 1
         for rule in self.rules:
             source, target = (rule.diffusers, rule.sgm) if to_sgm else (rule.sgm, rule.diffusers)
@@ -226,7 +226,7 @@ class ComponentNames:
     write_prefix: str
     read_prefixes: tuple[str, ...]
     dotted_prefixes: tuple[str, ...]
-    styles: Callable[[Optional[nn.Module]], tuple[PathStyle, ...]]
+    styles: Callable[[nn.Module | None], tuple[PathStyle, ...]]
     write_style: Mapping[str, str]
     tokens: frozenset[str]
     layout: Callable[[], str]
@@ -249,20 +249,20 @@ class ModelNames:
         raise KeyError(f"{self.model_type} has no component {name!r}; components: {[c.name for c in self.components]}")
 
 
-def _unet_styles(unet: Optional[nn.Module]) -> tuple[PathStyle, ...]:
+def _unet_styles(unet: nn.Module | None) -> tuple[PathStyle, ...]:
     layers = getattr(getattr(unet, "config", None), "layers_per_block", 2)
     return (BlockStyle("sgm", sdxl_unet_block_rules(layers), layers), IdentityStyle("diffusers"))
 
 
-def _clip_styles(_: Optional[nn.Module]) -> tuple[PathStyle, ...]:
+def _clip_styles(_: nn.Module | None) -> tuple[PathStyle, ...]:
     return (CLIP_WITH_TEXT_MODEL, CLIP_PLAIN)
 
 
-def _identity_styles(_: Optional[nn.Module]) -> tuple[PathStyle, ...]:
+def _identity_styles(_: nn.Module | None) -> tuple[PathStyle, ...]:
     return (IdentityStyle("identity"),)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _clip_layout(class_name: str) -> str:
     """``"text_model"`` if the installed transformers ``class_name`` keeps the ``text_model`` level, else ``"plain"``."""
     import torch
@@ -275,17 +275,63 @@ def _clip_layout(class_name: str) -> str:
 
 
 _UNET_TOKENS = frozenset(
-    """conv_in conv_out time_embedding linear_1 linear_2 add_embedding down_blocks up_blocks mid_block conv_shortcut
-    time_emb_proj proj_in proj_out transformer_blocks to_q to_k to_v to_out input_blocks middle_block output_blocks
-    in_layers out_layers emb_layers skip_connection time_embed label_emb""".split()
+    [
+        "conv_in",
+        "conv_out",
+        "time_embedding",
+        "linear_1",
+        "linear_2",
+        "add_embedding",
+        "down_blocks",
+        "up_blocks",
+        "mid_block",
+        "conv_shortcut",
+        "time_emb_proj",
+        "proj_in",
+        "proj_out",
+        "transformer_blocks",
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out",
+        "input_blocks",
+        "middle_block",
+        "output_blocks",
+        "in_layers",
+        "out_layers",
+        "emb_layers",
+        "skip_connection",
+        "time_embed",
+        "label_emb",
+    ]
 )
-_CLIP_TOKENS = frozenset("text_model self_attn q_proj k_proj v_proj out_proj text_projection final_layer_norm".split())
+_CLIP_TOKENS = frozenset(
+    ["text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "text_projection", "final_layer_norm"]
+)
 _ANIMA_DIT_TOKENS = frozenset(
-    """llm_adapter self_attn cross_attn q_proj k_proj v_proj o_proj output_proj out_proj in_proj x_embedder t_embedder
-    linear_1 linear_2 final_layer adaln_modulation adaln_modulation_self_attn adaln_modulation_cross_attn
-    adaln_modulation_mlp""".split()
+    [
+        "llm_adapter",
+        "self_attn",
+        "cross_attn",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "output_proj",
+        "out_proj",
+        "in_proj",
+        "x_embedder",
+        "t_embedder",
+        "linear_1",
+        "linear_2",
+        "final_layer",
+        "adaln_modulation",
+        "adaln_modulation_self_attn",
+        "adaln_modulation_cross_attn",
+        "adaln_modulation_mlp",
+    ]
 )
-_QWEN3_TOKENS = frozenset("self_attn q_proj k_proj v_proj o_proj gate_proj up_proj down_proj".split())
+_QWEN3_TOKENS = frozenset(["self_attn", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 SDXL = ModelNames(
     model_type="sdxl",
@@ -299,8 +345,10 @@ SDXL = ModelNames(
             write_style={"sgm": "sgm", "diffusers": "diffusers"},
             tokens=_UNET_TOKENS,
             layout=lambda: "diffusers",
-            kernel_hints=((r"(^|\.)(conv_in|conv_out|conv1|conv2|downsamplers\.0\.conv|upsamplers\.0\.conv)$", (3, 3)),
-                          (r"(^|\.)conv_shortcut$", (1, 1))),  # fmt: skip
+            kernel_hints=(
+                (r"(^|\.)(conv_in|conv_out|conv1|conv2|downsamplers\.0\.conv|upsamplers\.0\.conv)$", (3, 3)),
+                (r"(^|\.)conv_shortcut$", (1, 1)),
+            ),
         ),
         ComponentNames(
             name="text_encoder",
@@ -374,7 +422,7 @@ _METADATA_TYPES = (("ss_base_model_version", r"^sdxl", "sdxl"), ("ss_base_model_
                    ("modelspec.architecture", r"^anima", "anima"))  # fmt: skip
 
 
-def detect_model_type(module_names: Iterable[str], metadata: Optional[Mapping[str, str]] = None) -> str:
+def detect_model_type(module_names: Iterable[str], metadata: Mapping[str, str] | None = None) -> str:
     """Tell SDXL from Anima files by their metadata, else by their module names; raise if it stays ambiguous."""
     for key, pattern, model_type in _METADATA_TYPES:
         if re.match(pattern, str((metadata or {}).get(key, ""))):
@@ -418,7 +466,7 @@ class NameResolver:
     the scheme's tokens and style rules into the default model layout.
     """
 
-    def __init__(self, scheme: ModelNames, models: Optional[Mapping[str, nn.Module]] = None):
+    def __init__(self, scheme: ModelNames, models: Mapping[str, nn.Module] | None = None):
         self.scheme = scheme
         self.models = dict(models or {})
         self._tables: dict[str, tuple[dict[str, str], dict[str, str]]] = {}
@@ -434,7 +482,7 @@ class NameResolver:
     def styles(self, component: ComponentNames) -> tuple[PathStyle, ...]:
         return component.styles(self.models.get(component.name))
 
-    def canonical(self, component: ComponentNames, path: str) -> Optional[str]:
+    def canonical(self, component: ComponentNames, path: str) -> str | None:
         """A path in any of the component's styles, written in the canonical style (diffusers UNet, plain CLIP)."""
         for style in self.styles(component):
             canonical = style.from_style(path)
@@ -456,21 +504,19 @@ class NameResolver:
             self._tables[component.name] = (flat, dotted)
         return self._tables[component.name]
 
-    def resolve(self, module_name: str) -> Optional[tuple[str, str]]:
+    def resolve(self, module_name: str) -> tuple[str, str] | None:
         """``(component, path)`` of a file module name, or ``None`` if it names no module of this model family."""
         for component in self.scheme.components:
             for prefix in component.dotted_prefixes:
                 if module_name.startswith(prefix):
                     return self._lookup(component, module_name[len(prefix) :], dotted=True)
-        candidates = [
-            (prefix, component) for component in self.scheme.components for prefix in component.read_prefixes
-        ]
+        candidates = [(prefix, component) for component in self.scheme.components for prefix in component.read_prefixes]
         for prefix, component in sorted(candidates, key=lambda item: -len(item[0])):
             if module_name.startswith(prefix):
                 return self._lookup(component, module_name[len(prefix) :], dotted=False)
         return None
 
-    def _lookup(self, component: ComponentNames, body: str, dotted: bool) -> Optional[tuple[str, str]]:
+    def _lookup(self, component: ComponentNames, body: str, dotted: bool) -> tuple[str, str] | None:
         if component.name in self.models:
             flat, paths = self._table(component)
             path = paths.get(body) if dotted else flat.get(body)
@@ -493,7 +539,7 @@ class NameResolver:
             raise ValueError(f"{component_name} module '{path}' has no {naming} name")
         return component.write_prefix + flatten(styled)
 
-    def kernel_hint(self, component_name: str, path: str) -> Optional[tuple[int, ...]]:
+    def kernel_hint(self, component_name: str, path: str) -> tuple[int, ...] | None:
         """The kernel of a convolution at ``path`` from the scheme's hints (used only when no model is given)."""
         for pattern, kernel in self.scheme.component(component_name).kernel_hints:
             if re.search(pattern, path):

@@ -6,7 +6,7 @@ import torch
 
 from peft_lyco.convert import kohya_to_peft
 from peft_lyco.diffusers import enable_lyco
-from tests.convert.helpers import fresh_pipe, lycoris_case, max_diff, outputs, rename
+from tests.convert.helpers import fresh_pipe, generic_lycoris, lycoris_case, max_diff, outputs, rename
 
 TOL = 1e-5
 
@@ -23,11 +23,13 @@ VARIANTS = {
     "lokr-tucker-decompose": dict(algo="lokr", factor=4, dim=1, alpha=1, use_tucker=True, decompose_both=True),
     "lokr-full-matrix": dict(algo="lokr", factor=8, full_matrix=True),
     "lokr-dim100000": dict(algo="lokr", factor=8, dim=100000, alpha=3),
+    "lokr-dim100000-fp16": dict(algo="lokr", factor=-1, dim=100000, alpha=3, dtype="float16"),  # alpha saved as inf
     "lokr-unbalanced": dict(algo="lokr", factor=4, dim=2, alpha=1, unbalanced_factorization=True),
     "loha-fp16": dict(algo="loha", dtype="float16"),
     "lokr-bf16": dict(algo="lokr", factor=4, dim=2, alpha=1, dtype="bfloat16"),
     "mixed-lora-loha-lokr": dict(
-        algo="loha", module_algo_map=(("ResnetBlock2D", (("algo", "lora"),)), ("CLIPMLP", (("algo", "lokr"), ("factor", 4))))
+        algo="loha",
+        module_algo_map=(("ResnetBlock2D", (("algo", "lora"),)), ("CLIPMLP", (("algo", "lokr"), ("factor", 4)))),
     ),
 }
 NAMINGS = ["lycoris", "sd-scripts", "lycoris_prefix", "dotted"]
@@ -37,7 +39,7 @@ FAST = [(v, "lycoris") for v in VARIANTS] + [(v, n) for v in ("loha-tucker", "lo
 
 
 def load_and_compare(variant: str, naming: str) -> dict[str, float]:
-    state_dict, metadata, reference, base = lycoris_case(**VARIANTS[variant])
+    state_dict, _, reference, base = lycoris_case(**VARIANTS[variant])
     pipe = enable_lyco(fresh_pipe())
     pipe.load_lora_weights(rename(state_dict, naming), adapter_name="lyco")
     ours = outputs(pipe)
@@ -70,7 +72,9 @@ def test_file_layouts_become_per_module_patterns():
     state_dict, metadata, _, _ = lycoris_case(**VARIANTS["loha-conv-rank"])
     unet = kohya_to_peft(state_dict, metadata=metadata)["unet"].config
     convs = {"conv_in", "conv_out", "conv1", "conv2", "conv"}
-    assert {key.lstrip("^").replace("\\.", ".").split(".")[-1] for key in unet.rank_pattern} <= convs and len(unet.rank_pattern) == 28  # 12 resnets x 2 + conv_in, conv_out, down-, upsampler
+    assert {key.lstrip("^").replace("\\.", ".").split(".")[-1] for key in unet.rank_pattern} <= convs and len(
+        unet.rank_pattern
+    ) == 28  # 12 resnets x 2 + conv_in, conv_out, down-, upsampler
     assert set(unet.rank_pattern.values()) == {2} and set(unet.alpha_pattern.values()) == {1.0}
 
 
@@ -80,9 +84,11 @@ def test_mixed_file_uses_peft_lora_for_lora_modules():
     assert set(conversion["unet"].parts) == {"lora", "loha"}
     assert set(conversion["text_encoder"].parts) == {"loha", "lokr"}
     with pytest.raises(ValueError, match="mixes"):
-        conversion["unet"].config
+        _ = conversion["unet"].config
     lora = conversion["unet"].parts["lora"]
-    assert lora.config.peft_type == "LORA" and all(".lora_A.weight" in k or ".lora_B.weight" in k for k in lora.state_dict)
+    assert lora.config.peft_type == "LORA" and all(
+        ".lora_A.weight" in k or ".lora_B.weight" in k for k in lora.state_dict
+    )
 
 
 def test_fp16_file_keeps_its_tensors_exactly():
@@ -91,3 +97,18 @@ def test_fp16_file_keeps_its_tensors_exactly():
     key = "down_blocks.1.attentions.0.proj_in.hada_w1_a"
     assert peft_state[key].dtype == torch.float16
     assert torch.equal(peft_state[key], state_dict["lora_unet_down_blocks_1_attentions_0_proj_in.hada_w1_a"])
+
+
+def test_generic_wrapper_file_with_lycoris_prefix():
+    """A file from LyCORIS' generic ``create_lycoris`` on the UNet: ``lycoris_`` + diffusers paths."""
+    theirs = fresh_pipe()
+    base = outputs(theirs)["unet"]
+    network, state_dict = generic_lycoris(
+        theirs.unet, targets=("Linear", "Conv2d"), algo="lokr", linear_dim=2, linear_alpha=1, factor=4, use_tucker=True
+    )
+    assert len(network.loras) == 183 and all(key.startswith("lycoris_") for key in state_dict)
+    reference = outputs(theirs)["unet"]
+    pipe = enable_lyco(fresh_pipe())
+    pipe.load_lora_weights(state_dict)
+    assert (reference - base).abs().max() > 1e-3
+    assert (outputs(pipe)["unet"] - reference).abs().max() <= TOL
