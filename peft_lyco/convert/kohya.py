@@ -24,6 +24,7 @@ from torch import nn
 
 from ..tuners import LoHaConfig, LoHaLayer, LoKrConfig, LoKrLayer, LycoConfig, LycoLayer
 from ..tuners.options import layer_geometry, resolve_layer_spec
+from ..tuners.targets import exact_pattern_key, exact_target_modules
 from .modules import (
     FILE_PARAMS,
     Geometry,
@@ -142,7 +143,7 @@ def kohya_to_peft(
     by_component: dict[str, list[ModuleAdapter]] = {}
     for module in modules:
         by_component.setdefault(module.component, []).append(module)
-    components = {name: build_component(name, found) for name, found in by_component.items()}
+    components = {name: build_component(name, found, models.get(name)) for name, found in by_component.items()}
     return KohyaConversion(scheme.model_type, components, dict(metadata or {}))
 
 
@@ -218,31 +219,31 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------- PEFT configs
-def build_component(name: str, modules: list[ModuleAdapter]) -> ComponentAdapter:
-    """Group a component's modules by method and build each method's config and state dict."""
+def build_component(name: str, modules: list[ModuleAdapter], model: nn.Module | None = None) -> ComponentAdapter:
+    """Group a component's modules by method and build each method's config and state dict.
+
+    With the component's ``model`` the configs' ``target_modules`` are a plain list where that is exact; without it
+    they are a full-match regex of the paths, which never reaches a module the file does not adapt.
+    """
     by_algo: dict[str, list[ModuleAdapter]] = {}
     for module in modules:
         by_algo.setdefault(module.algo, []).append(module)
-    parts = {algo: _peft_part(algo, found) for algo, found in sorted(by_algo.items())}
+    names = [n for n, _ in model.named_modules()] if model is not None else None
+    parts = {algo: _peft_part(algo, found, names) for algo, found in sorted(by_algo.items())}
     return ComponentAdapter(name, modules, parts)
-
-
-def exact(path: str) -> str:
-    """A PEFT pattern key that matches exactly this module path."""
-    return "^" + re.escape(path)
 
 
 def _most_common(values: list) -> Any:
     return Counter(values).most_common(1)[0][0]
 
 
-def _peft_part(algo: str, modules: list[ModuleAdapter]) -> PeftPart:
+def _peft_part(algo: str, modules: list[ModuleAdapter], module_names: list[str] | None) -> PeftPart:
     rank = _most_common([m.rank for m in modules])
     alpha = _most_common([m.alpha for m in modules])
     patterns = {
-        "target_modules": sorted(m.path for m in modules),
-        "rank_pattern": {exact(m.path): m.rank for m in modules if m.rank != rank},
-        "alpha_pattern": {exact(m.path): m.alpha for m in modules if m.alpha != alpha},
+        "target_modules": exact_target_modules((m.path for m in modules), module_names),
+        "rank_pattern": {exact_pattern_key(m.path): m.rank for m in modules if m.rank != rank},
+        "alpha_pattern": {exact_pattern_key(m.path): m.alpha for m in modules if m.alpha != alpha},
     }
     if algo == "lora":
         config = LoraConfig(r=rank, lora_alpha=alpha, **patterns)
@@ -254,7 +255,7 @@ def _peft_part(algo: str, modules: list[ModuleAdapter]) -> PeftPart:
         return PeftPart(config, state_dict)
     defaults = _shared_options(modules)
     option_pattern = {
-        exact(m.path): m.options for m in modules if layout_for(algo, m.geometry, m.rank, defaults) != m.layout
+        exact_pattern_key(m.path): m.options for m in modules if layout_for(algo, m.geometry, m.rank, defaults) != m.layout
     }
     config = ALGO_CONFIGS[algo](r=rank, alpha=alpha, option_pattern=option_pattern, **defaults, **patterns)
     _verify(config, algo, modules)

@@ -10,7 +10,6 @@ import tempfile
 from contextlib import contextmanager
 from functools import cache, lru_cache
 
-import pytest
 import toml
 import torch
 from lycoris.kohya import LycorisNetworkKohya, create_network
@@ -47,16 +46,6 @@ _CLASS_STATE = [
     )
     if hasattr(cls, name)
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Run each test module on one intra-op thread: on 2-core machines torch's thread pool makes these tiny models
-    several times slower (measured 60 s vs 320 s for tests/convert + tests/diffusers). Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @lru_cache(maxsize=1)

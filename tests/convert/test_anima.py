@@ -146,3 +146,21 @@ def test_anima_pipeline_loads_a_lycoris_file():
     got = run(ours)
     for b, e, o in zip(base, expected, got):
         assert (e - b).abs().max() > 1e-3 and (o - e).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("with_model", [False, True], ids=["names-only", "with-model"])
+def test_dit_only_file_config_never_reaches_the_llm_adapter(with_model):
+    # `blocks.0.self_attn.q_proj` is a dotted suffix of `llm_adapter.blocks.0.self_attn.q_proj`: a plain target list
+    # would make get_peft_model adapt the LLM adapter too
+    from peft import get_peft_model
+
+    model = tiny_dit()
+    network, state = generic_lycoris(copy.deepcopy(model), "lora_unet_", algo="lokr", linear_dim=2, linear_alpha=1)
+    dit_only = {k: v for k, v in state.items() if "llm_adapter" not in k}
+    conversion = kohya_to_peft(dit_only, model={"transformer": model} if with_model else None, model_type="anima")
+    config = conversion["transformer"].config
+    adapted = get_peft_model(copy.deepcopy(model), config)
+    wrapped = {n.removeprefix("base_model.model.") for n, m in adapted.named_modules() if hasattr(m, "layouts")}
+    assert wrapped == {m.path for m in conversion["transformer"].modules}
+    assert not any(name.startswith("llm_adapter") for name in wrapped)
+    assert isinstance(config.target_modules, str)  # a regex: the list would leak here, with or without the model
