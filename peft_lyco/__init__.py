@@ -18,7 +18,10 @@ def register() -> None:
 
 register()
 
+from . import convert  # noqa: E402  (kohya/LyCORIS files <-> PEFT; needs the registered types)
+
 __all__ = [
+    "convert",
     "LYCO_LOHA",
     "LYCO_LOKR",
     "LoHaConfig",

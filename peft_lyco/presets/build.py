@@ -21,6 +21,7 @@ from torch import nn
 
 from ..tuners import LoHaConfig, LoHaLayer, LoKrConfig, LoKrLayer, LycoConfig
 from ..tuners.options import layer_geometry, resolve_layer_spec
+from ..tuners.targets import exact_pattern_key, exact_target_modules
 from .architectures import adaptable_layers, detect_architecture, unwrap
 from .network_args import NetworkArgs, NetworkArgsError, parse_network_args
 
@@ -119,25 +120,12 @@ def build_config(
             "network_dim/conv_dim)"
         )
     config = _make_config(config_cls, plan, args, network_dim, network_alpha, passthrough)
-    if _suffix_clash(config.target_modules, (name for name, _ in model.named_modules())):
-        config.target_modules = "|".join(re.escape(path) for path, _, _, _ in plan)  # fullmatch: exact paths only
+    config.target_modules = exact_target_modules(config.target_modules, (name for name, _ in model.named_modules()))
     # the rows validate every layout now and log LoKr's full-matrix fallback at build time, as sd-scripts does
     rows = describe(config, model, modules=[(path, layer) for path, layer, _, _ in plan])
     if args.verbose:
         print(format_table(rows))
     return config
-
-
-def _suffix_clash(targets: set[str], names) -> bool:
-    """True if PEFT's list matching (``name == t`` or ``name.endswith("." + t)``) would also hit a module that is not
-    a target, e.g. ``1.0`` for target ``0`` in nested containers."""
-    for name in names:
-        if name in targets:
-            continue
-        parts = name.split(".")
-        if any(".".join(parts[i:]) in targets for i in range(1, len(parts))):
-            return True
-    return False
 
 
 def _check_network_dim_alpha(network_dim: Any, network_alpha: Any) -> tuple[int, float]:
@@ -190,7 +178,7 @@ def _make_config(config_cls, plan, args: NetworkArgs, network_dim, network_alpha
         kxk = _is_kxk(layer)
         default_rank = conv_r if kxk and conv_r else r
         default_alpha = conv_alpha if kxk and conv_r else network_alpha
-        key = "^" + re.escape(path)
+        key = exact_pattern_key(path)
         if rank != default_rank:
             rank_pattern[key] = rank
         if alpha != default_alpha:

@@ -106,6 +106,11 @@ class LycoLayer(nn.Module, BaseTunerLayer):
     def _available_adapters(self) -> set[str]:
         return set(self.layouts)
 
+    @property
+    def groups(self) -> int:
+        """The base convolution's ``groups`` (1 for Linear); PEFT's LoRA reads it when stacked on this layer."""
+        return getattr(self.get_base_layer(), "groups", 1)
+
     # --------------------------------------------------------------------------------------------------- scaling
     def set_scale(self, adapter: str, scale: float) -> None:
         """Set the user weight of ``adapter`` (diffusers ``set_adapters``): scaling = weight · own scale."""

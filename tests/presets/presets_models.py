@@ -4,6 +4,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from peft_lyco.models.tiny_sdxl import TINY_CLIP_CONFIG, TINY_UNET_CONFIG
+
 # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the fields that shape modules)
 SDXL_UNET = dict(
     sample_size=128,
@@ -33,36 +35,6 @@ CLIP_BIG_G = dict(
     hidden_act="gelu",
 )
 
-# peft_integration.md §6: a tiny SDXL-shaped UNet and CLIP pair
-TINY_UNET = dict(
-    sample_size=32,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(32, 64),
-    layers_per_block=2,
-    transformer_layers_per_block=(1, 2),
-    attention_head_dim=(2, 4),
-    cross_attention_dim=64,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=8,
-    projection_class_embeddings_input_dim=80,
-    norm_num_groups=1,
-)
-TINY_CLIP = dict(
-    hidden_size=32,
-    intermediate_size=37,
-    num_hidden_layers=5,
-    num_attention_heads=4,
-    projection_dim=32,
-    vocab_size=1000,
-    bos_token_id=0,
-    eos_token_id=1,
-    pad_token_id=1,
-)
-
 
 def meta_sdxl():
     """Real-size SDXL UNet and both text encoders on the meta device (no memory, no download)."""
@@ -77,7 +49,7 @@ def meta_sdxl():
 def tiny_sdxl(seed=0):
     torch.manual_seed(seed)
     return (
-        UNet2DConditionModel(**TINY_UNET),
-        CLIPTextModel(CLIPTextConfig(**TINY_CLIP)),
-        CLIPTextModelWithProjection(CLIPTextConfig(**TINY_CLIP)),
+        UNet2DConditionModel(**TINY_UNET_CONFIG),
+        CLIPTextModel(CLIPTextConfig(**TINY_CLIP_CONFIG)),
+        CLIPTextModelWithProjection(CLIPTextConfig(**TINY_CLIP_CONFIG)),
     )

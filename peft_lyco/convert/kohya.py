@@ -1,0 +1,485 @@
+"""kohya/LyCORIS state dicts <-> PEFT adapters, both ways.
+
+``kohya_to_peft`` turns a file's modules into per-component PEFT configs (``LoHaConfig``/``LoKrConfig``, ``LoraConfig``
+for the plain LoRA modules of mixed files) with exact-path ``rank_pattern``/``alpha_pattern``/``option_pattern`` for
+every module that differs from the shared defaults, plus PEFT state dicts. ``peft_to_kohya`` writes adapters held by
+models (or a conversion) as a kohya file following the writer rules of formats.md §11.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftConfig
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from ..tuners import LoHaConfig, LoHaLayer, LoKrConfig, LoKrLayer, LycoConfig, LycoLayer
+from ..tuners.options import layer_geometry, resolve_layer_spec
+from ..tuners.targets import exact_pattern_key, exact_target_modules
+from .modules import (
+    FILE_PARAMS,
+    Geometry,
+    LycoFileError,
+    ModuleAdapter,
+    algo_of,
+    kohya_tensors,
+    layout_for,
+    read_module,
+)
+from .names import ModelNames, NameResolver, detect_model_type, model_names, split_key
+
+logger = logging.getLogger(__name__)
+
+ALGO_CONFIGS = {"loha": LoHaConfig, "lokr": LoKrConfig}
+ALGO_LAYERS = {"loha": LoHaLayer, "lokr": LoKrLayer}
+DENOISER_CLASSES = {"UNet2DConditionModel": "unet", "AnimaDiT": "transformer"}
+NETWORK_MODULES = {"loha": "networks.loha", "lokr": "networks.lokr", "lora": "networks.lora"}
+# A1111 applies CLIP-bigG attention projections only through its fused MultiheadAttention: all four or none.
+COMPLETE_SETS = {("sdxl", "text_encoder_2"): (r"^(.*\.self_attn)\.(q_proj|k_proj|v_proj|out_proj)$", 4)}
+
+
+@dataclass
+class PeftPart:
+    """One PEFT method's share of a component: its config and its PEFT state dict (``<module path>.<param>``)."""
+
+    config: PeftConfig
+    state_dict: dict[str, torch.Tensor]
+
+
+@dataclass
+class ComponentAdapter:
+    """What a file holds for one model component: its modules and one ``PeftPart`` per method (loha/lokr/lora)."""
+
+    name: str
+    modules: list[ModuleAdapter]
+    parts: dict[str, PeftPart]
+
+    @property
+    def config(self) -> PeftConfig:
+        """The component's config; raises if the file mixes methods on this component (use ``parts``)."""
+        if len(self.parts) != 1:
+            raise ValueError(f"{self.name} mixes {sorted(self.parts)} modules; use .parts[method].config")
+        return next(iter(self.parts.values())).config
+
+    @property
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The PEFT state dict of all methods together (their keys never collide)."""
+        return {key: value for part in self.parts.values() for key, value in part.state_dict.items()}
+
+
+@dataclass
+class KohyaConversion(Mapping):
+    """Result of ``kohya_to_peft``: a mapping component name -> ``ComponentAdapter``, plus the file's metadata."""
+
+    model_type: str
+    components: dict[str, ComponentAdapter]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> ComponentAdapter:
+        return self.components[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.components)
+
+    def __len__(self) -> int:
+        return len(self.components)
+
+
+# ------------------------------------------------------------------------------------------------------- reading
+def kohya_to_peft(
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    metadata: Mapping[str, str] | None = None,
+    model_type: str | None = None,
+    model: Any = None,
+    ignore_unknown_keys: bool = False,
+) -> KohyaConversion:
+    """Convert a kohya/LyCORIS LoHa/LoKr (and LoRA) state dict into PEFT configs and state dicts per component.
+
+    ``model`` (a pipeline, a mapping component -> model, or the denoiser alone) makes names and layer shapes exact:
+    names are looked up in its modules and every module is checked against its layer. Without it names are parsed
+    into the default diffusers/transformers layout. Unknown keys and names that match no module raise a
+    ``LycoFileError`` listing them, unless ``ignore_unknown_keys`` (then they are skipped with a warning); invalid
+    modules (incomplete key sets, wrong shapes, NaN, DoRA) always raise.
+    """
+    groups, unknown = _group_keys(state_dict)
+    scheme = model_names(model_type or detect_model_type(groups, metadata))
+    models = component_models(scheme, model)
+    resolver = NameResolver(scheme, models)
+    preferred_factor = _metadata_factor(metadata)
+    modules, unmatched, errors, owners = [], [], [], {}
+    for name, params in groups.items():
+        target = resolver.resolve(name)
+        if target is None:
+            unmatched.append(name)
+            continue
+        component, path = target
+        if (component, path) in owners:
+            errors.append(f"{name}: targets {component} module '{path}' already adapted by {owners[component, path]}")
+            continue
+        owners[component, path] = name
+        try:
+            layer = resolver.layers(component).get(path)
+            geometry = Geometry(*layer_geometry(layer, path)) if layer is not None else None
+            hint = None if geometry else resolver.kernel_hint(component, path)
+            module = read_module(params, component, path, geometry, hint, preferred_factor)
+        except (ValueError, TypeError) as err:  # ModuleError, or a layout/geometry check naming the problem
+            errors.append(f"{name} ({component} '{path}'): {err}")
+            continue
+        module.name = name
+        modules.append(module)
+    _report(unknown, unmatched, errors, ignore_unknown_keys, scheme, models)
+    if not modules:
+        raise LycoFileError("the state dict holds no LoHa, LoKr or LoRA module")
+    by_component: dict[str, list[ModuleAdapter]] = {}
+    for module in modules:
+        by_component.setdefault(module.component, []).append(module)
+    components = {name: build_component(name, found, models.get(name)) for name, found in by_component.items()}
+    return KohyaConversion(scheme.model_type, components, dict(metadata or {}))
+
+
+def _group_keys(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, tensor in state_dict.items():
+        split = split_key(key, FILE_PARAMS) if isinstance(tensor, torch.Tensor) else None
+        if split is None:
+            unknown.append(key)
+        else:
+            groups.setdefault(split[0], {})[split[1]] = tensor
+    return groups, unknown
+
+
+def _report(unknown, unmatched, errors, ignore_unknown_keys, scheme: ModelNames, models) -> None:
+    """Raise one ``LycoFileError`` listing every problem (unknown/unmatched only warn with ``ignore_unknown_keys``)."""
+    sections = []
+    where = f"the {scheme.model_type} " + ("model" if models else "naming scheme")
+    skippable = [
+        (f"keys with no known parameter name ({len(unknown)})", unknown),
+        (f"module names that match no module of {where} ({len(unmatched)})", unmatched),
+    ]
+    for title, items in skippable:
+        if items and ignore_unknown_keys:
+            logger.warning("skipping %s: %s", title, ", ".join(sorted(items)))
+        elif items:
+            sections.append((title, items))
+    if errors:
+        sections.append((f"invalid modules ({len(errors)})", errors))
+    if sections:
+        body = "\n".join(f"{title}:\n    " + "\n    ".join(sorted(items)) for title, items in sections)
+        hint = (
+            ""
+            if ignore_unknown_keys or not skippable[0][1] + skippable[1][1]
+            else ("\n(pass ignore_unknown_keys=True to skip unknown and unmatched keys)")
+        )
+        raise LycoFileError(f"cannot convert the LoHa/LoKr file:\n{body}{hint}")
+
+
+def _metadata_factor(metadata: Mapping[str, str] | None) -> int | None:
+    """The LoKr factor recorded in sd-scripts' ``ss_network_args``, if any."""
+    try:
+        return int(json.loads((metadata or {}).get("ss_network_args", "{}")).get("factor"))
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def component_models(scheme: ModelNames, model: Any) -> dict[str, nn.Module]:
+    """Component name -> model from a pipeline, a mapping, or the denoiser alone (``None``: no models)."""
+    if model is None:
+        return {}
+    names = [component.name for component in scheme.components]
+    if isinstance(model, Mapping):
+        unknown = sorted(set(model) - set(names))
+        if unknown:
+            raise ValueError(f"unknown {scheme.model_type} components {unknown}; expected some of {names}")
+        return {name: _unwrap(value) for name, value in model.items() if isinstance(value, nn.Module)}
+    if isinstance(model, nn.Module):
+        return {names[0]: _unwrap(model)}
+    found = {}
+    for component in scheme.components:
+        held = [getattr(model, a, None) for a in component.attributes or (component.name,)]
+        held = [value for value in held if isinstance(value, nn.Module)]
+        if held:
+            found[component.name] = _unwrap(held[0])
+    return found
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside a ``PeftModel`` (module paths then match the model's own)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+# ----------------------------------------------------------------------------------------------- PEFT configs
+def build_component(name: str, modules: list[ModuleAdapter], model: nn.Module | None = None) -> ComponentAdapter:
+    """Group a component's modules by method and build each method's config and state dict.
+
+    With the component's ``model`` the configs' ``target_modules`` are a plain list where that is exact; without it
+    they are a full-match regex of the paths, which never reaches a module the file does not adapt.
+    """
+    by_algo: dict[str, list[ModuleAdapter]] = {}
+    for module in modules:
+        by_algo.setdefault(module.algo, []).append(module)
+    names = [n for n, _ in model.named_modules()] if model is not None else None
+    parts = {algo: _peft_part(algo, found, names) for algo, found in sorted(by_algo.items())}
+    return ComponentAdapter(name, modules, parts)
+
+
+def _most_common(values: list) -> Any:
+    return Counter(values).most_common(1)[0][0]
+
+
+def _peft_part(algo: str, modules: list[ModuleAdapter], module_names: list[str] | None) -> PeftPart:
+    rank = _most_common([m.rank for m in modules])
+    alpha = _most_common([m.alpha for m in modules])
+    patterns = {
+        "target_modules": exact_target_modules((m.path for m in modules), module_names),
+        "rank_pattern": {exact_pattern_key(m.path): m.rank for m in modules if m.rank != rank},
+        "alpha_pattern": {exact_pattern_key(m.path): m.alpha for m in modules if m.alpha != alpha},
+    }
+    if algo == "lora":
+        config = LoraConfig(r=rank, lora_alpha=alpha, **patterns)
+        state_dict = {
+            f"{m.path}.{peft}": m.tensors[kohya]
+            for m in modules
+            for kohya, peft in (("lora_down.weight", "lora_A.weight"), ("lora_up.weight", "lora_B.weight"))
+        }
+        return PeftPart(config, state_dict)
+    defaults = _shared_options(modules)
+    option_pattern = {
+        exact_pattern_key(m.path): m.options for m in modules if layout_for(algo, m.geometry, m.rank, defaults) != m.layout
+    }
+    config = ALGO_CONFIGS[algo](r=rank, alpha=alpha, option_pattern=option_pattern, **defaults, **patterns)
+    _verify(config, algo, modules)
+    state_dict = {f"{m.path}.{param}": tensor for m in modules for param, tensor in m.tensors.items()}
+    return PeftPart(config, state_dict)
+
+
+def _shared_options(modules: list[ModuleAdapter]) -> dict[str, Any]:
+    """The layout option set that reproduces the most modules (each module votes for every set that fits it)."""
+    votes = Counter(tuple(sorted(options.items())) for m in modules for options in m.candidates)
+    return dict(votes.most_common(1)[0][0])
+
+
+def _verify(config: LycoConfig, algo: str, modules: list[ModuleAdapter]) -> None:
+    """Check that the config gives every module its file layout, rank and alpha (the patterns are exact)."""
+    for m in modules:
+        g = m.geometry
+        stand_in = (
+            nn.Conv2d(g.in_features, g.out_features, g.kernel, device="meta")
+            if g.kernel
+            else nn.Linear(g.in_features, g.out_features, device="meta")
+        )
+        spec = resolve_layer_spec(config, m.path, stand_in)
+        if (spec.rank, spec.alpha, ALGO_LAYERS[algo].layout_for(g.out_features, g.in_features, g.kernel, spec)) != (
+            m.rank,
+            m.alpha,
+            m.layout,
+        ):
+            raise RuntimeError(f"internal error: the {algo} config does not reproduce module '{m.path}'")
+
+
+# ------------------------------------------------------------------------------------------------------- writing
+def peft_to_kohya(
+    components: Any,
+    *,
+    adapter_name: str = "default",
+    model_type: str | None = None,
+    naming: str = "sgm",
+    dtype: torch.dtype | None = None,
+    lokr_tucker: bool = False,
+    metadata: Mapping[str, str] | None = None,
+    strict: bool = True,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Write adapter ``adapter_name`` as a kohya state dict and metadata that sd-scripts, LyCORIS, ComfyUI and A1111 load.
+
+    ``components``: a pipeline, a mapping component -> model (with LoHa/LoKr/LoRA layers injected), the denoiser
+    alone, or a ``KohyaConversion``. UNet names use the SGM layout (``naming="sgm"``, what sd-scripts writes and every
+    consumer resolves) or the diffusers layout; text-encoder names always carry ``text_model_``. Tensors keep their
+    dtype unless ``dtype`` is given (one dtype per module). Tucker LoKr is rebuilt to a full 4-D ``lokr_w2`` unless
+    ``lokr_tucker``. With ``strict``, layouts some consumer would silently drop (a partial CLIP-bigG q/k/v/out set)
+    raise instead of warning.
+    """
+    scheme, modules, configs = _collect(components, adapter_name, model_type)
+    resolver = NameResolver(
+        scheme, {} if isinstance(components, KohyaConversion) else component_models(scheme, components)
+    )
+    _check_complete_sets(scheme, modules, strict)
+    state_dict: dict[str, torch.Tensor] = {}
+    written = []
+    for module in sorted(modules, key=lambda m: (m.component, m.path)):
+        name = resolver.kohya_name(module.component, module.path, naming)
+        tensors, alpha = kohya_tensors(module, lokr_tucker)
+        target = dtype or _common_dtype(tensors.values())
+        for param, tensor in tensors.items():
+            state_dict[f"{name}.{param}"] = tensor.detach().to(device="cpu", dtype=target).contiguous()
+        alpha_tensor = torch.tensor(alpha, dtype=target)
+        # a rank of 100000 overflows fp16: keep that (ignored, both-full) alpha in fp32 rather than write inf
+        state_dict[f"{name}.alpha"] = alpha_tensor if torch.isfinite(alpha_tensor) else torch.tensor(alpha)
+        written.append((module.algo, module.rank, alpha))
+    tucker = any(key.endswith((".hada_t1", ".lokr_t2")) for key in state_dict)
+    return dict(sorted(state_dict.items())), _file_metadata(scheme, written, configs, metadata, strict, tucker)
+
+
+def _collect(components: Any, adapter_name: str, model_type: str | None):
+    """(scheme, modules, configs) of the adapter to write, from a conversion or from models."""
+    if isinstance(components, KohyaConversion):
+        scheme = model_names(model_type or components.model_type)
+        modules = [m for component in components.values() for m in component.modules]
+        configs = [part.config for component in components.values() for part in component.parts.values()]
+        return scheme, modules, configs
+    scheme = model_names(model_type or _guess_model_type(components))
+    modules, problems, configs = [], [], []
+    for name, model in component_models(scheme, components).items():
+        found, bad = modules_from_model(name, model, adapter_name)
+        modules += found
+        problems += bad
+        config = getattr(model, "peft_config", {}).get(adapter_name)
+        configs += [config] if config is not None else []
+    if problems:
+        raise ValueError(f"cannot write adapter '{adapter_name}':\n  " + "\n  ".join(problems))
+    if not modules:
+        raise ValueError(f"no LoHa, LoKr or LoRA layer holds an adapter named '{adapter_name}'")
+    return scheme, modules, configs
+
+
+def _guess_model_type(components: Any) -> str:
+    """``sdxl`` for a UNet (pipeline, mapping or model), ``anima`` for a DiT; else ask for ``model_type``."""
+    if isinstance(components, Mapping):
+        names = set(components)
+    elif isinstance(components, nn.Module):
+        names = {DENOISER_CLASSES.get(type(_unwrap(components)).__name__)}
+    else:
+        names = {
+            name for name in ("unet", "transformer", "dit") if isinstance(getattr(components, name, None), nn.Module)
+        }
+    if "unet" in names:
+        return "sdxl"
+    if names & {"transformer", "dit"}:
+        return "anima"
+    raise ValueError("cannot tell the model family of these components; pass model_type='sdxl' or 'anima'")
+
+
+def modules_from_model(component: str, model: nn.Module, adapter_name: str) -> tuple[list[ModuleAdapter], list[str]]:
+    """The adapter's modules held by LoHa/LoKr/LoRA layers of ``model``, and a description of any it cannot write."""
+    modules, problems = [], []
+    for path, layer in _unwrap(model).named_modules():
+        if not isinstance(layer, BaseTunerLayer):
+            continue
+        path = re.sub(r"(^|\.)base_layer(?=\.|$)", "", path)
+        base = layer.get_base_layer()
+        try:
+            geometry = Geometry(*layer_geometry(base, path))
+            module = _layer_module(layer, adapter_name, component, path, geometry)
+        except (TypeError, ValueError) as err:
+            problems.append(f"{component} '{path}': {err}")
+            continue
+        if module is not None:
+            modules.append(module)
+    return modules, problems
+
+
+def _layer_module(layer, adapter: str, component: str, path: str, geometry: Geometry) -> ModuleAdapter | None:
+    if isinstance(layer, LycoLayer):
+        if adapter not in layer.layouts:
+            return None
+        tensors = {name: tensor.detach() for name, tensor in layer.adapter_parameters(adapter).items()}
+        algo = "loha" if isinstance(layer, LoHaLayer) else "lokr"
+        layout = layer.layouts[adapter]
+        return ModuleAdapter(component, path, algo, tensors, layer.r[adapter], layer.alpha[adapter], geometry, layout)
+    if isinstance(layer, LoraLayer):
+        if adapter not in layer.lora_A:
+            return None
+        if layer.use_dora.get(adapter) or layer.lora_bias.get(adapter):
+            raise ValueError("LoRA with DoRA or lora_bias has no kohya form")
+        rank, alpha = layer.r[adapter], layer.lora_alpha[adapter]
+        if layer.use_rslora.get(adapter):
+            alpha = alpha * rank**0.5  # PEFT scales by alpha/sqrt(r); kohya readers divide by r
+        tensors = {
+            "lora_down.weight": layer.lora_A[adapter].weight.detach(),
+            "lora_up.weight": layer.lora_B[adapter].weight.detach(),
+        }
+        return ModuleAdapter(component, path, "lora", tensors, rank, float(alpha), geometry)
+    if any(adapter in getattr(layer, name, {}) for name in layer.adapter_layer_names):
+        raise ValueError(f"{type(layer).__module__}.{type(layer).__name__} layers cannot be written as kohya modules")
+    return None
+
+
+def _common_dtype(tensors) -> torch.dtype:
+    dtype = None
+    for tensor in tensors:
+        dtype = tensor.dtype if dtype is None else torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+def _check_complete_sets(scheme: ModelNames, modules: list[ModuleAdapter], strict: bool) -> None:
+    incomplete = []
+    for (model_type, component), (pattern, size) in COMPLETE_SETS.items():
+        if model_type != scheme.model_type:
+            continue
+        groups: dict[str, set[str]] = {}
+        for m in modules:
+            match = re.match(pattern, m.path) if m.component == component else None
+            if match:
+                groups.setdefault(match.group(1), set()).add(match.group(2))
+        incomplete += [
+            f"{component} '{prefix}': {sorted(members)}" for prefix, members in groups.items() if len(members) != size
+        ]
+    if incomplete:
+        message = (
+            "A1111 applies CLIP-bigG attention projections only when q_proj, k_proj, v_proj and out_proj of a layer "
+            "are all present and silently skips the others; incomplete layers:\n  " + "\n  ".join(sorted(incomplete))
+        )
+        if strict:
+            raise ValueError(message + "\n(pass strict=False to write the file anyway)")
+        logger.warning(message)
+
+
+def _file_metadata(
+    scheme: ModelNames, written, configs, extra: Mapping[str, str] | None, strict: bool, tucker: bool
+) -> dict[str, str]:
+    """sd-scripts' network metadata (module, dim, alpha, args, base model version) plus the caller's entries.
+
+    ``ss_network_args`` holds the algorithm(s) and the adapter config's layout options, with ``use_tucker`` saying
+    whether the file itself has Tucker factors (Tucker LoKr is rebuilt to full ``lokr_w2`` by default).
+    """
+    algos = sorted({algo for algo, _, _ in written})
+    args: dict[str, str] = {"algo": "+".join(algos)}
+    lyco = next((c for c in configs if isinstance(c, LycoConfig)), None)
+    if lyco is not None:
+        args.update({name: str(getattr(lyco, name)) for name in type(lyco).layout_options})
+        args["use_tucker"] = str(tucker)
+    metadata = {
+        "ss_network_module": NETWORK_MODULES[algos[0]] if len(algos) == 1 else "lycoris.kohya",
+        "ss_network_dim": str(_most_common([rank for _, rank, _ in written])),
+        "ss_network_alpha": str(_most_common([alpha for _, _, alpha in written])),
+        "ss_network_args": json.dumps(args),
+        "ss_base_model_version": scheme.base_model_version,
+    }
+    for key, value in (extra or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"metadata must map str to str; got {key!r}: {type(value).__name__}")
+        metadata[key] = value
+    version = metadata["ss_base_model_version"]
+    if strict and not version.startswith(scheme.base_model_version.split("_")[0]):
+        raise ValueError(
+            f"ss_base_model_version={version!r} does not name {scheme.model_type}; A1111 would file it under another model"
+        )
+    return metadata
+
+
+def is_lycoris_state_dict(state_dict: Mapping[str, Any]) -> bool:
+    """True if any key holds a LoHa (``hada_*``) or LoKr (``lokr_*``) tensor, i.e. the file needs peft_lyco."""
+    for key in state_dict:
+        split = split_key(key, FILE_PARAMS)
+        if split is not None and algo_of({split[1]: None}) in ("loha", "lokr"):
+            return True
+    return False

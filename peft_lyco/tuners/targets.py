@@ -1,0 +1,35 @@
+"""PEFT ``target_modules`` and pattern keys that select exactly given module paths, and nothing else."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Optional, Union
+
+
+def exact_target_modules(paths: Iterable[str], module_names: Optional[Iterable[str]] = None) -> Union[set[str], str]:
+    """The set of ``paths`` (PEFT's own form of a target list) when PEFT's list rule (``name == t`` or ``name.endswith("." + t)``) can hit no
+    other module of ``module_names``; otherwise, or when the model's names are unknown, a full-match regex.
+
+    A list is easier to read in ``adapter_config.json``; the regex is needed where one path is a dotted suffix of
+    another module's (Anima's ``blocks.0.self_attn.q_proj`` inside ``llm_adapter.blocks.0.self_attn.q_proj``).
+    """
+    targets = set(paths)
+    if module_names is not None and not _suffix_clash(targets, module_names):
+        return targets
+    return "|".join(re.escape(path) for path in sorted(targets))
+
+
+def exact_pattern_key(path: str) -> str:
+    """A ``rank_pattern``/``alpha_pattern``/``option_pattern`` key matching only ``path`` under PEFT's pattern rule."""
+    return "^" + re.escape(path)
+
+
+def _suffix_clash(targets: set[str], names: Iterable[str]) -> bool:
+    for name in names:
+        if name in targets:
+            continue
+        parts = name.split(".")
+        if any(".".join(parts[i:]) in targets for i in range(1, len(parts))):
+            return True
+    return False

@@ -1,0 +1,83 @@
+"""``save_kohya``/``load_kohya``: safetensors only, never unpickled, atomic writes, clear errors for broken files."""
+
+import os
+import pickle
+
+import pytest
+import torch
+
+import peft_lyco.convert.io as kohya_io
+from peft_lyco.convert import load_kohya, save_kohya
+
+
+def test_save_and_load_round_trip(tmp_path):
+    state = {
+        "lora_unet_conv_in.hada_w1_a": torch.randn(4, 2, dtype=torch.float16),
+        "lora_unet_conv_in.alpha": torch.tensor(2.0),
+    }
+    path = save_kohya(tmp_path / "a.safetensors", state, {"ss_network_dim": "2"})
+    loaded, metadata = load_kohya(path)
+    assert metadata == {"ss_network_dim": "2"}
+    assert loaded.keys() == state.keys() and all(
+        torch.equal(loaded[k], v) and loaded[k].dtype == v.dtype for k, v in state.items()
+    )
+    assert path.read_bytes()[8:10] == b'{"'  # standard header: A1111 asserts it starts with {"
+
+
+def test_interrupted_write_leaves_the_old_file_and_no_temp_file(tmp_path, monkeypatch):
+    path = tmp_path / "style.safetensors"
+    save_kohya(path, {"x.alpha": torch.tensor(1.0)})
+    before = path.read_bytes()
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(kohya_io, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_kohya(path, {"x.alpha": torch.tensor(2.0)})
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["style.safetensors"]
+
+
+class _Marker:
+    def __reduce__(self):
+        return (open, ("/tmp/peft_lyco_unpickled_marker", "w"))
+
+
+@pytest.mark.parametrize("writer", ["torch_zip", "raw_pickle"])
+def test_pickles_are_refused_without_unpickling(tmp_path, writer):
+    marker = "/tmp/peft_lyco_unpickled_marker"
+    if os.path.exists(marker):
+        os.unlink(marker)
+    path = tmp_path / "evil.safetensors"  # the extension lies; the content decides
+    if writer == "torch_zip":
+        torch.save({"payload": _Marker()}, path)
+    else:
+        path.write_bytes(pickle.dumps(_Marker()))
+    with pytest.raises(ValueError, match="never unpickles"):
+        load_kohya(path)
+    assert not os.path.exists(marker)
+
+
+def test_truncated_and_foreign_files_name_the_file(tmp_path):
+    path = save_kohya(tmp_path / "t.safetensors", {"m.hada_w1_a": torch.randn(64, 64)})
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="cut.safetensors.*truncated or corrupt"):
+        load_kohya(truncated)
+    text = tmp_path / "notes.safetensors"
+    text.write_text("hello world, not tensors")
+    with pytest.raises(ValueError, match="notes.safetensors"):
+        load_kohya(text)
+
+
+def test_save_validates_its_inputs(tmp_path):
+    with pytest.raises(ValueError, match=".safetensors"):
+        save_kohya(tmp_path / "a.pt", {"x.alpha": torch.tensor(1.0)})
+    with pytest.raises(TypeError, match="str to str"):
+        save_kohya(tmp_path / "a.safetensors", {"x.alpha": torch.tensor(1.0)}, {"ss_network_dim": 4})
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        save_kohya(tmp_path / "a.safetensors", {"x.alpha": 1.0})
+    assert not (tmp_path / "a.safetensors").exists()

@@ -1,0 +1,184 @@
+"""Dataset scan, bucketing, epoch plans and caches of the trainers' shared helpers."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from lyco_train.batches import BatchBuilder, EpochPlan
+from lyco_train.buckets import (
+    BucketSettings,
+    assign_buckets,
+    bucket_resolutions,
+    check_divisible,
+    fit_geometry,
+    fit_image,
+)
+from lyco_train.cache import LatentCache, TextCache
+from lyco_train.data import DataError, scan_dataset
+from lyco_train.synthetic import make_shapes_dataset
+from PIL import Image
+
+
+def _image(path, size=(32, 32), colour=(255, 0, 0)):
+    Image.new("RGB", size, colour).save(path)
+
+
+def test_scan_reads_captions_repeats_and_sizes(tmp_path):
+    folder = make_shapes_dataset(tmp_path, count=6, size=32, repeats=3)
+    _image(tmp_path / "loose.png", (40, 24))
+    (tmp_path / "loose.txt").write_text("  a loose image \n")
+    (tmp_path / "plain").mkdir()
+    _image(tmp_path / "plain" / "p.jpg")
+    (tmp_path / "plain" / "p.txt").write_text("plain folder")
+    (tmp_path / ".lyco_cache").mkdir()
+    _image(tmp_path / ".lyco_cache" / "ignored.png")
+    records = scan_dataset(tmp_path)
+    by_name = {r.path.name: r for r in records}
+    assert len(records) == 8
+    assert by_name["loose.png"].caption == "a loose image" and by_name["loose.png"].repeats == 1
+    assert by_name["loose.png"].size == (40, 24)
+    assert by_name["p.jpg"].repeats == 1
+    shapes = [r for r in records if r.path.parent == folder]
+    assert len(shapes) == 6 and all(r.repeats == 3 and r.subset == "shapes" for r in shapes)
+    assert shapes[2].size == (48, 32)  # every third synthetic image is landscape
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda root: None, "no images found in"),
+        (lambda root: _image(root / "a.png"), "1 image(s) have no caption file"),
+        (
+            lambda root: (
+                (root / "b.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really"),
+                (root / "b.txt").write_text("x"),
+            ),
+            "cannot be read (corrupt or truncated)",
+        ),
+        (lambda root: (root / "0_none").mkdir(), "asks for 0 repeats"),
+    ],
+    ids=["empty", "no-caption", "corrupt", "zero-repeats"],
+)
+def test_scan_rejects_bad_folders_with_clear_messages(tmp_path, setup, message):
+    setup(tmp_path)
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        scan_dataset(tmp_path)
+
+
+def test_scan_rejects_missing_folder(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        scan_dataset(tmp_path / "nope")
+
+
+def test_truncated_png_is_reported_by_name(tmp_path):
+    _image(tmp_path / "ok.png", (64, 64))
+    data = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    for stem in ("ok", "cut"):
+        (tmp_path / f"{stem}.txt").write_text(stem)
+    with pytest.raises(DataError, match="cut.png"):
+        scan_dataset(tmp_path)
+
+
+def test_buckets_cover_area_and_aspect():
+    settings = BucketSettings(resolution=(1024, 1024), enable=True, min_reso=512, max_reso=2048, step=64)
+    buckets = bucket_resolutions(settings)
+    assert (1024, 1024) in buckets
+    assert all(w * h <= 1024 * 1024 and w % 64 == 0 and h % 64 == 0 for w, h in buckets)
+    assert all(512 <= side <= 2048 for bucket in buckets for side in bucket)
+    landscape, portrait, square = assign_buckets([(1920, 1080), (1080, 1920), (700, 700)], settings)
+    assert landscape[0] > landscape[1] and portrait == landscape[::-1] and square == (1024, 1024)
+    nearest = min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(1920 / 1080)))
+    assert landscape == nearest
+
+
+def test_no_upscale_keeps_small_images_small():
+    settings = BucketSettings(resolution=(1024, 1024), enable=True, step=64, no_upscale=True)
+    assert assign_buckets([(300, 200), (4000, 4000)], settings) == [(256, 192), (1024, 1024)]
+
+
+def test_divisibility_is_checked_with_option_names():
+    with pytest.raises(ValueError, match="--resolution width=1000.*not divisible by 16"):
+        check_divisible(BucketSettings(resolution=(1000, 1024)), 16)
+    with pytest.raises(ValueError, match="--bucket_reso_steps=12"):
+        check_divisible(BucketSettings(resolution=(512, 512), enable=True, step=12), 8)
+    check_divisible(BucketSettings(resolution=(512, 512), enable=True, min_reso=256, max_reso=1024, step=64), 16)
+
+
+def test_fit_geometry_crop_and_flip_conditioning():
+    image = Image.fromarray(np.arange(60 * 100 * 3, dtype=np.uint8).reshape(60, 100, 3) % 251)
+    geometry = fit_geometry(image.size, (32, 32), crop_offset=0.0, flip=False)
+    assert geometry.resized == (53, 32) and geometry.box == (0, 0, 32, 32)
+    assert geometry.original_size == (60, 100) and geometry.crop_top_left == (0, 0)
+    flipped = fit_geometry(image.size, (32, 32), crop_offset=0.0, flip=True)
+    assert flipped.crop_top_left == (0, 53 - 32)  # the crop mirrored, as SDXL conditioning expects
+    pixels, mirrored = fit_image(image, geometry, flip=False), fit_image(image, flipped, flip=True)
+    assert pixels.shape == (3, 32, 32) and pixels.min() >= -1 and pixels.max() <= 1
+    assert torch.equal(mirrored, pixels.flip(-1))
+
+
+def _records(tmp_path, count=6):
+    make_shapes_dataset(tmp_path, count=count, size=32, repeats=2)
+    return scan_dataset(tmp_path)
+
+
+def test_epoch_plan_is_deterministic_complete_and_bucketed(tmp_path):
+    records = _records(tmp_path)
+    settings = BucketSettings(resolution=(32, 32), enable=True, min_reso=16, max_reso=64, step=16)
+    buckets = assign_buckets([r.size for r in records], settings)
+    plan = EpochPlan(records, buckets, batch_size=2, seed=3, flip_aug=True, caption_dropout_rate=0.5)
+    first, again, other = plan.batches(0), plan.batches(0), plan.batches(1)
+    assert first == again and first != other
+    assert sorted(s.record for batch in first for s in batch) == sorted(
+        i for i in range(len(records)) for _ in range(2)
+    )
+    assert all(len({buckets[s.record] for s in batch}) == 1 for batch in first)
+    assert len(first) == plan.batches_per_epoch
+    samples = [s for batch in first + other for s in batch]
+    assert any(s.flip for s in samples) and not all(s.flip for s in samples)
+    assert any(s.drop_caption for s in samples) and not all(s.drop_caption for s in samples)
+    shards = [
+        EpochPlan(records, buckets, batch_size=2, seed=3, num_processes=2, process_index=i).batches(0) for i in (0, 1)
+    ]
+    assert len(shards[0]) == len(shards[1]) and not set(map(str, shards[0])) & set(map(str, shards[1]))
+
+
+def test_batch_builder_uses_latent_cache_and_drops_captions(tmp_path):
+    records = _records(tmp_path, count=3)
+    buckets = [(32, 32)] * len(records)
+    cache = LatentCache("test", tmp_path / "cache")
+    calls = []
+
+    def encode(pixels):
+        calls.append(len(pixels))
+        return pixels[:, :2, ::2, ::2] * 2
+
+    jobs = [(r, b, flip) for r, b in zip(records, buckets) for flip in (False, True)]
+    assert cache.fill(jobs, encode, batch_size=4, show_progress=False) == 6 and calls == [4, 2]
+    assert cache.fill(jobs, encode, batch_size=4, show_progress=False) == 0  # reused from disk
+    plan = EpochPlan(records, buckets, batch_size=3, seed=0, flip_aug=True, caption_dropout_rate=0.0)
+    batch = BatchBuilder(records, buckets, cache)(plan.batches(0)[0])
+    sample = plan.batches(0)[0][0]
+    geometry = fit_geometry(records[sample.record].size, (32, 32), crop_offset=None, flip=sample.flip)
+    with Image.open(records[sample.record].path) as image:
+        expected = fit_image(image, geometry, flip=sample.flip)[:2, ::2, ::2] * 2
+    assert torch.equal(batch["latents"][0], expected)
+    assert batch["captions"][0] == records[sample.record].caption
+    assert batch["target_sizes"].tolist() == [[32, 32]] * 3
+    dropped = BatchBuilder(records, buckets)([sample.__class__(0, False, None, True)])
+    assert dropped["captions"] == [""] and dropped["pixels"].shape == (1, 3, 32, 32)
+
+
+def test_text_cache_encodes_each_caption_once(tmp_path):
+    seen = []
+
+    def encode(captions):
+        seen.extend(captions)
+        return {"embeds": torch.stack([torch.full((2, 3), float(len(c))) for c in captions])}
+
+    cache = TextCache("t", encode, tmp_path)
+    assert cache.fill(["ab", "", "ab", "xyz"], batch_size=2, show_progress=False) == 3
+    assert cache.fill(["ab"], batch_size=2, show_progress=False) == 0 and seen == ["ab", "", "xyz"]
+    got = cache.get(["xyz", ""])["embeds"]
+    assert got.shape == (2, 2, 3) and got[0, 0, 0] == 3 and got[1, 0, 0] == 0

@@ -1,0 +1,157 @@
+"""Objectives, step planning, sample-prompt parsing and exact state round trips of the shared helpers."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from lyco_train.loop import GradientSteps, plan_steps
+from lyco_train.objectives import (
+    ddpm_target,
+    flow_noisy_input,
+    flow_target,
+    min_snr_weights,
+    sample_noise,
+    sample_sigmas,
+    sdxl_time_ids,
+    weighted_mse,
+)
+from lyco_train.sampling import SamplePrompt, parse_prompt_line
+from lyco_train.state import _optimizer_from_files, _optimizer_to_files, _rng_restore, _rng_snapshot
+
+
+def _scheduler(kind):
+    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type=kind)
+
+
+def test_v_prediction_target_and_min_snr_weights_match_formulas():
+    latents, noise = torch.randn(3, 4, 8, 8, dtype=torch.float64), torch.randn(3, 4, 8, 8, dtype=torch.float64)
+    timesteps = torch.tensor([0, 500, 999])
+    eps, v = _scheduler("epsilon"), _scheduler("v_prediction")
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
+    alpha_bar = np.cumprod(1 - betas)[timesteps.numpy()]
+    a = torch.tensor(alpha_bar).view(-1, 1, 1, 1)
+    assert torch.equal(ddpm_target(eps, latents, noise, timesteps), noise)
+    assert torch.allclose(
+        ddpm_target(v, latents, noise, timesteps), a.sqrt() * noise - (1 - a).sqrt() * latents, atol=1e-6
+    )
+    snr = alpha_bar / (1 - alpha_bar)
+    gamma = 5.0
+    expected_eps = np.minimum(snr, gamma) / snr
+    expected_v = np.minimum(snr, gamma) / (snr + 1)
+    assert np.allclose(min_snr_weights(eps, timesteps, gamma).numpy(), expected_eps, rtol=1e-4)
+    assert np.allclose(min_snr_weights(v, timesteps, gamma).numpy(), expected_v, rtol=1e-4)
+    assert expected_eps[0] < 1 and expected_eps[-1] == 1  # low noise is down-weighted, high noise untouched
+
+
+def test_noise_offset_adds_one_constant_per_channel():
+    latents = torch.zeros(2, 3, 4, 4)
+    plain = sample_noise(latents, torch.Generator().manual_seed(1))
+    shifted = sample_noise(latents, torch.Generator().manual_seed(1), offset=0.1)
+    difference = shifted - plain
+    assert torch.allclose(difference, difference[:, :, :1, :1].expand_as(difference))
+    generator = torch.Generator().manual_seed(1)
+    torch.randn((2, 3, 4, 4), generator=generator)
+    assert torch.allclose(difference[:, :, 0, 0], 0.1 * torch.randn((2, 3, 1, 1), generator=generator)[:, :, 0, 0])
+
+
+def test_sdxl_time_ids_order():
+    ids = sdxl_time_ids(torch.tensor([[600, 800]]), torch.tensor([[10, 20]]), torch.tensor([[512, 768]]))
+    assert ids.tolist() == [[600, 800, 10, 20, 512, 768]]
+
+
+def test_sigma_sampling_modes():
+    n = 20000
+    draws = torch.randn(n, generator=torch.Generator().manual_seed(7))
+    sigmoid = sample_sigmas(n, "sigmoid", torch.Generator().manual_seed(7), torch.device("cpu"), sigmoid_scale=1.5)
+    assert torch.allclose(sigmoid, torch.sigmoid(1.5 * draws))
+    shifted = sample_sigmas(n, "shift", torch.Generator().manual_seed(7), torch.device("cpu"), shift=3.0)
+    base = torch.sigmoid(draws)
+    assert torch.allclose(shifted, 3 * base / (1 + 2 * base))
+    assert shifted.mean() > base.mean() + 0.1  # shift > 1 moves σ towards noise
+    uniform = sample_sigmas(n, "uniform", torch.Generator().manual_seed(7), torch.device("cpu"))
+    assert 0 <= uniform.min() and uniform.max() < 1 and abs(uniform.mean().item() - 0.5) < 0.01
+    with pytest.raises(ValueError, match="unknown sigma sampling 'logit'"):
+        sample_sigmas(2, "logit", torch.Generator(), torch.device("cpu"))
+
+
+def test_flow_matching_interpolation_and_target():
+    x0, eps = torch.randn(2, 16, 1, 4, 4), torch.randn(2, 16, 1, 4, 4)
+    sigma = torch.tensor([0.0, 1.0])
+    noisy = flow_noisy_input(x0, eps, sigma)
+    assert torch.equal(noisy[0], x0[0]) and torch.equal(noisy[1], eps[1])
+    # the velocity is d x_σ / dσ: a finite difference of the interpolation gives the target
+    h = 1e-3
+    mid = torch.tensor([0.4, 0.4])
+    derivative = (flow_noisy_input(x0, eps, mid + h) - flow_noisy_input(x0, eps, mid - h)) / (2 * h)
+    assert torch.allclose(derivative, flow_target(x0, eps), atol=1e-3)
+
+
+def test_weighted_mse():
+    prediction, target = torch.zeros(2, 3), torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]])
+    assert weighted_mse(prediction, target).item() == pytest.approx(2.5)
+    assert weighted_mse(prediction, target, torch.tensor([1.0, 0.5])).item() == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize(
+    "batches, accumulation, max_steps, max_epochs, expected",
+    [(10, 1, 25, None, (10, 25, 3)), (10, 3, 25, None, (4, 25, 7)), (10, 4, 1600, 2, (3, 6, 2))],
+)
+def test_plan_steps(batches, accumulation, max_steps, max_epochs, expected):
+    plan = plan_steps(batches, accumulation, max_steps, max_epochs)
+    assert (plan.steps_per_epoch, plan.total_steps, plan.total_epochs) == expected
+
+
+def test_gradient_accumulation_groups_end_at_epoch_end():
+    steps = GradientSteps(accelerator=None, models=[], accumulation=4)
+    syncs = [i for i in range(10) if steps.is_sync(i, 10)]
+    assert syncs == [3, 7, 9]
+    assert [steps.group_size(i, 10) for i in range(10)] == [4] * 8 + [2, 2]
+
+
+def test_sample_prompt_options():
+    defaults = SamplePrompt(prompt="", width=1024, height=1024)
+    parsed = parse_prompt_line("a cat, sitting --n blurry, low quality --w 768 --h 512 --d 5 --s 12 --l 4.5", defaults)
+    assert parsed == SamplePrompt("a cat, sitting", "blurry, low quality", 768, 512, 5, 12, 4.5)
+    with pytest.raises(ValueError, match="unknown sample prompt option --x"):
+        parse_prompt_line("cat --x 1", defaults)
+    with pytest.raises(ValueError, match="--w needs a number"):
+        parse_prompt_line("cat --w big", defaults)
+
+
+def test_optimizer_state_round_trips_exactly_through_files():
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    optimizer = torch.optim.AdamW([{"params": params[:1], "name": "a"}, {"params": params[1:], "lr": 0.5, "name": "b"}])
+    for _ in range(3):
+        sum(p.square().sum() for p in params).backward()
+        optimizer.step()
+    structure, tensors = _optimizer_to_files(optimizer)
+    import json
+
+    structure = json.loads(json.dumps(structure))  # what a state folder stores
+    twin = torch.optim.AdamW(
+        [
+            {"params": [torch.nn.Parameter(p.detach().clone()) for p in params[:1]], "name": "a"},
+            {"params": [torch.nn.Parameter(p.detach().clone()) for p in params[1:]], "name": "b"},
+        ]
+    )
+    twin.load_state_dict(_optimizer_from_files(structure, tensors))
+    original, restored = optimizer.state_dict(), twin.state_dict()
+    assert restored["param_groups"][1]["lr"] == 0.5 and restored["param_groups"][1]["name"] == "b"
+    for index, state in original["state"].items():
+        for key, value in state.items():
+            assert torch.equal(restored["state"][index][key], value)
+
+
+def test_rng_snapshot_restores_every_generator():
+    generator = torch.Generator().manual_seed(3)
+    info, tensors = _rng_snapshot(generator)
+    import json
+
+    info = json.loads(json.dumps(info))
+    first = (torch.rand(3), torch.rand(2, generator=generator), np.random.rand(2), random.random())
+    _rng_restore(info, tensors, generator)
+    second = (torch.rand(3), torch.rand(2, generator=generator), np.random.rand(2), random.random())
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert np.array_equal(first[2], second[2]) and first[3] == second[3]

@@ -1,0 +1,247 @@
+"""Command-line options both trainers share, named as in kohya sd-scripts, and the checks run before any model loads."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import random
+from pathlib import Path
+from typing import Any
+
+from peft_lyco.presets import NetworkArgsError, parse_network_args
+
+from .buckets import BucketSettings, check_divisible, parse_resolution
+from .state import saved_seed
+
+NETWORK_MODULES = {"networks.lokr": "lokr", "networks.loha": "loha"}
+OPTIMIZERS = ("AdamW", "AdamW8bit")
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+# switches the embedded default turns on also get a --no-<name> form
+SWITCH = argparse.BooleanOptionalAction
+
+
+class UsageError(ValueError):
+    """An option (or combination of options) that cannot work; raised before any heavy work starts."""
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--train_data_dir", help="images with same-name .txt captions; 'N_name' subfolders repeat N times"
+    )
+    group.add_argument("--caption_extension", default=".txt")
+    group.add_argument("--resolution", help="training resolution 'SIZE' or 'WIDTH,HEIGHT'")
+    group.add_argument("--enable_bucket", action=SWITCH, default=False, help="aspect-ratio bucketing")
+    group.add_argument("--min_bucket_reso", type=int, default=256)
+    group.add_argument("--max_bucket_reso", type=int, default=1024)
+    group.add_argument("--bucket_reso_steps", type=int, default=64)
+    group.add_argument("--bucket_no_upscale", action="store_true", help="buckets never larger than the image")
+    group.add_argument("--flip_aug", action="store_true", help="random horizontal flips")
+    group.add_argument("--random_crop", action="store_true", help="random instead of centre crops")
+    group.add_argument("--caption_dropout_rate", type=float, default=0.0, help="probability of training on ''")
+    group.add_argument("--train_batch_size", type=int, default=1)
+    group.add_argument("--max_data_loader_n_workers", type=int, default=0)
+    group.add_argument("--cache_latents", action=SWITCH, default=False, help="encode every image once with the VAE")
+    group.add_argument(
+        "--cache_latents_to_disk", action="store_true", help="keep latent caches as files (implies --cache_latents)"
+    )
+    group.add_argument("--cache_text_encoder_outputs", action=SWITCH, default=False, help="needs frozen text encoders")
+    group.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true")
+    group.add_argument("--cache_dir", help="where disk caches go (default: <train_data_dir>/.lyco_cache)")
+    group.add_argument("--vae_batch_size", type=int, default=1)
+
+
+def add_network_args(parser: argparse.ArgumentParser, *, default_name: str) -> None:
+    group = parser.add_argument_group("network")
+    group.add_argument("--algo", choices=("lokr", "loha"), default="lokr")
+    group.add_argument("--network_module", choices=tuple(NETWORK_MODULES), help="sd-scripts spelling of --algo")
+    group.add_argument("--network_dim", type=int, default=4)
+    group.add_argument("--network_alpha", type=float, default=1.0)
+    group.add_argument("--network_args", nargs="*", default=[], help="sd-scripts style 'key=value' strings")
+    group.add_argument(
+        "--network_train_unet_only", action=SWITCH, default=False, help="train the UNet/DiT adapter only"
+    )
+    group.add_argument("--learning_rate", type=float, default=1e-4)
+    group.add_argument("--unet_lr", type=float, help="learning rate of the UNet/DiT adapter")
+    group.add_argument("--text_encoder_lr", type=float, nargs="+", help="one value, or one per text encoder")
+    group.add_argument("--output_dir", default="outputs")
+    group.add_argument("--output_name", default=default_name)
+
+
+def add_optimization_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("optimization")
+    group.add_argument("--optimizer_type", choices=OPTIMIZERS, default="AdamW")
+    group.add_argument("--optimizer_args", nargs="*", default=[], help="'key=value' optimizer keyword arguments")
+    group.add_argument("--lr_scheduler", choices=SCHEDULERS, default="constant")
+    group.add_argument("--lr_warmup_steps", type=float, default=0, help="steps, or a fraction (< 1) of all steps")
+    group.add_argument("--lr_scheduler_num_cycles", type=int, default=1)
+    group.add_argument("--lr_scheduler_power", type=float, default=1.0)
+    group.add_argument("--max_train_steps", type=int, default=1600)
+    group.add_argument("--max_train_epochs", type=int, help="overrides --max_train_steps")
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--gradient_checkpointing", action="store_true")
+    group.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no")
+    group.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
+    group.add_argument("--seed", type=int, help="default: a random seed, printed and saved in the metadata")
+    group.add_argument("--noise_offset", type=float, default=0.0)
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("saving, resuming, logging, samples")
+    group.add_argument("--save_every_n_steps", type=int)
+    group.add_argument("--save_every_n_epochs", type=int)
+    group.add_argument("--save_precision", choices=("float", "fp16", "bf16"), default="float")
+    group.add_argument("--save_peft_adapter", action="store_true", help="also write PEFT adapter folders")
+    group.add_argument("--no_metadata", action="store_true", help="only the essential ss_* metadata")
+    group.add_argument("--training_comment", help="stored as ss_training_comment")
+    group.add_argument("--save_state", action="store_true", help="write a resumable state folder with every save")
+    group.add_argument("--resume", help="a state folder written by --save_state")
+    group.add_argument("--logging_dir", help="tracker logs (TensorBoard by default when installed)")
+    group.add_argument("--log_with", choices=("tensorboard", "wandb", "all"))
+    group.add_argument("--log_tracker_name")
+    group.add_argument("--sample_prompts", help="text file, one prompt per line (--n --w --h --d --s --l options)")
+    group.add_argument("--sample_every_n_steps", type=int)
+    group.add_argument("--sample_every_n_epochs", type=int)
+    group.add_argument("--sample_at_first", action="store_true")
+
+
+def parse_key_values(items: list[str], option: str) -> dict[str, Any]:
+    """``["a=1", "b=[1,2]", "c=text"]`` -> {"a": 1, "b": [1, 2], "c": "text"} (Python literals, else strings)."""
+    parsed = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"{option} entries must look like key=value, got {item!r}")
+        try:
+            parsed[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            parsed[key.strip()] = value.strip()
+    return parsed
+
+
+def bucket_settings(args: argparse.Namespace) -> BucketSettings:
+    """The bucketing options as one value (resolution already parsed)."""
+    return BucketSettings(
+        resolution=parse_resolution(args.resolution),
+        enable=args.enable_bucket,
+        min_reso=args.min_bucket_reso,
+        max_reso=args.max_bucket_reso,
+        step=args.bucket_reso_steps,
+        no_upscale=args.bucket_no_upscale,
+    )
+
+
+def normalise(args: argparse.Namespace) -> argparse.Namespace:
+    """Resolve aliases and implications (sd-scripts semantics) in place."""
+    if args.network_module:
+        args.algo = NETWORK_MODULES[args.network_module]
+    args.cache_latents = args.cache_latents or args.cache_latents_to_disk
+    args.cache_text_encoder_outputs = args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk
+    if args.logging_dir and not args.log_with:
+        args.log_with = "tensorboard"
+    return args
+
+
+def check_args(args: argparse.Namespace, *, pixel_multiple: int) -> None:
+    """Every check that needs no model: raise ``UsageError`` naming the option and the fix."""
+    problems = []
+
+    def need(condition: bool, message: str) -> None:
+        if not condition:
+            problems.append(message)
+
+    try:
+        check_divisible(bucket_settings(args), pixel_multiple)
+    except ValueError as err:
+        problems.append(str(err))
+    for option in (
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "max_train_steps",
+        "network_dim",
+        "vae_batch_size",
+    ):
+        need(getattr(args, option) >= 1, f"--{option} must be at least 1, got {getattr(args, option)}")
+    for option in (
+        "max_train_epochs",
+        "save_every_n_steps",
+        "save_every_n_epochs",
+        "sample_every_n_steps",
+        "sample_every_n_epochs",
+    ):
+        value = getattr(args, option)
+        need(value is None or value >= 1, f"--{option} must be at least 1, got {value}")
+    need(
+        0.0 <= args.caption_dropout_rate < 1.0,
+        f"--caption_dropout_rate must be in [0, 1), got {args.caption_dropout_rate}",
+    )
+    need(args.max_data_loader_n_workers >= 0, "--max_data_loader_n_workers must be >= 0")
+    need(
+        not (args.cache_latents and args.random_crop),
+        "--cache_latents cannot be combined with --random_crop (a cached latent has one fixed crop); drop one of them",
+    )
+    need(
+        not args.cache_text_encoder_outputs or args.network_train_unet_only,
+        "--cache_text_encoder_outputs needs frozen text encoders: add --network_train_unet_only",
+    )
+    if args.optimizer_type == "AdamW8bit":
+        need(
+            importlib.util.find_spec("bitsandbytes") is not None,
+            "--optimizer_type AdamW8bit needs bitsandbytes: pip install bitsandbytes (or use --optimizer_type AdamW)",
+        )
+    if args.log_with in ("tensorboard", "all"):
+        need(
+            importlib.util.find_spec("tensorboard") is not None,
+            f"--log_with {args.log_with} needs TensorBoard: pip install tensorboard",
+        )
+    if args.log_with in ("wandb", "all"):
+        need(
+            importlib.util.find_spec("wandb") is not None, f"--log_with {args.log_with} needs wandb: pip install wandb"
+        )
+    need(not args.log_with or bool(args.logging_dir), "--log_with needs --logging_dir")
+    if args.sample_prompts:
+        need(Path(args.sample_prompts).is_file(), f"--sample_prompts file '{args.sample_prompts}' does not exist")
+    if args.resume:
+        need(
+            Path(args.resume, "training_state.json").is_file(),
+            f"--resume '{args.resume}' is not a state folder written by --save_state (no training_state.json)",
+        )
+    try:
+        parse_key_values(args.optimizer_args, "--optimizer_args")
+    except UsageError as err:
+        problems.append(str(err))
+    try:
+        parse_network_args(args.network_args)
+    except NetworkArgsError as err:
+        problems.append(f"--network_args: {err}")
+    if problems:
+        raise UsageError("cannot start training:\n  " + "\n  ".join(problems))
+
+
+def parse_training_args(
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    *,
+    tiny_defaults: dict[str, Any],
+    pixel_multiple: int,
+    required_with_model: tuple[str, ...],
+) -> argparse.Namespace:
+    """Parse, apply the embedded default's values when no model is given, and run every check that needs no model
+    (``--network_args`` included), so bad input fails before anything heavy starts."""
+    args = parser.parse_args(argv)
+    if args.pretrained_model_name_or_path is None:
+        parser.set_defaults(**tiny_defaults)
+        args = parser.parse_args(argv)
+    args.resolution = args.resolution or "1024"
+    normalise(args)
+    check_args(args, pixel_multiple=pixel_multiple)
+    if args.pretrained_model_name_or_path is not None:
+        missing = [f"--{name}" for name in required_with_model if getattr(args, name) is None]
+        if missing:
+            raise UsageError(f"cannot start training:\n  {', '.join(missing)} required with a real model")
+    if args.seed is None:
+        args.seed = saved_seed(args.resume) if args.resume else random.SystemRandom().randrange(2**31)
+    return args

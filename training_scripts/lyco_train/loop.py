@@ -1,0 +1,185 @@
+"""The accelerate side of training: accelerator, optimizer, lr schedule, step plan, gradient sync and progress."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from .args import parse_key_values
+from .batches import EpochPlan
+from .network import optimizer_groups
+
+
+def make_accelerator(args: argparse.Namespace, *, unused_parameters: bool = False) -> Accelerator:
+    """One accelerator for the run: mixed precision and trackers. ``accelerate launch`` supplies the processes.
+
+    ``unused_parameters``: some trained parameters get no gradient (SDXL's TE1 last layer, whose output SDXL does not
+    use), so multi-GPU DDP must look for them. Gradient accumulation is handled by ``GradientSteps`` (exact to resume,
+    syncs at epoch ends), not by accelerate.
+    """
+    log_with = None if not args.log_with else (["tensorboard", "wandb"] if args.log_with == "all" else [args.log_with])
+    return Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=args.logging_dir),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused_parameters)],
+    )
+
+
+def start_trackers(accelerator: Accelerator, args: argparse.Namespace, default_name: str) -> None:
+    """Open the ``--log_with`` trackers (TensorBoard/wandb) with every option as the run's config."""
+    if args.log_with:
+        accelerator.init_trackers(
+            args.log_tracker_name or default_name, config={k: str(v) for k, v in vars(args).items()}
+        )
+
+
+def weight_dtype(accelerator: Accelerator) -> torch.dtype:
+    """The dtype frozen weights are kept in: fp16/bf16 under mixed precision, else float32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def place_frozen(accelerator: Accelerator, vae: torch.nn.Module, models: Iterable[torch.nn.Module]) -> torch.dtype:
+    """Freeze everything and move it to the device: the VAE in float32 (SDXL's VAE overflows in fp16), the other
+    models in the mixed-precision dtype (adapters added later stay float32). Returns that dtype."""
+    dtype = weight_dtype(accelerator)
+    vae.to(accelerator.device).float().requires_grad_(False)
+    for model in models:
+        model.to(accelerator.device).requires_grad_(False)
+        if dtype != torch.float32:
+            model.to(dtype)
+    return dtype
+
+
+def make_optimizer(args: argparse.Namespace, param_groups: list[dict]) -> torch.optim.Optimizer:
+    """AdamW from torch, or bitsandbytes' AdamW8bit; ``--optimizer_args`` become keyword arguments."""
+    kwargs = parse_key_values(args.optimizer_args, "--optimizer_args")
+    if args.optimizer_type == "AdamW8bit":
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(param_groups, lr=args.learning_rate, **kwargs)
+    return torch.optim.AdamW(param_groups, lr=args.learning_rate, **kwargs)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How long training runs: optimizer steps per epoch, total steps and total epochs."""
+
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    total_epochs: int
+
+
+def plan_steps(
+    batches_per_epoch: int, accumulation: int, max_train_steps: int, max_train_epochs: int | None
+) -> StepPlan:
+    """``--max_train_epochs`` wins over ``--max_train_steps`` (sd-scripts); an epoch ends with an optimizer step."""
+    steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
+    total_steps = max_train_epochs * steps_per_epoch if max_train_epochs else max_train_steps
+    return StepPlan(batches_per_epoch, steps_per_epoch, total_steps, math.ceil(total_steps / steps_per_epoch))
+
+
+def make_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, total_steps: int):
+    """A diffusers lr schedule stepped once per optimizer step; warmup may be a fraction (< 1) of all steps."""
+    warmup = args.lr_warmup_steps
+    warmup_steps = int(warmup * total_steps) if 0 < warmup < 1 else int(warmup)
+    return get_scheduler(
+        args.lr_scheduler,
+        optimizer,
+        num_warmup_steps=warmup_steps,
+        num_training_steps=total_steps,
+        num_cycles=args.lr_scheduler_num_cycles,
+        power=args.lr_scheduler_power,
+    )
+
+
+class GradientSteps:
+    """Which micro-batches end an optimizer step: every ``accumulation`` batches and at the end of each epoch.
+
+    Between sync points DDP's gradient all-reduce is skipped (``no_sync``); the loss is divided by the size of the
+    current accumulation group so every optimizer step averages over the batches it saw.
+    """
+
+    def __init__(self, accelerator: Accelerator, models: Iterable[torch.nn.Module], accumulation: int):
+        self.accelerator, self.models, self.accumulation = accelerator, list(models), accumulation
+
+    def group_size(self, batch_index: int, batches_per_epoch: int) -> int:
+        start = batch_index - batch_index % self.accumulation
+        return min(self.accumulation, batches_per_epoch - start)
+
+    def is_sync(self, batch_index: int, batches_per_epoch: int) -> bool:
+        return (batch_index + 1) % self.accumulation == 0 or batch_index + 1 == batches_per_epoch
+
+    def context(self, sync: bool):
+        """``no_sync`` on every trained model for a non-final micro-batch, nothing otherwise."""
+        stack = contextlib.ExitStack()
+        if not sync:
+            for model in self.models:
+                stack.enter_context(self.accelerator.no_sync(model))
+        return stack
+
+
+def current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Learning rate per parameter group, by the group's name when it has one."""
+    return {group.get("name", f"group{i}"): group["lr"] for i, group in enumerate(optimizer.param_groups)}
+
+
+def progress_bar(accelerator: Accelerator, total: int, initial: int) -> tqdm:
+    return tqdm(total=total, initial=initial, desc="steps", disable=not accelerator.is_local_main_process)
+
+
+def trainable_parameters(*models: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for model in models for p in model.parameters() if p.requires_grad]
+
+
+@dataclass
+class Training:
+    """Everything the loop steps: the data plan, the step plan, the (accelerate-prepared) trained models by
+    component, optimizer, lr schedule and the noise generator."""
+
+    data: EpochPlan
+    steps: StepPlan
+    models: dict[str, torch.nn.Module]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    generator: torch.Generator
+
+
+def prepare_training(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    records: list,
+    buckets: list[tuple[int, int]],
+    trained: dict[str, torch.nn.Module],
+) -> Training:
+    """Plan epochs and steps, build optimizer (sd-scripts lr groups) and lr schedule, let accelerate wrap the models
+    (DDP under ``accelerate launch``), and seed a per-process noise generator."""
+    data = EpochPlan(
+        records,
+        buckets,
+        batch_size=args.train_batch_size,
+        seed=args.seed,
+        flip_aug=args.flip_aug,
+        random_crop=args.random_crop,
+        caption_dropout_rate=args.caption_dropout_rate,
+        num_processes=accelerator.num_processes,
+        process_index=accelerator.process_index,
+    )
+    steps = plan_steps(
+        data.batches_per_epoch, args.gradient_accumulation_steps, args.max_train_steps, args.max_train_epochs
+    )
+    optimizer = make_optimizer(args, optimizer_groups(args, trained))
+    lr_scheduler = make_scheduler(args, optimizer, steps.total_steps)
+    prepared = accelerator.prepare(*trained.values(), optimizer)
+    generator = torch.Generator(accelerator.device).manual_seed(args.seed + 1_000_003 * accelerator.process_index)
+    return Training(data, steps, dict(zip(trained, prepared[:-1])), prepared[-1], lr_scheduler, generator)

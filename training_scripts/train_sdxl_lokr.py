@@ -1,0 +1,254 @@
+"""Train a LoKr (or LoHa) adapter for Stable Diffusion XL on a folder of captioned images.
+
+    accelerate launch training_scripts/train_sdxl_lokr.py \\
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \\
+        --train_data_dir data/my_style --resolution 1024 --enable_bucket \\
+        --network_dim 16 --network_alpha 8 --network_args factor=8 --learning_rate 1e-4 \\
+        --mixed_precision bf16 --cache_latents --output_dir outputs --output_name my_style
+
+Options follow kohya sd-scripts' ``sdxl_train_network.py``; the result is a kohya-format ``.safetensors`` that
+ComfyUI, A1111, sd-scripts and ``pipe.load_lora_weights`` (after ``peft_lyco.diffusers.enable_lyco(pipe)``) load.
+With no ``--pretrained_model_name_or_path`` the script builds a tiny random SDXL, trains it on generated coloured
+shapes on CPU, reloads the saved file into a fresh pipeline and checks that the adapter changes the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate.utils import set_seed
+from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+from lyco_train import args as options
+from lyco_train.batches import BatchBuilder, training_images
+from lyco_train.cache import build_latent_cache, build_text_cache
+from lyco_train.data import DataError
+from lyco_train.export import AdapterWriter
+from lyco_train.loop import make_accelerator, place_frozen, prepare_training
+from lyco_train.metadata import RunInfo
+from lyco_train.network import inject
+from lyco_train.objectives import (
+    ddpm_target,
+    min_snr_weights,
+    sample_noise,
+    sample_timesteps,
+    sdxl_time_ids,
+    weighted_mse,
+)
+from lyco_train.runner import Hooks, Trainer
+from lyco_train.sampling import SamplePrompt, render_samples
+from lyco_train.tiny import TINY_SEED, report_reload, tiny_defaults, use_one_cpu_thread
+
+import peft_lyco  # noqa: F401  (registers LYCO_LOHA / LYCO_LOKR with PEFT)
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+@dataclass
+class Result:
+    """What a run produced (the tests and the embedded default look at it)."""
+
+    args: argparse.Namespace
+    pipe: StableDiffusionXLPipeline
+    losses: list[float]
+    files: list[Path]
+    final: Path
+
+
+# ---------------------------------------------------------------------------------------------------- arguments
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--pretrained_model_name_or_path",
+        help="hub id, diffusers folder or single .safetensors checkpoint (none: tiny CPU demo)",
+    )
+    model.add_argument("--vae", help="another VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix")
+    model.add_argument("--revision")
+    model.add_argument("--variant", help="e.g. fp16")
+    model.add_argument("--v_parameterization", action="store_true", help="train v-prediction instead of epsilon")
+    model.add_argument("--min_snr_gamma", type=float, help="Min-SNR-γ loss weighting, e.g. 5")
+    options.add_data_args(parser)
+    options.add_network_args(parser, default_name="sdxl_lokr")
+    options.add_optimization_args(parser)
+    options.add_output_args(parser)
+    return options.parse_training_args(
+        parser, argv, tiny_defaults=tiny_defaults("sdxl"), pixel_multiple=8, required_with_model=("train_data_dir",)
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ models
+def load_pipeline(args: argparse.Namespace) -> StableDiffusionXLPipeline:
+    """The SDXL pipeline to train on: the tiny random one, a single-file checkpoint, or a diffusers folder/hub id."""
+    name = args.pretrained_model_name_or_path
+    if name is None:
+        from peft_lyco.models.tiny_sdxl import tiny_sdxl_pipeline
+
+        return tiny_sdxl_pipeline(seed=TINY_SEED)
+    if name.endswith(".safetensors"):
+        pipe = StableDiffusionXLPipeline.from_single_file(name, torch_dtype=torch.float32)
+    else:
+        pipe = StableDiffusionXLPipeline.from_pretrained(
+            name, revision=args.revision, variant=args.variant, torch_dtype=torch.float32
+        )
+    if args.vae:
+        from diffusers import AutoencoderKL
+
+        pipe.vae = AutoencoderKL.from_pretrained(args.vae, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def encode_captions(pipe: StableDiffusionXLPipeline, captions: list[str], encoders: tuple) -> dict[str, torch.Tensor]:
+    """SDXL conditioning as the pipeline builds it: both encoders' penultimate states, and TE2's pooled output.
+
+    ``encoders`` are the two text encoders to call (the accelerate-prepared ones when they are trained).
+    """
+    states = []
+    for tokenizer, encoder in zip((pipe.tokenizer, pipe.tokenizer_2), encoders):
+        ids = tokenizer(
+            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(pipe.unet.device)
+        output = encoder(ids, output_hidden_states=True)
+        states.append(output.hidden_states[-2])
+    return {"prompt_embeds": torch.cat(states, dim=-1), "pooled": output.text_embeds}
+
+
+def encode_images(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """VAE latents (distribution mean, times the scaling factor); the VAE always runs in float32."""
+    with torch.no_grad():
+        latents = vae.encode(pixels.to(vae.device, torch.float32)).latent_dist.mode()
+    return latents * vae.config.scaling_factor
+
+
+def check_reload(args: argparse.Namespace, path: Path, trained: StableDiffusionXLPipeline, prompt: str) -> None:
+    """The embedded default's last step: load the saved file into a fresh tiny pipeline as a user would
+    (``enable_lyco`` + ``load_lora_weights``) and compare its images with the base and the in-memory model."""
+    from peft_lyco.diffusers import enable_lyco
+    from peft_lyco.models.tiny_sdxl import tiny_sdxl_pipeline
+
+    fresh = tiny_sdxl_pipeline(seed=TINY_SEED)
+    enable_lyco(fresh)
+    fresh.load_lora_weights(str(path), adapter_name="trained")
+
+    def render(pipe: StableDiffusionXLPipeline):
+        return pipe(
+            prompt,
+            width=64,
+            height=64,
+            num_inference_steps=4,
+            guidance_scale=3.0,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        ).images
+
+    reloaded = render(fresh)
+    fresh.disable_lora()
+    base = render(fresh)
+    report_reload(
+        path,
+        reloaded,
+        base,
+        render(trained),
+        "enable_lyco(pipe) + pipe.load_lora_weights",
+        tolerance=1e-4 if args.save_precision == "float" and args.mixed_precision == "no" else 5e-2,
+    )
+
+
+# -------------------------------------------------------------------------------------------------------- main
+def main(argv: Optional[list[str]] = None) -> Result:
+    args = parse_args(argv)
+    tiny = args.pretrained_model_name_or_path is None
+    accelerator = make_accelerator(args, unused_parameters=not args.network_train_unet_only)
+    if tiny:
+        use_one_cpu_thread()
+    records, buckets = training_images(args, accelerator, tiny_model="SDXL" if tiny else None)
+
+    set_seed(args.seed, device_specific=True)
+    run = RunInfo(str(uuid.uuid4()), time.time(), args.pretrained_model_name_or_path or "tiny-random-sdxl", "sdxl")
+    pipe = load_pipeline(args)
+    device = accelerator.device
+    dtype = place_frozen(accelerator, pipe.vae, (pipe.unet, pipe.text_encoder, pipe.text_encoder_2))
+    noise_scheduler = DDPMScheduler.from_config(
+        pipe.scheduler.config, prediction_type="v_prediction" if args.v_parameterization else "epsilon"
+    )
+
+    # the adapter: the UNet always, both text encoders unless --network_train_unet_only
+    trained = {"unet": pipe.unet}
+    if not args.network_train_unet_only:
+        trained.update({name: getattr(pipe, name) for name in TEXT_ENCODERS})
+    inject(args, trained)
+    if args.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+        for name in TEXT_ENCODERS:
+            if name in trained:
+                trained[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # caches of frozen outputs, filled once before training
+    latent_cache = build_latent_cache(
+        args, accelerator, records, buckets, tag=f"sdxl:{run.model_name}:{args.vae}",
+        encode=lambda pixels: encode_images(pipe.vae, pixels),
+    )  # fmt: skip
+    text_cache = build_text_cache(
+        args, accelerator, records, tag=f"sdxl:{run.model_name}",
+        encode=lambda captions: encode_captions(pipe, captions, (pipe.text_encoder, pipe.text_encoder_2)),
+    )  # fmt: skip
+
+    training = prepare_training(args, accelerator, records, buckets, trained)
+    models, generator = training.models, training.generator
+
+    def loss(batch: dict) -> torch.Tensor:
+        if "latents" in batch:
+            latents = batch["latents"].to(device, torch.float32)
+        else:
+            latents = encode_images(pipe.vae, batch["pixels"])
+        if text_cache:
+            text = text_cache.get(batch["captions"])
+        else:
+            encoders = tuple(models.get(name, getattr(pipe, name)) for name in TEXT_ENCODERS)
+            text = encode_captions(pipe, batch["captions"], encoders)
+        noise = sample_noise(latents, generator, args.noise_offset)
+        timesteps = sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator, device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"]).to(device)
+        prediction = models["unet"](
+            noisy.to(dtype),
+            timesteps,
+            text["prompt_embeds"].to(device, dtype),
+            added_cond_kwargs={"text_embeds": text["pooled"].to(device, dtype), "time_ids": time_ids.to(dtype)},
+        ).sample
+        target = ddpm_target(noise_scheduler, latents, noise, timesteps)
+        weights = min_snr_weights(noise_scheduler, timesteps, args.min_snr_gamma) if args.min_snr_gamma else None
+        return weighted_mse(prediction, target, weights)
+
+    def render(prompt: SamplePrompt):
+        return pipe(
+            prompt.prompt, negative_prompt=prompt.negative, width=prompt.width, height=prompt.height,
+            num_inference_steps=prompt.steps, guidance_scale=prompt.guidance,
+            generator=torch.Generator(device).manual_seed(prompt.seed),
+        ).images[0]  # fmt: skip
+
+    objective = {"ss_v_parameterization": args.v_parameterization, "ss_min_snr_gamma": args.min_snr_gamma}
+    hooks = Hooks(
+        loss=loss,
+        save=AdapterWriter(args, run, accelerator, training, records, buckets, objective),
+        sample=lambda step: render_samples(args, accelerator, step, render, SamplePrompt(prompt="")),
+    )
+    trainer = Trainer(args, accelerator, training, BatchBuilder(records, buckets, latent_cache), hooks)
+    history = trainer.run("train_sdxl_lokr", summary=f"{len(records)} images, {training.data.image_count()} per epoch")
+    if tiny and accelerator.is_main_process:
+        check_reload(args, history.final, pipe, prompt=records[0].caption)
+    return Result(args, pipe, history.losses, history.saved, history.final)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (options.UsageError, DataError) as err:
+        sys.exit(f"error: {err}")
