@@ -1,6 +1,6 @@
 """Pure tensor math for LoHa and LoKr: shapes, ΔW, and how ΔW meets the base weight. No modules, no PEFT."""
 
-from .delta import LOHA_PARAMS, LOKR_PARAMS, add_delta, delta_weight, rank_dropout_mask
+from .delta import LOHA_PARAMS, LOKR_PARAMS, add_delta, add_delta_into, delta_weight, rank_dropout_mask
 from .factorization import (
     LoHaLayout,
     LoKrLayout,
@@ -21,6 +21,7 @@ __all__ = [
     "LoHaLayout",
     "LoKrLayout",
     "add_delta",
+    "add_delta_into",
     "check_factor",
     "check_rank",
     "delta_weight",

@@ -21,7 +21,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .base_op import BaseOp, LinearOp
-from .delta import add_delta, delta_weight
+from .delta import add_delta, add_delta_into, delta_weight
 from .loha import hadamard, loha_factor_grads, loha_products
 from .structured import StructuredRoute, structured_grads, structured_route
 
@@ -66,16 +66,11 @@ def structured_grads_pay_off(op: BaseOp, term: DeltaTerm, weight_shape: torch.Si
 def _merged_weight(
     weight: Optional[torch.Tensor], total: torch.Tensor, dtype: torch.dtype, *, owned: bool = True
 ) -> torch.Tensor:
-    """``W + ΣΔW`` summed as ``add_delta`` does; without a base weight (bypass) just ΣΔW in the input's dtype.
-
-    When ``total`` is the caller's own temporary (``owned``) and already has ``add_delta``'s summation dtype, the
-    weight is added into it: the same sum, bit for bit, without a second weight-sized buffer or an upcast copy.
-    """
+    """``W + ΣΔW`` summed as ``add_delta`` does (inside ``total`` when it is the caller's own temporary); without a base
+    weight (bypass) just ΣΔW in the input's dtype."""
     if weight is None:
         return total.to(dtype)
-    if owned and total.dtype == torch.promote_types(torch.promote_types(weight.dtype, total.dtype), torch.float32):
-        return total.reshape(weight.shape).add_(weight).to(weight.dtype)
-    return add_delta(weight, total)
+    return add_delta_into(weight, total).to(weight.dtype) if owned else add_delta(weight, total)
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,15 @@ def add_delta(weight: torch.Tensor, delta: torch.Tensor, sign: int = 1) -> torch
     return total.to(weight.dtype)
 
 
+def add_delta_into(weight: torch.Tensor, delta: torch.Tensor, sign: int = 1) -> torch.Tensor:
+    """``add_delta(weight, delta, sign)`` before its final cast, summed inside ``delta`` (a temporary the caller gives
+    up): the same bits in the summation dtype, without a second weight-sized buffer or an upcast copy of the weight.
+    """
+    compute = torch.promote_types(torch.promote_types(weight.dtype, delta.dtype), torch.float32)
+    delta = delta.reshape(weight.shape).to(compute)
+    return torch.add(weight, delta, out=delta) if sign > 0 else torch.sub(weight, delta, out=delta)
+
+
 def rank_dropout_mask(
     out_features: int,
     p: float,

@@ -71,9 +71,10 @@ def loha_conv_apply(
     return F.conv2d(inner, (left * scale)[:, :, None, None])
 
 
-def hadamard(r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
-    """ΔW from the two products of ``loha_products`` (the one place the LoHa forward formula is written)."""
-    return r1 * r2
+def hadamard(r1: torch.Tensor, r2: torch.Tensor, *, into_first: bool = False) -> torch.Tensor:
+    """ΔW from the two products of ``loha_products`` (the one place the LoHa forward formula is written);
+    ``into_first`` reuses ``r1``'s buffer when the products are not needed afterwards."""
+    return torch.mul(r1, r2, out=r1) if into_first else r1 * r2
 
 
 def _tucker_side_grads(grad_side, core, w_a, w_b, need):
@@ -141,7 +142,7 @@ class _HadaProduct(torch.autograd.Function):
     def forward(ctx: Any, w1_a, w1_b, w2_a, w2_b, t1, t2, scale: float) -> torch.Tensor:
         ctx.save_for_backward(w1_a, w1_b, w2_a, w2_b, t1, t2)
         ctx.scale = scale
-        return hadamard(*loha_products(w1_a, w1_b, w2_a, w2_b, t1, t2, scale=scale))
+        return hadamard(*loha_products(w1_a, w1_b, w2_a, w2_b, t1, t2, scale=scale), into_first=True)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):

@@ -40,7 +40,7 @@ def lokr_delta_weight(
     while w1.dim() < w2.dim():
         w1 = w1.unsqueeze(-1)
     delta = torch.kron(w1, w2.contiguous())
-    return delta * scale if scale != 1 else delta
+    return delta.mul_(scale) if scale != 1 else delta  # in place: kron's backward does not need its output
 
 
 def _kron_halves(params: Mapping[str, torch.Tensor]) -> Optional[tuple[list[torch.Tensor], list[torch.Tensor]]]:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ..functional import add_delta, rank_dropout_mask
+from ..functional import add_delta_into, rank_dropout_mask
 from ..functional.adapted import DeltaTerm, adapted_op, term_delta
 from ..functional.base_op import BaseOp, Conv2dOp, LinearOp
 from .config import LycoConfig
@@ -220,10 +220,10 @@ class LycoLayer(nn.Module, BaseTunerLayer):
                 continue
             scale = self.scaling[adapter]
             with torch.no_grad():
-                merged = add_delta(base.weight.data, self._delta(adapter, scale))
+                merged = add_delta_into(base.weight.data, self._delta(adapter, scale))
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs detected in the merged weights of '{self.module_name}'; adapter {adapter} is broken")
-            base.weight.data = merged
+            _store(base.weight, merged)
             self._merged_scale[adapter] = scale
             self.merged_adapters.append(adapter)
 
@@ -235,7 +235,16 @@ class LycoLayer(nn.Module, BaseTunerLayer):
             scale = self._merged_scale.pop(adapter)
             if adapter in self._available_adapters:
                 with torch.no_grad():
-                    base.weight.data = add_delta(base.weight.data, self._delta(adapter, scale), sign=-1)
+                    _store(base.weight, add_delta_into(base.weight.data, self._delta(adapter, scale), sign=-1))
 
     def __repr__(self) -> str:
         return f"{type(self).__module__.split('.')[-2]}.{super().__repr__()}"
+
+
+def _store(weight: nn.Parameter, summed: torch.Tensor) -> None:
+    """Make ``summed`` (``add_delta_into``'s result) the weight's data: taken over as it is in the weight's dtype,
+    else rounded into the weight's own storage (the cast ``add_delta`` ends with, without another buffer)."""
+    if summed.dtype == weight.dtype:
+        weight.data = summed
+    else:
+        weight.data.copy_(summed)
