@@ -85,8 +85,10 @@ class LycoLayer(nn.Module, BaseTunerLayer):
         self.rank_dropout[adapter_name] = config.rank_dropout
         self.rank_dropout_scale[adapter_name] = config.rank_dropout_scale
         self.module_dropout[adapter_name] = config.module_dropout
-        with torch.no_grad():
-            self.init_parameters(adapter_name, config.init_weights)
+        if not any(p.is_meta for p in self.adapter_parameters(adapter_name).values()):
+            # meta tensors (low_cpu_mem_usage loading) hold no values, and torch initialises them on a slow path
+            with torch.no_grad():
+                self.init_parameters(adapter_name, config.init_weights)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def _drop_parameters(self, adapter_name: str) -> None:
