@@ -86,7 +86,9 @@ def _split(layouts: Sequence[_TermLayout], flat: Sequence[Any]) -> list[tuple[di
     out, pos = [], 0
     masks = iter(flat[sum(len(layout.names) for layout in layouts) :])
     for layout in layouts:
-        out.append((dict(zip(layout.names, flat[pos : pos + len(layout.names)])), next(masks) if layout.masked else None))
+        out.append(
+            (dict(zip(layout.names, flat[pos : pos + len(layout.names)])), next(masks) if layout.masked else None)
+        )
         pos += len(layout.names)
     return out
 
@@ -98,7 +100,9 @@ def _loha_factors(params: Mapping[str, torch.Tensor]) -> list[Optional[torch.Ten
 class _AdaptedOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x, weight, bias, op: BaseOp, shape, layouts, *tensors):
-        terms = [DeltaTerm(params, layout.scale, mask) for (params, mask), layout in zip(_split(layouts, tensors), layouts)]
+        terms = [
+            DeltaTerm(params, layout.scale, mask) for (params, mask), layout in zip(_split(layouts, tensors), layouts)
+        ]
         merged = _merged_weight(weight, sum_deltas([term_delta(t, shape) for t in terms]), x.dtype)
         need = ctx.needs_input_grad
         ctx.op, ctx.shape, ctx.layouts, ctx.x_dtype = op, shape, layouts, x.dtype
@@ -115,7 +119,9 @@ class _AdaptedOp(torch.autograd.Function):
         op, shape, layouts = ctx.op, ctx.shape, ctx.layouts
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         tensors = [t.detach() for t in tensors]
-        terms = [DeltaTerm(params, layout.scale, mask) for (params, mask), layout in zip(_split(layouts, tensors), layouts)]
+        terms = [
+            DeltaTerm(params, layout.scale, mask) for (params, mask), layout in zip(_split(layouts, tensors), layouts)
+        ]
         wanted = [[n for n, flag in flags.items() if flag] for flags, _ in _split(layouts, ctx.needs_input_grad[6:])]
         weight_numel = math.prod(shape)
         tokens = grad.numel() // grad.shape[-1 if isinstance(op, LinearOp) else 1]
@@ -151,7 +157,9 @@ class _AdaptedOp(torch.autograd.Function):
             merged = _merged_weight(weight, sum_deltas(deltas), ctx.x_dtype, owned=len(deltas) > 1 or not graphs)
         del deltas
         need_dense = need_w or any(dense)
-        stand_in = merged if merged is not None else (weight if weight is not None else grad.new_empty(()).expand(shape))
+        stand_in = (
+            merged if merged is not None else (weight if weight is not None else grad.new_empty(()).expand(shape))
+        )
         grad_x, grad_weight = op.backward(grad, x, stand_in, merged is not None, need_dense)
         del stand_in, merged
 
@@ -164,7 +172,12 @@ class _AdaptedOp(torch.autograd.Function):
                 if i in products:
                     found = _loha_grads(term, wanted[i], grad_delta, products.pop(i))
                 else:  # the graph's ΔW carries the row mask itself
-                    found = dict(zip(wanted[i], torch.autograd.grad(graphs.pop(i), [term.params[n] for n in wanted[i]], grad_delta)))
+                    found = dict(
+                        zip(
+                            wanted[i],
+                            torch.autograd.grad(graphs.pop(i), [term.params[n] for n in wanted[i]], grad_delta),
+                        )
+                    )
             elif wanted[i] or routed_x[i]:
                 found, share = structured_grads(
                     term.params, term.scale, term.row_mask, wanted[i], x, grad, op, tuple(shape), input_grad=routed_x[i]

@@ -73,4 +73,3 @@ class Conv2dOp:
 
 
 BaseOp = Union[LinearOp, Conv2dOp]
-

@@ -99,13 +99,14 @@ def lokr_linear_apply(x: torch.Tensor, params: Mapping[str, torch.Tensor], scale
     return tokens.reshape(*x.shape[:-1], -1)
 
 
-
 def _pointwise(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     """A 1x1 convolution with ``matrix`` (out, in)."""
     return F.conv2d(x, matrix[:, :, None, None])
 
 
-def _w2_stages(params: Mapping[str, torch.Tensor], in_n: int, kernel: tuple[int, int]) -> list[tuple[bool, torch.Tensor]]:
+def _w2_stages(
+    params: Mapping[str, torch.Tensor], in_n: int, kernel: tuple[int, int]
+) -> list[tuple[bool, torch.Tensor]]:
     """``w2`` of a Conv2d LoKr as a chain of convolutions ``(spatial, weight)``: spatial stages take the layer's
     stride/padding/dilation, the others are 1x1 (``weight`` then a matrix); ``w2`` itself is never built."""
     if "lokr_w2" in params:

@@ -6,6 +6,7 @@ less than the dense weight gradient ``G = ∂L/∂W`` (one weight-sized product 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Optional
@@ -19,6 +20,9 @@ from .lokr import lokr_conv_apply, lokr_conv_macs, lokr_linear_apply, lokr_linea
 # Rebuilding W + ΣΔW for ∂L/∂x costs, per weight element, a few memory-bound passes plus the small products: about
 # this many multiply-adds' worth on CPUs and GPUs alike (a pass moves bytes, a multiply-add is a fraction of a cycle).
 REBUILD_MACS_PER_WEIGHT = 128
+# Linear inputs go through the route in chunks of tokens of about this many elements of the wider of input and output
+# (or of the weight's size if larger), so the route's temporaries stay about weight-sized.
+CHUNK_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,9 @@ class StructuredRoute:
         return tokens * self.apply_macs <= REBUILD_MACS_PER_WEIGHT * weight_numel
 
 
-def structured_route(op: BaseOp, params: Mapping[str, torch.Tensor], weight_shape: tuple[int, ...]) -> Optional[StructuredRoute]:
+def structured_route(
+    op: BaseOp, params: Mapping[str, torch.Tensor], weight_shape: tuple[int, ...]
+) -> Optional[StructuredRoute]:
     """The ΔW-free route of an adapter (factors by kohya name) on a layer, or ``None`` where there is none (Tucker
     LoHa, grouped convolutions)."""
     is_loha = "hada_w1_a" in params
@@ -72,38 +78,61 @@ def structured_grads(
     layer input ``x`` and the output gradient ``grad``.
 
     The large products run in the input's dtype, as the dense route's weight gradient would; the factors' own chain
-    rule in theirs. ``params`` must be detached tensors (their ``requires_grad`` is set here).
+    rule in theirs. Linear inputs go through in chunks of tokens whose temporaries stay about weight-sized.
+    ``params`` must be detached tensors (their ``requires_grad`` is set here).
     """
     if row_mask is not None:  # output features: the last axis of a Linear's output, axis 1 of a conv's
         mask = row_mask.to(grad.dtype)
         grad = grad * (mask if isinstance(op, LinearOp) else mask.view(-1, 1, 1))
-    with torch.enable_grad():
-        leaves = {name: p.requires_grad_(name in want) for name, p in params.items()}
-        wanted = [leaves[name] for name in want]
-        cast = {name: p.to(x.dtype) for name, p in leaves.items()}
-        if isinstance(op, LinearOp) and "hada_w1_a" in cast:
-            return _loha_linear_grads(cast, want, wanted, x, grad, scale, input_grad)
-        x = x.detach().requires_grad_(input_grad)
-        if isinstance(op, LinearOp):
-            out = lokr_linear_apply(x, cast, scale)
-        else:
+    leaves = {name: p.requires_grad_(name in want) for name, p in params.items()}
+    wanted = [leaves[name] for name in want]
+    if not isinstance(op, LinearOp):
+        with torch.enable_grad():
+            cast = {name: p.to(x.dtype) for name, p in leaves.items()}
+            inp = x.detach().requires_grad_(input_grad)
             apply = loha_conv_apply if "hada_w1_a" in cast else lokr_conv_apply
-            out = apply(x, cast, scale, weight_shape, lambda inp, kernel: op.forward(inp, kernel, None))
-        grads = torch.autograd.grad(out, ([x] if input_grad else []) + wanted, grad)
-    grad_x, grads = (grads[0], grads[1:]) if input_grad else (None, grads)
-    return dict(zip(want, grads)), grad_x
-
-
-def _loha_linear_grads(params, want, wanted, x, grad, scale, input_grad):
-    """Flat Linear LoHa: ``y = scale · (x @ rightᵀ) @ leftᵀ`` with ``left @ right = ΔW/scale``. The gradients of
-    ``left`` and ``right`` (and of x) take two products each, then the factors' through their small products."""
-    left, right = loha_as_lowrank(params["hada_w1_a"], params["hada_w1_b"], params["hada_w2_a"], params["hada_w2_b"])
+            out = apply(inp, cast, scale, weight_shape, lambda a, kernel: op.forward(a, kernel, None))
+            grads = torch.autograd.grad(out, ([inp] if input_grad else []) + wanted, grad)
+        return dict(zip(want, grads[input_grad:])), grads[0] if input_grad else None
     flat_x, flat_grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+    chunk = max(1, max(math.prod(weight_shape), CHUNK_ELEMENTS) // max(weight_shape))
+    pieces = [(flat_x[i : i + chunk], flat_grad[i : i + chunk]) for i in range(0, flat_x.shape[0], chunk)]
+    linear = _loha_linear_grads if "hada_w1_a" in leaves else _lokr_linear_grads
+    grads, grad_x = linear(leaves, wanted, pieces, scale, input_grad)
+    return dict(zip(want, grads)), None if grad_x is None else grad_x.reshape(x.shape)
+
+
+def _lokr_linear_grads(params, wanted, pieces, scale, input_grad):
+    """Linear LoKr: autograd through its Kronecker chain, chunk by chunk, the factor gradients summed."""
+    grads, grad_x = None, []
+    for x, grad in pieces:
+        with torch.enable_grad():
+            inp = x.detach().requires_grad_(input_grad)
+            out = lokr_linear_apply(inp, {name: p.to(x.dtype) for name, p in params.items()}, scale)
+            found = torch.autograd.grad(out, ([inp] if input_grad else []) + wanted, grad)
+        if input_grad:
+            grad_x.append(found[0])
+        grads = found[input_grad:] if grads is None else [a.add_(b) for a, b in zip(grads, found[input_grad:])]
+    return grads, torch.cat(grad_x) if input_grad else None
+
+
+def _loha_linear_grads(params, wanted, pieces, scale, input_grad):
+    """Flat Linear LoHa: ``y = scale · (x @ rightᵀ) @ leftᵀ`` with ``left @ right = ΔW/scale``. The gradients of
+    ``left`` and ``right`` (and of x) take two products each per chunk, then the factors' through their small
+    products once."""
+    with torch.enable_grad():
+        cast = [params[name].to(pieces[0][0].dtype) for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")]
+        left, right = loha_as_lowrank(*cast)
+    grad_left = grad_right = None
+    grad_x = []
     with torch.no_grad():
-        grad_inner = flat_grad @ left.detach()
-        grad_x = (grad_inner @ right.detach()).mul_(scale).reshape(x.shape) if input_grad else None
-        if wanted:
-            grad_left = (flat_grad.T @ (flat_x @ right.detach().T)).mul_(scale)
-            grad_right = (grad_inner.T @ flat_x).mul_(scale)
-    grads = torch.autograd.grad([left, right], wanted, [grad_left, grad_right]) if wanted else ()
-    return dict(zip(want, grads)), grad_x
+        for x, grad in pieces:
+            grad_inner = grad @ left
+            if input_grad:
+                grad_x.append((grad_inner @ right).mul_(scale))
+            if wanted:
+                part_left, part_right = grad.T @ (x @ right.T), grad_inner.T @ x
+                grad_left = part_left if grad_left is None else grad_left.add_(part_left)
+                grad_right = part_right if grad_right is None else grad_right.add_(part_right)
+    grads = torch.autograd.grad([left, right], wanted, [grad_left.mul_(scale), grad_right.mul_(scale)]) if wanted else ()
+    return grads, torch.cat(grad_x) if input_grad else None

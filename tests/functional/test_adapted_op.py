@@ -4,8 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peft_lyco.functional import add_delta, delta_weight, lokr_layout, loha_layout
-from peft_lyco.functional import structured
+from peft_lyco.functional import add_delta, delta_weight, loha_layout, lokr_layout, structured
 from peft_lyco.functional.adapted import DeltaTerm, adapted_op, structured_grads_pay_off
 from peft_lyco.functional.base_op import Conv2dOp, LinearOp
 from peft_lyco.functional.loha import loha_as_lowrank, loha_conv_apply, loha_conv_macs
@@ -37,7 +36,12 @@ CASES = {
         (3, 8),
     ),
     "lokr-conv-flat": (CONV, (8, 4, 3, 3), [lokr_layout(8, 4, (3, 3), 1, factor=2)], (1, 4, 5, 5)),
-    "lokr-conv-tucker": (STRIDED, (8, 4, 3, 3), [lokr_layout(8, 4, (3, 3), 1, factor=2, use_tucker=True)], (1, 4, 5, 5)),
+    "lokr-conv-tucker": (
+        STRIDED,
+        (8, 4, 3, 3),
+        [lokr_layout(8, 4, (3, 3), 1, factor=2, use_tucker=True)],
+        (1, 4, 5, 5),
+    ),
     "lokr-conv-mix-first": (
         CONV,
         (4, 16, 3, 3),
@@ -156,6 +160,23 @@ def test_input_gradient_from_the_rebuilt_weight_or_the_route_agree(case, rebuild
         assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("case", ["loha-linear-lowrank-route", "lokr-linear-lowrank", "lokr-linear-decompose-both"])
+def test_linear_routes_in_token_chunks_sum_to_the_whole(case, monkeypatch):
+    # with no element budget a chunk holds min(in, out) tokens: 60 tokens take several chunks
+    monkeypatch.setattr(structured, "CHUNK_ELEMENTS", 0)
+    monkeypatch.setattr(structured, "REBUILD_MACS_PER_WEIGHT", 10**9)  # the input gradient through the route too
+    op, _, weight, bias, params, scales, masks = _setup(case, dtype=torch.float64, masked=True)
+    x = torch.randn(3, 20, weight.shape[1], dtype=torch.float64)
+    assert 60 > 2 * min(weight.shape)
+    grads = []
+    for fn in (_fused, _plain):
+        xl, wl, bl, pl = _leaves(x, weight, bias, params)
+        fn(op, xl, wl, bl, pl, scales, masks).pow(2).sum().backward()
+        grads.append([xl.grad] + [t.grad for p in pl for t in p.values()])
+    for got, ref in zip(*grads):
+        assert torch.allclose(got, ref, rtol=1e-9, atol=1e-9 * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("case", ["loha-linear-lowrank-route", "lokr-conv-flat", "loha-conv-tucker"])
 def test_frozen_adapters_still_pass_the_input_gradient(case):
     op, x, weight, bias, params, scales, masks = _setup(case, dtype=torch.float32)
@@ -167,7 +188,9 @@ def test_frozen_adapters_still_pass_the_input_gradient(case):
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-5 * grads[1].abs().max().item())
 
 
-@pytest.mark.parametrize("case", ["loha-linear", "lokr-linear-decompose-both", "loha-conv-tucker", "lokr-conv-mix-first"])
+@pytest.mark.parametrize(
+    "case", ["loha-linear", "lokr-linear-decompose-both", "loha-conv-tucker", "lokr-conv-mix-first"]
+)
 def test_bypass_without_base_weight(case):
     op, x, weight, bias, params, scales, masks = _setup(case)
     x, _, _, params = _leaves(x, weight, bias, params)
@@ -251,7 +274,9 @@ def test_lokr_linear_apply_equals_dense_delta():
         lokr_linear_apply(torch.randn(2, 5, dtype=torch.float64), params)
 
 
-@pytest.mark.parametrize("case", ["loha-conv-lowrank-route", "lokr-conv-flat", "lokr-conv-tucker", "lokr-conv-mix-first", "lokr-conv-full"])
+@pytest.mark.parametrize(
+    "case", ["loha-conv-lowrank-route", "lokr-conv-flat", "lokr-conv-tucker", "lokr-conv-mix-first", "lokr-conv-full"]
+)
 def test_conv_apply_equals_conv_with_the_dense_delta(case):
     op, x, weight, _, params, scales, _ = _setup(case)
     for p, s in zip(params, scales):
@@ -294,11 +319,12 @@ def test_structured_routes_are_taken_where_they_pay_off():
     assert not structured_grads_pay_off(LinearOp(), _term(lokr_layout(8, 6, (), 100, warn=False)), torch.Size((8, 6)))
     # LoHa as a rank-r² product: 2·r²·(in + out) against in·out multiply-adds per token
     assert structured_grads_pay_off(LinearOp(), _term(loha_layout(1280, 1280, (), 16, False)), torch.Size((1280, 1280)))
-    assert not structured_grads_pay_off(LinearOp(), _term(loha_layout(1280, 1280, (), 32, False)), torch.Size((1280, 1280)))
+    assert not structured_grads_pay_off(
+        LinearOp(), _term(loha_layout(1280, 1280, (), 32, False)), torch.Size((1280, 1280))
+    )
     assert not structured_grads_pay_off(CONV, _term(loha_layout(64, 64, (3, 3), 2, True)), torch.Size((64, 64, 3, 3)))
     assert structured_grads_pay_off(CONV, _term(loha_layout(640, 640, (3, 3), 8, False)), torch.Size((640, 640, 3, 3)))
-    for case in CASES:
-        op, wshape, layouts, _ = CASES[case]
+    for case, (op, wshape, layouts, _) in CASES.items():
         taken = [structured_grads_pay_off(op, _term(layout), torch.Size(wshape)) for layout in layouts]
         assert all(taken) if case in STRUCTURED else not any(taken), case
 

@@ -145,8 +145,13 @@ def test_rank_dropout_mask_semantics():
 @pytest.mark.parametrize("sign", [1, -1])
 @pytest.mark.parametrize(
     "weight_dtype, delta_dtype",
-    [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float32),
-     (torch.float64, torch.float32), (torch.bfloat16, torch.bfloat16)],
+    [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float32),
+        (torch.float64, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+    ],
 )
 def test_add_delta_into_gives_add_delta_bits_before_its_cast(weight_dtype, delta_dtype, sign):
     weight = torch.randn(6, 4, 3, 3).to(weight_dtype)

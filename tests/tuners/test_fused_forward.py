@@ -72,7 +72,8 @@ def _compare(layer, x, reference, *, fused=None, tol=1e-5):
 
 
 @pytest.mark.parametrize(
-    "kind, base_kind", [(k, b) for k in sorted(CONFIGS) for b in sorted(BASES) if b == "conv" or not k.endswith("tucker")]
+    "kind, base_kind",
+    [(k, b) for k in sorted(CONFIGS) for b in sorted(BASES) if b == "conv" or not k.endswith("tucker")],
 )
 def test_multiple_active_adapters_match_plain_autograd(kind, base_kind):
     layer = _with_adapters(BASES[base_kind]().requires_grad_(False), kind, names=("a", "b", "c"))
@@ -89,7 +90,9 @@ def test_multiple_active_adapters_match_plain_autograd(kind, base_kind):
 @pytest.mark.parametrize("rescale", [True, False])
 @pytest.mark.parametrize("kind", ["loha", "lokr"])
 def test_rank_dropout_masks_rows_in_forward_and_backward(kind, rescale):
-    layer = _with_adapters(nn.Linear(16, 32), kind, names=("a", "b"), rank_dropout=0.5, rank_dropout_scale=rescale).train()
+    layer = _with_adapters(
+        nn.Linear(16, 32), kind, names=("a", "b"), rank_dropout=0.5, rank_dropout_scale=rescale
+    ).train()
     x = _input(layer.get_base_layer())
 
     def plain(x):
@@ -186,7 +189,9 @@ def test_no_grad_inference_keeps_no_graph():
     x = _input(layer.get_base_layer())
     with torch.no_grad():
         out = layer(x)
-        expected = F.linear(x, layer.get_base_layer().weight + layer.get_delta_weight("default"), layer.get_base_layer().bias)
+        expected = F.linear(
+            x, layer.get_base_layer().weight + layer.get_delta_weight("default"), layer.get_base_layer().bias
+        )
     assert out.grad_fn is None and torch.allclose(out, expected, atol=1e-6)
     with torch.inference_mode():
         assert torch.equal(layer(x), out)
@@ -211,7 +216,9 @@ def test_every_conv_padding_flavour_matches_the_base_op(flavour, unbatched):
     x = _input(layer.get_base_layer())[0 if unbatched else slice(None)]
 
     def plain(x):
-        return layer.get_base_layer()._conv_forward(x, layer.get_base_layer().weight + layer.get_delta_weight("default"), layer.get_base_layer().bias)
+        return layer.get_base_layer()._conv_forward(
+            x, layer.get_base_layer().weight + layer.get_delta_weight("default"), layer.get_base_layer().bias
+        )
 
     out = _compare(layer, x, plain)
     assert out.shape == plain(x).shape == layer.get_base_layer()(x).shape
@@ -232,4 +239,6 @@ def test_backward_keeps_input_frozen_weight_and_factors_only(kind):
         layer(x)
     allowed = {t.untyped_storage().data_ptr() for t in [x, *layer.parameters()]}
     assert set(saved) <= allowed
-    assert sum(saved.values()) <= x.untyped_storage().nbytes() + sum(p.untyped_storage().nbytes() for p in layer.parameters())
+    assert sum(saved.values()) <= x.untyped_storage().nbytes() + sum(
+        p.untyped_storage().nbytes() for p in layer.parameters()
+    )
