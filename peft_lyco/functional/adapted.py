@@ -216,13 +216,14 @@ def adapted_op(
     terms: Sequence[DeltaTerm],
     *,
     weight_shape: Optional[torch.Size] = None,
-    structured_grads: bool = True,
+    structured_grads: Optional[bool] = None,
 ) -> torch.Tensor:
     """``op(x, W + Σ ΔW_i, bias)`` as one op whose backward saves only ``x``, ``W`` and the factors.
 
     ``W + ΣΔW`` is summed like ``add_delta`` (>= fp32, cast once), so the result equals the merged layer's output.
     With ``weight=None`` it is ``op(x, ΣΔW)`` (bypass, for bases that cannot be summed into; give ``weight_shape``).
-    ``structured_grads=False`` forces the dense route everywhere (tests compare both).
+    ``structured_grads``: ``None`` lets the cost model pick each adapter's route, ``True`` takes the structured route
+    wherever one exists, ``False`` never (tests compare the routes).
     """
     if not terms:
         raise ValueError("adapted_op needs at least one adapter term")
@@ -233,7 +234,8 @@ def adapted_op(
         return op.forward(x, _merged_weight(weight, sum_deltas([term_delta(t, shape) for t in terms]), x.dtype), bias)
     layouts = []
     for term in terms:
-        route = structured_route(op, term.params, tuple(shape)) if structured_grads else None
-        taken = route if route is not None and route.pays_off(math.prod(shape)) else None
-        layouts.append(_TermLayout(tuple(term.params), term.scale, term.row_mask is not None, taken))
+        route = None if structured_grads is False else structured_route(op, term.params, tuple(shape))
+        if route is not None and structured_grads is None and not route.pays_off(math.prod(shape)):
+            route = None
+        layouts.append(_TermLayout(tuple(term.params), term.scale, term.row_mask is not None, route))
     return _AdaptedOp.apply(x, weight, bias, op, shape, tuple(layouts), *tensors, *masks)

@@ -17,29 +17,37 @@ from .base_op import BaseOp, LinearOp
 from .loha import loha_as_lowrank, loha_conv_apply, loha_conv_macs
 from .lokr import lokr_conv_apply, lokr_conv_macs, lokr_linear_apply, lokr_linear_macs
 
-# Rebuilding W + ΣΔW for ∂L/∂x costs, per weight element, a few memory-bound passes plus the small products: about
-# this many multiply-adds' worth on CPUs and GPUs alike (a pass moves bytes, a multiply-add is a fraction of a cycle).
+# Cost model, in multiply-add equivalents. Moving one element through memory costs about as much as this many
+# multiply-adds (memory bandwidth against arithmetic throughput, CPUs and GPUs alike); the ΔW-free products have small
+# inner dimensions, so the input- and output-sized tensors they read and write weigh as much as their arithmetic.
+ELEMENT_MACS = 32
+# Rebuilding W + ΣΔW for ∂L/∂x: a few weight-sized memory passes plus the small products, per weight element.
 REBUILD_MACS_PER_WEIGHT = 128
 # Linear inputs go through the route in chunks of tokens of about this many elements of the wider of input and output
 # (or of the weight's size if larger), so the route's temporaries stay about weight-sized.
-CHUNK_ELEMENTS = 1 << 20
+CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
 class StructuredRoute:
-    """Cost of one adapter's ΔW-free product: multiply-adds per token (Linear) or output pixel (conv) of one pass,
-    and how many passes its factor gradients take."""
+    """Cost of one adapter's ΔW-free product per token (Linear) or output pixel (conv): its multiply-adds, the input
+    and output elements each pass moves, and how many passes its factor gradients take."""
 
     apply_macs: int
+    io_elements: int
     grad_passes: int
 
+    @property
+    def pass_cost(self) -> int:
+        return self.apply_macs + ELEMENT_MACS * self.io_elements
+
     def pays_off(self, weight_numel: int) -> bool:
-        """Cheaper than the dense weight gradient, which costs ``weight_numel`` multiply-adds per token."""
-        return self.grad_passes * self.apply_macs < weight_numel
+        """Cheaper than the dense weight gradient (``weight_numel`` multiply-adds per token, same reads)."""
+        return self.grad_passes * self.pass_cost < weight_numel + ELEMENT_MACS * self.io_elements
 
     def input_grad_pays_off(self, tokens: int, weight_numel: int) -> bool:
         """The adapter's share of ∂L/∂x through the product is cheaper than rebuilding ``W + ΔW`` for it."""
-        return tokens * self.apply_macs <= REBUILD_MACS_PER_WEIGHT * weight_numel
+        return tokens * self.pass_cost <= REBUILD_MACS_PER_WEIGHT * weight_numel
 
 
 def structured_route(
@@ -50,16 +58,17 @@ def structured_route(
     is_loha = "hada_w1_a" in params
     if is_loha and "hada_t1" in params:
         return None
+    io_elements = weight_shape[0] + weight_shape[1]
     if isinstance(op, LinearOp):
         if is_loha:  # two passes: its gradients are written out by hand (_loha_linear_grads)
             rank = params["hada_w1_a"].shape[1] * params["hada_w2_a"].shape[1]
-            return StructuredRoute(rank * sum(weight_shape), 2)
+            return StructuredRoute(rank * io_elements, io_elements, 2)
         macs = lokr_linear_macs(params)
-        return None if macs is None else StructuredRoute(macs, 3)
+        return None if macs is None else StructuredRoute(macs, io_elements, 3)
     if op.groups != 1:
         return None
     macs = loha_conv_macs(params, weight_shape) if is_loha else lokr_conv_macs(params, weight_shape)
-    return StructuredRoute(macs, 3)  # autograd: the product again, then both of its backward products
+    return StructuredRoute(macs, io_elements, 3)  # autograd: the product again, then both of its backward products
 
 
 def structured_grads(
@@ -113,7 +122,7 @@ def _lokr_linear_grads(params, wanted, pieces, scale, input_grad):
         if input_grad:
             grad_x.append(found[0])
         grads = found[input_grad:] if grads is None else [a.add_(b) for a, b in zip(grads, found[input_grad:])]
-    return grads, torch.cat(grad_x) if input_grad else None
+    return grads, _joined(grad_x) if input_grad else None
 
 
 def _loha_linear_grads(params, wanted, pieces, scale, input_grad):
@@ -135,4 +144,8 @@ def _loha_linear_grads(params, wanted, pieces, scale, input_grad):
                 grad_left = part_left if grad_left is None else grad_left.add_(part_left)
                 grad_right = part_right if grad_right is None else grad_right.add_(part_right)
     grads = torch.autograd.grad([left, right], wanted, [grad_left.mul_(scale), grad_right.mul_(scale)]) if wanted else ()
-    return grads, torch.cat(grad_x) if input_grad else None
+    return grads, _joined(grad_x) if input_grad else None
+
+
+def _joined(pieces: list[torch.Tensor]) -> torch.Tensor:
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)

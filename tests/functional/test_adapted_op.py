@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from peft_lyco.functional import add_delta, delta_weight, loha_layout, lokr_layout, structured
 from peft_lyco.functional.adapted import DeltaTerm, adapted_op, structured_grads_pay_off
+from peft_lyco.functional.structured import structured_route
 from peft_lyco.functional.base_op import Conv2dOp, LinearOp
 from peft_lyco.functional.loha import loha_as_lowrank, loha_conv_apply, loha_conv_macs
 from peft_lyco.functional.lokr import lokr_conv_apply, lokr_conv_macs, lokr_linear_apply, lokr_linear_macs
@@ -96,7 +97,7 @@ def _leaves(x, weight, bias, params, train_weight=False):
     return x, weight, bias, params
 
 
-# the dense-G route is forced only where a structured route is taken; elsewhere both flags give one route
+# where a structured route exists both routes are forced in turn; elsewhere the cost model's choice (the dense one)
 STRUCTURED = (
     "lokr-linear-lowrank",
     "lokr-linear-decompose-both",
@@ -106,7 +107,7 @@ STRUCTURED = (
     "lokr-conv-tucker",
     "lokr-conv-mix-first",
 )
-ROUTES = [(case, flag) for case in sorted(CASES) for flag in ((True, False) if case in STRUCTURED else (True,))]
+ROUTES = [(case, flag) for case in sorted(CASES) for flag in ((True, False) if case in STRUCTURED else (None,))]
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -306,27 +307,31 @@ def test_lokr_linear_macs_counts_the_cheapest_order():
 
 
 def _term(layout):
-    return DeltaTerm({n: torch.empty(s) for n, s in layout.shapes.items()}, 1.0)
+    return DeltaTerm(_params_of(layout), 1.0)
 
 
-def test_structured_routes_are_taken_where_they_pay_off():
-    kron = _term(lokr_layout(5120, 1280, (), 8, factor=8))
-    assert structured_grads_pay_off(LinearOp(), kron, torch.Size((5120, 1280)))
-    conv_kron = _term(lokr_layout(320, 320, (3, 3), 8, factor=4))
-    assert structured_grads_pay_off(CONV, conv_kron, torch.Size((320, 320, 3, 3)))
-    assert not structured_grads_pay_off(ODD_CONV, conv_kron, torch.Size((320, 320, 3, 3)))  # grouped: dense route
-    # a full-matrix LoKr on a small layer: the factor chain costs more than the dense weight gradient
-    assert not structured_grads_pay_off(LinearOp(), _term(lokr_layout(8, 6, (), 100, warn=False)), torch.Size((8, 6)))
-    # LoHa as a rank-r² product: 2·r²·(in + out) against in·out multiply-adds per token
-    assert structured_grads_pay_off(LinearOp(), _term(loha_layout(1280, 1280, (), 16, False)), torch.Size((1280, 1280)))
-    assert not structured_grads_pay_off(
-        LinearOp(), _term(loha_layout(1280, 1280, (), 32, False)), torch.Size((1280, 1280))
-    )
-    assert not structured_grads_pay_off(CONV, _term(loha_layout(64, 64, (3, 3), 2, True)), torch.Size((64, 64, 3, 3)))
-    assert structured_grads_pay_off(CONV, _term(loha_layout(640, 640, (3, 3), 8, False)), torch.Size((640, 640, 3, 3)))
+def test_structured_routes_exist_where_the_structure_allows_and_pay_off_at_real_sizes():
     for case, (op, wshape, layouts, _) in CASES.items():
-        taken = [structured_grads_pay_off(op, _term(layout), torch.Size(wshape)) for layout in layouts]
-        assert all(taken) if case in STRUCTURED else not any(taken), case
+        routes = [structured_route(op, layout_params, wshape) for layout_params in map(_params_of, layouts)]
+        assert all(r is not None for r in routes) if case in STRUCTURED else True, case
+    assert structured_route(CONV, _params_of(loha_layout(64, 64, (3, 3), 2, True)), (64, 64, 3, 3)) is None  # Tucker
+    grouped = _term(lokr_layout(320, 320, (3, 3), 8, factor=4))
+    assert not structured_grads_pay_off(ODD_CONV, grouped, torch.Size((320, 320, 3, 3)))
+    pays = {
+        "lokr-linear-f8": (LinearOp(), lokr_layout(5120, 1280, (), 8, factor=8), (5120, 1280), True),
+        "lokr-conv-f4": (CONV, lokr_layout(320, 320, (3, 3), 8, factor=4), (320, 320, 3, 3), True),
+        "loha-linear-r16": (LinearOp(), loha_layout(1280, 1280, (), 16, False), (1280, 1280), True),
+        "loha-linear-r32": (LinearOp(), loha_layout(1280, 1280, (), 32, False), (1280, 1280), False),
+        "loha-conv-r8": (CONV, loha_layout(640, 640, (3, 3), 8, False), (640, 640, 3, 3), True),
+        # a full-matrix LoKr on a small layer: the factor chain costs more than the dense weight gradient
+        "lokr-small-full": (LinearOp(), lokr_layout(8, 6, (), 100, warn=False), (8, 6), False),
+    }
+    for name, (op, layout, wshape, expected) in pays.items():
+        assert structured_grads_pay_off(op, _term(layout), torch.Size(wshape)) is expected, name
+
+
+def _params_of(layout):
+    return {n: torch.empty(s) for n, s in layout.shapes.items()}
 
 
 def test_loha_as_lowrank_is_the_hadamard_product():
