@@ -89,12 +89,37 @@ def _fused(op, x, weight, bias, params, scales, masks, structured=True, shape=No
     return adapted_op(x, weight, bias, op, terms, weight_shape=shape, structured_grads=structured)
 
 
-def _leaves(x, weight, bias, params, train_weight=False):
+def _leaves(x, weight, bias, params, train_weight=False, train_factors=True):
     x = x.clone().requires_grad_(True)
     weight = weight.clone().requires_grad_(train_weight)
     bias = bias.clone().requires_grad_(train_weight)
-    params = [{k: v.clone().requires_grad_(True) for k, v in p.items()} for p in params]
+    params = [{k: v.clone().requires_grad_(train_factors) for k, v in p.items()} for p in params]
     return x, weight, bias, params
+
+
+def _both(case_data, *, structured=True, train_weight=False, train_factors=True, loss=None):
+    """``[(output, gradients), ...]`` of the fused op and of plain autograd: gradients of the input, then of weight and
+    bias when trained, then of every factor when trained."""
+    op, x, weight, bias, params, scales, masks = case_data
+    results = []
+    for fused in (True, False):
+        xl, wl, bl, pl = _leaves(x, weight, bias, params, train_weight, train_factors)
+        out = (
+            _fused(op, xl, wl, bl, pl, scales, masks, structured)
+            if fused
+            else _plain(op, xl, wl, bl, pl, scales, masks)
+        )
+        (loss or (lambda y: y.float().pow(2).sum()))(out).backward()
+        grads = [xl.grad] + ([wl.grad, bl.grad] if train_weight else [])
+        grads += [t.grad for p in pl for t in p.values()] if train_factors else []
+        results.append((out.detach(), grads))
+    return results
+
+
+def _assert_close(grads, ref_grads, tol):
+    assert len(grads) == len(ref_grads) and all(g is not None for g in grads)
+    for got, ref in zip(grads, ref_grads):
+        assert torch.allclose(got.float(), ref.float(), rtol=tol, atol=tol * ref.float().abs().max().item())
 
 
 # where a structured route exists both routes are forced in turn; elsewhere the cost model's choice (the dense one)
@@ -130,20 +155,13 @@ def test_gradcheck_float64(case, masked, structured):
 @pytest.mark.parametrize("train_weight", [False, True])
 @pytest.mark.parametrize("case, structured", ROUTES)
 def test_equals_plain_autograd_path(case, structured, train_weight):
-    op, x, weight, bias, params, scales, masks = _setup(case, dtype=torch.float32, masked=True)
-    results = []
-    for fn in (_fused, _plain):
-        xl, wl, bl, pl = _leaves(x, weight, bias, params, train_weight)
-        extra = {"structured": structured} if fn is _fused else {}
-        out = fn(op, xl, wl, bl, pl, scales, masks, **extra)
-        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
-        grads = [xl.grad] + ([wl.grad, bl.grad] if train_weight else []) + [t.grad for p in pl for t in p.values()]
-        results.append((out.detach(), grads))
-    (out, grads), (ref_out, ref_grads) = results
+    def linear_loss(y):
+        return (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum()
+
+    data = _setup(case, dtype=torch.float32, masked=True)
+    (out, grads), (ref_out, ref_grads) = _both(data, structured=structured, train_weight=train_weight, loss=linear_loss)
     assert torch.equal(out, ref_out)  # same summation as add_delta, so bit-identical to the merged layer
-    assert len(grads) == len(ref_grads) and all(g is not None for g in grads)
-    for got, ref in zip(grads, ref_grads):
-        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    _assert_close(grads, ref_grads, 1e-4)
 
 
 @pytest.mark.parametrize("rebuild_cost", [0, 10**9])
@@ -151,14 +169,8 @@ def test_equals_plain_autograd_path(case, structured, train_weight):
 def test_input_gradient_from_the_rebuilt_weight_or_the_route_agree(case, rebuild_cost, monkeypatch):
     # the cost model picks one of the two per call; force each and compare with plain autograd
     monkeypatch.setattr(structured, "REBUILD_MACS_PER_WEIGHT", rebuild_cost)
-    op, x, weight, bias, params, scales, masks = _setup(case, dtype=torch.float32, masked=True)
-    grads = []
-    for fn in (_fused, _plain):
-        xl, wl, bl, pl = _leaves(x, weight, bias, params)
-        fn(op, xl, wl, bl, pl, scales, masks).pow(2).sum().backward()
-        grads.append([xl.grad] + [t.grad for p in pl for t in p.values()])
-    for got, ref in zip(*grads):
-        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    (_, grads), (_, ref_grads) = _both(_setup(case, dtype=torch.float32, masked=True))
+    _assert_close(grads, ref_grads, 1e-4)
 
 
 @pytest.mark.parametrize("case", ["loha-linear-lowrank-route", "lokr-linear-lowrank", "lokr-linear-decompose-both"])
@@ -166,27 +178,17 @@ def test_linear_routes_in_token_chunks_sum_to_the_whole(case, monkeypatch):
     # with no element budget a chunk holds min(in, out) tokens: 60 tokens take several chunks
     monkeypatch.setattr(structured, "CHUNK_ELEMENTS", 0)
     monkeypatch.setattr(structured, "REBUILD_MACS_PER_WEIGHT", 10**9)  # the input gradient through the route too
-    op, _, weight, bias, params, scales, masks = _setup(case, dtype=torch.float64, masked=True)
+    op, _, weight, *rest = _setup(case, dtype=torch.float64, masked=True)
     x = torch.randn(3, 20, weight.shape[1], dtype=torch.float64)
     assert 60 > 2 * min(weight.shape)
-    grads = []
-    for fn in (_fused, _plain):
-        xl, wl, bl, pl = _leaves(x, weight, bias, params)
-        fn(op, xl, wl, bl, pl, scales, masks).pow(2).sum().backward()
-        grads.append([xl.grad] + [t.grad for p in pl for t in p.values()])
-    for got, ref in zip(*grads):
-        assert torch.allclose(got, ref, rtol=1e-9, atol=1e-9 * ref.abs().max().item())
+    (_, grads), (_, ref_grads) = _both((op, x, weight, *rest))
+    _assert_close(grads, ref_grads, 1e-9)
 
 
 @pytest.mark.parametrize("case", ["loha-linear-lowrank-route", "lokr-conv-flat", "loha-conv-tucker"])
 def test_frozen_adapters_still_pass_the_input_gradient(case):
-    op, x, weight, bias, params, scales, masks = _setup(case, dtype=torch.float32)
-    grads = []
-    for fn in (_fused, _plain):
-        xl = x.clone().requires_grad_(True)
-        fn(op, xl, weight, bias, params, scales, masks).pow(2).sum().backward()
-        grads.append(xl.grad)
-    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-5 * grads[1].abs().max().item())
+    (_, grads), (_, ref_grads) = _both(_setup(case, dtype=torch.float32), train_factors=False)
+    _assert_close(grads, ref_grads, 1e-4)
 
 
 @pytest.mark.parametrize(
@@ -211,20 +213,12 @@ def test_bypass_without_base_weight(case):
 @pytest.mark.parametrize("case", ["loha-linear", "lokr-linear-lowrank", "loha-conv-tucker"])
 def test_half_base_float32_adapters(case, base_dtype):
     op, x, weight, bias, params, scales, masks = _setup(case, dtype=torch.float32, masked=True)
-    x, weight, bias = x.to(base_dtype), weight.to(base_dtype), bias.to(base_dtype)
-    results = []
-    for fn in (_fused, _plain):
-        xl, wl, bl, pl = _leaves(x, weight, bias, params)
-        out = fn(op, xl, wl, bl, pl, scales, masks)
-        assert out.dtype == base_dtype
-        out.float().square().sum().backward()
-        results.append((out.detach(), [xl.grad] + [t.grad for p in pl for t in p.values()]))
-    (out, grads), (ref_out, ref_grads) = results
-    assert torch.equal(out, ref_out)
+    data = (op, x.to(base_dtype), weight.to(base_dtype), bias.to(base_dtype), params, scales, masks)
+    (out, grads), (ref_out, ref_grads) = _both(data)
+    assert out.dtype == base_dtype and torch.equal(out, ref_out)
     assert grads[0].dtype == base_dtype and all(g.dtype == torch.float32 for g in grads[1:])
-    for got, ref in zip(grads, ref_grads):
-        # the Kronecker route reduces in float32 where autograd's dense weight gradient is rounded to the base dtype
-        assert torch.allclose(got.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    # the structured routes reduce in float32 where autograd's dense weight gradient is rounded to the base dtype
+    _assert_close(grads, ref_grads, 2e-2)
 
 
 def test_no_grad_inference_builds_no_graph_and_matches():
