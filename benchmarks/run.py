@@ -47,7 +47,7 @@ class Settings:
 
 
 FULL = Settings("full", warmup=3, reps=9, merge_reps=5, loading_real_size=True, loading_reps=3)
-QUICK = Settings("quick", warmup=1, reps=3, merge_reps=2, loading_real_size=False, loading_reps=1)
+QUICK = Settings("quick", warmup=1, reps=3, merge_reps=2, loading_real_size=False, loading_reps=3)
 
 
 def _inputs(case: Case, device: str, module) -> tuple[torch.Tensor, torch.Tensor]:
