@@ -21,9 +21,9 @@ from torch import nn
 from peft_lyco import LoHaConfig, LoKrConfig
 from peft_lyco.convert import peft_to_kohya, save_kohya
 from peft_lyco.diffusers import load_lyco_weights
+from peft_lyco.models.sdxl import SDXL_UNET_CONFIG
 from peft_lyco.models.tiny_sdxl import tiny_sdxl_pipeline
 from peft_lyco.tuners.layer import LycoLayer
-from tests.presets.presets_models import SDXL_UNET  # the one copy of SDXL's UNet config in this repository
 
 RANK = 16
 
@@ -36,7 +36,7 @@ def sdxl_pipeline(real_size: bool, dtype: torch.dtype) -> StableDiffusionXLPipel
         pipe.unet.to(dtype)
         return pipe
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SDXL_UNET)
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
     unet = unet.to(dtype=dtype).to_empty(device="cpu")
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():

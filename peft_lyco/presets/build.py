@@ -223,7 +223,7 @@ def describe(
     for path, layer in modules:
         spec = resolve_layer_spec(config, path, layer)
         layout = layer_cls.layout_for(*layer_geometry(layer, path), spec)
-        scale = 1.0 if getattr(layout, "both_full", False) else spec.alpha / spec.rank
+        scale = layer_cls.layout_scale(layout, spec)
         params = sum(prod(shape) for shape in layout.shapes.values())
         rows.append(ModuleRow(path, algo, layout.mode, spec.rank, spec.alpha, scale, params))
     return rows

@@ -65,7 +65,8 @@ class LycoLayer(nn.Module, BaseTunerLayer):
     def init_parameters(self, adapter_name: str, init_weights: bool | str) -> None:
         """Initialise the freshly created parameters of ``adapter_name``."""
 
-    def layout_scale(self, layout: Any, spec: LayerSpec) -> float:
+    @classmethod
+    def layout_scale(cls, layout: Any, spec: LayerSpec) -> float:
         """The adapter's own scale: ``alpha / rank`` unless the layout dictates otherwise."""
         return spec.alpha / spec.rank
 

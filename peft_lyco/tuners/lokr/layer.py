@@ -20,7 +20,8 @@ class LoKrLayer(LycoLayer):
     def layout_for(cls, out_features: int, in_features: int, kernel: tuple[int, ...], spec: LayerSpec) -> LoKrLayout:
         return lokr_layout(out_features, in_features, kernel, spec.rank, **spec.options)
 
-    def layout_scale(self, layout: LoKrLayout, spec: LayerSpec) -> float:
+    @classmethod
+    def layout_scale(cls, layout: LoKrLayout, spec: LayerSpec) -> float:
         """Both halves full: scale 1 whatever alpha says (LyCORIS/kohya); otherwise alpha / rank."""
         return 1.0 if layout.both_full else spec.alpha / spec.rank
 
