@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.loaders.lora_pipeline import _LOW_CPU_MEM_USAGE_DEFAULT_LORA
 from peft import inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -73,7 +74,7 @@ def _load_lora_weights(
         state_dict,
         adapter_name=adapter_name,
         metadata=metadata,
-        low_cpu_mem_usage=kwargs.get("low_cpu_mem_usage", False),
+        low_cpu_mem_usage=kwargs.get("low_cpu_mem_usage", _LOW_CPU_MEM_USAGE_DEFAULT_LORA),
         ignore_unknown_keys=ignore_unknown_keys,
     )
 
@@ -124,15 +125,15 @@ def load_lyco_weights(
     weight: float = 1.0,
     *,
     metadata: Mapping[str, str] | None = None,
-    low_cpu_mem_usage: bool = False,
+    low_cpu_mem_usage: bool = True,
     ignore_unknown_keys: bool = False,
 ) -> str:
     """Load a kohya/LyCORIS LoHa/LoKr (or mixed) file into ``pipe`` as adapter ``adapter_name``; returns the name.
 
     The file is converted and validated against every component before anything is injected; on any error the
     pipeline is restored exactly (modules, weights, adapter configs, trainability). ``weight`` is the adapter's
-    strength (as ``set_adapters`` weights). ``low_cpu_mem_usage`` creates the adapter tensors empty and assigns the
-    file's tensors (PEFT's meta-device path).
+    strength (as ``set_adapters`` weights). ``low_cpu_mem_usage`` (default, as in diffusers) creates the adapter tensors
+    empty and assigns the file's tensors (PEFT's meta-device path); either way the adapters end up identical.
     """
     if isinstance(path_or_dict, Mapping):
         state_dict, file_metadata = dict(path_or_dict), {}

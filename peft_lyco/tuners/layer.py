@@ -105,6 +105,18 @@ class LycoLayer(nn.Module, BaseTunerLayer):
             if adapter_name in getattr(self, name)
         }
 
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """Move an adapter to the base weight's device, keeping its dtype (PEFT's version would also cast it to a
+        half-precision base's dtype, so adapters loaded with ``low_cpu_mem_usage`` would differ from others)."""
+        device = device if device is not None else self.get_base_layer().weight.device
+        if device.type == "meta":
+            return
+        for name in self.adapter_layer_names:
+            params = getattr(self, name)
+            if adapter_name in params and not params[adapter_name].is_meta and params[adapter_name].device != device:
+                param = params[adapter_name]
+                params[adapter_name] = nn.Parameter(param.data.to(device), requires_grad=param.requires_grad)
+
     @property
     def _available_adapters(self) -> set[str]:
         return set(self.layouts)

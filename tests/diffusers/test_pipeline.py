@@ -145,6 +145,18 @@ def test_low_cpu_mem_usage_gives_the_same_adapter(files):
     close(pipe, expected((half, 1.0)))
 
 
+def test_low_cpu_mem_usage_on_a_bf16_pipeline_keeps_float32_adapters(files):
+    outputs = []
+    for low in (False, True):
+        pipe = fresh_pipe()
+        pipe.unet.to(torch.bfloat16)
+        load_lyco_weights(pipe, files["lokr"], adapter_name="lokr", low_cpu_mem_usage=low)
+        params = [p for layer in layers(pipe, LoKrLayer) for p in layer.adapter_parameters("lokr").values()]
+        assert params and all(p.dtype == torch.float32 for p in params)
+        outputs.append([p.detach().clone() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*outputs))
+
+
 def test_only_sdxl_and_anima_pipelines_are_accepted():
     class OtherPipeline:
         unet = torch.nn.Linear(1, 1)
