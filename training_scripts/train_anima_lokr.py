@@ -89,6 +89,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         tiny_defaults=tiny_defaults("anima"),
         pixel_multiple=16,
         required_with_model=("train_data_dir", "qwen3", "vae"),
+        input_files=("pretrained_model_name_or_path", "llm_adapter_path"),
+        files_or_hub_ids=("qwen3", "vae"),
     )
 
 

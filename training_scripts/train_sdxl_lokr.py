@@ -79,7 +79,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     options.add_optimization_args(parser)
     options.add_output_args(parser)
     return options.parse_training_args(
-        parser, argv, tiny_defaults=tiny_defaults("sdxl"), pixel_multiple=8, required_with_model=("train_data_dir",)
+        parser,
+        argv,
+        tiny_defaults=tiny_defaults("sdxl"),
+        pixel_multiple=8,
+        required_with_model=("train_data_dir",),
+        files_or_hub_ids=("pretrained_model_name_or_path", "vae"),
     )
 
 

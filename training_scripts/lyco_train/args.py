@@ -6,12 +6,12 @@ import argparse
 import ast
 import importlib.util
 import random
-from pathlib import Path
 from typing import Any
 
 from peft_lyco.presets import NetworkArgsError, parse_network_args
 
 from .buckets import BucketSettings, check_divisible, parse_resolution
+from .preflight import path_problems
 from .state import saved_seed
 
 NETWORK_MODULES = {"networks.lokr": "lokr", "networks.loha": "loha"}
@@ -145,9 +145,18 @@ def normalise(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def check_args(args: argparse.Namespace, *, pixel_multiple: int) -> None:
-    """Every check that needs no model: raise ``UsageError`` naming the option and the fix."""
-    problems = []
+def check_args(
+    args: argparse.Namespace,
+    *,
+    pixel_multiple: int,
+    input_files: tuple[str, ...] = (),
+    files_or_hub_ids: tuple[str, ...] = (),
+) -> None:
+    """Every check that needs no model, paths and files included (``preflight.path_problems``): raise
+    ``UsageError`` naming the option and the fix."""
+    problems = path_problems(
+        args, pixel_multiple=pixel_multiple, input_files=input_files, files_or_hub_ids=files_or_hub_ids
+    )
 
     def need(condition: bool, message: str) -> None:
         if not condition:
@@ -202,13 +211,6 @@ def check_args(args: argparse.Namespace, *, pixel_multiple: int) -> None:
             importlib.util.find_spec("wandb") is not None, f"--log_with {args.log_with} needs wandb: pip install wandb"
         )
     need(not args.log_with or bool(args.logging_dir), "--log_with needs --logging_dir")
-    if args.sample_prompts:
-        need(Path(args.sample_prompts).is_file(), f"--sample_prompts file '{args.sample_prompts}' does not exist")
-    if args.resume:
-        need(
-            Path(args.resume, "training_state.json").is_file(),
-            f"--resume '{args.resume}' is not a state folder written by --save_state (no training_state.json)",
-        )
     try:
         parse_key_values(args.optimizer_args, "--optimizer_args")
     except UsageError as err:
@@ -228,16 +230,20 @@ def parse_training_args(
     tiny_defaults: dict[str, Any],
     pixel_multiple: int,
     required_with_model: tuple[str, ...],
+    input_files: tuple[str, ...] = (),
+    files_or_hub_ids: tuple[str, ...] = (),
 ) -> argparse.Namespace:
     """Parse, apply the embedded default's values when no model is given, and run every check that needs no model
-    (``--network_args`` included), so bad input fails before anything heavy starts."""
+    (``--network_args``, writable folders, prompt file, state folder, ``input_files`` and local ``files_or_hub_ids``
+    included), so bad input fails before anything heavy starts."""
     args = parser.parse_args(argv)
     if args.pretrained_model_name_or_path is None:
         parser.set_defaults(**tiny_defaults)
         args = parser.parse_args(argv)
     args.resolution = args.resolution or "1024"
     normalise(args)
-    check_args(args, pixel_multiple=pixel_multiple)
+    args.pixel_multiple = pixel_multiple  # sample sizes are checked against it whenever the prompt file is read
+    check_args(args, pixel_multiple=pixel_multiple, input_files=input_files, files_or_hub_ids=files_or_hub_ids)
     if args.pretrained_model_name_or_path is not None:
         missing = [f"--{name}" for name in required_with_model if getattr(args, name) is None]
         if missing:

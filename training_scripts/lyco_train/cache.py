@@ -8,30 +8,16 @@ bucket or model never reads a stale entry.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .buckets import fit_geometry, fit_image
 from .data import ImageRecord
-
-
-def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None) -> None:
-    """Write a safetensors file through a temporary file in the same folder, so readers never see a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+from .files import save_tensors
 
 
 class _Store:
@@ -52,7 +38,7 @@ class _Store:
         if self.folder is None:
             self.memory[key] = tensors
         else:
-            atomic_save(tensors, self._path(key))
+            save_tensors(self._path(key), tensors)
 
     def get(self, key: str) -> dict[str, torch.Tensor]:
         return self.memory[key] if self.folder is None else load_file(self._path(key))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -15,14 +17,18 @@ from typing import Callable, Optional
 import torch
 
 from .batches import BatchBuilder, epoch_loader
+from .files import remove_leftovers
 from .loop import GradientSteps, Training, current_lrs, progress_bar, start_trackers, trainable_parameters
-from .state import Position, load_state, run_fingerprint, save_state, state_folder_name
+from .state import Position, load_state, remove_stale_state_files, run_fingerprint, save_state, state_folder_name
 
 
 @dataclass
 class Hooks:
     """Model-specific callbacks: ``loss(batch)``; ``save(stem, position)`` writes adapter files named ``stem``;
-    ``sample(step)`` renders ``--sample_prompts`` (None when not sampling); both return the paths written."""
+    ``sample(step)`` renders ``--sample_prompts`` (None when not sampling); both return the paths written.
+
+    Samples are optional: they run only after the files of their step are saved, and one that raises is reported
+    while training goes on."""
 
     loss: Callable[[dict], torch.Tensor]
     save: Callable[[str, Position], list[Path]]
@@ -72,14 +78,41 @@ class Trainer:
             save_state(folder, self.accelerator, self.training, position, self.fingerprint)
             self.history.saved.append(folder)
 
+    def _save_final(self, position: Position) -> None:
+        self.history.position = position
+        self._save(position, stem=self.args.output_name, state_name=state_folder_name(self.args.output_name))
+        self.history.final = Path(self.args.output_dir) / f"{self.args.output_name}.safetensors"
+
     def _sample(self, step: int) -> None:
+        """Render the samples of ``step``; any exception is reported (the files of the step are already saved)."""
         if self.hooks.sample is not None and self.args.sample_prompts and self.accelerator.is_main_process:
             for model in self.models.values():
                 model.eval()
-            self.history.saved += self.hooks.sample(step)
-            for model in self.models.values():
-                model.train()
+            try:
+                self.history.saved += self.hooks.sample(step)
+            except Exception as err:  # noqa: BLE001 (a sample is optional: whatever went wrong, training goes on)
+                traceback.print_exc(file=sys.stderr)
+                self.accelerator.print(
+                    f"warning: sampling at step {step} failed ({type(err).__name__}: {err}); "
+                    "the adapter files are saved and training goes on"
+                )
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            finally:
+                for model in self.models.values():
+                    model.train()
         self.accelerator.wait_for_everyone()
+
+    def _remove_leftovers(self) -> None:
+        """Remove what killed saves of this ``--output_name`` left behind (temporary files, uncommitted state files)."""
+        if not self.accelerator.is_main_process:
+            return
+        removed = remove_leftovers(self.args.output_dir, self.args.output_name)
+        removed += remove_stale_state_files(self.args.output_dir, self.args.output_name)
+        if removed:
+            self.accelerator.print(
+                f"removed {len(removed)} leftover(s) of an interrupted save: " + ", ".join(str(p) for p in removed[:5])
+            )
 
     # -------------------------------------------------------------------------------------------------- loop
     def _optimizer_step(self) -> None:
@@ -96,7 +129,9 @@ class Trainer:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{next(iter(lrs.values())):.2e}")
         self.accelerator.log({"loss": loss, **{f"lr/{name}": lr for name, lr in lrs.items()}}, step=position.step)
-        if position.step < self.steps.total_steps and _save_due(args.save_every_n_steps, position.step):
+        if position.step >= self.steps.total_steps:
+            self._save_final(position)
+        elif _save_due(args.save_every_n_steps, position.step):
             self._save(
                 position,
                 stem=f"{args.output_name}-step{position.step:08d}",
@@ -117,11 +152,13 @@ class Trainer:
             self._sample(position.step)
 
     def run(self, tracker_name: str, summary: str = "") -> History:
-        """Open the trackers, resume if ``--resume`` says so, train to the planned number of steps, save the final
-        files (and state) and list what was written; the models are left in eval mode."""
+        """Resume if ``--resume`` says so, remove leftovers of killed saves, open the trackers, train to the planned
+        number of steps, save the final files (and state) before the last samples and list what was written; the
+        models are left in eval mode."""
         args, accelerator, steps = self.args, self.accelerator, self.steps
-        start_trackers(accelerator, args, tracker_name)
         start = self.resume(args.resume) if args.resume else Position(0, 0, 0)
+        self._remove_leftovers()
+        start_trackers(accelerator, args, tracker_name)
         accelerator.print(
             f"{summary}{', ' if summary else ''}{self.data.batches_per_epoch} batches per epoch, "
             f"{steps.total_steps} steps in {steps.total_epochs} epochs, seed {args.seed}"
@@ -166,9 +203,8 @@ class Trainer:
             if step >= steps.total_steps:
                 break
         bar.close()
-        self.history.position = position
-        self._save(position, stem=args.output_name, state_name=state_folder_name(args.output_name))
-        self.history.final = Path(args.output_dir) / f"{args.output_name}.safetensors"
+        if self.history.final is None:  # nothing left to train after a resume: save what was resumed
+            self._save_final(position)
         accelerator.end_training()
         for model in self.models.values():
             model.eval()

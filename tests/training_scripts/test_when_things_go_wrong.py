@@ -1,0 +1,420 @@
+"""The trainers when things go wrong: bad paths and prompt files found before any model loads, a failing sample that
+never costs the adapter, corrupt or mismatched state folders, and saves that survive being killed at any moment."""
+
+import builtins
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+
+import pytest
+import torch
+import train_anima_lokr as anima_trainer
+import train_sdxl_lokr as trainer
+from lyco_train.args import UsageError
+from lyco_train.state import Position, StateError, load_state, save_state
+from lyco_train.synthetic import make_shapes_dataset
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from peft_lyco.convert import load_kohya
+
+FORK = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+
+
+def data_folder(tmp_path):
+    data = tmp_path / "data"
+    if not data.exists():
+        make_shapes_dataset(data, count=2, size=64, repeats=1)
+    return data
+
+
+def prompts(tmp_path, text):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    return str(path)
+
+
+def a_file(tmp_path):
+    path = tmp_path / "plain_file"
+    path.write_text("not a folder")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ start-up checks
+def under_a_file(tmp_path):
+    return str(a_file(tmp_path) / "sub")
+
+
+BAD_PATHS = [
+    pytest.param(lambda t: ["--output_dir", under_a_file(t)], "--output_dir", id="output-dir-under-a-file"),
+    pytest.param(lambda t: ["--output_dir", str(a_file(t))], "--output_dir", id="output-dir-is-a-file"),
+    pytest.param(lambda t: ["--output_name", "a/b"], "--output_name", id="output-name-with-slash"),
+    pytest.param(lambda t: ["--output_name", ""], "--output_name", id="output-name-empty"),
+    pytest.param(
+        lambda t: ["--logging_dir", under_a_file(t), "--log_with", "wandb"], "--logging_dir", id="logging-dir"
+    ),
+    pytest.param(lambda t: ["--cache_latents_to_disk", "--cache_dir", under_a_file(t)], "--cache_dir", id="cache-dir"),
+    pytest.param(lambda t: ["--sample_prompts", prompts(t, "a cat --x 3\n")], "line 1.*--x", id="prompt-option"),
+    pytest.param(
+        lambda t: ["--sample_prompts", prompts(t, "# c\na cat\na dog --w wide\n")], "line 3.*--w", id="prompt-number"
+    ),
+    pytest.param(lambda t: ["--sample_prompts", prompts(t, "a cat --w 100\n")], "line 1.*multiple of 8", id="w"),
+    pytest.param(lambda t: ["--sample_prompts", prompts(t, "a cat --s 0\n")], "line 1.*--s", id="prompt-steps"),
+    pytest.param(lambda t: ["--sample_prompts", prompts(t, "# only a comment\n")], "no prompts", id="prompt-empty"),
+    pytest.param(lambda t: ["--sample_prompts", prompts(t, b"\xff\xfe bad")], "UTF-8", id="prompt-encoding"),
+    pytest.param(lambda t: ["--sample_prompts", str(t)], "--sample_prompts", id="prompt-file-is-a-folder"),
+    pytest.param(
+        lambda t: ["--pretrained_model_name_or_path", str(t / "missing.safetensors")],
+        "missing.safetensors",
+        id="missing-checkpoint",
+    ),
+]
+
+
+@pytest.mark.parametrize("make_argv, message", BAD_PATHS)
+def test_bad_paths_and_prompt_files_fail_before_any_model_loads(tmp_path, monkeypatch, make_argv, message):
+    monkeypatch.setattr(trainer, "load_pipeline", lambda args: pytest.fail("model loaded before the input was checked"))
+    argv = ["--train_data_dir", str(data_folder(tmp_path)), "--output_dir", str(tmp_path / "out"), *make_argv(tmp_path)]
+    with pytest.raises(UsageError, match=message):
+        trainer.main(argv)
+
+
+def test_anima_input_files_are_checked_before_any_model_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(anima_trainer, "load_models", lambda *a: pytest.fail("model loaded before the check"))
+    missing = tmp_path / "qwen.safetensors"
+    argv = ["--train_data_dir", str(data_folder(tmp_path)), "--output_dir", str(tmp_path / "out")]
+    argv += ["--pretrained_model_name_or_path", str(a_file(tmp_path)), "--qwen3", str(missing), "--vae", "x/y"]
+    with pytest.raises(UsageError, match="--qwen3.*qwen.safetensors"):
+        anima_trainer.main(argv)
+    with pytest.raises(UsageError, match="multiple of 16"):
+        anima_trainer.main(
+            ["--train_data_dir", str(data_folder(tmp_path)), "--sample_prompts", prompts(tmp_path, "x --h 40")]
+        )
+
+
+# -------------------------------------------------------------------------------------------- save before sample
+def test_a_failing_sample_never_prevents_or_undoes_a_save(tmp_path, monkeypatch, capsys):
+    """Every sample runs after the adapter of its step is on disk, and a sample that raises is reported while
+    training and saving go on."""
+    seen = []
+
+    def failing_render(args, accelerator, step, render, defaults):
+        stem = args.output_name if step == args.max_train_steps else f"{args.output_name}-step{step:08d}"
+        seen.append((step, (tmp_path / "out" / f"{stem}.safetensors").is_file()))
+        raise RuntimeError("expected scalar type Half but found Float")
+
+    monkeypatch.setattr(trainer, "render_samples", failing_render)
+    argv = ["--train_data_dir", str(data_folder(tmp_path)), "--output_dir", str(tmp_path / "out")]
+    argv += ["--max_train_steps", "2", "--save_every_n_steps", "1", "--sample_every_n_steps", "1"]
+    result = trainer.main(argv + ["--sample_prompts", prompts(tmp_path, "a red circle --w 64 --h 64 --s 2")])
+    assert seen == [(1, True), (2, True)]
+    state_dict, metadata = load_kohya(result.final)
+    assert metadata["ss_steps"] == "2" and state_dict
+    assert "sampling at step 2 failed" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------ state folders
+class TinyTraining:
+    """What save_state/load_state touch: trained models, optimizer with state, lr schedule and noise generator."""
+
+    def __init__(self, seed=0):
+        torch.manual_seed(seed)
+        self.models = {"unet": torch.nn.Linear(3, 2), "text_encoder": torch.nn.Linear(2, 2)}
+        params = [p for m in self.models.values() for p in m.parameters()]
+        self.optimizer = torch.optim.AdamW(params, lr=0.1)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0 / (1 + step))
+        self.generator = torch.Generator().manual_seed(seed)
+        self.steps = 0
+
+    def step(self):
+        loss = sum(m(torch.ones(m.in_features)).square().sum() for m in self.models.values())
+        loss.backward()
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad()
+        torch.randn(2, generator=self.generator)
+        self.steps += 1
+
+    def tensors(self):
+        return {f"{k}.{n}": p.detach().clone() for k, m in self.models.items() for n, p in m.named_parameters()}
+
+
+class OneProcess:
+    is_main_process = True
+    process_index = 0
+    num_processes = 1
+    scaler = None
+
+    def wait_for_everyone(self):
+        pass
+
+    def unwrap_model(self, model):
+        return model
+
+
+FINGERPRINT = {"seed": 5, "batches_per_epoch": 2, "gradient_accumulation_steps": 1}
+
+
+def saved_state(tmp_path, steps=4, name="run-state"):
+    training = TinyTraining()
+    for _ in range(steps):
+        training.step()
+    folder = tmp_path / "out" / name
+    save_state(folder, OneProcess(), training, Position(steps, steps // 2, 0), FINGERPRINT)
+    return folder, training
+
+
+def referenced(folder):
+    state = json.loads((folder / "training_state.json").read_text())
+    return state["files"]
+
+
+CORRUPTIONS = [
+    pytest.param(
+        lambda f: (f / "training_state.json").write_text('{"position": {"st'), "training_state.json", id="json"
+    ),
+    pytest.param(lambda f: (f / "training_state.json").write_text("[1, 2]"), "training_state.json", id="json-shape"),
+    pytest.param(
+        lambda f: (f / referenced(f)["adapter"]).write_bytes((f / referenced(f)["adapter"]).read_bytes()[:-7]),
+        "adapter",
+        id="adapter-truncated",
+    ),
+    pytest.param(lambda f: (f / referenced(f)["optimizer"]).write_bytes(b"\x80\x04garbage"), "optimizer", id="pickle"),
+    pytest.param(lambda f: (f / referenced(f)["rng"][0]).unlink(), "rng", id="rng-missing"),
+]
+
+
+@pytest.mark.parametrize("corrupt, culprit", CORRUPTIONS)
+def test_corrupt_state_files_are_refused_at_start_naming_the_path(tmp_path, monkeypatch, corrupt, culprit):
+    folder, _ = saved_state(tmp_path)
+    corrupt(folder)
+    monkeypatch.setattr(trainer, "load_pipeline", lambda args: pytest.fail("model loaded before the state was checked"))
+    with pytest.raises(UsageError, match=f"{folder}.*{culprit}"):
+        trainer.main(["--train_data_dir", str(data_folder(tmp_path)), "--resume", str(folder)])
+    with pytest.raises(StateError, match=f"{folder}.*{culprit}"):
+        load_state(folder, OneProcess(), TinyTraining(), FINGERPRINT)
+
+
+def test_resuming_with_max_train_steps_below_the_saved_step_is_refused(tmp_path, monkeypatch):
+    folder, _ = saved_state(tmp_path, steps=4)
+    monkeypatch.setattr(trainer, "load_pipeline", lambda args: pytest.fail("model loaded before the state was checked"))
+    argv = ["--train_data_dir", str(data_folder(tmp_path)), "--resume", str(folder)]
+    with pytest.raises(UsageError, match="step 4.*--max_train_steps 3"):
+        trainer.main(argv + ["--max_train_steps", "3"])
+    with pytest.raises(UsageError, match="step 4.*--max_train_epochs 1 .2 steps"):
+        trainer.main(argv + ["--max_train_epochs", "1"])
+
+
+def test_state_round_trip_and_leftovers_of_killed_saves_are_ignored_then_cleaned(tmp_path):
+    folder, training = saved_state(tmp_path, steps=3)
+    (folder / ".adapter-000009.safetensors.abc.tmp").write_bytes(b"half a file")
+    (folder / "optimizer-000009.safetensors").write_bytes(b"from a save that never committed")
+    fresh = TinyTraining(seed=1)
+    assert load_state(folder, OneProcess(), fresh, FINGERPRINT) == Position(3, 1, 0)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.tensors().values(), training.tensors().values()))
+    training.step()
+    save_state(folder, OneProcess(), training, Position(4, 2, 0), FINGERPRINT)
+    files = referenced(folder)
+    expected = {"training_state.json", files["adapter"], files["optimizer"], *files["rng"]}
+    assert {p.name for p in folder.iterdir()} == expected
+
+
+# ------------------------------------------------------------------------------------------------------ kill tests
+class KillAt:
+    """Counts the write operations of saves; at number ``target`` the process dies by SIGKILL (when ``target`` is
+    None it only counts). ``partial`` first leaves the file being written cut to that fraction, as a kill in the middle
+    of a write would."""
+
+    def __init__(self, target=None, partial=None):
+        self.target, self.partial, self.count, self.paths = target, partial, 0, []
+
+    def __call__(self, path=None):
+        self.count += 1
+        self.paths.append(os.path.basename(path) if path is not None else None)
+        if self.target is not None and self.count >= self.target:
+            if path is not None and self.partial is not None and os.path.exists(path):
+                with open(path, "r+b") as handle:
+                    handle.truncate(int(os.path.getsize(path) * self.partial))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def hook_writes(patch, kill):
+    """Route every file-system write step through ``kill``: before each rename, removal and folder creation, and
+    right after a file is opened for writing (a non-atomic writer then leaves an empty file at its final path).
+    Before a rename the file about to be renamed may be cut short, as a kill in the middle of writing it would."""
+    real = {name: getattr(os, name) for name in ("replace", "rename", "unlink", "remove", "rmdir", "mkdir")}
+    real_open, real_rmtree = io.open, shutil.rmtree
+
+    def step(name, takes_path=False):
+        def wrapped(path, *args, **kwargs):
+            kill(path if takes_path else None)
+            return real[name](path, *args, **kwargs)
+
+        return wrapped
+
+    def opened(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax+"):
+            kill(None)
+        return handle
+
+    for name in real:
+        patch(os, name, step(name, takes_path=name in ("replace", "rename")))
+    patch(shutil, "rmtree", lambda *a, **k: (kill(None), real_rmtree(*a, **k))[1])
+    patch(builtins, "open", opened)
+    patch(io, "open", opened)
+
+
+def latest_state(output_dir, output_name):
+    """The state folder of ``output_name`` with the highest saved step, or None."""
+    steps = {}
+    for folder in output_dir.glob(f"{output_name}*-state"):
+        try:
+            steps[folder] = json.loads((folder / "training_state.json").read_text())["position"]["step"]
+        except (OSError, ValueError, KeyError):
+            continue
+    return max(steps, key=steps.get) if steps else None
+
+
+KILL_ARGS = ["--max_train_steps", "2", "--save_every_n_steps", "1", "--save_state", "--network_train_unet_only"]
+KILL_ARGS += ["--train_batch_size", "1", "--seed", "3", "--network_dim", "1"]
+
+
+def kill_run(tmp_path, name, target, partial=None):
+    """Run the trainer in a forked child that SIGKILLs itself at write number ``target``; return its exit status."""
+    argv = ["--train_data_dir", str(data_folder(tmp_path)), "--output_dir", str(tmp_path / name), *KILL_ARGS]
+    pid = os.fork()
+    if pid == 0:  # the child never returns into pytest
+        try:
+            hook_writes(lambda owner, attr, value: setattr(owner, attr, value), KillAt(target, partial))
+            with open(os.devnull, "w") as quiet:
+                sys.stdout = sys.stderr = quiet
+                trainer.main(argv)
+        finally:
+            os._exit(0)
+    return os.waitpid(pid, 0)[1]
+
+
+def check_no_corrupt_final_file(folder):
+    """Every non-hidden safetensors/JSON file loads; every state folder with a training_state.json is complete."""
+    for path in folder.rglob("*"):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        if path.suffix == ".safetensors":
+            with safe_open(path, "pt") as handle:
+                [handle.get_tensor(k) for k in handle.keys()]  # noqa: SIM118
+        elif path.suffix == ".json":
+            state = json.loads(path.read_text())
+            if path.name == "training_state.json":
+                files = state["files"]
+                for name in (files["adapter"], files["optimizer"], *files["rng"]):
+                    load_file(path.parent / name)
+
+
+def finish_after_kill(tmp_path, name):
+    """What a user does after a crash: resume from the newest state (or start again if none was saved)."""
+    argv = ["--train_data_dir", str(data_folder(tmp_path)), "--output_dir", str(tmp_path / name), *KILL_ARGS]
+    newest = latest_state(tmp_path / name, "tiny_sdxl_lokr")
+    return trainer.main(argv + (["--resume", str(newest)] if newest else [])), newest
+
+
+def final_tensors(folder):
+    state = folder / "tiny_sdxl_lokr-state"
+    files = referenced(state)
+    kohya, _ = load_kohya(folder / "tiny_sdxl_lokr.safetensors")
+    return {**kohya, **load_file(state / files["adapter"]), **load_file(state / files["optimizer"])}
+
+
+def check_kill_and_resume(tmp_path, reference, name, target, partial):
+    status = kill_run(tmp_path, name, target, partial)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"kill point {target} never reached"
+    check_no_corrupt_final_file(tmp_path / name)
+    _, resumed_from = finish_after_kill(tmp_path, name)
+    got = final_tensors(tmp_path / name)
+    assert got.keys() == reference.keys() and all(torch.equal(got[k], reference[k]) for k in got)
+    leftovers = [p for p in (tmp_path / name).rglob("*") if p.name.endswith((".tmp", ".partial"))]
+    assert not leftovers
+    return resumed_from
+
+
+def killed_save(folder, training, position, target):
+    """``save_state`` in a forked child that SIGKILLs itself at write number ``target``; True if it was killed."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            hook_writes(lambda owner, attr, value: setattr(owner, attr, value), KillAt(target, partial=0.5))
+            save_state(folder, OneProcess(), training, position, FINGERPRINT)
+        finally:
+            os._exit(0)
+    status = os.waitpid(pid, 0)[1]
+    return os.WIFSIGNALED(status)
+
+
+@FORK
+def test_a_state_folder_is_resumable_at_every_instant_of_a_save_replacing_it(tmp_path):
+    """A second save into the same folder killed at each of its write steps: the folder always loads, holding the
+    old state or the new one entirely, and the next save cleans what the killed one left."""
+    folder, training = saved_state(tmp_path, steps=2)
+    old = training.tensors()
+    training.step()
+    new = training.tensors()
+    target = 1
+    while killed_save(folder, training, Position(3, 1, 1), target):
+        loaded = TinyTraining(seed=7)
+        position = load_state(folder, OneProcess(), loaded, FINGERPRINT)
+        expected = old if position == Position(2, 1, 0) else new
+        assert position in (Position(2, 1, 0), Position(3, 1, 1)), f"killed at write {target}"
+        assert all(torch.equal(loaded.tensors()[k], expected[k]) for k in expected), f"killed at write {target}"
+        target += 1
+    assert target > 4  # the save has several write steps, and each was tried
+    save_state(folder, OneProcess(), training, Position(3, 1, 1), FINGERPRINT)
+    files = referenced(folder)
+    assert {p.name for p in folder.iterdir()} == {
+        "training_state.json",
+        files["adapter"],
+        files["optimizer"],
+        *files["rng"],
+    }
+
+
+@pytest.fixture
+def straight_run(tmp_path, monkeypatch):
+    """The uninterrupted run, counting the write operations its saves make."""
+    counter = KillAt()
+    argv = ["--train_data_dir", str(data_folder(tmp_path)), "--output_dir", str(tmp_path / "straight"), *KILL_ARGS]
+    hook_writes(monkeypatch.setattr, counter)
+    trainer.main(argv)
+    monkeypatch.undo()
+    return final_tensors(tmp_path / "straight"), counter.paths
+
+
+def renames_of(paths, prefix):
+    """Write numbers (1-based) of the renames of temporary files of ``prefix``."""
+    return [number for number, name in enumerate(paths, start=1) if name and name.startswith(f".{prefix}")]
+
+
+@FORK
+def test_killed_while_saving_at_fixed_points_resumes_bit_identical(tmp_path, straight_run):
+    """Two saves (step 1, then the final files at step 2), each with its state. Killed just before the first state's
+    commit, nothing is resumable: the rerun starts over. Killed while the final state's optimizer file is half
+    written, the run resumes from step 1. Both end bit-identical to the uninterrupted run."""
+    reference, paths = straight_run
+    first_commit = renames_of(paths, "training_state.json")[0]
+    last_optimizer = renames_of(paths, "optimizer-")[-1]
+    assert check_kill_and_resume(tmp_path, reference, "before-commit", first_commit, None) is None
+    resumed = check_kill_and_resume(tmp_path, reference, "mid-optimizer", last_optimizer, 0.5)
+    assert resumed.name == "tiny_sdxl_lokr-step00000001-state"
+
+
+@pytest.mark.slow
+@FORK
+def test_killed_at_random_moments_while_saving_resumes_bit_identical(tmp_path, straight_run):
+    reference, paths = straight_run
+    rng = random.Random(2026)
+    for trial in range(24):
+        target, partial = rng.randint(1, len(paths)), rng.choice([None, 0.0, rng.random()])
+        check_kill_and_resume(tmp_path, reference, f"trial{trial}", target, partial)

@@ -1,0 +1,110 @@
+"""How the trainers write files: atomically, durably, with the user's umask, and how they clean what a killed run left.
+
+Every file goes to a hidden temporary ``.<name>.<random>.tmp`` beside its final path, is flushed to disk, and is then
+renamed onto the final path, so a run killed at any moment leaves either the old complete file or the new complete
+one there, never a partial one. The temporaries a kill leaves behind are ignored by every reader (no reader looks for
+hidden ``.tmp`` names) and removed by the next run with the same ``--output_dir`` and ``--output_name``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+TEMP_SUFFIX = ".tmp"
+# folders the state writer of earlier versions left when killed (a copy being assembled)
+PARTIAL_SUFFIX = ".partial"
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it: Python has no read-only call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename durable; some file systems cannot open folders, which only weakens durability."""
+    with contextlib.suppress(OSError):
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Run ``write(temporary_path)``, then flush and rename the result onto ``path``; return ``path``.
+
+    The file gets the mode a plain ``open`` would give under the current umask (``mkstemp``'s 0600 would hide it from a
+    UI running under another account). If ``write`` fails the temporary file is removed and the error propagates; an
+    ``OSError`` from creating the temporary file names the folder.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write '{path}': it is a folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    except OSError as err:
+        raise type(err)(err.errno, f"cannot write into '{path.parent}': {err.strerror}") from err
+    os.close(handle)
+    try:
+        write(temporary)
+        os.chmod(temporary, 0o666 & ~current_umask())
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+    return path
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
+    """A safetensors file written atomically (contiguous CPU copies: safetensors refuses shared views)."""
+    tensors = {name: value.detach().to("cpu").contiguous() for name, value in tensors.items()}
+    return write_atomically(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """A UTF-8 text file written atomically."""
+    return write_atomically(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
+
+
+def save_image(image, path: str | os.PathLike) -> Path:
+    """A PIL image written atomically, in the format its suffix names."""
+    image_format = Path(path).suffix.lstrip(".").upper().replace("JPG", "JPEG")
+    return write_atomically(path, lambda temporary: image.save(temporary, format=image_format))
+
+
+def remove_leftovers(output_dir: str | os.PathLike, output_name: str) -> list[Path]:
+    """Remove the temporary files and partial folders killed saves of ``output_name`` left in ``output_dir`` (beside
+    its files, inside its state and PEFT folders, among its samples; other runs' files are left alone); return them."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    ours = [p for p in root.iterdir() if p.name.lstrip(".").startswith(output_name)]
+    found = [p for p in ours if p.name.endswith(PARTIAL_SUFFIX) or _is_temporary(p)]
+    for folder in (p for p in ours if p.is_dir() and p not in found):
+        found += list(folder.rglob(f".*{TEMP_SUFFIX}"))
+    if (root / "sample").is_dir():
+        found += [p for p in (root / "sample").glob(f".*{TEMP_SUFFIX}") if p.name[1:].startswith(output_name)]
+    for path in found:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return found
+
+
+def _is_temporary(path: Path) -> bool:
+    return path.is_file() and path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX)
