@@ -41,7 +41,7 @@ from lyco_train.objectives import (
     sdxl_time_ids,
     weighted_mse,
 )
-from lyco_train.runner import Hooks, Trainer
+from lyco_train.runner import Hooks, Trainer, check_resume_fits
 from lyco_train.sampling import SamplePrompt, render_samples
 from lyco_train.tiny import TINY_SEED, report_reload, tiny_defaults, use_one_cpu_thread
 
@@ -174,6 +174,13 @@ def main(argv: Optional[list[str]] = None) -> Result:
     if tiny:
         use_one_cpu_thread()
     records, buckets = training_images(args, accelerator, tiny_model="SDXL" if tiny else None)
+    check_resume_fits(
+        args,
+        accelerator,
+        records,
+        buckets,
+        components=("unet",) if args.network_train_unet_only else ("unet", *TEXT_ENCODERS),
+    )
 
     set_seed(args.seed, device_specific=True)
     run = RunInfo(str(uuid.uuid4()), time.time(), args.pretrained_model_name_or_path or "tiny-random-sdxl", "sdxl")

@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import signal
+import stat
 import sys
 
 import pytest
@@ -15,8 +16,11 @@ import torch
 import train_anima_lokr as anima_trainer
 import train_sdxl_lokr as trainer
 from lyco_train.args import UsageError
-from lyco_train.state import Position, StateError, load_state, save_state
+from lyco_train.cache import TextCache
+from lyco_train.files import remove_leftovers, save_image
+from lyco_train.state import Position, StateError, load_state, remove_stale_state_files, save_state
 from lyco_train.synthetic import make_shapes_dataset
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -97,24 +101,34 @@ def test_anima_input_files_are_checked_before_any_model_loads(tmp_path, monkeypa
 
 
 # -------------------------------------------------------------------------------------------- save before sample
-def test_a_failing_sample_never_prevents_or_undoes_a_save(tmp_path, monkeypatch, capsys):
-    """Every sample runs after the adapter of its step is on disk, and a sample that raises is reported while
-    training and saving go on."""
+def test_a_failing_sample_or_periodic_save_never_costs_the_final_adapter(tmp_path, monkeypatch, capsys):
+    """A full disk at the step-1 save and a sample that raises at every step are reported while training goes on;
+    the final files are written before the last sample runs."""
     seen = []
+
+    class FullDiskAtStep1(trainer.AdapterWriter):
+        def __call__(self, stem, position):
+            if position.step == 1:
+                raise OSError(28, "No space left on device", stem)
+            return super().__call__(stem, position)
 
     def failing_render(args, accelerator, step, render, defaults):
         stem = args.output_name if step == args.max_train_steps else f"{args.output_name}-step{step:08d}"
         seen.append((step, (tmp_path / "out" / f"{stem}.safetensors").is_file()))
         raise RuntimeError("expected scalar type Half but found Float")
 
+    monkeypatch.setattr(trainer, "AdapterWriter", FullDiskAtStep1)
     monkeypatch.setattr(trainer, "render_samples", failing_render)
     argv = ["--train_data_dir", str(data_folder(tmp_path)), "--output_dir", str(tmp_path / "out")]
     argv += ["--max_train_steps", "2", "--save_every_n_steps", "1", "--sample_every_n_steps", "1"]
-    result = trainer.main(argv + ["--sample_prompts", prompts(tmp_path, "a red circle --w 64 --h 64 --s 2")])
-    assert seen == [(1, True), (2, True)]
+    argv += ["--network_train_unet_only", "--sample_prompts", prompts(tmp_path, "a red circle --w 64 --h 64 --s 2")]
+    result = trainer.main(argv)
+    assert seen == [(1, False), (2, True)]
     state_dict, metadata = load_kohya(result.final)
     assert metadata["ss_steps"] == "2" and state_dict
-    assert "sampling at step 2 failed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "saving at step 1 failed (OSError: [Errno 28] No space left on device" in out
+    assert "sampling at step 1 failed" in out and "sampling at step 2 failed" in out
 
 
 # ------------------------------------------------------------------------------------------------ state folders
@@ -209,6 +223,14 @@ def test_resuming_with_max_train_steps_below_the_saved_step_is_refused(tmp_path,
         trainer.main(argv + ["--max_train_epochs", "1"])
 
 
+def test_a_state_of_another_run_is_refused_before_any_model_loads(tmp_path, monkeypatch):
+    folder, _ = saved_state(tmp_path, steps=4)
+    monkeypatch.setattr(trainer, "load_pipeline", lambda args: pytest.fail("model loaded before the state was checked"))
+    argv = ["--train_data_dir", str(data_folder(tmp_path)), "--resume", str(folder), "--max_train_steps", "9"]
+    with pytest.raises(UsageError, match="differs from the saved one.*network_dim.*trained components"):
+        trainer.main(argv)
+
+
 def test_state_round_trip_and_leftovers_of_killed_saves_are_ignored_then_cleaned(tmp_path):
     folder, training = saved_state(tmp_path, steps=3)
     (folder / ".adapter-000009.safetensors.abc.tmp").write_bytes(b"half a file")
@@ -221,6 +243,64 @@ def test_state_round_trip_and_leftovers_of_killed_saves_are_ignored_then_cleaned
     files = referenced(folder)
     expected = {"training_state.json", files["adapter"], files["optimizer"], *files["rng"]}
     assert {p.name for p in folder.iterdir()} == expected
+
+
+def test_a_damaged_disk_cache_entry_is_encoded_again(tmp_path):
+    encoded = []
+
+    def encode(captions):
+        encoded.extend(captions)
+        return {"states": torch.stack([torch.full((3,), float(len(c))) for c in captions])}
+
+    TextCache("tag", encode, tmp_path / "cache").fill(["a cat", "a dog"], batch_size=2, show_progress=False)
+    damaged = next((tmp_path / "cache").glob("*.safetensors"))
+    damaged.write_bytes(damaged.read_bytes()[:20])
+    cache = TextCache("tag", encode, tmp_path / "cache")
+    assert cache.fill(["a cat", "a dog"], batch_size=2, show_progress=False) == 1
+    assert torch.equal(cache.get(["a cat", "a dog"])["states"], torch.full((2, 3), 5.0))
+    assert len(encoded) == 3
+    damaged.write_bytes(b"")
+    with pytest.raises(OSError, match=str(damaged)):
+        cache.get(["a cat", "a dog"])
+
+
+def test_trainer_files_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        folder, _ = saved_state(tmp_path)
+        save_image(Image.new("RGB", (4, 4)), tmp_path / "sample.png")
+    finally:
+        os.umask(old)
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in [*folder.iterdir(), tmp_path / "sample.png"]}
+    assert modes == {0o640}
+
+
+def test_leftovers_of_killed_saves_are_removed_for_this_output_name_only(tmp_path):
+    out = tmp_path / "out"
+    state, _ = saved_state(tmp_path, name="style-step00000002-state")
+    other_state, _ = saved_state(tmp_path, name="style_v2-state")
+    leftovers = [
+        out / ".style.safetensors.k2j4h1ab.tmp",
+        out / ".style-000003.safetensors.abcdefgh.tmp",
+        out / "style-state.partial",
+        state / ".optimizer-000002.safetensors.q1w2e3r4.tmp",
+        state / "adapter-000002.safetensors",  # written, never committed
+        out / "style_peft" / "unet" / ".adapter_config.json.zzzzzzzz.tmp",
+        out / "sample" / ".style_000004_01.png.abcd1234.tmp",
+    ]
+    kept = [
+        out / ".style_v2.safetensors.k2j4h1ab.tmp",  # another run's save in progress
+        other_state / "adapter-000002.safetensors",
+        out / "sample" / ".style_v2_000004_01.png.abcd1234.tmp",
+        out / "notes.tmp",
+    ]
+    for path in leftovers + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir() if path.name.endswith(".partial") else path.write_bytes(b"x")
+    removed = remove_leftovers(out, "style") + remove_stale_state_files(out, "style")
+    assert sorted(removed) == sorted(leftovers)
+    assert not any(p.exists() for p in leftovers) and all(p.exists() for p in kept)
+    assert load_state(state, OneProcess(), TinyTraining(), FINGERPRINT) == Position(4, 2, 0)
 
 
 # ------------------------------------------------------------------------------------------------------ kill tests
@@ -398,14 +478,13 @@ def renames_of(paths, prefix):
 
 
 @FORK
-def test_killed_while_saving_at_fixed_points_resumes_bit_identical(tmp_path, straight_run):
-    """Two saves (step 1, then the final files at step 2), each with its state. Killed just before the first state's
-    commit, nothing is resumable: the rerun starts over. Killed while the final state's optimizer file is half
-    written, the run resumes from step 1. Both end bit-identical to the uninterrupted run."""
+def test_killed_while_saving_the_final_state_resumes_bit_identical(tmp_path, straight_run):
+    """Two saves (step 1, then the final files at step 2), each with its state. Killed while the final state's
+    optimizer file is half written, the run resumes from step 1 and ends bit-identical to the uninterrupted run.
+    (Every write step of a state save is a kill point in
+    test_a_state_folder_is_resumable_at_every_instant_of_a_save_replacing_it.)"""
     reference, paths = straight_run
-    first_commit = renames_of(paths, "training_state.json")[0]
     last_optimizer = renames_of(paths, "optimizer-")[-1]
-    assert check_kill_and_resume(tmp_path, reference, "before-commit", first_commit, None) is None
     resumed = check_kill_and_resume(tmp_path, reference, "mid-optimizer", last_optimizer, 0.5)
     assert resumed.name == "tiny_sdxl_lokr-step00000001-state"
 

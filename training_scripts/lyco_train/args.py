@@ -149,12 +149,18 @@ def check_args(
     args: argparse.Namespace,
     *,
     pixel_multiple: int,
+    required_with_model: tuple[str, ...] = (),
     input_files: tuple[str, ...] = (),
     files_or_hub_ids: tuple[str, ...] = (),
 ) -> None:
     """Every check that needs no model, paths and files included (``preflight.path_problems``): raise
-    ``UsageError`` naming the option and the fix."""
-    problems = path_problems(
+    ``UsageError`` naming every problem, its option and the fix."""
+    problems = []
+    if args.pretrained_model_name_or_path is not None:
+        missing = [f"--{name}" for name in required_with_model if getattr(args, name) is None]
+        if missing:
+            problems.append(f"{', '.join(missing)} required with a real model")
+    problems += path_problems(
         args, pixel_multiple=pixel_multiple, input_files=input_files, files_or_hub_ids=files_or_hub_ids
     )
 
@@ -243,11 +249,13 @@ def parse_training_args(
     args.resolution = args.resolution or "1024"
     normalise(args)
     args.pixel_multiple = pixel_multiple  # sample sizes are checked against it whenever the prompt file is read
-    check_args(args, pixel_multiple=pixel_multiple, input_files=input_files, files_or_hub_ids=files_or_hub_ids)
-    if args.pretrained_model_name_or_path is not None:
-        missing = [f"--{name}" for name in required_with_model if getattr(args, name) is None]
-        if missing:
-            raise UsageError(f"cannot start training:\n  {', '.join(missing)} required with a real model")
+    check_args(
+        args,
+        pixel_multiple=pixel_multiple,
+        required_with_model=required_with_model,
+        input_files=input_files,
+        files_or_hub_ids=files_or_hub_ids,
+    )
     if args.seed is None:
         args.seed = saved_seed(args.resume) if args.resume else random.SystemRandom().randrange(2**31)
     return args

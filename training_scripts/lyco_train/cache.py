@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -31,7 +32,15 @@ class _Store:
         return self.folder / f"{key}.safetensors"
 
     def __contains__(self, key: str) -> bool:
-        return key in self.memory if self.folder is None else self._path(key).is_file()
+        """Whether ``key`` has a usable entry; a damaged file (say, from a crash of the disk) counts as missing, so
+        filling the cache writes it again."""
+        if self.folder is None:
+            return key in self.memory
+        try:
+            with safe_open(str(self._path(key)), framework="pt"):
+                return True
+        except Exception:  # a missing file or safetensors' own error for a damaged one
+            return False
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         tensors = {name: t.detach().to("cpu") for name, t in tensors.items()}
@@ -41,7 +50,14 @@ class _Store:
             save_tensors(self._path(key), tensors)
 
     def get(self, key: str) -> dict[str, torch.Tensor]:
-        return self.memory[key] if self.folder is None else load_file(self._path(key))
+        if self.folder is None:
+            return self.memory[key]
+        try:
+            return load_file(self._path(key))
+        except Exception as err:  # safetensors raises its own error type for every kind of damage
+            raise OSError(
+                f"cache file '{self._path(key)}' cannot be read ({err}); delete it and start again to re-encode it"
+            ) from err
 
 
 def _digest(*parts: object) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -86,25 +87,43 @@ def save_image(image, path: str | os.PathLike) -> Path:
     return write_atomically(path, lambda temporary: image.save(temporary, format=image_format))
 
 
+def run_output_names(output_name: str) -> re.Pattern:
+    """The names a run of ``output_name`` gives its files and folders in ``--output_dir``: ``NAME``, ``NAME-step<8
+    digits>`` or ``NAME-<6 digits>``, then ``.safetensors``, ``-state`` or ``_peft``. Matching them exactly keeps the
+    files of a run named, say, ``NAME_v2`` out of reach."""
+    stem = re.escape(output_name) + r"(?:-step\d{8}|-\d{6})?"
+    return re.compile(stem + r"(?:\.safetensors|-state|_peft)")
+
+
+def _final_name(temporary: str) -> str | None:
+    """``.<name>.<random>.tmp`` -> ``<name>`` (None for other names)."""
+    if not (temporary.startswith(".") and temporary.endswith(TEMP_SUFFIX)):
+        return None
+    return temporary[1 : -len(TEMP_SUFFIX)].rpartition(".")[0] or None
+
+
 def remove_leftovers(output_dir: str | os.PathLike, output_name: str) -> list[Path]:
     """Remove the temporary files and partial folders killed saves of ``output_name`` left in ``output_dir`` (beside
     its files, inside its state and PEFT folders, among its samples; other runs' files are left alone); return them."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
-    ours = [p for p in root.iterdir() if p.name.lstrip(".").startswith(output_name)]
-    found = [p for p in ours if p.name.endswith(PARTIAL_SUFFIX) or _is_temporary(p)]
-    for folder in (p for p in ours if p.is_dir() and p not in found):
-        found += list(folder.rglob(f".*{TEMP_SUFFIX}"))
+    ours = run_output_names(output_name)
+    found = []
+    for path in root.iterdir():
+        final = _final_name(path.name)
+        if final is not None and ours.fullmatch(final):
+            found.append(path)
+        elif path.name.endswith(PARTIAL_SUFFIX) and ours.fullmatch(path.name[: -len(PARTIAL_SUFFIX)]):
+            found.append(path)
+        elif path.is_dir() and ours.fullmatch(path.name):
+            found += [p for p in path.rglob(f".*{TEMP_SUFFIX}") if _final_name(p.name)]
+    samples = re.compile(re.escape(output_name) + r"_\d{6}_\d{2}\.\w+")
     if (root / "sample").is_dir():
-        found += [p for p in (root / "sample").glob(f".*{TEMP_SUFFIX}") if p.name[1:].startswith(output_name)]
+        found += [p for p in (root / "sample").iterdir() if samples.fullmatch(_final_name(p.name) or "")]
     for path in found:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
     return found
-
-
-def _is_temporary(path: Path) -> bool:
-    return path.is_file() and path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX)

@@ -16,10 +16,21 @@ from typing import Callable, Optional
 
 import torch
 
-from .batches import BatchBuilder, epoch_loader
+from .args import UsageError
+from .batches import BatchBuilder, EpochPlan, epoch_loader
 from .files import remove_leftovers
 from .loop import GradientSteps, Training, current_lrs, progress_bar, start_trackers, trainable_parameters
-from .state import Position, load_state, remove_stale_state_files, run_fingerprint, save_state, state_folder_name
+from .state import (
+    Position,
+    StateError,
+    check_same_run,
+    load_state,
+    read_state,
+    remove_stale_state_files,
+    run_fingerprint,
+    save_state,
+    state_folder_name,
+)
 
 
 @dataclass
@@ -43,6 +54,29 @@ class History:
     saved: list[Path] = field(default_factory=list)
     position: Optional[Position] = None
     final: Optional[Path] = None
+
+
+def check_resume_fits(args, accelerator, records: list, buckets: list, components: tuple[str, ...]) -> None:
+    """With ``--resume``: once the images are known, and still before any model loads, refuse a state saved by
+    another run (network, seed, data layout, processes, trained ``components``) with ``UsageError`` naming the
+    differences."""
+    if not args.resume:
+        return
+    plan = EpochPlan(
+        records,
+        buckets,
+        batch_size=args.train_batch_size,
+        seed=args.seed,
+        num_processes=accelerator.num_processes,
+        process_index=accelerator.process_index,
+    )
+    try:
+        state = read_state(args.resume)
+        check_same_run(
+            args.resume, state, run_fingerprint(args, plan.batches_per_epoch), accelerator.num_processes, components
+        )
+    except StateError as err:
+        raise UsageError(f"cannot start training:\n  --resume: {err}") from None
 
 
 def _save_due(every: Optional[int], count: int) -> bool:
@@ -69,19 +103,37 @@ class Trainer:
         )
         return position
 
-    def _save(self, position: Position, *, stem: str, state_name: str) -> None:
+    def _save(self, position: Position, *, stem: str, state_name: str, final: bool = False) -> None:
+        """Write the adapter files (main process) and the state (every process). A periodic save that fails with
+        ``OSError`` (a full disk) is reported and training goes on, so the next save can succeed; a failing final
+        save raises."""
         self.accelerator.wait_for_everyone()
+        error = None
         if self.accelerator.is_main_process:
-            self.history.saved += self.hooks.save(stem, position)
+            try:
+                self.history.saved += self.hooks.save(stem, position)
+            except OSError as err:
+                error = err
         if self.args.save_state:
             folder = Path(self.args.output_dir) / state_name
-            save_state(folder, self.accelerator, self.training, position, self.fingerprint)
-            self.history.saved.append(folder)
+            try:
+                save_state(folder, self.accelerator, self.training, position, self.fingerprint)
+                self.history.saved.append(folder)
+            except OSError as err:
+                error = error or err
+        if error is not None:
+            if final:
+                raise error
+            self.accelerator.print(
+                f"warning: saving at step {position.step} failed ({type(error).__name__}: {error}); "
+                "training goes on and the next save tries again"
+            )
 
     def _save_final(self, position: Position) -> None:
         self.history.position = position
-        self._save(position, stem=self.args.output_name, state_name=state_folder_name(self.args.output_name))
-        self.history.final = Path(self.args.output_dir) / f"{self.args.output_name}.safetensors"
+        args = self.args
+        self._save(position, stem=args.output_name, state_name=state_folder_name(args.output_name), final=True)
+        self.history.final = Path(args.output_dir) / f"{args.output_name}.safetensors"
 
     def _sample(self, step: int) -> None:
         """Render the samples of ``step``; any exception is reported (the files of the step are already saved)."""

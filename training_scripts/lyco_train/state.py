@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from .files import save_tensors, write_text
+from .files import run_output_names, save_tensors, write_text
 
 STATE_FILE = "training_state.json"
 # the tensor files of a state: "<kind>-<generation>.safetensors" (states of earlier versions: "<kind>.safetensors")
@@ -153,6 +153,13 @@ def read_state(folder: str | Path) -> dict[str, Any]:
     return state
 
 
+def state_files(folder: str | Path) -> dict[str, Path]:
+    """The committed tensor files of a state folder by kind: ``adapter``, ``optimizer``, ``rng_0``, ``rng_1``, …"""
+    files = read_state(folder)["files"]
+    rng = {f"rng_{index}": Path(folder) / name for index, name in enumerate(files["rng"])}
+    return {"adapter": Path(folder) / files["adapter"], "optimizer": Path(folder) / files["optimizer"], **rng}
+
+
 def check_state_folder(folder: str | Path) -> dict[str, Any]:
     """Everything about a state folder that needs no model: ``training_state.json`` and the header and size of every
     tensor file it names. Returns the state; raises ``StateError`` naming the first bad file."""
@@ -178,9 +185,21 @@ def _open_tensors(path: Path, *, header_only: bool = False) -> dict[str, Any]:
         raise StateError(f"cannot read state file '{path}' (corrupt or truncated?): {err}") from err
 
 
+def _failed_anywhere(accelerator, error: Exception | None) -> bool:
+    """Whether any process hit an error (a collective every process calls, so none waits for another forever)."""
+    if accelerator.num_processes == 1:
+        return error is not None
+    flag = torch.tensor([int(error is not None)], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item())
+
+
 def save_state(folder: Path, accelerator, training, position: Position, fingerprint: dict[str, Any]) -> None:
     """Write a complete resumable state of ``training`` (a ``loop.Training``) to ``folder``, replacing an older one
-    only by the atomic commit of ``training_state.json``; every process saves its own RNG."""
+    only by the atomic commit of ``training_state.json``; every process saves its own RNG.
+
+    If a write fails on any process (a full disk), nothing is committed, every process raises ``OSError`` (the
+    failing one its own error) and the folder keeps the state it had.
+    """
     folder = Path(folder)
     accelerator.wait_for_everyone()
     try:
@@ -188,16 +207,20 @@ def save_state(folder: Path, accelerator, training, position: Position, fingerpr
     except StateError:
         generation = 1
     names = _file_names(generation, accelerator.num_processes)
-    rng_info, rng_tensors = _rng_snapshot(training.generator)
-    save_tensors(folder / names["rng"][accelerator.process_index], rng_tensors, metadata={"info": json.dumps(rng_info)})
-    if accelerator.is_main_process:
-        save_tensors(
-            folder / names["adapter"],
-            adapter_tensors({k: accelerator.unwrap_model(m) for k, m in training.models.items()}),
-        )
-        structure, tensors = _optimizer_to_files(training.optimizer)
-        save_tensors(folder / names["optimizer"], tensors)
-    accelerator.wait_for_everyone()
+    error = None
+    try:
+        rng_info, rng_tensors = _rng_snapshot(training.generator)
+        rng_path = folder / names["rng"][accelerator.process_index]
+        save_tensors(rng_path, rng_tensors, metadata={"info": json.dumps(rng_info)})
+        if accelerator.is_main_process:
+            models = {k: accelerator.unwrap_model(m) for k, m in training.models.items()}
+            save_tensors(folder / names["adapter"], adapter_tensors(models))
+            structure, tensors = _optimizer_to_files(training.optimizer)
+            save_tensors(folder / names["optimizer"], tensors)
+    except OSError as err:
+        error = err
+    if _failed_anywhere(accelerator, error):
+        raise error or OSError(f"saving the state '{folder}' failed on another process")
     if accelerator.is_main_process:
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         state = {
@@ -210,9 +233,13 @@ def save_state(folder: Path, accelerator, training, position: Position, fingerpr
             "num_processes": accelerator.num_processes,
             "fingerprint": fingerprint,
         }
-        write_text(folder / STATE_FILE, json.dumps(state, indent=1))
-        remove_unreferenced(folder)
-    accelerator.wait_for_everyone()
+        try:
+            write_text(folder / STATE_FILE, json.dumps(state, indent=1))
+            remove_unreferenced(folder)
+        except OSError as err:
+            error = err
+    if _failed_anywhere(accelerator, error):
+        raise error or OSError(f"saving the state '{folder}' failed on the main process")
 
 
 def remove_unreferenced(folder: Path) -> list[Path]:
@@ -243,8 +270,32 @@ def remove_stale_state_files(output_dir: str | Path, output_name: str) -> list[P
     root = Path(output_dir)
     if not root.is_dir():
         return []
-    folders = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(output_name) and p.name.endswith("-state")]
+    ours = run_output_names(output_name)
+    folders = [p for p in root.iterdir() if p.is_dir() and p.name.endswith("-state") and ours.fullmatch(p.name)]
     return [path for folder in folders for path in remove_unreferenced(folder)]
+
+
+def check_same_run(
+    folder: str | Path,
+    state: dict[str, Any],
+    fingerprint: dict[str, Any],
+    num_processes: int,
+    components: tuple[str, ...] | None = None,
+) -> None:
+    """Raise ``StateError`` naming every difference between the saved run and this one (network, seed, data layout,
+    process count and, when given, the trained components, read from the adapter file's tensor names)."""
+    changed = {k: (state["fingerprint"].get(k), v) for k, v in fingerprint.items() if state["fingerprint"].get(k) != v}
+    if state["num_processes"] != num_processes:
+        changed["num_processes"] = (state["num_processes"], num_processes)
+    if components is not None:
+        path = Path(folder) / state["files"]["adapter"]
+        with safe_open(str(path), framework="pt") as handle:
+            saved = sorted({key.split(".")[0] for key in handle.keys()})  # noqa: SIM118 (safe_open is no dict)
+        if saved != sorted(components):
+            changed["trained components"] = (saved, sorted(components))
+    if changed:
+        detail = "; ".join(f"{k}: saved {old!r}, now {new!r}" for k, (old, new) in changed.items())
+        raise StateError(f"cannot resume exactly from '{folder}': the run differs from the saved one ({detail})")
 
 
 def load_state(folder: Path, accelerator, training, fingerprint: dict[str, Any]) -> Position:
@@ -252,12 +303,7 @@ def load_state(folder: Path, accelerator, training, fingerprint: dict[str, Any])
     same run, and (naming the file) if a file is damaged. Nothing is changed unless every file reads."""
     folder = Path(folder)
     state = read_state(folder)
-    changed = {k: (state["fingerprint"].get(k), v) for k, v in fingerprint.items() if state["fingerprint"].get(k) != v}
-    if state["num_processes"] != accelerator.num_processes:
-        changed["num_processes"] = (state["num_processes"], accelerator.num_processes)
-    if changed:
-        detail = "; ".join(f"{k}: saved {old!r}, now {new!r}" for k, (old, new) in changed.items())
-        raise StateError(f"cannot resume exactly from '{folder}': the run differs from the saved one ({detail})")
+    check_same_run(folder, state, fingerprint, accelerator.num_processes)
     files = state["files"]
     saved = _open_tensors(folder / files["adapter"])["tensors"]
     optimizer_tensors = _open_tensors(folder / files["optimizer"])["tensors"]
