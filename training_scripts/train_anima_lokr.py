@@ -45,6 +45,7 @@ from lyco_train.objectives import (
 )
 from lyco_train.runner import Hooks, Trainer, check_resume_fits
 from lyco_train.sampling import SamplePrompt, render_samples
+from lyco_train.state import StateError
 from lyco_train.tiny import TINY_SEED, report_reload, tiny_defaults, use_one_cpu_thread
 
 import peft_lyco  # noqa: F401  (registers LYCO_LOHA / LYCO_LOKR with PEFT)
@@ -307,5 +308,5 @@ def main(argv: Optional[list[str]] = None) -> Result:
 if __name__ == "__main__":
     try:
         main()
-    except (options.UsageError, DataError) as err:
+    except (options.UsageError, DataError, StateError) as err:
         sys.exit(f"error: {err}")

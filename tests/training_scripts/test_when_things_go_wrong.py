@@ -10,11 +10,13 @@ import shutil
 import signal
 import stat
 import sys
+import time
 
 import pytest
 import torch
 import train_anima_lokr as anima_trainer
 import train_sdxl_lokr as trainer
+from lyco_train import runner as trainer_runner
 from lyco_train.args import UsageError
 from lyco_train.cache import TextCache
 from lyco_train.files import remove_leftovers, save_image
@@ -461,15 +463,17 @@ def test_a_state_folder_is_resumable_at_every_instant_of_a_save_replacing_it(tmp
     }
 
 
-@pytest.fixture
-def straight_run(tmp_path, monkeypatch):
-    """The uninterrupted run, counting the write operations its saves make."""
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """The uninterrupted run, counting the write operations its saves make (shared by the tests below: the data
+    folders they make hold the same images, and training does not depend on where they are)."""
+    base = tmp_path_factory.mktemp("straight")
     counter = KillAt()
-    argv = ["--train_data_dir", str(data_folder(tmp_path)), "--output_dir", str(tmp_path / "straight"), *KILL_ARGS]
-    hook_writes(monkeypatch.setattr, counter)
-    trainer.main(argv)
-    monkeypatch.undo()
-    return final_tensors(tmp_path / "straight"), counter.paths
+    argv = ["--train_data_dir", str(data_folder(base)), "--output_dir", str(base / "out"), *KILL_ARGS]
+    with pytest.MonkeyPatch.context() as patch:
+        hook_writes(patch.setattr, counter)
+        trainer.main(argv)
+    return final_tensors(base / "out"), counter.paths
 
 
 def renames_of(paths, prefix):
@@ -489,11 +493,104 @@ def test_killed_while_saving_the_final_state_resumes_bit_identical(tmp_path, str
     assert resumed.name == "tiny_sdxl_lokr-step00000001-state"
 
 
+@FORK
+def test_sigterm_or_ctrl_c_stops_after_the_step_with_it_saved_and_resume_is_bit_identical(tmp_path, straight_run):
+    """SIGTERM (a scheduler's preemption) in the middle of step 1 of 2, with no periodic saves: the run finishes the
+    step, saves it with its state, exits with status 128 + 15, and the resumed run ends bit-identical."""
+    reference, _ = straight_run
+    out = tmp_path / "stopped"
+    argv = ["--train_data_dir", str(data_folder(tmp_path)), "--output_dir", str(out), *KILL_ARGS]
+    argv += ["--save_every_n_steps", "1000"]
+    pid = os.fork()
+    if pid == 0:  # the child never returns into pytest
+        status = 0
+        try:
+            real, sent = trainer.sample_noise, []
+
+            def noise_then_sigterm(latents, generator, offset=0.0):
+                if not sent:
+                    sent.append(os.kill(os.getpid(), signal.SIGTERM))
+                return real(latents, generator, offset)
+
+            trainer.sample_noise = noise_then_sigterm
+            with open(os.devnull, "w") as quiet:
+                sys.stdout = sys.stderr = quiet
+                trainer.main(argv)
+        except SystemExit as stop:
+            status = stop.code
+        finally:
+            os._exit(status)
+    status = os.waitpid(pid, 0)[1]
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 128 + signal.SIGTERM
+    state = out / "tiny_sdxl_lokr-step00000001-state"
+    assert {p.name for p in out.glob("tiny*")} == {state.name, "tiny_sdxl_lokr-step00000001.safetensors"}
+    trainer.main(argv + ["--resume", str(state)])
+    got = final_tensors(out)
+    assert got.keys() == reference.keys() and all(torch.equal(got[k], reference[k]) for k in got)
+
+
 @pytest.mark.slow
 @FORK
-def test_killed_at_random_moments_while_saving_resumes_bit_identical(tmp_path, straight_run):
+def test_killed_at_random_write_steps_while_saving_resumes_bit_identical(tmp_path, straight_run):
+    """24 trials, each killed at a write step drawn at random among all the steps of both saves, the file being
+    written cut to a random length (or not) first."""
     reference, paths = straight_run
     rng = random.Random(2026)
+    outcomes = []
     for trial in range(24):
         target, partial = rng.randint(1, len(paths)), rng.choice([None, 0.0, rng.random()])
-        check_kill_and_resume(tmp_path, reference, f"trial{trial}", target, partial)
+        resumed = check_kill_and_resume(tmp_path, reference, f"trial{trial}", target, partial)
+        outcomes.append((target, paths[target - 1], partial, resumed.name if resumed else None))
+    print("\n".join(f"kill at write {t} ({name}), cut to {p}: resumed from {r}" for t, name, p, r in outcomes))
+    assert {resumed for *_, resumed in outcomes} == {None, "tiny_sdxl_lokr-step00000001-state"}
+
+
+@pytest.mark.slow
+@FORK
+def test_killed_by_another_process_at_random_times_while_saving_resumes_bit_identical(tmp_path, straight_run):
+    """20 trials of a real SIGKILL from outside at a random time after a save began (the first or the second save,
+    0-300 ms in: inside the writes of the kohya file, the state files, the fsyncs, or just after the save)."""
+    reference, _ = straight_run
+    rng = random.Random(7)
+    during_save = 0
+    for trial in range(20):
+        name = f"timed{trial}"
+        argv = ["--train_data_dir", str(data_folder(tmp_path)), "--output_dir", str(tmp_path / name), *KILL_ARGS]
+        started, finished = os.pipe(), os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child never returns into pytest
+            try:
+                real_save = trainer_runner.Trainer._save
+
+                def announced_save(self, *args, **kwargs):
+                    os.write(started[1], b"s")
+                    real_save(self, *args, **kwargs)
+                    os.write(finished[1], b"f")
+
+                trainer_runner.Trainer._save = announced_save
+                with open(os.devnull, "w") as quiet:
+                    sys.stdout = sys.stderr = quiet
+                    trainer.main(argv)
+            finally:
+                os._exit(0)
+        os.close(started[1])
+        os.close(finished[1])
+        which, delay = rng.choice([1, 2]), rng.uniform(0.0, 0.3)
+        assert len(os.read(started[0], 1) + (os.read(started[0], 1) if which == 2 else b"x")) == 2, name
+        time.sleep(delay)
+        os.kill(pid, signal.SIGKILL)
+        os.set_blocking(finished[0], False)
+        try:
+            saves_finished = len(os.read(finished[0], 8))
+        except BlockingIOError:
+            saves_finished = 0
+        during_save += saves_finished < which
+        os.waitpid(pid, 0)
+        os.close(started[0])
+        os.close(finished[0])
+        check_no_corrupt_final_file(tmp_path / name)
+        finish_after_kill(tmp_path, name)
+        got = final_tensors(tmp_path / name)
+        assert got.keys() == reference.keys() and all(torch.equal(got[k], reference[k]) for k in got), name
+    print(f"{during_save} of 20 kills landed while a save was in progress")
+    assert during_save >= 10

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -19,10 +20,12 @@ import torch
 from .args import UsageError
 from .batches import BatchBuilder, EpochPlan, epoch_loader
 from .files import remove_leftovers
+from .interrupt import StopRequest
 from .loop import GradientSteps, Training, current_lrs, progress_bar, start_trackers, trainable_parameters
 from .state import (
     Position,
     StateError,
+    any_process,
     check_same_run,
     load_state,
     read_state,
@@ -155,6 +158,22 @@ class Trainer:
                     model.train()
         self.accelerator.wait_for_everyone()
 
+    def _stop(self, position: Position, signum: int | None) -> None:
+        """After Ctrl+C or SIGTERM: save the step just done (unless a periodic save just did), say how to go on, and
+        exit with the signal's conventional status."""
+        args = self.args
+        state_name = state_folder_name(args.output_name, step=position.step)
+        if not _save_due(args.save_every_n_steps, position.step):
+            self._save(position, stem=f"{args.output_name}-step{position.step:08d}", state_name=state_name)
+        how = (
+            f"continue with --resume {Path(args.output_dir) / state_name}"
+            if args.save_state
+            else "add --save_state to be able to resume a stopped run"
+        )
+        self.accelerator.print(f"stopped at step {position.step} of {self.steps.total_steps}, with it saved; {how}")
+        self.accelerator.end_training()
+        raise SystemExit(128 + (signum or signal.SIGTERM))
+
     def _remove_leftovers(self) -> None:
         """Remove what killed saves of this ``--output_name`` left behind (temporary files, uncommitted state files)."""
         if not self.accelerator.is_main_process:
@@ -206,7 +225,8 @@ class Trainer:
     def run(self, tracker_name: str, summary: str = "") -> History:
         """Resume if ``--resume`` says so, remove leftovers of killed saves, open the trackers, train to the planned
         number of steps, save the final files (and state) before the last samples and list what was written; the
-        models are left in eval mode."""
+        models are left in eval mode. Ctrl+C or SIGTERM stops after the current step, with it saved
+        (``SystemExit`` with status 128 + the signal number)."""
         args, accelerator, steps = self.args, self.accelerator, self.steps
         start = self.resume(args.resume) if args.resume else Position(0, 0, 0)
         self._remove_leftovers()
@@ -220,41 +240,46 @@ class Trainer:
             model.train()
         if args.sample_at_first and start.step == 0:
             self._sample(0)
-        bar = progress_bar(accelerator, steps.total_steps, step)
-        accumulated = 0.0
-        position = start
-        for epoch in range(start.epoch, steps.total_epochs):
-            skip = start.batch if epoch == start.epoch else 0
-            loader = epoch_loader(self.data, self.build, epoch, skip=skip, workers=args.max_data_loader_n_workers)
-            for batch_index, batch in enumerate(loader, start=skip):
-                sync = self.gradients.is_sync(batch_index, per_epoch)
-                group = self.gradients.group_size(batch_index, per_epoch)
-                with self.gradients.context(sync):
-                    with accelerator.autocast():
-                        loss = self.hooks.loss(batch)
-                    value = loss.detach().float().item()
-                    if not math.isfinite(value):
-                        raise FloatingPointError(
-                            f"loss became {value} at step {step + 1} (epoch {epoch + 1}, batch "
-                            f"{batch_index}); lower the learning rate or train in bf16/fp32"
-                        )
-                    accelerator.backward(loss / group)
-                accumulated += value / group
-                if not sync:
-                    continue
-                self._optimizer_step()
-                step += 1
-                at_epoch_end = batch_index + 1 == per_epoch
-                position = Position(step, epoch + 1 if at_epoch_end else epoch, 0 if at_epoch_end else batch_index + 1)
-                self._after_step(position, accumulated, bar)
-                accumulated = 0.0
+        with StopRequest() as stop:
+            bar = progress_bar(accelerator, steps.total_steps, step)
+            accumulated = 0.0
+            position = start
+            for epoch in range(start.epoch, steps.total_epochs):
+                skip = start.batch if epoch == start.epoch else 0
+                loader = epoch_loader(self.data, self.build, epoch, skip=skip, workers=args.max_data_loader_n_workers)
+                for batch_index, batch in enumerate(loader, start=skip):
+                    sync = self.gradients.is_sync(batch_index, per_epoch)
+                    group = self.gradients.group_size(batch_index, per_epoch)
+                    with self.gradients.context(sync):
+                        with accelerator.autocast():
+                            loss = self.hooks.loss(batch)
+                        value = loss.detach().float().item()
+                        if not math.isfinite(value):
+                            raise FloatingPointError(
+                                f"loss became {value} at step {step + 1} (epoch {epoch + 1}, batch "
+                                f"{batch_index}); lower the learning rate or train in bf16/fp32"
+                            )
+                        accelerator.backward(loss / group)
+                    accumulated += value / group
+                    if not sync:
+                        continue
+                    self._optimizer_step()
+                    step += 1
+                    at_epoch_end = batch_index + 1 == per_epoch
+                    position = Position(
+                        step, epoch + 1 if at_epoch_end else epoch, 0 if at_epoch_end else batch_index + 1
+                    )
+                    self._after_step(position, accumulated, bar)
+                    accumulated = 0.0
+                    if step < steps.total_steps and any_process(accelerator, stop.signum is not None):
+                        self._stop(position, stop.signum)
+                    if step >= steps.total_steps:
+                        break
+                if position.batch == 0 and position.epoch == epoch + 1:
+                    self._after_epoch(position)
                 if step >= steps.total_steps:
                     break
-            if position.batch == 0 and position.epoch == epoch + 1:
-                self._after_epoch(position)
-            if step >= steps.total_steps:
-                break
-        bar.close()
+            bar.close()
         if self.history.final is None:  # nothing left to train after a resume: save what was resumed
             self._save_final(position)
         accelerator.end_training()

@@ -185,12 +185,12 @@ def _open_tensors(path: Path, *, header_only: bool = False) -> dict[str, Any]:
         raise StateError(f"cannot read state file '{path}' (corrupt or truncated?): {err}") from err
 
 
-def _failed_anywhere(accelerator, error: Exception | None) -> bool:
-    """Whether any process hit an error (a collective every process calls, so none waits for another forever)."""
+def any_process(accelerator, flag: bool) -> bool:
+    """Whether ``flag`` is true on any process (a collective: every process must call it at the same point)."""
     if accelerator.num_processes == 1:
-        return error is not None
-    flag = torch.tensor([int(error is not None)], device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="sum").item())
+        return flag
+    value = torch.tensor([int(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item())
 
 
 def save_state(folder: Path, accelerator, training, position: Position, fingerprint: dict[str, Any]) -> None:
@@ -219,7 +219,7 @@ def save_state(folder: Path, accelerator, training, position: Position, fingerpr
             save_tensors(folder / names["optimizer"], tensors)
     except OSError as err:
         error = err
-    if _failed_anywhere(accelerator, error):
+    if any_process(accelerator, error is not None):
         raise error or OSError(f"saving the state '{folder}' failed on another process")
     if accelerator.is_main_process:
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
@@ -238,7 +238,7 @@ def save_state(folder: Path, accelerator, training, position: Position, fingerpr
             remove_unreferenced(folder)
         except OSError as err:
             error = err
-    if _failed_anywhere(accelerator, error):
+    if any_process(accelerator, error is not None):
         raise error or OSError(f"saving the state '{folder}' failed on the main process")
 
 
