@@ -19,14 +19,18 @@ import train_sdxl_lokr as trainer
 from lyco_train import runner as trainer_runner
 from lyco_train.args import UsageError
 from lyco_train.cache import TextCache
+from lyco_train.export import save_adapter
 from lyco_train.files import remove_leftovers, save_image
 from lyco_train.state import Position, StateError, load_state, remove_stale_state_files, save_state
 from lyco_train.synthetic import make_shapes_dataset
+from peft import inject_adapter_in_model
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from peft_lyco.convert import load_kohya
+from peft_lyco.models.tiny_sdxl import tiny_sdxl_pipeline
+from peft_lyco.presets import build_config
 
 FORK = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
@@ -131,6 +135,20 @@ def test_a_failing_sample_or_periodic_save_never_costs_the_final_adapter(tmp_pat
     out = capsys.readouterr().out
     assert "saving at step 1 failed (OSError: [Errno 28] No space left on device" in out
     assert "sampling at step 1 failed" in out and "sampling at step 2 failed" in out
+
+
+def test_values_beyond_the_save_precision_are_saved_in_float32_not_as_inf(tmp_path, capsys):
+    pipe = tiny_sdxl_pipeline(seed=0)
+    config = build_config("lokr", pipe.unet, network_dim=2, network_alpha=1.0, network_args=[])
+    inject_adapter_in_model(config, pipe.unet, adapter_name="default")
+    name, weight = next((n, p) for n, p in pipe.unet.named_parameters() if "lokr_w1" in n)
+    with torch.no_grad():
+        weight.fill_(1e5)
+    path = save_adapter(tmp_path, "big", {"unet": pipe.unet}, model_type="sdxl", metadata={}, precision="fp16")[0]
+    state_dict, _ = load_kohya(path)
+    assert all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in state_dict.values())
+    assert 1e5 in {v.abs().max().item() for v in state_dict.values()}
+    assert "exceed the range of --save_precision fp16" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------ state folders
