@@ -62,6 +62,7 @@ def under_a_file(tmp_path):
 BAD_PATHS = [
     pytest.param(lambda t: ["--output_dir", under_a_file(t)], "--output_dir", id="output-dir-under-a-file"),
     pytest.param(lambda t: ["--output_dir", str(a_file(t))], "--output_dir", id="output-dir-is-a-file"),
+    pytest.param(lambda t: ["--output_dir", str(t / "data")], "is the --train_data_dir", id="output-dir-is-data-dir"),
     pytest.param(lambda t: ["--output_name", "a/b"], "--output_name", id="output-name-with-slash"),
     pytest.param(lambda t: ["--output_name", ""], "--output_name", id="output-name-empty"),
     pytest.param(

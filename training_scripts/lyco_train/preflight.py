@@ -69,8 +69,12 @@ def path_problems(
     """Every problem with the run's paths: output, logging and cache folders writable, the final files' names free,
     the prompt file parsed line by line, the state folder complete and not past the planned steps, and input files
     present (``input_files`` always name files; ``files_or_hub_ids`` only when the value looks like a local path)."""
-    problems = []
-    problems.append(writable_folder_problem(args.output_dir, "--output_dir"))
+    problems = [writable_folder_problem(args.output_dir, "--output_dir")]
+    if args.train_data_dir and Path(args.output_dir).resolve() == Path(args.train_data_dir).resolve():
+        problems.append(
+            "--output_dir is the --train_data_dir: the sample images written to its 'sample' folder would be read "
+            "as training images (without captions) by the next run; choose another --output_dir"
+        )
     name_problem = output_name_problem(args.output_name)
     problems.append(name_problem)
     if not name_problem and Path(args.output_dir, f"{args.output_name}.safetensors").is_dir():
