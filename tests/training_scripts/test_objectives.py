@@ -18,7 +18,7 @@ from lyco_train.objectives import (
     weighted_mse,
 )
 from lyco_train.sampling import SamplePrompt, parse_prompt_line
-from lyco_train.state import _optimizer_from_files, _optimizer_to_files, _rng_restore, _rng_snapshot
+from lyco_train.state import _optimizer_from_files, _optimizer_to_files, _rng_restore, rng_snapshot
 
 
 def _scheduler(kind):
@@ -146,7 +146,7 @@ def test_optimizer_state_round_trips_exactly_through_files():
 
 def test_rng_snapshot_restores_every_generator():
     generator = torch.Generator().manual_seed(3)
-    info, tensors = _rng_snapshot(generator)
+    info, tensors = rng_snapshot(generator)
     import json
 
     info = json.loads(json.dumps(info))

@@ -21,7 +21,15 @@ from lyco_train.args import UsageError
 from lyco_train.cache import TextCache
 from lyco_train.export import save_adapter
 from lyco_train.files import remove_leftovers, save_image
-from lyco_train.state import Position, StateError, load_state, remove_stale_state_files, save_state
+from lyco_train.state import (
+    Position,
+    StateError,
+    load_state,
+    read_state,
+    remove_stale_state_files,
+    save_state,
+    state_files,
+)
 from lyco_train.synthetic import make_shapes_dataset
 from peft import inject_adapter_in_model
 from PIL import Image
@@ -492,7 +500,20 @@ def straight_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         hook_writes(patch.setattr, counter)
         trainer.main(argv)
-    return final_tensors(base / "out"), counter.paths
+    return final_tensors(base / "out"), counter.paths, base / "out" / "tiny_sdxl_lokr-step00000001-state"
+
+
+def assert_same_state(folder, reference):
+    """Both state folders hold the same position, schedule, optimizer layout, tensors and RNG states, bit for bit."""
+    a, b = read_state(folder), read_state(reference)
+    assert all(a[key] == b[key] for key in ("position", "scheduler", "optimizer", "fingerprint"))
+    files, expected = state_files(folder), state_files(reference)
+    assert files.keys() == expected.keys()
+    for kind in files:
+        got, want = load_file(files[kind]), load_file(expected[kind])
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got), kind
+        with safe_open(files[kind], "pt") as one, safe_open(expected[kind], "pt") as other:
+            assert one.metadata() == other.metadata(), kind
 
 
 def renames_of(paths, prefix):
@@ -506,20 +527,19 @@ def test_killed_while_saving_the_final_state_resumes_bit_identical(tmp_path, str
     optimizer file is half written, the run resumes from step 1 and ends bit-identical to the uninterrupted run.
     (Every write step of a state save is a kill point in
     test_a_state_folder_is_resumable_at_every_instant_of_a_save_replacing_it.)"""
-    reference, paths = straight_run
+    reference, paths, _ = straight_run
     last_optimizer = renames_of(paths, "optimizer-")[-1]
     resumed = check_kill_and_resume(tmp_path, reference, "mid-optimizer", last_optimizer, 0.5)
     assert resumed.name == "tiny_sdxl_lokr-step00000001-state"
 
 
 @FORK
-def test_sigterm_or_ctrl_c_stops_after_the_step_with_it_saved_and_resume_is_bit_identical(tmp_path, straight_run):
+def test_sigterm_or_ctrl_c_stops_after_the_step_with_it_saved_exactly(tmp_path, straight_run):
     """SIGTERM (a scheduler's preemption) in the middle of step 1 of 2, with no periodic saves: the run finishes the
-    step, saves it with its state, exits with status 128 + 15, and the resumed run ends bit-identical."""
-    reference, _ = straight_run
+    step, saves it with a state bit-identical to an uninterrupted run's state of step 1, and exits with 128 + 15."""
+    _, _, step1_state = straight_run
     out = tmp_path / "stopped"
     argv = ["--train_data_dir", str(data_folder(tmp_path)), "--output_dir", str(out), *KILL_ARGS]
-    argv += ["--save_every_n_steps", "1000"]
     pid = os.fork()
     if pid == 0:  # the child never returns into pytest
         status = 0
@@ -534,7 +554,7 @@ def test_sigterm_or_ctrl_c_stops_after_the_step_with_it_saved_and_resume_is_bit_
             trainer.sample_noise = noise_then_sigterm
             with open(os.devnull, "w") as quiet:
                 sys.stdout = sys.stderr = quiet
-                trainer.main(argv)
+                trainer.main([*argv, "--save_every_n_steps", "1000"])
         except SystemExit as stop:
             status = stop.code
         finally:
@@ -543,9 +563,32 @@ def test_sigterm_or_ctrl_c_stops_after_the_step_with_it_saved_and_resume_is_bit_
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 128 + signal.SIGTERM
     state = out / "tiny_sdxl_lokr-step00000001-state"
     assert {p.name for p in out.glob("tiny*")} == {state.name, "tiny_sdxl_lokr-step00000001.safetensors"}
-    trainer.main(argv + ["--resume", str(state)])
-    got = final_tensors(out)
-    assert got.keys() == reference.keys() and all(torch.equal(got[k], reference[k]) for k in got)
+    assert_same_state(state, step1_state)
+
+
+def test_a_failure_in_a_step_keeps_the_steps_before_it_exactly(tmp_path, straight_run, monkeypatch, capsys):
+    """Out of memory in step 2 of 2 (after its noise was drawn), with no periodic saves: step 1 is saved with the
+    state an uninterrupted run has after step 1 (RNG states included), and the error still reaches the user."""
+    _, _, step1_state = straight_run
+    real, calls = trainer.sample_noise, []
+
+    def noise_then_out_of_memory(latents, generator, offset=0.0):
+        noise = real(latents, generator, offset)
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return noise
+
+    monkeypatch.setattr(trainer, "sample_noise", noise_then_out_of_memory)
+    out = tmp_path / "failed"
+    argv = ["--train_data_dir", str(data_folder(tmp_path)), "--output_dir", str(out), *KILL_ARGS]
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        trainer.main([*argv, "--save_every_n_steps", "1000"])
+    assert_same_state(out / "tiny_sdxl_lokr-step00000001-state", step1_state)
+    assert load_kohya(out / "tiny_sdxl_lokr-step00000001.safetensors")[1]["ss_steps"] == "1"
+    assert (
+        "training failed in step 2 (RuntimeError); step 1 is saved; continue with --resume" in capsys.readouterr().out
+    )
 
 
 @pytest.mark.slow
@@ -553,7 +596,7 @@ def test_sigterm_or_ctrl_c_stops_after_the_step_with_it_saved_and_resume_is_bit_
 def test_killed_at_random_write_steps_while_saving_resumes_bit_identical(tmp_path, straight_run):
     """24 trials, each killed at a write step drawn at random among all the steps of both saves, the file being
     written cut to a random length (or not) first."""
-    reference, paths = straight_run
+    reference, paths, _ = straight_run
     rng = random.Random(2026)
     outcomes = []
     for trial in range(24):
@@ -569,7 +612,7 @@ def test_killed_at_random_write_steps_while_saving_resumes_bit_identical(tmp_pat
 def test_killed_by_another_process_at_random_times_while_saving_resumes_bit_identical(tmp_path, straight_run):
     """20 trials of a real SIGKILL from outside at a random time after a save began (the first or the second save,
     0-300 ms in: inside the writes of the kohya file, the state files, the fsyncs, or just after the save)."""
-    reference, _ = straight_run
+    reference, _, _ = straight_run
     rng = random.Random(7)
     during_save = 0
     for trial in range(20):

@@ -30,6 +30,7 @@ from .state import (
     load_state,
     read_state,
     remove_stale_state_files,
+    rng_snapshot,
     run_fingerprint,
     save_state,
     state_folder_name,
@@ -106,10 +107,10 @@ class Trainer:
         )
         return position
 
-    def _save(self, position: Position, *, stem: str, state_name: str, final: bool = False) -> None:
-        """Write the adapter files (main process) and the state (every process). A periodic save that fails with
-        ``OSError`` (a full disk) is reported and training goes on, so the next save can succeed; a failing final
-        save raises."""
+    def _save(self, position: Position, *, stem: str, state_name: str, final: bool = False, rng=None) -> None:
+        """Write the adapter files (main process) and the state (every process; ``rng``: see ``save_state``). A
+        periodic save that fails with ``OSError`` (a full disk) is reported and training goes on, so the next save
+        can succeed; a failing final save raises."""
         self.accelerator.wait_for_everyone()
         error = None
         if self.accelerator.is_main_process:
@@ -120,7 +121,7 @@ class Trainer:
         if self.args.save_state:
             folder = Path(self.args.output_dir) / state_name
             try:
-                save_state(folder, self.accelerator, self.training, position, self.fingerprint)
+                save_state(folder, self.accelerator, self.training, position, self.fingerprint, rng=rng)
                 self.history.saved.append(folder)
             except OSError as err:
                 error = error or err
@@ -173,6 +174,24 @@ class Trainer:
         self.accelerator.print(f"stopped at step {position.step} of {self.steps.total_steps}, with it saved; {how}")
         self.accelerator.end_training()
         raise SystemExit(128 + (signum or signal.SIGTERM))
+
+    def _save_after_failure(self, position: Position, rng, error: Exception) -> None:
+        """Training raised while computing the step after ``position`` (out of memory, a NaN loss, a broken image):
+        save the last completed step with the RNG states it ended with, so the work since the last save is kept and
+        a resume from it is exact. Single process only: other processes may be stuck in a collective."""
+        args = self.args
+        if self.accelerator.num_processes > 1 or _save_due(args.save_every_n_steps, position.step):
+            return
+        state_name = state_folder_name(args.output_name, step=position.step)
+        try:
+            self._save(position, stem=f"{args.output_name}-step{position.step:08d}", state_name=state_name, rng=rng)
+        except Exception as failure:  # noqa: BLE001 (the original error is what the user must see)
+            self.accelerator.print(f"warning: could not save step {position.step} after the failure: {failure}")
+            return
+        how = f"; continue with --resume {Path(args.output_dir) / state_name}" if args.save_state else ""
+        self.accelerator.print(
+            f"training failed in step {position.step + 1} ({type(error).__name__}); step {position.step} is saved{how}"
+        )
 
     def _remove_leftovers(self) -> None:
         """Remove what killed saves of this ``--output_name`` left behind (temporary files, uncommitted state files)."""
@@ -244,41 +263,52 @@ class Trainer:
             bar = progress_bar(accelerator, steps.total_steps, step)
             accumulated = 0.0
             position = start
-            for epoch in range(start.epoch, steps.total_epochs):
-                skip = start.batch if epoch == start.epoch else 0
-                loader = epoch_loader(self.data, self.build, epoch, skip=skip, workers=args.max_data_loader_n_workers)
-                for batch_index, batch in enumerate(loader, start=skip):
-                    sync = self.gradients.is_sync(batch_index, per_epoch)
-                    group = self.gradients.group_size(batch_index, per_epoch)
-                    with self.gradients.context(sync):
-                        with accelerator.autocast():
-                            loss = self.hooks.loss(batch)
-                        value = loss.detach().float().item()
-                        if not math.isfinite(value):
-                            raise FloatingPointError(
-                                f"loss became {value} at step {step + 1} (epoch {epoch + 1}, batch "
-                                f"{batch_index}); lower the learning rate or train in bf16/fp32"
-                            )
-                        accelerator.backward(loss / group)
-                    accumulated += value / group
-                    if not sync:
-                        continue
-                    self._optimizer_step()
-                    step += 1
-                    at_epoch_end = batch_index + 1 == per_epoch
-                    position = Position(
-                        step, epoch + 1 if at_epoch_end else epoch, 0 if at_epoch_end else batch_index + 1
+            # the RNG states after the last completed step and whether a failure now would leave that step exact
+            rng, safe = rng_snapshot(self.training.generator), True
+            try:
+                for epoch in range(start.epoch, steps.total_epochs):
+                    skip = start.batch if epoch == start.epoch else 0
+                    loader = epoch_loader(
+                        self.data, self.build, epoch, skip=skip, workers=args.max_data_loader_n_workers
                     )
-                    self._after_step(position, accumulated, bar)
-                    accumulated = 0.0
-                    if step < steps.total_steps and any_process(accelerator, stop.signum is not None):
-                        self._stop(position, stop.signum)
+                    for batch_index, batch in enumerate(loader, start=skip):
+                        sync = self.gradients.is_sync(batch_index, per_epoch)
+                        group = self.gradients.group_size(batch_index, per_epoch)
+                        with self.gradients.context(sync):
+                            with accelerator.autocast():
+                                loss = self.hooks.loss(batch)
+                            value = loss.detach().float().item()
+                            if not math.isfinite(value):
+                                raise FloatingPointError(
+                                    f"loss became {value} at step {step + 1} (epoch {epoch + 1}, batch "
+                                    f"{batch_index}); lower the learning rate or train in bf16/fp32"
+                                )
+                            accelerator.backward(loss / group)
+                        accumulated += value / group
+                        if not sync:
+                            continue
+                        safe = False  # from here until the step is recorded, a failure leaves no exact state
+                        self._optimizer_step()
+                        step += 1
+                        at_epoch_end = batch_index + 1 == per_epoch
+                        position = Position(
+                            step, epoch + 1 if at_epoch_end else epoch, 0 if at_epoch_end else batch_index + 1
+                        )
+                        rng = rng_snapshot(self.training.generator)
+                        self._after_step(position, accumulated, bar)
+                        accumulated, safe = 0.0, True
+                        if step < steps.total_steps and any_process(accelerator, stop.signum is not None):
+                            self._stop(position, stop.signum)
+                        if step >= steps.total_steps:
+                            break
+                    if position.batch == 0 and position.epoch == epoch + 1:
+                        self._after_epoch(position)
                     if step >= steps.total_steps:
                         break
-                if position.batch == 0 and position.epoch == epoch + 1:
-                    self._after_epoch(position)
-                if step >= steps.total_steps:
-                    break
+            except Exception as error:
+                if safe and position.step > start.step:
+                    self._save_after_failure(position, rng, error)
+                raise
             bar.close()
         if self.history.final is None:  # nothing left to train after a resume: save what was resumed
             self._save_final(position)

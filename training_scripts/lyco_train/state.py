@@ -76,7 +76,8 @@ def _optimizer_from_files(structure: dict, tensors: dict[str, torch.Tensor]) -> 
     return state
 
 
-def _rng_snapshot(generator: torch.Generator) -> tuple[dict, dict[str, torch.Tensor]]:
+def rng_snapshot(generator: torch.Generator) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Every RNG state a resumed run needs (torch CPU/CUDA, numpy, python, ``generator``), for ``save_state``."""
     tensors = {"torch_cpu": torch.get_rng_state(), "noise_generator": generator.get_state()}
     if torch.cuda.is_available():
         for index, state in enumerate(torch.cuda.get_rng_state_all()):
@@ -193,9 +194,17 @@ def any_process(accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(value, reduction="sum").item())
 
 
-def save_state(folder: Path, accelerator, training, position: Position, fingerprint: dict[str, Any]) -> None:
+def save_state(
+    folder: Path,
+    accelerator,
+    training,
+    position: Position,
+    fingerprint: dict[str, Any],
+    rng: tuple[dict, dict[str, torch.Tensor]] | None = None,
+) -> None:
     """Write a complete resumable state of ``training`` (a ``loop.Training``) to ``folder``, replacing an older one
-    only by the atomic commit of ``training_state.json``; every process saves its own RNG.
+    only by the atomic commit of ``training_state.json``; every process saves its own RNG (``rng``: an earlier
+    ``rng_snapshot`` to save instead of the current state, for a step whose successor failed after drawing noise).
 
     If a write fails on any process (a full disk), nothing is committed, every process raises ``OSError`` (the
     failing one its own error) and the folder keeps the state it had.
@@ -209,7 +218,7 @@ def save_state(folder: Path, accelerator, training, position: Position, fingerpr
     names = _file_names(generation, accelerator.num_processes)
     error = None
     try:
-        rng_info, rng_tensors = _rng_snapshot(training.generator)
+        rng_info, rng_tensors = rng or rng_snapshot(training.generator)
         rng_path = folder / names["rng"][accelerator.process_index]
         save_tensors(rng_path, rng_tensors, metadata={"info": json.dumps(rng_info)})
         if accelerator.is_main_process:
