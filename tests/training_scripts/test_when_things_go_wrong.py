@@ -390,7 +390,7 @@ def latest_state(output_dir, output_name):
 
 
 KILL_ARGS = ["--max_train_steps", "2", "--save_every_n_steps", "1", "--save_state", "--network_train_unet_only"]
-KILL_ARGS += ["--train_batch_size", "1", "--seed", "3", "--network_dim", "1"]
+KILL_ARGS += ["--train_batch_size", "1", "--seed", "3", "--network_dim", "1", "--save_peft_adapter"]
 
 
 def kill_run(tmp_path, name, target, partial=None):

@@ -143,6 +143,11 @@ def read_state(folder: str | Path) -> dict[str, Any]:
         set(position) != {"step", "epoch", "batch"} or not all(isinstance(v, int) for v in position.values())
     ):
         wrong.append("position")
+    fingerprint = state.get("fingerprint")
+    if isinstance(fingerprint, dict) and not all(
+        isinstance(fingerprint.get(key), int) for key in ("seed", "batches_per_epoch", "gradient_accumulation_steps")
+    ):
+        wrong.append("fingerprint")
     if wrong:
         raise StateError(f"state file '{path}' is missing or has malformed entries: {', '.join(wrong)}")
     if "files" not in state:
@@ -213,7 +218,7 @@ def save_state(
     accelerator.wait_for_everyone()
     try:
         generation = int(read_state(folder).get("generation", 0)) + 1
-    except StateError:
+    except (StateError, TypeError, ValueError):  # no usable state yet: this save is the first
         generation = 1
     names = _file_names(generation, accelerator.num_processes)
     error = None
