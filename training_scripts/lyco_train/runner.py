@@ -97,6 +97,7 @@ class Trainer:
         self.fingerprint = run_fingerprint(args, training.data.batches_per_epoch)
         self.gradients = GradientSteps(accelerator, self.models.values(), args.gradient_accumulation_steps)
         self.history = History()
+        self.last_step: tuple[Position, tuple] | None = None
 
     # ------------------------------------------------------------------------------------------------- state
     def resume(self, folder: str) -> Position:
@@ -241,11 +242,59 @@ class Trainer:
         if _save_due(args.sample_every_n_epochs, epoch):
             self._sample(position.step)
 
+    def _train(self, start: Position, stop: StopRequest) -> Position:
+        """The epochs from ``start`` to the planned number of steps; returns where training stopped. After each
+        completed step ``self.last_step`` holds its position and RNG states (None while an optimizer step is under
+        way), which ``_save_after_failure`` saves if the next step fails."""
+        args, accelerator, steps = self.args, self.accelerator, self.steps
+        step, per_epoch = start.step, self.data.batches_per_epoch
+        bar = progress_bar(accelerator, steps.total_steps, step)
+        accumulated = 0.0
+        position = start
+        self.last_step = (start, rng_snapshot(self.training.generator))
+        for epoch in range(start.epoch, steps.total_epochs):
+            skip = start.batch if epoch == start.epoch else 0
+            loader = epoch_loader(self.data, self.build, epoch, skip=skip, workers=args.max_data_loader_n_workers)
+            for batch_index, batch in enumerate(loader, start=skip):
+                sync = self.gradients.is_sync(batch_index, per_epoch)
+                group = self.gradients.group_size(batch_index, per_epoch)
+                with self.gradients.context(sync):
+                    with accelerator.autocast():
+                        loss = self.hooks.loss(batch)
+                    value = loss.detach().float().item()
+                    if not math.isfinite(value):
+                        raise FloatingPointError(
+                            f"loss became {value} at step {step + 1} (epoch {epoch + 1}, batch "
+                            f"{batch_index}); lower the learning rate or train in bf16/fp32"
+                        )
+                    accelerator.backward(loss / group)
+                accumulated += value / group
+                if not sync:
+                    continue
+                self.last_step = None  # until the step is recorded, a failure leaves no exact state
+                self._optimizer_step()
+                step += 1
+                at_epoch_end = batch_index + 1 == per_epoch
+                position = Position(step, epoch + 1 if at_epoch_end else epoch, 0 if at_epoch_end else batch_index + 1)
+                rng = rng_snapshot(self.training.generator)
+                self._after_step(position, accumulated, bar)
+                accumulated, self.last_step = 0.0, (position, rng)
+                if step < steps.total_steps and any_process(accelerator, stop.signum is not None):
+                    self._stop(position, stop.signum)
+                if step >= steps.total_steps:
+                    break
+            if position.batch == 0 and position.epoch == epoch + 1:
+                self._after_epoch(position)
+            if step >= steps.total_steps:
+                break
+        bar.close()
+        return position
+
     def run(self, tracker_name: str, summary: str = "") -> History:
         """Resume if ``--resume`` says so, remove leftovers of killed saves, open the trackers, train to the planned
         number of steps, save the final files (and state) before the last samples and list what was written; the
         models are left in eval mode. Ctrl+C or SIGTERM stops after the current step, with it saved
-        (``SystemExit`` with status 128 + the signal number)."""
+        (``SystemExit`` with status 128 + the signal number); an exception in a step saves the step before it."""
         args, accelerator, steps = self.args, self.accelerator, self.steps
         start = self.resume(args.resume) if args.resume else Position(0, 0, 0)
         self._remove_leftovers()
@@ -254,62 +303,17 @@ class Trainer:
             f"{summary}{', ' if summary else ''}{self.data.batches_per_epoch} batches per epoch, "
             f"{steps.total_steps} steps in {steps.total_epochs} epochs, seed {args.seed}"
         )
-        step, per_epoch = start.step, self.data.batches_per_epoch
         for model in self.models.values():
             model.train()
         if args.sample_at_first and start.step == 0:
             self._sample(0)
         with StopRequest() as stop:
-            bar = progress_bar(accelerator, steps.total_steps, step)
-            accumulated = 0.0
-            position = start
-            # the RNG states after the last completed step and whether a failure now would leave that step exact
-            rng, safe = rng_snapshot(self.training.generator), True
             try:
-                for epoch in range(start.epoch, steps.total_epochs):
-                    skip = start.batch if epoch == start.epoch else 0
-                    loader = epoch_loader(
-                        self.data, self.build, epoch, skip=skip, workers=args.max_data_loader_n_workers
-                    )
-                    for batch_index, batch in enumerate(loader, start=skip):
-                        sync = self.gradients.is_sync(batch_index, per_epoch)
-                        group = self.gradients.group_size(batch_index, per_epoch)
-                        with self.gradients.context(sync):
-                            with accelerator.autocast():
-                                loss = self.hooks.loss(batch)
-                            value = loss.detach().float().item()
-                            if not math.isfinite(value):
-                                raise FloatingPointError(
-                                    f"loss became {value} at step {step + 1} (epoch {epoch + 1}, batch "
-                                    f"{batch_index}); lower the learning rate or train in bf16/fp32"
-                                )
-                            accelerator.backward(loss / group)
-                        accumulated += value / group
-                        if not sync:
-                            continue
-                        safe = False  # from here until the step is recorded, a failure leaves no exact state
-                        self._optimizer_step()
-                        step += 1
-                        at_epoch_end = batch_index + 1 == per_epoch
-                        position = Position(
-                            step, epoch + 1 if at_epoch_end else epoch, 0 if at_epoch_end else batch_index + 1
-                        )
-                        rng = rng_snapshot(self.training.generator)
-                        self._after_step(position, accumulated, bar)
-                        accumulated, safe = 0.0, True
-                        if step < steps.total_steps and any_process(accelerator, stop.signum is not None):
-                            self._stop(position, stop.signum)
-                        if step >= steps.total_steps:
-                            break
-                    if position.batch == 0 and position.epoch == epoch + 1:
-                        self._after_epoch(position)
-                    if step >= steps.total_steps:
-                        break
+                position = self._train(start, stop)
             except Exception as error:
-                if safe and position.step > start.step:
-                    self._save_after_failure(position, rng, error)
+                if self.last_step is not None and self.last_step[0].step > start.step:
+                    self._save_after_failure(*self.last_step, error)
                 raise
-            bar.close()
         if self.history.final is None:  # nothing left to train after a resume: save what was resumed
             self._save_final(position)
         accelerator.end_training()
