@@ -11,7 +11,6 @@ written as the rank. ``file_module_delta`` computes what those readers compute, 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -21,15 +20,14 @@ from typing import Any
 import torch
 from peft.tuners.loha.layer import LoHaLayer as PeftLoHaLayer
 from peft.tuners.lokr.layer import LoKrLayer as PeftLoKrLayer
-from peft.utils.other import get_pattern_key
 from torch import nn
 
-from ..functional import LOHA_PARAMS, LOKR_PARAMS, LoKrLayout, delta_weight, loha_layout
+from ..functional import LOHA_PARAMS, LoKrLayout, delta_weight, loha_layout
 from ..tuners.options import layer_geometry
 from .io import load_kohya
 from . import kohya
-from .modules import Geometry, LycoFileError, ModuleAdapter, read_module
-from .names import NameResolver, detect_model_type, flatten, model_names
+from .modules import Geometry, ModuleAdapter, read_module
+from .names import model_names
 
 BUILTIN_LAYERS = (PeftLoHaLayer, PeftLoKrLayer)
 PEFT_PREFIX = "base_model.model."
@@ -158,52 +156,8 @@ def as_lyco_module(module: ModuleAdapter) -> ModuleAdapter:
     return found
 
 
-# ----------------------------------------------------------------------------------------------- PEFT folders
-def read_peft_folder(folder: str | Path, model_type: str | None = None, component: str | None = None):
-    """``(modules, config)`` of a PEFT adapter folder saved with ``peft_type`` ``LOHA`` or ``LOKR`` (PEFT's own types).
-
-    Layer geometry comes from the tensors; a flat conv's kernel, which its tensors do not show, comes from the naming
-    scheme's kernel hints. ``component`` defaults to the model family's denoiser (``unet``/``transformer``).
-    """
-    folder = Path(folder)
-    config_path = folder / "adapter_config.json"
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{config_path}: not a readable PEFT adapter config ({err})") from err
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type not in ("LOHA", "LOKR"):
-        raise ValueError(f"{config_path}: peft_type {config.get('peft_type')!r} is not PEFT's LOHA or LOKR")
-    weights = folder / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise ValueError(f"{folder}: no adapter_model.safetensors (only safetensors adapters are read)")
-    state_dict, _ = load_kohya(weights)
-    params = LOHA_PARAMS if peft_type == "LOHA" else LOKR_PARAMS
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state_dict.items():
-        body = key.removeprefix(PEFT_PREFIX)
-        path, _, param = body.rpartition(".")
-        if param not in params:
-            raise LycoFileError(f"{weights}: key {key!r} is not a PEFT {peft_type} parameter")
-        groups.setdefault(path, {})[param] = tensor
-    scheme = model_names(model_type or detect_model_type([f"lora_unet_{flatten(p)}" for p in groups]))
-    component = component or scheme.components[0].name
-    resolver = NameResolver(scheme)
-    modules = []
-    for path, tensors in sorted(groups.items()):
-        rank = _pattern(config.get("rank_pattern") or {}, path, config["r"])
-        alpha = _pattern(config.get("alpha_pattern") or {}, path, config["alpha"])
-        geometry = _geometry(tensors, resolver.kernel_hint(component, path))
-        modules.append(builtin_module(tensors, rank, alpha, geometry, component, path))
-    return scheme.model_type, modules
-
-
-def _pattern(patterns: Mapping[str, Any], path: str, default: Any) -> Any:
-    key = get_pattern_key(patterns.keys(), path)
-    return patterns.get(key, default) if key in patterns else default
-
-
-def _geometry(tensors: Mapping[str, torch.Tensor], kernel_hint: tuple[int, ...] | None) -> Geometry:
+# ----------------------------------------------------------------------------------------------- geometry
+def builtin_geometry(tensors: Mapping[str, torch.Tensor], kernel_hint: tuple[int, ...] | None) -> Geometry:
     """Layer geometry from PEFT LoHa/LoKr tensors (``kernel_hint`` for flat convs, whose kernel is folded in)."""
     if "hada_w1_a" in tensors:
         if "hada_t1" in tensors:

@@ -10,7 +10,8 @@ import torch
 from peft import get_peft_model, inject_adapter_in_model, set_peft_model_state_dict
 
 from peft_lyco.convert import load_kohya, peft_to_kohya, save_kohya
-from peft_lyco.convert.builtin import builtin_to_lyco, check_reloaded, file_module_delta, read_peft_folder
+from peft_lyco.cli.adapters import read_peft_folder
+from peft_lyco.convert.builtin import builtin_to_lyco, check_reloaded, file_module_delta
 from peft_lyco.convert.names import SDXL, NameResolver
 from peft_lyco.models.tiny_sdxl import tiny_sdxl_pipeline
 
@@ -92,8 +93,9 @@ def test_builtin_split_our_layouts_cannot_hold_is_named(base_unet):
 def test_peft_folder_reads_like_the_model(base_unet, name, tmp_path):
     model = builtin_unet(base_unet, name)
     model.save_pretrained(tmp_path / "adapter")
-    model_type, modules = read_peft_folder(tmp_path / "adapter")
-    assert model_type == "sdxl"
+    adapter = read_peft_folder(tmp_path / "adapter")
+    modules = adapter.modules
+    assert adapter.model_type == "sdxl"
     expected = peft_deltas(model)
     assert sorted(m.path for m in modules) == sorted(expected)
     from_model = {m.path: m for m in peft_to_kohya_modules(model)}
