@@ -180,25 +180,43 @@ def _error(delta: torch.Tensor, approximation: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------- LoHa
-def fit_loha(delta: torch.Tensor, rank: int, *, steps: int = 40, seed: int = 0, ridge: float = 1e-9) -> FittedFactors:
+def fit_loha(
+    delta: torch.Tensor, rank: int, *, steps: int = 40, restarts: int = 4, seed: int = 0, ridge: float = 1e-9
+) -> FittedFactors:
     """Flat LoHa factors with ``(w1_a @ w1_b) ⊙ (w2_a @ w2_b)`` (scale 1) fitted to ``delta`` by alternating least squares.
 
-    The four factors start as Gaussian draws from ``seed`` sized so the product has ΔW's magnitude; each step solves
-    one factor exactly given the other three (an ``r × r`` linear system per row or column, damped by ``ridge``
-    relative to its diagonal), so the error never increases and the result is deterministic given ``seed``. The best
-    iterate is returned. ``delta`` is ``(out, in, *k)`` or 2-D; kernels are flattened into the columns (flat LoHa).
+    Each step solves one factor exactly given the other three (an ``r × r`` linear system per row or column, damped
+    by ``ridge`` relative to its diagonal), so the error never increases. Starts: the rank-``rank`` SVD of ΔW times an
+    all-ones second product (so the result is never worse than the LoRA of the same rank) and ``restarts`` Gaussian
+    draws from ``seed``; each runs a few steps, the best one runs ``steps`` more, and the best iterate is returned.
+    Deterministic given ``seed``. ``delta`` is ``(out, in, *k)`` or 2-D; kernels are flattened into the columns.
     """
     target = delta.reshape(delta.shape[0], -1)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    rms = float(target.double().square().mean().sqrt())
-    size = (rms or 1.0) ** 0.25 / rank**0.25  # each product then has entries of size √rms·…, their Hadamard ≈ rms
     out, inn = target.shape
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    rms = float(target.double().square().mean().sqrt()) or 1.0
+    size = rms**0.25 / rank**0.25  # each product then has entries of size √rms, their Hadamard product about rms
 
     def draw(*shape: int) -> torch.Tensor:
         return (torch.randn(shape, generator=generator, dtype=torch.float64) * size).to(target)
 
-    w1_a, w1_b, w2_a, w2_b = draw(out, rank), draw(rank, inn), draw(out, rank), draw(rank, inn)
-    best = (_loha_error(target, w1_a, w1_b, w2_a, w2_b), (w1_a, w1_b, w2_a, w2_b))
+    low = truncated_svd(target, rank)
+    ones_a, ones_b = target.new_zeros(out, rank), target.new_zeros(rank, inn)
+    ones_a[:, 0], ones_b[0] = 1.0, 1.0
+    starts = [(low.up, low.down, ones_a, ones_b)]
+    starts += [(draw(out, rank), draw(rank, inn), draw(out, rank), draw(rank, inn)) for _ in range(restarts)]
+    warm = [_loha_als(target, factors, min(5, steps), ridge) for factors in starts]
+    error, factors = min(warm, key=lambda found: found[0])
+    error, factors = _loha_als(target, factors, steps, ridge)
+    w1_a, w1_b, w2_a, w2_b = _balance_loha(*factors)
+    tensors = {"hada_w1_a": w1_a, "hada_w1_b": w1_b, "hada_w2_a": w2_a, "hada_w2_b": w2_b}
+    return FittedFactors(tensors, _loha_error(target, w1_a, w1_b, w2_a, w2_b))
+
+
+def _loha_als(target: torch.Tensor, factors, steps: int, ridge: float):
+    """``steps`` rounds of alternating least squares; ``(error, factors)`` of the best iterate (the start included)."""
+    w1_a, w1_b, w2_a, w2_b = factors
+    best = (_loha_error(target, *factors), factors)
     for _ in range(steps):
         w1_a = _solve_rows(target, w1_b, w2_a @ w2_b, ridge)
         w1_b = _solve_rows(target.T, w1_a.T, (w2_a @ w2_b).T, ridge).T
@@ -207,9 +225,7 @@ def fit_loha(delta: torch.Tensor, rank: int, *, steps: int = 40, seed: int = 0, 
         error = _loha_error(target, w1_a, w1_b, w2_a, w2_b)
         if error < best[0]:
             best = (error, (w1_a, w1_b, w2_a, w2_b))
-    w1_a, w1_b, w2_a, w2_b = _balance_loha(*best[1])
-    tensors = {"hada_w1_a": w1_a, "hada_w1_b": w1_b, "hada_w2_a": w2_a, "hada_w2_b": w2_b}
-    return FittedFactors(tensors, _loha_error(target, w1_a, w1_b, w2_a, w2_b))
+    return best
 
 
 def _solve_rows(target: torch.Tensor, right: torch.Tensor, weights: torch.Tensor, ridge: float) -> torch.Tensor:
