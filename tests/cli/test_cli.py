@@ -174,7 +174,11 @@ def test_merge_equals_the_pipeline_with_the_adapters_fused(pipe, sdxl_folder, tm
     sample = torch.randn(1, 4, 16, 16, generator=generator)
     hidden = torch.randn(1, 7, pipe.unet.config.cross_attention_dim, generator=generator)
     added = {"text_embeds": torch.randn(1, 32, generator=generator), "time_ids": torch.randn(1, 6, generator=generator)}
-    added["text_embeds"] = torch.randn(1, pipe.unet.add_embedding.linear_1.in_features - 6 * pipe.unet.config.addition_time_embed_dim, generator=generator)
+    added["text_embeds"] = torch.randn(
+        1,
+        pipe.unet.add_embedding.linear_1.in_features - 6 * pipe.unet.config.addition_time_embed_dim,
+        generator=generator,
+    )
     with torch.no_grad():
         want = reference.unet(sample, 10, hidden, added_cond_kwargs=added).sample
         got = merged(sample, 10, hidden, added_cond_kwargs=added).sample
@@ -333,3 +337,108 @@ def test_resize_lokr_low_rank_factors(pipe, tmp_path):
         # error = ‖kron(w1, w2) - kron(w1', w2')‖: recomputed here from both files
         err = float((module_delta(module, torch.float64) - module_delta(original, torch.float64)).norm())
         assert err <= float(module_delta(original, torch.float64).norm())
+
+
+# ------------------------------------------------------------------------------------------- single-file SDXL
+def single_file_checkpoint(pipe, path):
+    """The tiny pipeline in the single-file layout: SGM UNet keys, CLIP-L under conditioner.embedders.0, CLIP-bigG
+    in OpenCLIP form (fused in_proj_weight, c_fc/c_proj) under conditioner.embedders.1."""
+    from peft_lyco.cli.checkpoints import SGM_TE1, SGM_TE2, SGM_UNET, UNET_STYLE
+
+    weights = {}
+    for key, value in pipe.unet.state_dict().items():
+        module, leaf = key.rsplit(".", 1)
+        weights[f"{SGM_UNET}{UNET_STYLE.to_style(module) or module}.{leaf}"] = value
+    for key, value in pipe.text_encoder.state_dict().items():
+        weights[SGM_TE1 + ("" if key.startswith("text_model.") else "text_model.") + key] = value
+    te2 = {k.removeprefix("text_model."): v for k, v in pipe.text_encoder_2.state_dict().items()}
+    for i in range(pipe.text_encoder_2.config.num_hidden_layers):
+        layer, block = f"encoder.layers.{i}", f"{SGM_TE2}transformer.resblocks.{i}"
+        weights[f"{block}.attn.in_proj_weight"] = torch.cat(
+            [te2[f"{layer}.self_attn.{p}.weight"] for p in ("q_proj", "k_proj", "v_proj")]
+        )
+        weights[f"{block}.attn.out_proj.weight"] = te2[f"{layer}.self_attn.out_proj.weight"]
+        weights[f"{block}.mlp.c_fc.weight"] = te2[f"{layer}.mlp.fc1.weight"]
+        weights[f"{block}.mlp.c_proj.weight"] = te2[f"{layer}.mlp.fc2.weight"]
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(path))
+    return path
+
+
+def full_adapter(pipe, path, seed):
+    """A LoKr file on the UNet and both text encoders (every CLIP-bigG q/k/v/out set complete)."""
+    clip = LoKrConfig(r=2, alpha=1, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1"])
+    models = {
+        "unet": random_adapter(pipe.unet, LoKrConfig(r=4, alpha=2, factor=4, target_modules=ATTN), seed),
+        "text_encoder": random_adapter(pipe.text_encoder, clip, seed + 1),
+        "text_encoder_2": random_adapter(pipe.text_encoder_2, clip, seed + 2),
+    }
+    state_dict, metadata = peft_to_kohya(models)
+    return save_kohya(path, state_dict, metadata)
+
+
+def test_single_file_merge_matches_the_folder_merge_and_extract_recovers(pipe, sdxl_folder, tmp_path):
+    from peft_lyco.cli.checkpoints import Checkpoint
+
+    single = single_file_checkpoint(pipe, tmp_path / "tiny_sdxl.safetensors")
+    adapter = full_adapter(pipe, tmp_path / "a.safetensors", seed=9)
+    assert run_cli("merge", "--model", single, "--adapter", f"{adapter}:0.5", "--out", tmp_path / "m.safetensors") == 0
+    assert run_cli("merge", "--model", sdxl_folder, "--adapter", f"{adapter}:0.5", "--out", tmp_path / "m") == 0
+    merged_single, merged_folder = Checkpoint(tmp_path / "m.safetensors"), Checkpoint(tmp_path / "m")
+    modules = read_adapter(adapter).modules
+    assert {m.component for m in modules} == {"unet", "text_encoder", "text_encoder_2"}
+    for module in modules:
+        got = merged_single.read(merged_single.slot(module.component, module.path))
+        want = merged_folder.read(merged_folder.slot(module.component, module.path))
+        assert torch.equal(got, want), (module.component, module.path)
+    # keys no module touches keep their bits
+    before, after = load_file(str(single)), load_file(str(tmp_path / "m.safetensors"))
+    touched = {merged_single.slot(m.component, m.path).key for m in modules}
+    assert all(torch.equal(after[k], before[k]) for k in before if k not in touched)
+    out = tmp_path / "x.safetensors"
+    code = run_cli("extract", "--base", single, "--tuned", tmp_path / "m.safetensors", "--algo", "lokr",
+                   "--rank", 4, "--factor", 4, "--out", out)  # fmt: skip
+    assert code == 0
+    extracted = {m.name: m for m in read_adapter(out).modules}
+    assert set(extracted) == {m.name for m in modules}
+    for module in modules:
+        want = 0.5 * module_delta(module, torch.float64)
+        got = module_delta(extracted[module.name], torch.float64)
+        assert float((got - want).norm() / want.norm()) <= 1e-4, module.name
+
+
+# ------------------------------------------------------------------------------------------------------ Anima
+def test_anima_inspect_convert_extract_resize(tmp_path, capsys):
+    from peft_lyco.models.anima import build_tiny_anima
+
+    dit = build_tiny_anima(seed=0).dit
+    save_file({f"net.{k}": v for k, v in dit.state_dict().items()}, str(tmp_path / "dit.safetensors"))
+    config = LoKrConfig(r=2, alpha=1, factor=4, decompose_both=True, target_modules=["q_proj", "output_proj"])
+    model = random_adapter(dit, config, seed=10)
+    state_dict, metadata = peft_to_kohya({"transformer": model})
+    adapter = save_kohya(tmp_path / "anima.safetensors", state_dict, metadata)
+    assert run_cli("inspect", adapter, "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model_type"] == "anima" and len(report["modules"]) == len(read_adapter(adapter).modules)
+    assert run_cli("convert", adapter, tmp_path / "peft") == 0
+    assert run_cli("convert", tmp_path / "peft", tmp_path / "back.safetensors") == 0
+    back = load_kohya(tmp_path / "back.safetensors")[0]
+    assert all(torch.equal(back[k], v) for k, v in state_dict.items()) and set(back) == set(state_dict)
+    assert (
+        run_cli(
+            "merge", "--model", tmp_path / "dit.safetensors", "--adapter", adapter, "--out", tmp_path / "t.safetensors"
+        )
+        == 0
+    )
+    out = tmp_path / "x.safetensors"
+    code = run_cli("extract", "--base", tmp_path / "dit.safetensors", "--tuned", tmp_path / "t.safetensors",
+                   "--algo", "lokr", "--rank", 2, "--factor", 4, "--decompose_both", "--out", out)  # fmt: skip
+    assert code == 0
+    originals = {m.name: m for m in read_adapter(adapter).modules}
+    extracted = read_adapter(out).modules
+    assert {m.name for m in extracted} == set(originals)
+    for module in extracted:
+        want = module_delta(originals[module.name], torch.float64)
+        assert float((module_delta(module, torch.float64) - want).norm() / want.norm()) <= 1e-4, module.name
+    assert run_cli("resize", adapter, "--rank", 1, "--to-lora", "--out", tmp_path / "r.safetensors") == 0
+    resized = read_adapter(tmp_path / "r.safetensors").modules
+    assert {m.algo for m in resized} == {"lora"} and {m.rank for m in resized} == {1}
