@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from ..convert import ComponentAdapter, KohyaConversion, kohya_to_peft, load_kohya, peft_to_kohya, save_kohya
 from ..convert.builtin import PEFT_PREFIX, builtin_geometry, builtin_module
 from ..convert.kohya import build_component
-from ..convert.modules import FILE_PARAMS, ModuleAdapter, read_module
+from ..convert.modules import ModuleAdapter, read_module
 from ..convert.names import NameResolver, detect_model_type, flatten, model_names
 from ..functional import LOHA_PARAMS, LOKR_PARAMS, delta_weight
 
@@ -100,7 +100,7 @@ def read_peft_folder(folder: Path, model_type: str | None = None, component: str
 
 def _pattern(patterns, path, default):
     key = get_pattern_key(patterns.keys(), path)
-    return patterns[key] if key in patterns else default
+    return patterns.get(key, default)
 
 
 # ------------------------------------------------------------------------------------------------------ ΔW
@@ -157,7 +157,9 @@ def write_kohya(
     kept = {k: v for k, v in adapter.metadata.items() if not k.startswith(("ss_network_", "ss_base_model_version"))}
     state_dict, meta = peft_to_kohya(
         as_conversion(adapter, configs=all(m.algo == "lora" or m.candidates for m in adapter.modules)),
-        naming=naming, dtype=dtype, metadata={**kept, **(metadata or {})}
+        naming=naming,
+        dtype=dtype,
+        metadata={**kept, **(metadata or {})},
     )
     return save_kohya(out, state_dict, meta)
 
@@ -176,12 +178,17 @@ def write_peft_folders(out: str | os.PathLike, adapter: Adapter, dtype: torch.dt
     written = []
     try:
         for component, method, part in parts:
-            sub = "." if len(parts) == 1 else (component if len(conversion[component].parts) == 1 else f"{component}_{method}")
+            sub = (
+                "."
+                if len(parts) == 1
+                else (component if len(conversion[component].parts) == 1 else f"{component}_{method}")
+            )
             folder = temp / sub
             folder.mkdir(parents=True, exist_ok=True)
             part.config.save_pretrained(str(folder))
             tensors = {
-                PEFT_PREFIX + key: (value.to(dtype) if dtype else value).contiguous() for key, value in part.state_dict.items()
+                PEFT_PREFIX + key: (value.to(dtype) if dtype else value).contiguous()
+                for key, value in part.state_dict.items()
             }
             save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
             written.append(out / sub)

@@ -67,7 +67,10 @@ def _naming(groups) -> str:
     names = list(groups)
     if any("." in name for name in names):
         return "dotted (ComfyUI/diffusers style)"
-    if any(n.startswith("lora_unet_") and ("input_blocks" in n or "output_blocks" in n or "middle_block" in n) for n in names):
+    if any(
+        n.startswith("lora_unet_") and ("input_blocks" in n or "output_blocks" in n or "middle_block" in n)
+        for n in names
+    ):
         return "kohya sgm"
     if any(n.startswith("lora_unet_") and ("down_blocks" in n or "up_blocks" in n or "mid_block" in n) for n in names):
         return "kohya diffusers"
@@ -130,8 +133,8 @@ def _metadata_summary(metadata: dict[str, str]) -> dict[str, str]:
 
 def format_report(report: dict) -> str:
     """The report as text: a header, one line per module, metadata and warnings."""
-    lines = [f"file: {report['file']}", f"format: {report['format']}   naming: {report['naming']}   "
-             f"model: {report.get('model_type')}   modules: {len(report['modules'])}"]  # fmt: skip
+    lines = [f"file: {report['file']}", (f"format: {report['format']}   naming: {report['naming']}   "
+             f"model: {report.get('model_type')}   modules: {len(report['modules'])}")]  # fmt: skip
     columns = ("name", "algo", "layout", "rank", "factor", "alpha", "scale", "scale_rule", "dtype")
     rows = [[_cell(m.get(c, "")) for c in columns] for m in report["modules"]]
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]

@@ -30,7 +30,7 @@ def resize_module(module: ModuleAdapter, new_rank: int, *, to_lora: bool, seed: 
         algo = "lora" if to_lora else module.algo
         if not to_lora and module.algo == "lora" and new_rank >= module.rank:
             return module, 0.0
-        tensors, error = fit_module(delta, algo, new_rank, seed=seed)
+        tensors, _ = fit_module(delta, algo, new_rank, seed=seed)
     else:
         layout = module.layout
         if new_rank >= module.rank and not layout.both_full:
@@ -47,7 +47,6 @@ def resize_module(module: ModuleAdapter, new_rank: int, *, to_lora: bool, seed: 
         if (new_layout.out_l, new_layout.in_m) != (layout.out_l, layout.in_m):
             raise ValueError(f"{module.name}: the LoKr split changes at rank {new_rank}")
         tensors = lokr_factors(w1 * module_scale(module), w2, new_layout)
-        error = None
     tensors = {name: tensor.to(next(iter(module.tensors.values())).dtype) for name, tensor in tensors.items()}
     algo = "lora" if to_lora else module.algo
     resized = make_module(module.component, module.path, module.name, algo, tensors, new_rank, g)
@@ -63,7 +62,12 @@ def run(args) -> int:
         resized, error = resize_module(module, new_rank, to_lora=args.to_lora, seed=args.seed)
         modules.append(resized)
         norm = float(module_delta(module, torch.float64).norm())
-        report.append((f"{module.name} ({module.algo} r{module.rank} -> {resized.algo} r{resized.rank})", error / max(norm, 1e-30)))
+        report.append(
+            (
+                f"{module.name} ({module.algo} r{module.rank} -> {resized.algo} r{resized.rank})",
+                error / max(norm, 1e-30),
+            )
+        )
     dtype = DTYPES[args.dtype] if args.dtype else None
     write_kohya(args.out, Adapter(adapter.model_type, modules, adapter.metadata), dtype=dtype)
     print_errors(report)

@@ -24,8 +24,8 @@ from torch import nn
 
 from ..functional import LOHA_PARAMS, LoKrLayout, delta_weight, loha_layout
 from ..tuners.options import layer_geometry
-from .io import load_kohya
 from . import kohya
+from .io import load_kohya
 from .modules import Geometry, ModuleAdapter, read_module
 from .names import model_names
 
@@ -207,9 +207,7 @@ def file_module_delta(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return delta * scale
 
 
-def check_reloaded(
-    path: str | Path, expected: Mapping[str, torch.Tensor], *, rtol: float = 1e-5
-) -> dict[str, float]:
+def check_reloaded(path: str | Path, expected: Mapping[str, torch.Tensor], *, rtol: float = 1e-5) -> dict[str, float]:
     """Reload a written kohya file and compare each module's reader ΔW with ``expected`` (module name -> ΔW).
 
     Returns module name -> relative Frobenius error; raises ``ValueError`` naming the modules above ``rtol`` or

@@ -206,8 +206,8 @@ def fit_loha(
     starts = [(low.up, low.down, ones_a, ones_b)]
     starts += [(draw(out, rank), draw(rank, inn), draw(out, rank), draw(rank, inn)) for _ in range(restarts)]
     warm = [_loha_als(target, factors, min(5, steps), ridge) for factors in starts]
-    error, factors = min(warm, key=lambda found: found[0])
-    error, factors = _loha_als(target, factors, steps, ridge)
+    _, factors = min(warm, key=lambda found: found[0])
+    _, factors = _loha_als(target, factors, steps, ridge)
     w1_a, w1_b, w2_a, w2_b = _balance_loha(*factors)
     tensors = {"hada_w1_a": w1_a, "hada_w1_b": w1_b, "hada_w2_a": w2_a, "hada_w2_b": w2_b}
     return FittedFactors(tensors, _loha_error(target, w1_a, w1_b, w2_a, w2_b))

@@ -63,7 +63,9 @@ def run_cli(*argv) -> int:
 # ------------------------------------------------------------------------------------------------------ basics
 def test_module_entry_point_help_runs_in_a_subprocess():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-m", "peft_lyco", "--help"], capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "peft_lyco", "--help"], capture_output=True, text=True, env=env, check=False
+    )
     assert result.returncode == 0, result.stderr
     for command in ("inspect", "convert", "merge", "extract", "resize"):
         assert command in result.stdout
@@ -81,9 +83,9 @@ def test_every_subcommand_explains_itself(capsys):
 def test_inspect_reports_modules_scales_and_warnings(pipe, tmp_path, capsys):
     path = lokr_file(pipe, tmp_path / "a.safetensors")
     state_dict, metadata = load_kohya(path)
-    name = sorted(k for k in state_dict if k.endswith("attn1_to_q.alpha"))[0]
+    name = min(k for k in state_dict if k.endswith("attn1_to_q.alpha"))
     state_dict[name] = torch.tensor(0.0)  # an alpha oddity
-    first = sorted(k for k in state_dict if "to_k.lokr_w1" in k or "to_k.lokr_w1".replace(".", "_") in k)[0]
+    first = min(k for k in state_dict if "to_k.lokr_w1" in k or "to_k.lokr_w1".replace(".", "_") in k)
     state_dict[first] = state_dict[first].half()  # a mixed-dtype module
     save_kohya(tmp_path / "b.safetensors", state_dict, metadata)
     assert run_cli("inspect", tmp_path / "b.safetensors", "--json") == 0

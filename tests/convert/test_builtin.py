@@ -9,22 +9,22 @@ import pytest
 import torch
 from peft import get_peft_model, inject_adapter_in_model, set_peft_model_state_dict
 
-from peft_lyco.convert import load_kohya, peft_to_kohya, save_kohya
 from peft_lyco.cli.adapters import read_peft_folder
+from peft_lyco.convert import load_kohya, peft_to_kohya, save_kohya
 from peft_lyco.convert.builtin import builtin_to_lyco, check_reloaded, file_module_delta
 from peft_lyco.convert.names import SDXL, NameResolver
 from peft_lyco.models.tiny_sdxl import tiny_sdxl_pipeline
 
 TARGETS = ["to_q", "to_k", "ff.net.2", "conv1", "conv_shortcut", "time_emb_proj"]
 CONFIGS = {
-    "lokr": dict(cls=peft.LoKrConfig, r=4, alpha=2, target_modules=TARGETS),
-    "lokr-tucker-both": dict(
-        cls=peft.LoKrConfig, r=2, alpha=3, decompose_both=True, use_effective_conv2d=True, target_modules=TARGETS
-    ),
+    "lokr": {"cls": peft.LoKrConfig, "r": 4, "alpha": 2, "target_modules": TARGETS},
+    "lokr-tucker-both": {
+        "cls": peft.LoKrConfig, "r": 2, "alpha": 3, "decompose_both": True, "use_effective_conv2d": True, "target_modules": TARGETS
+    },
     # factor 16 > sqrt(64): PEFT splits 64 as (16, 4), larger half first (LyCORIS never does)
-    "lokr-factor16-full": dict(cls=peft.LoKrConfig, r=16, alpha=4, decompose_factor=16, target_modules=TARGETS),
-    "loha": dict(cls=peft.LoHaConfig, r=4, alpha=8, target_modules=TARGETS),
-    "loha-tucker": dict(cls=peft.LoHaConfig, r=3, alpha=2, use_effective_conv2d=True, target_modules=TARGETS),
+    "lokr-factor16-full": {"cls": peft.LoKrConfig, "r": 16, "alpha": 4, "decompose_factor": 16, "target_modules": TARGETS},
+    "loha": {"cls": peft.LoHaConfig, "r": 4, "alpha": 8, "target_modules": TARGETS},
+    "loha-tucker": {"cls": peft.LoHaConfig, "r": 3, "alpha": 2, "use_effective_conv2d": True, "target_modules": TARGETS},
 }
 
 

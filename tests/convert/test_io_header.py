@@ -15,5 +15,5 @@ def test_a_safetensors_header_size_starting_with_0x80_is_not_taken_for_a_pickle(
         if path.read_bytes()[0] == 0x80:
             break
     assert path.read_bytes()[:1] == b"\x80"
-    state_dict, metadata = load_kohya(path)
+    state_dict, _metadata = load_kohya(path)
     assert torch.equal(state_dict["lora_unet_conv_in.alpha"], tensors["lora_unet_conv_in.alpha"])
