@@ -35,7 +35,7 @@ def load_kohya(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     try:
         with safetensors.safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = dict(handle.metadata() or {})
-            state_dict = {key: handle.get_tensor(key) for key in handle}
+            state_dict = {key: handle.get_tensor(key) for key in handle.keys()}
     except (safetensors.SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from err
     return state_dict, metadata
