@@ -27,7 +27,7 @@ from ..tuners.options import layer_geometry
 from . import kohya
 from .io import load_kohya
 from .modules import Geometry, ModuleAdapter, read_module
-from .names import model_names
+from .names import detect_model_type, flatten, model_names
 
 BUILTIN_LAYERS = (PeftLoHaLayer, PeftLoKrLayer)
 PEFT_PREFIX = "base_model.model."
@@ -86,9 +86,10 @@ def _lokr_layout(tensors: Mapping[str, torch.Tensor], rank: int, geometry: Geome
 
 # ----------------------------------------------------------------------------------------------- from models
 def builtin_modules(component: str, model: nn.Module, adapter_name: str = "default") -> list[ModuleAdapter]:
-    """Every PEFT built-in LoHa/LoKr adapter ``adapter_name`` in ``model`` as kohya modules (see ``builtin_module``)."""
+    """Every PEFT built-in LoHa/LoKr adapter ``adapter_name`` in ``model`` (the plain model, not a ``PeftModel``, so
+    paths are the model's own) as kohya modules (see ``builtin_module``)."""
     modules, problems = [], []
-    for path, layer in kohya._unwrap(model).named_modules():
+    for path, layer in model.named_modules():
         if not is_builtin_layer(layer) or adapter_name not in layer._available_adapters:
             continue
         path = re.sub(r"(^|\.)base_layer(?=\.|$)", "", path)
@@ -125,7 +126,7 @@ def builtin_to_lyco(
     naming the modules our layouts cannot hold (PEFT LoKr split an input dimension larger half first, which happens
     with a ``decompose_factor`` above the square root of the layer's input size); ``peft_to_kohya`` still writes those.
     """
-    scheme = model_names(model_type or kohya._guess_model_type(components))
+    scheme = model_names(model_type or _model_type(components))
     converted, problems = {}, []
     for name, model in kohya.component_models(scheme, components).items():
         modules = []
@@ -142,6 +143,24 @@ def builtin_to_lyco(
     if not converted:
         raise ValueError(f"no PEFT built-in LoHa/LoKr layer holds an adapter named '{adapter_name}'")
     return kohya.KohyaConversion(scheme.model_type, converted)
+
+
+def _model_type(components: Any) -> str:
+    """The model family from the denoiser's built-in layer paths (``detect_model_type`` on their kohya names)."""
+    if isinstance(components, Mapping):
+        held = [components.get(name) for name in ("unet", "transformer")]
+    else:
+        held = [components] + [getattr(components, name, None) for name in ("unet", "transformer", "dit")]
+    names = [
+        "lora_unet_" + flatten(re.sub(r"^base_model\.model\.", "", path))
+        for model in held
+        if isinstance(model, nn.Module)
+        for path, layer in model.named_modules()
+        if is_builtin_layer(layer)
+    ]
+    if not names:
+        raise ValueError("cannot tell the model family (no denoiser with PEFT LoHa/LoKr layers); pass model_type")
+    return detect_model_type(names)
 
 
 def as_lyco_module(module: ModuleAdapter) -> ModuleAdapter:

@@ -19,12 +19,29 @@ TARGETS = ["to_q", "to_k", "ff.net.2", "conv1", "conv_shortcut", "time_emb_proj"
 CONFIGS = {
     "lokr": {"cls": peft.LoKrConfig, "r": 4, "alpha": 2, "target_modules": TARGETS},
     "lokr-tucker-both": {
-        "cls": peft.LoKrConfig, "r": 2, "alpha": 3, "decompose_both": True, "use_effective_conv2d": True, "target_modules": TARGETS
+        "cls": peft.LoKrConfig,
+        "r": 2,
+        "alpha": 3,
+        "decompose_both": True,
+        "use_effective_conv2d": True,
+        "target_modules": TARGETS,
     },
     # factor 16 > sqrt(64): PEFT splits 64 as (16, 4), larger half first (LyCORIS never does)
-    "lokr-factor16-full": {"cls": peft.LoKrConfig, "r": 16, "alpha": 4, "decompose_factor": 16, "target_modules": TARGETS},
+    "lokr-factor16-full": {
+        "cls": peft.LoKrConfig,
+        "r": 16,
+        "alpha": 4,
+        "decompose_factor": 16,
+        "target_modules": TARGETS,
+    },
     "loha": {"cls": peft.LoHaConfig, "r": 4, "alpha": 8, "target_modules": TARGETS},
-    "loha-tucker": {"cls": peft.LoHaConfig, "r": 3, "alpha": 2, "use_effective_conv2d": True, "target_modules": TARGETS},
+    "loha-tucker": {
+        "cls": peft.LoHaConfig,
+        "r": 3,
+        "alpha": 2,
+        "use_effective_conv2d": True,
+        "target_modules": TARGETS,
+    },
 }
 
 
@@ -71,7 +88,7 @@ def test_builtin_export_reloads_with_peft_delta(base_unet, name, tmp_path):
 @pytest.mark.parametrize("name", ["lokr", "lokr-tucker-both", "loha", "loha-tucker"])
 def test_builtin_to_lyco_gives_the_same_delta(base_unet, name):
     model = builtin_unet(base_unet, name)
-    conversion = builtin_to_lyco({"unet": model})
+    conversion = builtin_to_lyco(model if name.startswith("lokr") else {"unet": model})
     part = conversion["unet"]
     ours = inject_adapter_in_model(part.config, copy.deepcopy(base_unet), "default")
     assert not set_peft_model_state_dict(ours, part.state_dict, "default").unexpected_keys
@@ -109,4 +126,4 @@ def test_peft_folder_reads_like_the_model(base_unet, name, tmp_path):
 def peft_to_kohya_modules(model):
     from peft_lyco.convert.builtin import builtin_modules
 
-    return builtin_modules("unet", model)
+    return builtin_modules("unet", model.get_base_model())
