@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Approximate (tuned - base) module by module: LoRA/LoCon by truncated SVD, LoKr by the nearest Kronecker "
         "product (Van Loan-Pitsianis rearrangement, then SVD) with rank-r factors where the layout asks for them, "
         "LoHa by a Hadamard product fitted with alternating least squares (deterministic given --seed). Prints the "
-        "relative error of each module. Weights are compared in float64."))  # fmt: skip
+        "relative error of each module. Differences are taken in float64, fits run in float32 (on --device)."))  # fmt: skip
     p.add_argument("--base", required=True, help="base model (diffusers folder or .safetensors checkpoint)")
     p.add_argument("--tuned", required=True, help="fine-tuned model of the same form")
     p.add_argument("--algo", choices=["lora", "lokr", "loha"], default="lora")
@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min_diff", "--min-diff", type=float, default=0.0,
                    help="skip modules whose largest |tuned - base| is at most this (default 0: identical only)")  # fmt: skip
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="file precision")
+    p.add_argument("--device", default="cpu", help="where the SVDs and fits run, e.g. cuda (default cpu)")
     p.add_argument("--out", required=True, help="output .safetensors")
 
     p = commands.add_parser("resize", help="lower an adapter's rank / turn it into LoRA", description=(
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to-lora", "--to_lora", dest="to_lora", action="store_true", help="write LoRA/LoCon modules")
     p.add_argument("--seed", type=int, default=0, help="LoHa refit seed")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="file precision (default: the input's)")
+    p.add_argument("--device", default="cpu", help="where the SVDs and fits run, e.g. cuda (default cpu)")
     p.add_argument("--out", required=True, help="output .safetensors")
     p.add_argument("--model_type", "--model-type", **model_type)
     return parser

@@ -161,7 +161,7 @@ def _keys(path: Path) -> list[str]:
 def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
     try:
         with safetensors.safe_open(str(path), framework="pt", device="cpu") as handle:
-            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118 (not iterable)
     except (safetensors.SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {err}") from err
 
@@ -169,7 +169,7 @@ def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
 def read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors and the metadata of one checkpoint file."""
     with safetensors.safe_open(str(path), framework="pt", device="cpu") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
+        return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})  # noqa: SIM118
 
 
 def write_checkpoint(checkpoint: Checkpoint, out: Path, changed: dict[Path, tuple[dict, dict]]) -> Path:

@@ -33,7 +33,17 @@ def fit_module(delta: torch.Tensor, algo: str, rank: int, *, factor: int = -1, d
     return fitted.tensors, fitted.error
 
 
+def compute_device(name: str) -> torch.device:
+    """The device the fits run on; a CUDA device that is not there is an error, not a silent CPU run."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available")
+    return device
+
+
 def extract(args) -> list[tuple[str, float]]:
+    """Fit every differing module (float64 difference, float32 fit on ``args.device``) and write the file."""
+    device = compute_device(args.device)
     base, tuned = Checkpoint(args.base), Checkpoint(args.tuned)
     if base.model_type != tuned.model_type:
         raise ValueError(f"{args.base} is {base.model_type} but {args.tuned} is {tuned.model_type}")
@@ -56,10 +66,10 @@ def extract(args) -> list[tuple[str, float]]:
         if rank is None:
             skipped.append(path)
             continue
-        tensors, error = fit_module(delta, args.algo, rank, factor=args.factor, decompose_both=args.decompose_both,
+        tensors, error = fit_module(delta.to(device, torch.float32), args.algo, rank, factor=args.factor, decompose_both=args.decompose_both,
                                     use_tucker=args.use_tucker, seed=args.seed)  # fmt: skip
         geometry = Geometry(delta.shape[0], delta.shape[1], kernel)
-        tensors = {name: tensor.float() for name, tensor in tensors.items()}
+        tensors = {name: tensor.float().cpu() for name, tensor in tensors.items()}
         name = resolver.kohya_name(component, path)
         modules.append(make_module(component, path, name, args.algo, tensors, rank, geometry))
         report.append((name, error / max(float(delta.norm()), 1e-30)))

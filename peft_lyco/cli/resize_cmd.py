@@ -14,7 +14,7 @@ from ..functional import lokr_layout
 from ..functional.approximate import lokr_factors
 from ..functional.tucker import rebuild_tucker
 from .adapters import DTYPES, Adapter, make_module, module_delta, module_scale, read_adapter, write_kohya
-from .extract_cmd import fit_module, print_errors
+from .extract_cmd import compute_device, fit_module, print_errors
 
 
 def target_rank(module: ModuleAdapter, rank: int | None, ratio: float | None) -> int:
@@ -22,15 +22,18 @@ def target_rank(module: ModuleAdapter, rank: int | None, ratio: float | None) ->
     return rank if rank is not None else max(1, math.ceil(ratio * module.rank))
 
 
-def resize_module(module: ModuleAdapter, new_rank: int, *, to_lora: bool, seed: int) -> tuple[ModuleAdapter, float]:
-    """The module at ``new_rank`` (scale 1: alpha = rank) and the Frobenius error of its ΔW."""
+def resize_module(
+    module: ModuleAdapter, new_rank: int, *, to_lora: bool, seed: int, device: torch.device | str = "cpu"
+) -> tuple[ModuleAdapter, float]:
+    """The module at ``new_rank`` (scale 1: alpha = rank) and the Frobenius error of its ΔW (fits in float32 on
+    ``device``, the error in float64)."""
     delta = module_delta(module, torch.float64)
     g = module.geometry
     if to_lora or module.algo in ("lora", "loha"):
         algo = "lora" if to_lora else module.algo
         if not to_lora and module.algo == "lora" and new_rank >= module.rank:
             return module, 0.0
-        tensors, _ = fit_module(delta, algo, new_rank, seed=seed)
+        tensors, _ = fit_module(delta.to(device, torch.float32), algo, new_rank, seed=seed)
     else:
         layout = module.layout
         if new_rank >= module.rank and not layout.both_full:
@@ -47,7 +50,8 @@ def resize_module(module: ModuleAdapter, new_rank: int, *, to_lora: bool, seed: 
         if (new_layout.out_l, new_layout.in_m) != (layout.out_l, layout.in_m):
             raise ValueError(f"{module.name}: the LoKr split changes at rank {new_rank}")
         tensors = lokr_factors(w1 * module_scale(module), w2, new_layout)
-    tensors = {name: tensor.to(next(iter(module.tensors.values())).dtype) for name, tensor in tensors.items()}
+    dtype = next(iter(module.tensors.values())).dtype
+    tensors = {name: tensor.to("cpu", dtype) for name, tensor in tensors.items()}
     algo = "lora" if to_lora else module.algo
     resized = make_module(module.component, module.path, module.name, algo, tensors, new_rank, g)
     error = float((module_delta(resized, torch.float64) - delta).norm())
@@ -55,11 +59,12 @@ def resize_module(module: ModuleAdapter, new_rank: int, *, to_lora: bool, seed: 
 
 
 def run(args) -> int:
+    device = compute_device(args.device)
     adapter = read_adapter(args.file, args.model_type)
     modules, report = [], []
     for module in tqdm(adapter.modules, desc="resizing", unit="module"):
         new_rank = target_rank(module, args.rank, args.ratio)
-        resized, error = resize_module(module, new_rank, to_lora=args.to_lora, seed=args.seed)
+        resized, error = resize_module(module, new_rank, to_lora=args.to_lora, seed=args.seed, device=device)
         modules.append(resized)
         norm = float(module_delta(module, torch.float64).norm())
         report.append(

@@ -444,3 +444,68 @@ def test_anima_inspect_convert_extract_resize(tmp_path, capsys):
     assert run_cli("resize", adapter, "--rank", 1, "--to-lora", "--out", tmp_path / "r.safetensors") == 0
     resized = read_adapter(tmp_path / "r.safetensors").modules
     assert {m.algo for m in resized} == {"lora"} and {m.rank for m in resized} == {1}
+
+
+# ------------------------------------------------------------------------------------------------------ bad input
+def test_bad_inputs_are_named_and_leave_no_output(pipe, sdxl_folder, tmp_path, capsys):
+    adapter = lokr_file(pipe, tmp_path / "a.safetensors")
+    # an existing output folder is never overwritten
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    assert run_cli("convert", adapter, tmp_path / "taken") == 1
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+    # a truncated adapter names the file; the model folder is untouched and no output appears
+    (tmp_path / "cut.safetensors").write_bytes(adapter.read_bytes()[:100])
+    out = tmp_path / "merged"
+    assert run_cli("merge", "--model", sdxl_folder, "--adapter", tmp_path / "cut.safetensors", "--out", out) == 1
+    assert "cut.safetensors" in capsys.readouterr().err and not out.exists()
+    # a model that is neither SDXL nor Anima
+    save_file({"foo.weight": torch.zeros(2, 2)}, str(tmp_path / "other.safetensors"))
+    assert run_cli("extract", "--base", tmp_path / "other.safetensors", "--tuned", tmp_path / "other.safetensors",
+                   "--out", tmp_path / "x.safetensors") == 1  # fmt: skip
+    assert "neither a single-file SDXL" in capsys.readouterr().err
+    # identical models: nothing to extract, nothing written
+    assert run_cli("extract", "--base", sdxl_folder, "--tuned", sdxl_folder, "--out", tmp_path / "x.safetensors") == 1
+    assert "do not differ" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+    # argparse refuses meaningless sizes
+    with pytest.raises(SystemExit):
+        main(["resize", str(adapter), "--ratio", "1.5", "--out", str(tmp_path / "r.safetensors")])
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary files left behind
+
+
+def test_extract_on_a_missing_cuda_device_is_an_error(pipe, sdxl_folder, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    code = run_cli(
+        "extract",
+        "--base",
+        sdxl_folder,
+        "--tuned",
+        sdxl_folder,
+        "--device",
+        "cuda",
+        "--out",
+        tmp_path / "x.safetensors",
+    )
+    assert code == 1 and "CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_extract_and_resize_on_cuda_match_the_cpu(pipe, sdxl_folder, tmp_path):
+    adapter = lokr_file(pipe, tmp_path / "a.safetensors", seed=11)
+    tuned = tuned_folder(pipe, sdxl_folder, tmp_path, adapter)
+    for algo in ("lora", "lokr", "loha"):
+        files = {}
+        for device in ("cpu", "cuda"):
+            files[device] = tmp_path / f"{algo}_{device}.safetensors"
+            assert run_cli("extract", "--base", sdxl_folder, "--tuned", tuned, "--algo", algo, "--rank", 4,
+                           "--factor", 4, "--device", device, "--out", files[device]) == 0  # fmt: skip
+        cpu = {m.name: module_delta(m, torch.float64) for m in read_adapter(files["cpu"]).modules}
+        for module in read_adapter(files["cuda"]).modules:
+            want = cpu[module.name]
+            got = module_delta(module, torch.float64)
+            assert float((got - want).norm() / want.norm()) < (1e-3 if algo != "loha" else 5e-2), (algo, module.name)
+    out = tmp_path / "r.safetensors"
+    assert run_cli("resize", adapter, "--rank", 2, "--to-lora", "--device", "cuda", "--out", out) == 0
