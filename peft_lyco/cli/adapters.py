@@ -146,22 +146,23 @@ def as_conversion(adapter: Adapter, *, configs: bool = True) -> KohyaConversion:
 
 
 def write_kohya(
-    out: str | os.PathLike,
-    adapter: Adapter,
-    *,
-    naming: str = "sgm",
-    dtype: torch.dtype | None = None,
-    metadata: dict[str, str] | None = None,
+    out: str | os.PathLike, adapter: Adapter, *, naming: str = "sgm", dtype: torch.dtype | None = None
 ) -> Path:
-    """Write the modules as a kohya file (atomically), carrying over the source's ``ss_*``/``modelspec.*`` metadata."""
+    """Write the modules as a kohya file (atomically), carrying over the source's other metadata."""
+    return save_kohya(out, *kohya_contents(adapter, naming=naming, dtype=dtype))
+
+
+def kohya_contents(
+    adapter: Adapter, *, naming: str = "sgm", dtype: torch.dtype | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The kohya state dict and metadata of the modules (the source's metadata kept, the network entries rewritten)."""
     kept = {k: v for k, v in adapter.metadata.items() if not k.startswith(("ss_network_", "ss_base_model_version"))}
-    state_dict, meta = peft_to_kohya(
+    return peft_to_kohya(
         as_conversion(adapter, configs=all(m.algo == "lora" or m.candidates for m in adapter.modules)),
         naming=naming,
         dtype=dtype,
-        metadata={**kept, **(metadata or {})},
+        metadata=kept,
     )
-    return save_kohya(out, state_dict, meta)
 
 
 def write_peft_folders(out: str | os.PathLike, adapter: Adapter, dtype: torch.dtype | None = None) -> list[Path]:

@@ -227,12 +227,19 @@ def file_module_delta(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
 
 def check_reloaded(path: str | Path, expected: Mapping[str, torch.Tensor], *, rtol: float = 1e-5) -> dict[str, float]:
-    """Reload a written kohya file and compare each module's reader ΔW with ``expected`` (module name -> ΔW).
+    """Reload a written kohya file and compare each module's reader ΔW with ``expected`` (see ``check_deltas``)."""
+    state_dict, _ = load_kohya(path)
+    return check_deltas(state_dict, expected, rtol=rtol, where=str(path))
+
+
+def check_deltas(
+    state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], *, rtol: float = 1e-5, where: str = ""
+) -> dict[str, float]:
+    """Compare each module's reader ΔW in a kohya state dict with ``expected`` (module name -> ΔW).
 
     Returns module name -> relative Frobenius error; raises ``ValueError`` naming the modules above ``rtol`` or
-    missing from the file.
+    missing from the state dict.
     """
-    state_dict, _ = load_kohya(path)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
         name, _, param = key.partition(".")
@@ -240,7 +247,7 @@ def check_reloaded(path: str | Path, expected: Mapping[str, torch.Tensor], *, rt
     errors, bad = {}, []
     for name, reference in expected.items():
         if name not in groups:
-            bad.append(f"{name}: missing from {path}")
+            bad.append(f"{name}: missing")
             continue
         reference = reference.double().reshape(reference.shape[0], -1)
         got = file_module_delta(groups[name])
@@ -249,5 +256,5 @@ def check_reloaded(path: str | Path, expected: Mapping[str, torch.Tensor], *, rt
         if errors[name] > rtol:
             bad.append(f"{name}: relative ΔW error {errors[name]:.3g} > {rtol:g}")
     if bad:
-        raise ValueError(f"{path}: reloaded ΔW differs from the adapter's:\n  " + "\n  ".join(bad))
+        raise ValueError(f"{where or 'state dict'}: ΔW differs from the adapter's:\n  " + "\n  ".join(bad))
     return errors

@@ -509,3 +509,40 @@ def test_extract_and_resize_on_cuda_match_the_cpu(pipe, sdxl_folder, tmp_path):
             assert float((got - want).norm() / want.norm()) < (1e-3 if algo != "loha" else 5e-2), (algo, module.name)
     out = tmp_path / "r.safetensors"
     assert run_cli("resize", adapter, "--rank", 2, "--to-lora", "--device", "cuda", "--out", out) == 0
+
+
+def test_resize_loha_refits_and_inspect_survives_nan(pipe, tmp_path, capsys):
+    from peft_lyco import LoHaConfig
+
+    model = random_adapter(pipe.unet, LoHaConfig(r=4, alpha=2, target_modules=["attn2.to_q"]), seed=12)
+    state_dict, metadata = peft_to_kohya({"unet": model})
+    adapter = save_kohya(tmp_path / "loha.safetensors", state_dict, metadata)
+    out = tmp_path / "r.safetensors"
+    assert run_cli("resize", adapter, "--rank", 2, "--out", out) == 0
+    printed = printed_errors(capsys.readouterr().out.replace(" (loha r4 -> loha r2)", ""))
+    originals = {m.name: m for m in read_adapter(adapter).modules}
+    for module in read_adapter(out).modules:
+        assert module.algo == "loha" and module.rank == 2
+        want = module_delta(originals[module.name], torch.float64)
+        error = float((module_delta(module, torch.float64) - want).norm() / want.norm())
+        assert error == pytest.approx(printed[module.name], rel=1e-3)
+        lora_error = float(torch.linalg.svdvals(want)[2:].norm() / want.norm())
+        assert error <= lora_error + 1e-4
+    key = next(k for k in state_dict if k.endswith("hada_w2_b"))
+    state_dict[key] = state_dict[key].clone()
+    state_dict[key][0, 0] = float("nan")
+    save_kohya(tmp_path / "nan.safetensors", state_dict, metadata)
+    assert run_cli("inspect", tmp_path / "nan.safetensors", "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    text = "\n".join(report["warnings"])
+    assert f"{key.split('.')[0]}: NaN/inf in ['hada_w2_b']" in text and "cannot load" in text
+
+
+def test_convert_builtin_loha_folder_to_fp16_is_checked(pipe, tmp_path, capsys):
+    config = peft.LoHaConfig(r=2, alpha=4, target_modules=["to_q", "conv1"], init_weights=False)
+    model = get_peft_model(copy.deepcopy(pipe.unet), config)
+    model.save_pretrained(tmp_path / "builtin")
+    assert run_cli("convert", tmp_path / "builtin", tmp_path / "out.safetensors", "--dtype", "fp16") == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("checked"))
+    assert 0 < float(line.rsplit(" ", 1)[1]) <= 2e-3  # fp16 rounding shows, within the checked bound
+    assert all(t.dtype == torch.float16 for t in load_kohya(tmp_path / "out.safetensors")[0].values())
