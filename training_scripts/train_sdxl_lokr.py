@@ -44,6 +44,7 @@ from lyco_train.objectives import (
 from lyco_train.runner import Hooks, Trainer
 from lyco_train.sampling import SamplePrompt, render_samples
 from lyco_train.tiny import TINY_SEED, report_reload, tiny_defaults, use_one_cpu_thread
+from lyco_train.validation import FixedDraw, make_validator
 
 import peft_lyco  # noqa: F401  (registers LYCO_LOHA / LYCO_LOKR with PEFT)
 
@@ -168,7 +169,8 @@ def main(argv: Optional[list[str]] = None) -> Result:
     accelerator = make_accelerator(args, unused_parameters=not args.network_train_unet_only)
     if tiny:
         use_one_cpu_thread()
-    records, buckets = training_images(args, accelerator, tiny_model="SDXL" if tiny else None)
+    data = training_images(args, accelerator, tiny_model="SDXL" if tiny else None)
+    records, buckets = data.records, data.buckets
 
     set_seed(args.seed, device_specific=True)
     run = RunInfo(str(uuid.uuid4()), time.time(), args.pretrained_model_name_or_path or "tiny-random-sdxl", "sdxl")
@@ -192,18 +194,18 @@ def main(argv: Optional[list[str]] = None) -> Result:
 
     # caches of frozen outputs, filled once before training
     latent_cache = build_latent_cache(
-        args, accelerator, records, buckets, tag=f"sdxl:{run.model_name}:{args.vae}",
+        args, accelerator, data.all_records, buckets + data.validation_buckets, tag=f"sdxl:{run.model_name}:{args.vae}",
         encode=lambda pixels: encode_images(pipe.vae, pixels),
     )  # fmt: skip
     text_cache = build_text_cache(
-        args, accelerator, records, tag=f"sdxl:{run.model_name}",
+        args, accelerator, data.all_records, tag=f"sdxl:{run.model_name}",
         encode=lambda captions: encode_captions(pipe, captions, (pipe.text_encoder, pipe.text_encoder_2)),
     )  # fmt: skip
 
     training = prepare_training(args, accelerator, records, buckets, trained)
     models, generator = training.models, training.generator
 
-    def loss(batch: dict) -> torch.Tensor:
+    def loss(batch: dict, draw: Optional[FixedDraw] = None) -> torch.Tensor:
         if "latents" in batch:
             latents = batch["latents"].to(device, torch.float32)
         else:
@@ -213,8 +215,12 @@ def main(argv: Optional[list[str]] = None) -> Result:
         else:
             encoders = tuple(models.get(name, getattr(pipe, name)) for name in TEXT_ENCODERS)
             text = encode_captions(pipe, batch["captions"], encoders)
-        noise = sample_noise(latents, generator, args.noise_offset)
-        timesteps = sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator, device)
+        num_timesteps = noise_scheduler.config.num_train_timesteps
+        noise = sample_noise(latents, draw.generator if draw else generator, args.noise_offset)
+        if draw:
+            timesteps = draw.timesteps(latents.shape[0], num_timesteps, device)
+        else:
+            timesteps = sample_timesteps(latents.shape[0], num_timesteps, generator, device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"]).to(device)
         prediction = models["unet"](
@@ -224,7 +230,9 @@ def main(argv: Optional[list[str]] = None) -> Result:
             added_cond_kwargs={"text_embeds": text["pooled"].to(device, dtype), "time_ids": time_ids.to(dtype)},
         ).sample
         target = ddpm_target(noise_scheduler, latents, noise, timesteps)
-        weights = min_snr_weights(noise_scheduler, timesteps, args.min_snr_gamma) if args.min_snr_gamma else None
+        weights = batch["loss_weights"].to(device)
+        if args.min_snr_gamma:
+            weights = weights * min_snr_weights(noise_scheduler, timesteps, args.min_snr_gamma)
         return weighted_mse(prediction, target, weights)
 
     def render(prompt: SamplePrompt):
@@ -240,7 +248,10 @@ def main(argv: Optional[list[str]] = None) -> Result:
         save=AdapterWriter(args, run, accelerator, training, records, buckets, objective),
         sample=lambda step: render_samples(args, accelerator, step, render, SamplePrompt(prompt="")),
     )
-    trainer = Trainer(args, accelerator, training, BatchBuilder(records, buckets, latent_cache), hooks)
+    trainer = Trainer(
+        args, accelerator, training, BatchBuilder(records, buckets, latent_cache, args.prior_loss_weight), hooks,
+        validator=make_validator(args, accelerator, data, latent_cache, loss),
+    )  # fmt: skip
     history = trainer.run("train_sdxl_lokr", summary=f"{len(records)} images, {training.data.image_count()} per epoch")
     if tiny and accelerator.is_main_process:
         check_reload(args, history.final, pipe, prompt=records[0].caption)

@@ -15,7 +15,8 @@ from lyco_train.buckets import (
     fit_image,
 )
 from lyco_train.cache import LatentCache, TextCache
-from lyco_train.data import DataError, scan_dataset
+from lyco_train.captions import CaptionRules
+from lyco_train.data import DataError, Subset, scan_dataset
 from lyco_train.synthetic import make_shapes_dataset
 from PIL import Image
 
@@ -40,7 +41,7 @@ def test_scan_reads_captions_repeats_and_sizes(tmp_path):
     assert by_name["loose.png"].size == (40, 24)
     assert by_name["p.jpg"].repeats == 1
     shapes = [r for r in records if r.path.parent == folder]
-    assert len(shapes) == 6 and all(r.repeats == 3 and r.subset == "shapes" for r in shapes)
+    assert len(shapes) == 6 and all(r.repeats == 3 and r.subset.name == "shapes" for r in shapes)
     assert shapes[2].size == (48, 32)  # every third synthetic image is landscape
 
 
@@ -118,16 +119,17 @@ def test_fit_geometry_crop_and_flip_conditioning():
     assert torch.equal(mirrored, pixels.flip(-1))
 
 
-def _records(tmp_path, count=6):
+def _records(tmp_path, count=6, **settings):
+    """The shapes dataset with ``settings`` (``Subset`` fields, ``batch_size`` included) for every subset."""
     make_shapes_dataset(tmp_path, count=count, size=32, repeats=2)
-    return scan_dataset(tmp_path)
+    return scan_dataset(tmp_path, template=Subset(tmp_path, **settings))
 
 
 def test_epoch_plan_is_deterministic_complete_and_bucketed(tmp_path):
-    records = _records(tmp_path)
+    records = _records(tmp_path, batch_size=2, flip_aug=True, captions=CaptionRules(dropout_rate=0.5))
     settings = BucketSettings(resolution=(32, 32), enable=True, min_reso=16, max_reso=64, step=16)
     buckets = assign_buckets([r.size for r in records], settings)
-    plan = EpochPlan(records, buckets, batch_size=2, seed=3, flip_aug=True, caption_dropout_rate=0.5)
+    plan = EpochPlan(records, buckets, seed=3)
     first, again, other = plan.batches(0), plan.batches(0), plan.batches(1)
     assert first == again and first != other
     assert sorted(s.record for batch in first for s in batch) == sorted(
@@ -139,13 +141,13 @@ def test_epoch_plan_is_deterministic_complete_and_bucketed(tmp_path):
     assert any(s.flip for s in samples) and not all(s.flip for s in samples)
     assert any(s.drop_caption for s in samples) and not all(s.drop_caption for s in samples)
     shards = [
-        EpochPlan(records, buckets, batch_size=2, seed=3, num_processes=2, process_index=i).batches(0) for i in (0, 1)
+        EpochPlan(records, buckets, seed=3, num_processes=2, process_index=i).batches(0) for i in (0, 1)
     ]
     assert len(shards[0]) == len(shards[1]) and not set(map(str, shards[0])) & set(map(str, shards[1]))
 
 
 def test_batch_builder_uses_latent_cache_and_drops_captions(tmp_path):
-    records = _records(tmp_path, count=3)
+    records = _records(tmp_path, count=3, batch_size=3, flip_aug=True)
     buckets = [(32, 32)] * len(records)
     cache = LatentCache("test", tmp_path / "cache")
     calls = []
@@ -157,7 +159,7 @@ def test_batch_builder_uses_latent_cache_and_drops_captions(tmp_path):
     jobs = [(r, b, flip) for r, b in zip(records, buckets) for flip in (False, True)]
     assert cache.fill(jobs, encode, batch_size=4, show_progress=False) == 6 and calls == [4, 2]
     assert cache.fill(jobs, encode, batch_size=4, show_progress=False) == 0  # reused from disk
-    plan = EpochPlan(records, buckets, batch_size=3, seed=0, flip_aug=True, caption_dropout_rate=0.0)
+    plan = EpochPlan(records, buckets, seed=0)
     batch = BatchBuilder(records, buckets, cache)(plan.batches(0)[0])
     sample = plan.batches(0)[0][0]
     geometry = fit_geometry(records[sample.record].size, (32, 32), crop_offset=None, flip=sample.flip)
