@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from accelerate.utils import set_seed
 from lyco_train import args as options
-from lyco_train.batches import BatchBuilder, training_images
+from lyco_train.batches import BatchBuilder, TrainingData, training_images
 from lyco_train.cache import build_latent_cache, build_text_cache
 from lyco_train.data import DataError
 from lyco_train.export import AdapterWriter
@@ -61,6 +61,8 @@ class Result:
     losses: list[float]
     files: list[Path]
     final: Path
+    validation: list[tuple[int, str, float]]
+    data: TrainingData
 
 
 # ---------------------------------------------------------------------------------------------------- arguments
@@ -300,7 +302,7 @@ def main(argv: Optional[list[str]] = None) -> Result:
     history = trainer.run("train_anima_lokr", summary=f"{len(records)} images, {training.data.image_count()} per epoch")
     if tiny and accelerator.is_main_process:
         check_reload(args, history.final, models, prompt=records[0].caption)
-    return Result(args, models, history.losses, history.saved, history.final)
+    return Result(args, models, history.losses, history.saved, history.final, history.validation, data)
 
 
 if __name__ == "__main__":

@@ -231,7 +231,7 @@ def datasets_from_config(path: str | Path, args: argparse.Namespace) -> list[Dat
     config = load_toml(path)
     problems: list[str] = []
     shared = {**DATASET_KEYS, **SUBSET_KEYS}
-    _check_table(config, {"general": (), "datasets": ()}, "top level", problems)
+    _check_table(config, {}, "top level", problems, nested=("general", "datasets"))
     general = _check_table(config.get("general", {}), shared, "general", problems)
     datasets = config.get("datasets", [])
     if not isinstance(datasets, list) or not datasets:
