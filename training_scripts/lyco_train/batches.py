@@ -209,13 +209,15 @@ class TrainingData:
 
 
 def load_training_data(datasets: list[DatasetSpec], *, seed: int, where: str) -> TrainingData:
-    """Scan every dataset's subsets, balance the regularisation repeats, hold out the validation share (shuffled with
-    each dataset's ``validation_seed``, else ``seed``) and assign buckets with each dataset's settings."""
+    """Scan every dataset's subsets, hold out the validation share (shuffled with each dataset's ``validation_seed``,
+    else ``seed``), balance the regularisation repeats to the remaining training images (as sd-scripts) and assign
+    buckets with each dataset's settings."""
     records, buckets, held, held_buckets = [], [], [], []
     for dataset in datasets:
-        found = balance_regularisation(scan_subsets(list(dataset.subsets), where=where))
+        found = scan_subsets(list(dataset.subsets), where=where)
         seed_of_split = dataset.validation_seed if dataset.validation_seed is not None else seed
         training, validation = split_validation(found, dataset.validation_split, seed_of_split)
+        training = balance_regularisation(training)
         records += training
         buckets += assign_buckets([r.size for r in training], dataset.buckets)
         held += validation
@@ -240,7 +242,7 @@ def training_images(args, accelerator, *, tiny_model: Optional[str] = None) -> T
     if tiny_model:
         accelerator.print(
             f"no --pretrained_model_name_or_path: training a tiny random {tiny_model} on CPU with the "
-            f"dataset in {args.train_data_dir} ({len(data.records)} images)"
+            f"dataset in {args.dataset_config or args.train_data_dir} ({len(data.records)} images)"
         )
     if data.validation_records:
         accelerator.print(f"{len(data.validation_records)} image(s) held out for validation")
