@@ -1,11 +1,12 @@
 """Dataset scan, bucketing, epoch plans and caches of the trainers' shared helpers."""
 
+import colorsys
 import math
 
 import numpy as np
 import pytest
 import torch
-from lyco_train.batches import BatchBuilder, EpochPlan
+from lyco_train.batches import BatchBuilder, EpochPlan, Sample
 from lyco_train.buckets import (
     BucketSettings,
     assign_buckets,
@@ -140,9 +141,7 @@ def test_epoch_plan_is_deterministic_complete_and_bucketed(tmp_path):
     samples = [s for batch in first + other for s in batch]
     assert any(s.flip for s in samples) and not all(s.flip for s in samples)
     assert any(s.drop_caption for s in samples) and not all(s.drop_caption for s in samples)
-    shards = [
-        EpochPlan(records, buckets, seed=3, num_processes=2, process_index=i).batches(0) for i in (0, 1)
-    ]
+    shards = [EpochPlan(records, buckets, seed=3, num_processes=2, process_index=i).batches(0) for i in (0, 1)]
     assert len(shards[0]) == len(shards[1]) and not set(map(str, shards[0])) & set(map(str, shards[1]))
 
 
@@ -184,3 +183,58 @@ def test_text_cache_encodes_each_caption_once(tmp_path):
     assert cache.fill(["ab"], batch_size=2, show_progress=False) == 0 and seen == ["ab", "", "xyz"]
     got = cache.get(["xyz", ""])["embeds"]
     assert got.shape == (2, 2, 3) and got[0, 0, 0] == 3 and got[1, 0, 0] == 0
+
+
+def test_caption_file_first_line_and_class_tokens(tmp_path):
+    _image(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("  first line \nsecond line\n")
+    _image(tmp_path / "b.png")
+    records = scan_dataset(tmp_path, template=Subset(tmp_path, class_tokens="sks"))
+    assert [r.caption for r in records] == ["first line", "sks"]
+
+
+def test_color_aug_rate_kinds_ranges_and_pixels(tmp_path):
+    from lyco_train.augment import COLOR_AUG_PROBABILITY, apply_color_change
+
+    records = _records(tmp_path, count=3, batch_size=1, color_aug=True)
+    plan = EpochPlan(records, [(32, 32)] * len(records), seed=4)
+    samples = [s for epoch in range(400) for batch in plan.batches(epoch) for s in batch]
+    changes = [s.color for s in samples if s.color is not None]
+    n, p = len(samples), COLOR_AUG_PROBABILITY
+    assert abs(len(changes) / n - p) < 5 * math.sqrt(p * (1 - p) / n)  # 2400 showings, five binomial sd
+    hues = [a for kind, a in changes if kind == "hue"]
+    gammas = [a for kind, a in changes if kind == "gamma"]
+    assert abs(len(hues) / len(changes) - 0.5) < 5 * math.sqrt(0.25 / len(changes))
+    assert all(-16 <= a <= 16 for a in hues) and all(0.95 <= g <= 1.05 for g in gammas)
+    assert plan.batches(7) == EpochPlan(records, [(32, 32)] * len(records), seed=4).batches(7)
+
+    image = Image.fromarray(np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3))
+    gamma = np.asarray(apply_color_change(image, ("gamma", 1.03)))
+    assert np.array_equal(gamma, np.clip(np.asarray(image, dtype=np.float64) ** 1.03, 0, 255).astype(np.uint8))
+    red = Image.new("RGB", (4, 4), (200, 30, 30))  # hue 0 degrees
+    for shift in (16.0, -9.0):
+        r, g, b = (v / 255 for v in apply_color_change(red, ("hue", shift)).getpixel((0, 0)))
+        hue = colorsys.rgb_to_hsv(r, g, b)[0] * 360
+        assert abs((hue - shift + 180) % 360 - 180) < 2.5  # 8-bit hue steps are 1.4 degrees, plus RGB rounding
+    coloured = next(s for s in samples if s.color is not None and not s.flip)
+    plain = BatchBuilder(records, [(32, 32)] * len(records))
+    assert not torch.equal(plain([coloured])["pixels"], plain([Sample(coloured.record, False, None, False)])["pixels"])
+
+
+def test_regularisation_folders_and_loss_weights(tmp_path):
+    from argparse import Namespace
+
+    from lyco_train.batches import load_training_data
+    from lyco_train.dataset_config import datasets_from_args
+
+    make_shapes_dataset(tmp_path / "train", count=4, size=32, repeats=2)
+    make_shapes_dataset(tmp_path / "reg", count=3, size=32, repeats=1)
+    args = Namespace(train_data_dir=str(tmp_path / "train"), reg_data_dir=str(tmp_path / "reg"), train_batch_size=4)
+    data = load_training_data(datasets_from_args(args), seed=0, where="test")
+    regs = [r for r in data.records if r.subset.is_reg]
+    assert len(regs) == 3 and sum(r.repeats for r in regs) == 8  # balanced to the 4 x 2 training showings
+    plan = EpochPlan(data.records, data.buckets, seed=0)
+    build = BatchBuilder(data.records, data.buckets, prior_loss_weight=0.3)
+    for batch in plan.batches(0):
+        weights = build(batch)["loss_weights"].tolist()
+        assert weights == pytest.approx([0.3 if data.records[s.record].subset.is_reg else 1.0 for s in batch])

@@ -117,7 +117,12 @@ def test_sdxl_validation_loss_and_prior_loss_weight(tmp_path, monkeypatch):
     assert len(data.validation_records) == 1 and len(data.records) == 5  # 3 training + 2 regularisation images
     assert [r.repeats for r in data.records if r.subset.is_reg] == [2, 1]  # balanced to the 3 training images
     _check_weights(calls, 0.25, reg_per_epoch=3, epochs=2)
-    assert [(step, kind) for step, kind, _ in result.validation] == [(3, "step"), (3, "epoch"), (6, "step"), (6, "epoch")]
+    assert [(step, kind) for step, kind, _ in result.validation] == [
+        (3, "step"),
+        (3, "epoch"),
+        (6, "step"),
+        (6, "epoch"),
+    ]
     assert result.validation[0][2] == result.validation[1][2] and result.validation[2][2] == result.validation[3][2]
     assert result.validation[0][2] != result.validation[2][2]  # the adapter changed in between
 
@@ -162,7 +167,9 @@ def test_anima_validation_loss_and_prior_loss_weight(tmp_path, monkeypatch):
         text = anima_trainer.encode_captions(models, [record.caption], models.text_encoder)
         losses = []
         for k, sigma in enumerate((0.2, 0.4, 0.6, 0.8)):
-            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(validation_noise_seed(seed, 0, k)))
+            noise = torch.randn(
+                latents.shape, generator=torch.Generator().manual_seed(validation_noise_seed(seed, 0, k))
+            )
             prediction = models.dit(
                 (1 - sigma) * latents + sigma * noise, torch.tensor([sigma]), text["prompt_embeds"],
                 target_input_ids=text["t5_input_ids"], target_attention_mask=text["t5_attention_mask"],
