@@ -250,7 +250,9 @@ def use_dataset_config(args: argparse.Namespace) -> None:
     ``--train_data_dir`` and ``--reg_data_dir`` are ignored, with a warning."""
     ignored = [f"--{name}" for name in ("train_data_dir", "reg_data_dir") if getattr(args, name)]
     if ignored:
-        warnings.warn(f"{', '.join(ignored)} ignored: --dataset_config '{args.dataset_config}' lists the images")
+        warnings.warn(
+            f"{', '.join(ignored)} ignored: --dataset_config '{args.dataset_config}' lists the images", stacklevel=2
+        )
         args.train_data_dir = args.reg_data_dir = None
     args.dataset_specs = resolve_datasets(args)
     first = args.dataset_specs[0]

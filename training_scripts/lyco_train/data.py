@@ -158,7 +158,8 @@ def scan_subsets(subsets: list[Subset], *, where: str) -> list[ImageRecord]:
 def scan_dataset(
     root: str | Path, caption_extension: str = ".txt", template: Optional[Subset] = None
 ) -> list[ImageRecord]:
-    """All images under ``root`` (directly or one folder down) with their captions and repeats (see ``scan_subsets``)."""
+    """All images under ``root`` (directly or one folder down) with their captions and repeats (``scan_subsets``);
+    ``template`` gives every subset's other settings."""
     template = template or Subset(Path(root), caption_extension=caption_extension)
     return scan_subsets(folder_subsets(root, template), where=f"training data folder '{root}'")
 
