@@ -1,6 +1,7 @@
 """--dataset_config: sd-scripts' TOML schema, value fallbacks, errors naming key and file, regularisation and
 validation splits, and the checks that refuse caches that would be wrong."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -54,16 +55,17 @@ batch_size = "2"
     "name, text, message",
     [
         ("data.toml", "[[datasets]\nresolution = 5", "is not valid TOML"),
-        ("data.json", "{}", "must be a .toml file"),
+        ("data.yaml", "{}", "must be a .toml (or .json) file"),
+        ("data.json", '{"datasets": [{"subsets": [{"image_dir": 3}]}]}', "key 'image_dir' must be a string, got 3"),
         ("data.toml", "[general]\nresolution = 512\n", "no [[datasets]] entries"),
         ("data.toml", "[[datasets]]\nresolution = 512\n", "has no [[datasets.subsets]] entries"),
         ("data.toml", "[[datasets]]\n[[datasets.subsets]]\nnum_repeats = 1\n", "needs image_dir"),
     ],
-    ids=["syntax", "suffix", "no-datasets", "no-subsets", "no-image-dir"],
+    ids=["syntax", "suffix", "json", "no-datasets", "no-subsets", "no-image-dir"],
 )
 def test_unusable_files_are_named(tmp_path, name, text, message):
     config = _write(tmp_path / name, text)
-    with pytest.raises(UsageError, match=message.replace("[", r"\[").replace("]", r"\]")) as caught:
+    with pytest.raises(UsageError, match=re.escape(message)) as caught:
         _parse("--dataset_config", str(config))
     assert str(config) in str(caught.value)
 
@@ -223,3 +225,8 @@ batch_size = 3
     for batch in batches:
         datasets = {data.records[s.record].subset.dataset for s in batch}
         assert len(datasets) == 1 and len(batch) == (2 if datasets == {0} else 3)
+
+
+def test_validation_split_out_of_range_names_the_option(tmp_path):
+    with pytest.raises(UsageError, match=r"--validation_split must be in \[0, 1\), got 1.0"):
+        _parse("--train_data_dir", str(tmp_path), "--validation_split", "1")

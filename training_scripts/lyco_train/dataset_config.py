@@ -1,4 +1,5 @@
-"""``--dataset_config``: sd-scripts' dataset TOML (``[general]``, ``[[datasets]]``, ``[[datasets.subsets]]``).
+"""``--dataset_config``: sd-scripts' dataset TOML (``[general]``, ``[[datasets]]``, ``[[datasets.subsets]]``), or the
+same structure as JSON.
 
 A value is looked up in the subset, then its dataset, then ``[general]``, then the command line, then the default, as
 sd-scripts does. Every unknown or mistyped key, and every sd-scripts key these trainers do not implement, is reported
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -119,17 +121,22 @@ class DatasetSpec:
     subsets: tuple[Subset, ...]
 
 
-def load_toml(path: str | Path) -> dict:
-    """The parsed file; a missing file, another format or a syntax error is a ``DatasetConfigError`` naming it."""
+def load_config_file(path: str | Path) -> dict:
+    """The parsed file (``.toml``, or ``.json`` with the same structure, as sd-scripts accepts); a missing file, another
+    format or a syntax error is a ``DatasetConfigError`` naming it."""
     path = Path(path)
-    if path.suffix.lower() != ".toml":
-        raise DatasetConfigError(f"--dataset_config '{path}' must be a .toml file (sd-scripts' dataset config)")
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".json"):
+        raise DatasetConfigError(
+            f"--dataset_config '{path}' must be a .toml (or .json) file (sd-scripts' dataset config)"
+        )
     if not path.is_file():
         raise DatasetConfigError(f"--dataset_config '{path}' does not exist")
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise DatasetConfigError(f"--dataset_config '{path}' is not valid TOML: {err}") from err
+        text = path.read_text(encoding="utf-8")
+        return tomllib.loads(text) if suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatasetConfigError(f"--dataset_config '{path}' is not valid {suffix[1:].upper()}: {err}") from err
 
 
 def _check_table(
@@ -228,7 +235,7 @@ def datasets_from_config(path: str | Path, args: argparse.Namespace) -> list[Dat
     from the current directory, as sd-scripts does.
     """
     path = Path(path)
-    config = load_toml(path)
+    config = load_config_file(path)
     problems: list[str] = []
     shared = {**DATASET_KEYS, **SUBSET_KEYS}
     _check_table(config, {}, "top level", problems, nested=("general", "datasets"))
@@ -301,10 +308,10 @@ def dataset_problems(datasets: list[DatasetSpec], args: argparse.Namespace, *, p
             check_divisible(dataset.buckets, pixel_multiple)
         except ValueError as err:
             problems.append(f"{where}{err}")
-        if dataset.batch_size < 1:
-            problems.append(f"{where}batch size must be at least 1, got {dataset.batch_size}")
+        if config and dataset.batch_size < 1:  # the command line's --train_batch_size is checked with the options
+            problems.append(f"{where}batch_size must be at least 1, got {dataset.batch_size}")
         if not 0.0 <= dataset.validation_split < 1.0:
-            problems.append(f"{where}validation_split must be in [0, 1), got {dataset.validation_split}")
+            problems.append(f"{where or '--'}validation_split must be in [0, 1), got {dataset.validation_split}")
         for s, subset in enumerate(dataset.subsets):
             named = f"[datasets[{d}].subsets[{s}]] " if config else "--"
             rules = subset.captions
