@@ -39,6 +39,7 @@ from lyco_train.objectives import (
     SIGMA_SAMPLING,
     flow_noisy_input,
     flow_target,
+    sample_generators,
     sample_noise,
     sample_sigmas,
     weighted_mse,
@@ -248,7 +249,7 @@ def main(argv: Optional[list[str]] = None) -> Result:
     )  # fmt: skip
 
     training = prepare_training(args, accelerator, records, buckets, trained)
-    modules, generator = training.models, training.generator
+    modules = training.models
 
     def loss(batch: dict, draw: Optional[FixedDraw] = None) -> torch.Tensor:
         if "latents" in batch:
@@ -259,12 +260,13 @@ def main(argv: Optional[list[str]] = None) -> Result:
             text = {k: v.to(device) for k, v in text_cache.get(batch["captions"]).items()}
         else:
             text = encode_captions(models, batch["captions"], modules.get("text_encoder", models.text_encoder))
-        noise = sample_noise(latents, draw.generator if draw else generator)
+        generators = draw.generators if draw else sample_generators(batch["noise_seeds"])
+        noise = sample_noise(latents, generators)
         if draw:
-            sigmas = draw.sigmas(latents.shape[0], device)
+            sigmas = draw.sigmas(device)
         else:
             sigmas = sample_sigmas(
-                latents.shape[0], args.timestep_sampling, generator, device,
+                args.timestep_sampling, generators, device,
                 sigmoid_scale=args.sigmoid_scale, shift=args.discrete_flow_shift,
             )  # fmt: skip
         prediction = modules["transformer"](

@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import train_anima_lokr as anima_trainer
 import train_sdxl_lokr as sdxl_trainer
@@ -24,10 +25,11 @@ def test_validator_averages_fixed_draws_and_leaves_training_state_alone():
     seen = []
 
     def loss(batch, draw: FixedDraw):
-        noise = torch.randn(2, generator=draw.generator)
+        (generator,) = draw.generators
+        noise = torch.randn(2, generator=generator)
         seen.append((batch["index"], draw.fraction, noise))
         assert not model.training and not torch.is_grad_enabled()
-        return (noise.sum() + batch["index"]) * draw.fraction
+        return ((noise.sum() + batch["index"]) * draw.fraction)[None]  # one sample's loss
 
     validator = Validator(
         batches, lambda s: {"index": s[0].record}, loss, seed=11, accelerator=Accelerator(cpu=True), max_steps=2
@@ -38,11 +40,13 @@ def test_validator_averages_fixed_draws_and_leaves_training_state_alone():
     expected = []
     for b in range(2):  # max_steps=2: the third batch is left out
         for k, fraction in enumerate(VALIDATION_POINTS):
-            noise = torch.randn(2, generator=torch.Generator().manual_seed(validation_noise_seed(11, b, k)))
+            noise = torch.randn(2, generator=torch.Generator().manual_seed(validation_noise_seed(11, b, k, 0)))
             expected.append(float((noise.sum() + b) * fraction))
     assert len(seen) == 8 and math.isclose(value, sum(expected) / 8, rel_tol=1e-6)
     assert validator([model]) == value  # the same noise every time
-    assert FixedDraw(torch.Generator(), 0.4).timesteps(2, 1000, torch.device("cpu")).tolist() == [400, 400]
+    pair = FixedDraw([torch.Generator(), torch.Generator()], 0.4)
+    assert pair.timesteps(1000, torch.device("cpu")).tolist() == [400, 400]
+    assert pair.sigmas(torch.device("cpu")).tolist() == pytest.approx([0.4, 0.4])
 
 
 def _config(tmp_path: Path, extra: str = "") -> Path:
@@ -77,7 +81,7 @@ validation_split = 0.25
 
 
 def _record_losses(monkeypatch, module):
-    """Wrap the trainer's loss reduction: keep (per-sample squared error, weights, result) of every training call."""
+    """Wrap the trainer's per-sample loss: keep (per-sample squared error, weights, result) of every training call."""
     calls = []
     original = module.weighted_mse
 
@@ -96,8 +100,8 @@ def _check_weights(calls, prior_loss_weight: float, reg_per_epoch: int, epochs: 
     weights = torch.cat([w for _, w, _ in calls])
     assert set(weights.tolist()) == {1.0, prior_loss_weight}
     assert int((weights == prior_loss_weight).sum()) == reg_per_epoch * epochs
-    for per_sample, w, result in calls:  # loss = mean_i(w_i * mse_i)
-        assert torch.allclose(result, (w * per_sample).mean(), rtol=1e-6, atol=0)
+    for per_sample, w, result in calls:  # loss_i = w_i * mse_i (the runner then averages over the batch)
+        assert torch.allclose(result, w * per_sample, rtol=1e-6, atol=0)
 
 
 def _pixels(record, bucket=(64, 64)) -> torch.Tensor:
@@ -138,7 +142,8 @@ def test_sdxl_validation_loss_and_prior_loss_weight(tmp_path, monkeypatch):
         time_ids = torch.tensor([[*geometry.original_size, *geometry.crop_top_left, 64, 64]], dtype=torch.float32)
         losses = []
         for k, timestep in enumerate((200, 400, 600, 800)):
-            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(validation_noise_seed(9, 0, k)))
+            generator = torch.Generator().manual_seed(validation_noise_seed(9, 0, k, 0))
+            noise = torch.randn(latents.shape[1:], generator=generator)[None]
             alpha = scheduler.alphas_cumprod[timestep].double()
             noisy = (alpha.sqrt() * latents.double() + (1 - alpha).sqrt() * noise.double()).float()
             prediction = pipe.unet(
@@ -168,9 +173,8 @@ def test_anima_validation_loss_and_prior_loss_weight(tmp_path, monkeypatch):
         text = anima_trainer.encode_captions(models, [record.caption], models.text_encoder)
         losses = []
         for k, sigma in enumerate((0.2, 0.4, 0.6, 0.8)):
-            noise = torch.randn(
-                latents.shape, generator=torch.Generator().manual_seed(validation_noise_seed(seed, 0, k))
-            )
+            generator = torch.Generator().manual_seed(validation_noise_seed(seed, 0, k, 0))
+            noise = torch.randn(latents.shape[1:], generator=generator)[None]
             prediction = models.dit(
                 (1 - sigma) * latents + sigma * noise, torch.tensor([sigma]), text["prompt_embeds"],
                 target_input_ids=text["t5_input_ids"], target_attention_mask=text["t5_attention_mask"],

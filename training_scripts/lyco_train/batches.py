@@ -8,7 +8,7 @@ data-loader workers.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -26,7 +26,8 @@ from .tiny import prepare_tiny_data
 @dataclass(frozen=True)
 class Sample:
     """One image occurrence in an epoch: which record, flipped or not, where to crop (None = centre), caption dropped,
-    the seed of its caption shuffle/tag dropout (None: the caption's fixed form) and its colour change (or None)."""
+    the seed of its caption shuffle/tag dropout (None: the caption's fixed form), its colour change (or None), the
+    seed of its noise and timestep, and its share of the step's loss (0 for a filler that only keeps a process busy)."""
 
     record: int
     flip: bool
@@ -34,6 +35,14 @@ class Sample:
     drop_caption: bool
     caption_seed: Optional[int] = None
     color: Optional[tuple[str, float]] = None
+    noise_seed: int = 0
+    share: float = 1.0
+
+
+def noise_seed(seed: int, epoch: int, batch: int, position: int) -> int:
+    """The seed of one sample's noise and timestep: a hash of (run seed, epoch, global batch of the epoch, position
+    in that batch), so the draw does not depend on how many processes share the batch, nor on a resume."""
+    return int(np.random.SeedSequence([seed, epoch, batch, position]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def _groups(records: list[ImageRecord], buckets: list[tuple[int, int]], repeats: bool) -> dict[tuple, list[int]]:
@@ -45,7 +54,15 @@ def _groups(records: list[ImageRecord], buckets: list[tuple[int, int]], repeats:
 
 
 class EpochPlan:
-    """Batches of same-dataset, same-bucket samples per epoch; each process of a multi-GPU run takes its own share.
+    """Global batches of same-dataset, same-bucket samples per epoch, each split over the processes of a multi-GPU run.
+
+    A global batch holds ``batch_size × num_processes`` samples (the dataset's batch size; fewer at the end of a
+    bucket); the processes take contiguous near-equal slices of it. Everything about a sample (order, flip, crop,
+    colour change, caption drop and shuffle, noise seed) is a function of the seed and the global batch, and each real
+    sample's loss share is ``num_processes / n`` for a global batch of n samples: after DDP/FSDP average the gradients
+    over processes, a step's gradient is the mean over its n samples, the same as one process with the same global
+    batch. A process whose slice would be empty (n < num_processes) trains on a copy of the batch's first sample with
+    share 0.
 
     Each record's subset says its batch size, augmentations and caption rules. Draws that a subset does not use are
     not made, so enabling an option for one subset leaves the other choices of a run unchanged.
@@ -63,29 +80,39 @@ class EpochPlan:
         self.records, self.buckets, self.seed = records, buckets, seed
         self.num_processes, self.process_index = num_processes, process_index
         self.groups = _groups(records, buckets, repeats=True)
-        total = sum(-(-len(members) // self._batch_size(members)) for members in self.groups.values())
-        self.batches_per_epoch = total // num_processes
-        if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"only {total} batch(es) per epoch for {num_processes} processes; "
-                "lower --train_batch_size or add images"
-            )
+        self.batches_per_epoch = sum(-(-len(members) // self._global_size(members)) for members in self.groups.values())
 
-    def _batch_size(self, members: list[int]) -> int:
-        return self.records[members[0]].subset.batch_size
+    def _global_size(self, members: list[int]) -> int:
+        return self.records[members[0]].subset.batch_size * self.num_processes
 
-    def batches(self, epoch: int) -> list[list[Sample]]:
-        """This process's batches for ``epoch`` (0-based), in training order."""
+    def global_batches(self, epoch: int) -> list[list[Sample]]:
+        """Every process's samples of ``epoch`` (0-based) as global batches in training order."""
         rng = np.random.default_rng([self.seed, epoch])
         everything = []
         for members in self.groups.values():
-            size = self._batch_size(members)
+            size = self._global_size(members)
             order = [members[i] for i in rng.permutation(len(members))]
             for start in range(0, len(order), size):
                 everything.append([self._sample(index, rng) for index in order[start : start + size]])
         everything = [everything[i] for i in rng.permutation(len(everything))]
-        usable = everything[: self.batches_per_epoch * self.num_processes]
-        return usable[self.process_index :: self.num_processes]
+        return [
+            [
+                replace(s, noise_seed=noise_seed(self.seed, epoch, b, i), share=1.0 / len(batch))
+                for i, s in enumerate(batch)
+            ]
+            for b, batch in enumerate(everything)
+        ]
+
+    def batches(self, epoch: int) -> list[list[Sample]]:
+        """This process's slice of every global batch of ``epoch``, with loss shares scaled for gradient averaging."""
+        return [self._slice(batch) for batch in self.global_batches(epoch)]
+
+    def _slice(self, batch: list[Sample]) -> list[Sample]:
+        bounds = np.linspace(0, len(batch), self.num_processes + 1).round().astype(int)
+        mine = batch[bounds[self.process_index] : bounds[self.process_index + 1]]
+        if not mine:
+            return [replace(batch[0], share=0.0)]
+        return [replace(s, share=s.share * self.num_processes) for s in mine]
 
     def _sample(self, index: int, rng: np.random.Generator) -> Sample:
         subset = self.records[index].subset
@@ -130,7 +157,7 @@ def caption_text(record: ImageRecord, sample: Sample) -> str:
 
 class BatchBuilder:
     """Turns a list of samples into a batch dict: latents (from a cache) or pixels, captions, SDXL size conditioning,
-    and each sample's loss weight (``prior_loss_weight`` for regularisation images, else 1)."""
+    each sample's loss weight (``prior_loss_weight`` for regularisation images, else 1), noise seed and loss share."""
 
     def __init__(
         self,
@@ -167,6 +194,8 @@ class BatchBuilder:
             "loss_weights": torch.tensor(
                 [self.prior_loss_weight if self.records[s.record].subset.is_reg else 1.0 for s in samples]
             ),
+            "noise_seeds": torch.tensor([s.noise_seed for s in samples], dtype=torch.int64),
+            "shares": torch.tensor([s.share for s in samples], dtype=torch.float64),
         }
 
 

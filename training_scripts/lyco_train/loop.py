@@ -27,12 +27,25 @@ def make_accelerator(args: argparse.Namespace, *, unused_parameters: bool = Fals
     syncs at epoch ends), not by accelerate.
     """
     log_with = None if not args.log_with else (["tensorboard", "wandb"] if args.log_with == "all" else [args.log_with])
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=args.logging_dir),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused_parameters)],
     )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        _cpu_fp16_autocast_and_scaler(accelerator)
+    return accelerator
+
+
+def _cpu_fp16_autocast_and_scaler(accelerator: Accelerator) -> None:
+    """accelerate turns fp16 mixed precision into nothing on CPU (no autocast, no loss scaling), so an fp16 run there
+    used to compute in a mix of fp16 weights and fp32 adapters without either. torch has both on CPU: switch on
+    accelerate's own native-AMP path with a CPU ``GradScaler``, so ``accelerator.autocast``, ``backward``,
+    ``clip_grad_norm_`` and the prepared optimizer scale, unscale and skip steps exactly as on a GPU. Must run before
+    ``accelerator.prepare``."""
+    accelerator.native_amp = True
+    accelerator.scaler = torch.amp.GradScaler("cpu")
 
 
 def start_trackers(accelerator: Accelerator, args: argparse.Namespace, default_name: str) -> None:
@@ -145,14 +158,13 @@ def trainable_parameters(*models: torch.nn.Module) -> list[torch.nn.Parameter]:
 @dataclass
 class Training:
     """Everything the loop steps: the data plan, the step plan, the (accelerate-prepared) trained models by
-    component, optimizer, lr schedule and the noise generator."""
+    component, optimizer and lr schedule."""
 
     data: EpochPlan
     steps: StepPlan
     models: dict[str, torch.nn.Module]
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
-    generator: torch.Generator
 
 
 def prepare_training(
@@ -163,7 +175,7 @@ def prepare_training(
     trained: dict[str, torch.nn.Module],
 ) -> Training:
     """Plan epochs and steps, build optimizer (sd-scripts lr groups) and lr schedule, let accelerate wrap the models
-    (DDP under ``accelerate launch``), and seed a per-process noise generator."""
+    (DDP under ``accelerate launch``)."""
     data = EpochPlan(
         records,
         buckets,
@@ -177,5 +189,4 @@ def prepare_training(
     optimizer = make_optimizer(args, optimizer_groups(args, trained))
     lr_scheduler = make_scheduler(args, optimizer, steps.total_steps)
     prepared = accelerator.prepare(*trained.values(), optimizer)
-    generator = torch.Generator(accelerator.device).manual_seed(args.seed + 1_000_003 * accelerator.process_index)
-    return Training(data, steps, dict(zip(trained, prepared[:-1])), prepared[-1], lr_scheduler, generator)
+    return Training(data, steps, dict(zip(trained, prepared[:-1])), prepared[-1], lr_scheduler)

@@ -2,9 +2,9 @@
 
 As in sd-scripts, every validation batch is evaluated at four fixed points of the noise schedule: timesteps 200, 400,
 600 and 800 of 1000 (SDXL), σ = 0.2, 0.4, 0.6, 0.8 (Anima's rectified flow), and the validation loss is the mean over
-batches and points. The noise of batch ``b`` at point ``k`` comes from a generator seeded by
-``validation_noise_seed(seed, b, k)`` (``seed`` = ``--validation_seed``, else ``--seed``), so it is the same noise at
-every validation of a run, and in a resumed run. Validation never touches the training random state.
+batches and points. The noise of sample ``i`` of batch ``b`` at point ``k`` comes from a CPU generator seeded by
+``validation_noise_seed(seed, b, k, i)`` (``seed`` = ``--validation_seed``, else ``--seed``), so it is the same noise
+at every validation of a run, and in a resumed run. Validation never touches the training random state.
 """
 
 from __future__ import annotations
@@ -20,32 +20,35 @@ from .batches import BatchBuilder, Sample, TrainingData, validation_batches
 VALIDATION_POINTS = (0.2, 0.4, 0.6, 0.8)  # sd-scripts: linspace(0, 1000, 6)[1:-1] of the training timesteps
 
 
-def validation_noise_seed(seed: int, batch_index: int, point_index: int) -> int:
-    """The seed of the noise generator for validation batch ``batch_index`` at point ``point_index``."""
-    state = np.random.SeedSequence([seed, batch_index, point_index]).generate_state(1, np.uint64)[0]
+def validation_noise_seed(seed: int, batch_index: int, point_index: int, position: int) -> int:
+    """The seed of the noise generator of sample ``position`` of validation batch ``batch_index`` at point
+    ``point_index``."""
+    state = np.random.SeedSequence([seed, batch_index, point_index, position]).generate_state(1, np.uint64)[0]
     return int(state >> np.uint64(1))
 
 
 @dataclass(frozen=True)
 class FixedDraw:
-    """What a loss function uses instead of random draws during validation: a freshly seeded noise generator and the
-    point of the noise schedule (a fraction of the way from clean to pure noise)."""
+    """What a loss function uses instead of random draws during validation: one freshly seeded noise generator per
+    sample and the point of the noise schedule (a fraction of the way from clean to pure noise)."""
 
-    generator: torch.Generator
+    generators: list[torch.Generator]
     fraction: float
 
-    def timesteps(self, batch: int, num_train_timesteps: int, device: torch.device) -> torch.Tensor:
+    def timesteps(self, num_train_timesteps: int, device: torch.device) -> torch.Tensor:
         """DDPM timesteps: ``fraction`` of ``num_train_timesteps`` for every sample."""
+        batch = len(self.generators)
         return torch.full((batch,), round(self.fraction * num_train_timesteps), dtype=torch.long, device=device)
 
-    def sigmas(self, batch: int, device: torch.device) -> torch.Tensor:
+    def sigmas(self, device: torch.device) -> torch.Tensor:
         """Rectified-flow σ: ``fraction`` for every sample."""
-        return torch.full((batch,), self.fraction, dtype=torch.float32, device=device)
+        return torch.full((len(self.generators),), self.fraction, dtype=torch.float32, device=device)
 
 
 class Validator:
-    """Computes the validation loss of the current adapter: ``loss(batch, draw)`` over every held-out batch (at most
-    ``max_steps`` of them) at every point of ``VALIDATION_POINTS``, in eval mode and without gradients.
+    """Computes the validation loss of the current adapter: the mean of ``loss(batch, draw)`` (per-sample losses) over
+    every held-out batch (at most ``max_steps`` of them) at every point of ``VALIDATION_POINTS``, each batch's value the
+    mean over its samples, in eval mode and without gradients.
 
     Every process evaluates every batch (the held-out share is small), so all processes get the same value.
     """
@@ -71,16 +74,19 @@ class Validator:
         modes = [model.training for model in models]
         for model in models:
             model.eval()
-        device = self.accelerator.device
         losses = []
         try:
             with torch.no_grad():
                 for b, samples in enumerate(self.batches):
                     batch = self.build(samples)
                     for k, fraction in enumerate(VALIDATION_POINTS):
-                        generator = torch.Generator(device).manual_seed(validation_noise_seed(self.seed, b, k))
+                        generators = [
+                            torch.Generator().manual_seed(validation_noise_seed(self.seed, b, k, i))
+                            for i in range(len(samples))
+                        ]
                         with self.accelerator.autocast():
-                            losses.append(float(self.loss(batch, FixedDraw(generator, fraction)).detach().float()))
+                            per_sample = self.loss(batch, FixedDraw(generators, fraction))
+                        losses.append(float(per_sample.detach().float().mean()))
         finally:
             for model, mode in zip(models, modes):
                 model.train(mode)
