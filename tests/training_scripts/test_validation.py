@@ -112,6 +112,10 @@ def _pixels(record, bucket=(64, 64)) -> torch.Tensor:
 
 def test_sdxl_validation_loss_and_prior_loss_weight(tmp_path, monkeypatch):
     calls = _record_losses(monkeypatch, sdxl_trainer)
+    logged = []
+    monkeypatch.setattr(
+        Accelerator, "log", lambda self, values, step=None, log_kwargs=None: logged.append((step, values))
+    )
     config = _config(tmp_path, extra="shuffle_caption = true\n  keep_tokens = 1")
     result = sdxl_trainer.main(
         ["--dataset_config", str(config), "--output_dir", str(tmp_path / "out"), "--max_train_epochs", "2",
@@ -130,6 +134,16 @@ def test_sdxl_validation_loss_and_prior_loss_weight(tmp_path, monkeypatch):
     ]
     assert result.validation[0][2] == result.validation[1][2] and result.validation[2][2] == result.validation[3][2]
     assert result.validation[0][2] != result.validation[2][2]  # the adapter changed in between
+    tracked = [(step, kind, values[f"loss/validation/{kind}_average"]) for step, values in logged
+               for kind in ("step", "epoch") if f"loss/validation/{kind}_average" in values]  # fmt: skip
+    assert tracked == result.validation  # what the trackers get
+    train_losses = [values["loss"] for _, values in logged if "loss" in values]
+    divergence = next(
+        v["loss/validation/epoch_divergence"]
+        for step, v in logged
+        if step == 6 and "loss/validation/epoch_divergence" in v
+    )
+    assert divergence == pytest.approx(result.validation[-1][2] - sum(train_losses[3:6]) / 3)
 
     # independent recomputation with the trained pipeline: same noise (seed 9), timesteps 200/400/600/800
     pipe = result.pipe
