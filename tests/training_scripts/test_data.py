@@ -220,6 +220,8 @@ def test_caption_file_first_line_and_class_tokens(tmp_path):
     _image(tmp_path / "b.png")
     records = scan_dataset(tmp_path, template=Subset(tmp_path, class_tokens="sks"))
     assert [r.caption for r in records] == ["first line", "sks"]
+    wildcard = Subset(tmp_path, class_tokens="sks", captions=CaptionRules(wildcard=True))
+    assert scan_dataset(tmp_path / ".", template=wildcard)[0].caption == "first line\nsecond line"  # every line
 
 
 def test_color_aug_rate_kinds_ranges_and_pixels(tmp_path):

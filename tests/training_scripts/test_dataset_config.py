@@ -37,7 +37,7 @@ batch_size = "2"
   image_dir = "imgs"
   flip_agu = true
   num_repeats = 2.5
-  enable_wildcard = true
+  token_warmup_step = 2
 """,
     )
     with pytest.raises(UsageError) as caught:
@@ -48,7 +48,7 @@ batch_size = "2"
     assert "[datasets[0]] key 'batch_size' must be an integer, got '2'" in message
     assert "[datasets[0].subsets[0]] unknown key 'flip_agu' (did you mean 'flip_aug'?)" in message
     assert "[datasets[0].subsets[0]] key 'num_repeats' must be an integer, got 2.5" in message
-    assert "'enable_wildcard' is an sd-scripts option these trainers do not implement" in message
+    assert "'token_warmup_step' is an sd-scripts option these trainers do not implement" in message
 
 
 @pytest.mark.parametrize(
@@ -133,10 +133,11 @@ def test_dataset_config_ignores_train_data_dir_with_a_warning_as_sd_scripts(tmp_
     [
         ("shuffle_caption = true", [], "cache_text_encoder_outputs cannot be combined with .*shuffle_caption"),
         ("caption_tag_dropout_rate = 0.2", [], "caption_tag_dropout_rate"),
+        ("enable_wildcard = true", [], "cache_text_encoder_outputs cannot be combined with .*enable_wildcard"),
         ("color_aug = true", ["--cache_latents"], "cache_latents cannot be combined with .*color_aug"),
         ("caption_dropout_rate = 1.5", [], r"caption_dropout_rate must be in \[0, 1\)"),
     ],
-    ids=["shuffle", "tag-dropout", "color-aug", "rate"],
+    ids=["shuffle", "tag-dropout", "wildcard", "color-aug", "rate"],
 )
 def test_caches_that_shuffling_or_augmentation_would_make_wrong_are_refused(tmp_path, toml_subset, argv, message):
     config = _write(

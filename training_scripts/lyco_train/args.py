@@ -76,6 +76,15 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--caption_tag_dropout_rate", type=float, default=0.0, help="probability of dropping each non-kept tag"
     )
+    group.add_argument(
+        "--secondary_separator", help="joins tags that move and drop together; becomes --caption_separator afterwards"
+    )
+    group.add_argument(
+        "--enable_wildcard", action="store_true", help="a random line of multi-line captions, {a|b} picks one option"
+    )
+    group.add_argument(
+        "--caption_dropout_every_n_epochs", type=int, default=0, help="train every N-th epoch on empty captions"
+    )
     group.add_argument("--caption_prefix", help="text put before every caption")
     group.add_argument("--caption_suffix", help="text put after every caption")
     group.add_argument("--color_aug", action="store_true", help="weak colour augmentation (hue or gamma)")

@@ -97,9 +97,12 @@ def _read_size(path: Path) -> tuple[int, int]:
         return image.size
 
 
-def _read_caption(path: Path) -> str:
-    """The first line of a caption file, stripped (sd-scripts reads only the first line)."""
+def _read_caption(path: Path, all_lines: bool) -> str:
+    """The first line of a caption file, stripped (sd-scripts reads only the first line), or with ``all_lines`` (for
+    wildcards) every non-empty line, stripped, joined by newlines."""
     lines = path.read_text(encoding="utf-8").splitlines()
+    if all_lines:
+        return "\n".join(line.strip() for line in lines if line.strip())
     return lines[0].strip() if lines else ""
 
 
@@ -117,7 +120,7 @@ def scan_subsets(subsets: list[Subset], *, where: str) -> list[ImageRecord]:
         for path in _image_files(subset.image_dir):
             caption_path = path.with_suffix(subset.caption_extension)
             if caption_path.is_file():
-                caption = _read_caption(caption_path)
+                caption = _read_caption(caption_path, all_lines=subset.captions.wildcard)
             elif subset.class_tokens is not None:
                 caption = subset.class_tokens
             else:

@@ -79,6 +79,9 @@ SUBSET_KEYS: dict[str, tuple[Callable[[Any], bool], Optional[str], Any]] = {
     "caption_separator": (_is_str, "caption_separator", ","),
     "caption_dropout_rate": (_is_number, "caption_dropout_rate", 0.0),
     "caption_tag_dropout_rate": (_is_number, "caption_tag_dropout_rate", 0.0),
+    "caption_dropout_every_n_epochs": (_is_int, "caption_dropout_every_n_epochs", 0),
+    "secondary_separator": (_is_str, "secondary_separator", None),
+    "enable_wildcard": (_is_bool, "enable_wildcard", False),
     "caption_prefix": (_is_str, "caption_prefix", None),
     "caption_suffix": (_is_str, "caption_suffix", None),
     "flip_aug": (_is_bool, "flip_aug", False),
@@ -96,12 +99,9 @@ NOT_IMPLEMENTED = (
     "network_multiplier",
     "resize_interpolation",
     "face_crop_aug_range",
-    "secondary_separator",
-    "enable_wildcard",
     "token_warmup_min",
     "token_warmup_step",
     "custom_attributes",
-    "caption_dropout_every_n_epochs",
     "alpha_mask",
     "metadata_file",
     "conditioning_data_dir",
@@ -192,6 +192,9 @@ def _subset(
             dropout_rate=float(value("caption_dropout_rate")),
             prefix=value("caption_prefix"),
             suffix=value("caption_suffix"),
+            secondary_separator=value("secondary_separator"),
+            wildcard=value("enable_wildcard"),
+            dropout_every_n_epochs=value("caption_dropout_every_n_epochs"),
         ),
         flip_aug=value("flip_aug"),
         color_aug=value("color_aug"),
@@ -321,6 +324,10 @@ def dataset_problems(datasets: list[DatasetSpec], args: argparse.Namespace, *, p
             ):
                 if not 0.0 <= rate < 1.0:
                     problems.append(f"{named}{key} must be in [0, 1), got {rate}")
+            if rules.dropout_every_n_epochs < 0:
+                problems.append(
+                    f"{named}caption_dropout_every_n_epochs must be >= 0, got {rules.dropout_every_n_epochs}"
+                )
             if rules.keep_tokens < 0:
                 problems.append(f"{named}keep_tokens must be >= 0, got {rules.keep_tokens}")
             if subset.num_repeats < 1:
@@ -334,10 +341,16 @@ def dataset_problems(datasets: list[DatasetSpec], args: argparse.Namespace, *, p
                     "crop and colour); drop one of them"
                 )
             if args.cache_text_encoder_outputs and rules.is_random:
-                which = "shuffle_caption" if rules.shuffle else "caption_tag_dropout_rate"
+                which = (
+                    "shuffle_caption"
+                    if rules.shuffle
+                    else "caption_tag_dropout_rate"
+                    if rules.tag_dropout_rate > 0
+                    else "enable_wildcard"
+                )
                 problems.append(
                     f"{'' if config else '--'}cache_text_encoder_outputs cannot be combined with {named}{which} "
-                    "(the text encoders would see one fixed caption, not the shuffled or thinned one); "
+                    "(the text encoders would see one fixed caption, not the shuffled, thinned or chosen one); "
                     "drop one of them"
                 )
     return list(dict.fromkeys(problems))
