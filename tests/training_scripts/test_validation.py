@@ -15,6 +15,7 @@ from lyco_train.buckets import fit_geometry, fit_image
 from lyco_train.synthetic import make_shapes_dataset
 from lyco_train.validation import VALIDATION_POINTS, FixedDraw, Validator, validation_noise_seed
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 
@@ -134,6 +135,10 @@ def test_sdxl_validation_loss_and_prior_loss_weight(tmp_path, monkeypatch):
     ]
     assert result.validation[0][2] == result.validation[1][2] and result.validation[2][2] == result.validation[3][2]
     assert result.validation[0][2] != result.validation[2][2]  # the adapter changed in between
+    with safe_open(result.final, "pt") as handle:
+        metadata = handle.metadata()
+    assert (metadata["ss_num_train_images"], metadata["ss_num_reg_images"]) == ("3", "3")
+    assert (metadata["ss_prior_loss_weight"], metadata["ss_validation_split"]) == ("0.25", "0.25")  # split from TOML
     tracked = [(step, kind, values[f"loss/validation/{kind}_average"]) for step, values in logged
                for kind in ("step", "epoch") if f"loss/validation/{kind}_average" in values]  # fmt: skip
     assert tracked == result.validation  # what the trackers get

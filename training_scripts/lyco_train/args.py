@@ -270,6 +270,7 @@ def use_dataset_config(args: argparse.Namespace) -> None:
     args.enable_bucket, args.bucket_no_upscale = first.buckets.enable, first.buckets.no_upscale
     args.min_bucket_reso, args.max_bucket_reso = first.buckets.min_reso, first.buckets.max_reso
     args.bucket_reso_steps, args.train_batch_size = first.buckets.step, first.batch_size
+    args.validation_split = first.validation_split
 
 
 def parse_training_args(
