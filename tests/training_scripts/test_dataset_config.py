@@ -8,7 +8,7 @@ import pytest
 import train_sdxl_lokr as trainer
 from lyco_train.args import UsageError
 from lyco_train.batches import EpochPlan, load_training_data
-from lyco_train.data import ImageRecord, Subset, balance_regularisation, split_validation
+from lyco_train.data import DataError, ImageRecord, Subset, balance_regularisation, split_validation
 from lyco_train.synthetic import make_shapes_dataset
 
 
@@ -231,3 +231,18 @@ batch_size = 3
 def test_validation_split_out_of_range_names_the_option(tmp_path):
     with pytest.raises(UsageError, match=r"--validation_split must be in \[0, 1\), got 1.0"):
         _parse("--train_data_dir", str(tmp_path), "--validation_split", "1")
+
+
+def test_missing_image_folders_are_listed_and_repeated_subsets_ignored(tmp_path):
+    make_shapes_dataset(tmp_path / "a", count=2, size=32, repeats=1)
+    folder = tmp_path / "a" / "1_shapes"
+    config = _write(
+        tmp_path / "data.toml",
+        f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{folder}"\n[[datasets.subsets]]\nimage_dir = "{folder}"\n'
+        f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{tmp_path / "nope"}"\n',
+    )
+    with pytest.warns(UserWarning, match=r"\[datasets\[0\]\] lists the same subset twice"):
+        args = _parse("--dataset_config", str(config))
+    assert len(args.dataset_specs[0].subsets) == 1
+    with pytest.raises(DataError, match="1 image folder.s. do not exist:\n.*nope"):
+        load_training_data(args.dataset_specs, seed=0, where="test")

@@ -15,6 +15,7 @@ import argparse
 import difflib
 import json
 import math
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -262,17 +263,28 @@ def datasets_from_config(path: str | Path, args: argparse.Namespace) -> list[Dat
         raise DatasetConfigError(f"--dataset_config '{path}':\n  " + "\n  ".join(problems))
 
     def subsets_of(d: int, dataset: dict) -> Callable[[int], tuple[Subset, ...]]:
-        return lambda batch_size: tuple(
-            _subset(
-                [subset, dataset, general],
-                args,
-                image_dir=Path(subset["image_dir"]),
-                dataset=d,
-                batch_size=batch_size,
-                base=Path.cwd(),
-            )
-            for subset in dataset["subsets"]
-        )
+        def build(batch_size: int) -> tuple[Subset, ...]:
+            subsets = [
+                _subset(
+                    [subset, dataset, general],
+                    args,
+                    image_dir=Path(subset["image_dir"]),
+                    dataset=d,
+                    batch_size=batch_size,
+                    base=Path.cwd(),
+                )
+                for subset in dataset["subsets"]
+            ]
+            unique = tuple(dict.fromkeys(subsets))
+            if len(unique) < len(subsets):
+                warnings.warn(
+                    f"--dataset_config '{path}': [datasets[{d}]] lists the same subset twice; the repeat is ignored "
+                    "(as sd-scripts does)",
+                    stacklevel=2,
+                )
+            return unique
+
+        return build
 
     return [_dataset([dataset, general], args, subsets_of(d, dataset)) for d, dataset in enumerate(datasets)]
 
