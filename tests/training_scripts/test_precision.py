@@ -166,3 +166,32 @@ def test_gradient_checkpointing_gives_the_unchecked_gradient(tmp_path, tmp_path_
     error = relative_error(got, want)
     print(f"{model} checkpointing reentrant={reentrant}: relative gradient error vs unchecked {error:.3g}")
     assert error <= 1e-6
+
+
+# ------------------------------------------------------------------------------------------------ torch.compile
+def test_compiled_denoiser_keeps_parameter_names_and_outputs():
+    """--torch_compile compiles in place: the adapter's parameter names (states, files) and the outputs stay."""
+    from lyco_train.memory import compile_denoiser
+    from peft import inject_adapter_in_model
+
+    from peft_lyco import LoKrConfig
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    inject_adapter_in_model(LoKrConfig(r=2, target_modules=["0", "2"]), model)
+    names = [name for name, _ in model.named_parameters()]
+    x = torch.randn(3, 8)
+    eager = model(x)
+    compile_denoiser(model, "eager")
+    assert [name for name, _ in model.named_parameters()] == names
+    assert torch.equal(model(x), eager)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["anima", "sdxl"])
+def test_torch_compile_first_step_gradient_equals_eager(tmp_path, tmp_path_factory, model):
+    want = reference_gradients(tmp_path_factory, model)
+    got = first_step_gradients(tmp_path, model, "--torch_compile")
+    error = relative_error(got, want)
+    print(f"{model} --torch_compile (inductor): relative gradient error vs eager {error:.3g}")
+    assert error <= 1e-5
