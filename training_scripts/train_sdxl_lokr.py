@@ -20,7 +20,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from accelerate.utils import set_seed
@@ -31,6 +30,7 @@ from lyco_train.cache import build_latent_cache, build_text_cache
 from lyco_train.data import DataError
 from lyco_train.export import AdapterWriter
 from lyco_train.loop import make_accelerator, place_frozen, prepare_training
+from lyco_train.memory import apply_memory_options, store_weights_in_fp8
 from lyco_train.metadata import RunInfo
 from lyco_train.network import inject
 from lyco_train.objectives import (
@@ -66,7 +66,7 @@ class Result:
 
 
 # ---------------------------------------------------------------------------------------------------- arguments
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -157,6 +157,9 @@ def check_reload(
     fresh = tiny_sdxl_pipeline(seed=TINY_SEED)
     enable_lyco(fresh)
     fresh.load_lora_weights(str(path), adapter_name="trained")
+    if args.fp8_base:  # the same rounded base as the trained model, so the comparison sees the adapter only
+        for model in (fresh.unet, fresh.text_encoder, fresh.text_encoder_2):
+            store_weights_in_fp8(model, torch.float32)
 
     def render(pipe: StableDiffusionXLPipeline):
         return generate(
@@ -186,7 +189,7 @@ def check_reload(
 
 
 # -------------------------------------------------------------------------------------------------------- main
-def main(argv: Optional[list[str]] = None) -> Result:
+def main(argv: list[str] | None = None) -> Result:
     args = parse_args(argv)
     tiny = args.pretrained_model_name_or_path is None
     accelerator = make_accelerator(args, unused_parameters=not args.network_train_unet_only)
@@ -214,6 +217,7 @@ def main(argv: Optional[list[str]] = None) -> Result:
         for name in TEXT_ENCODERS:
             if name in trained:
                 trained[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_memory_options(args, (pipe.unet, pipe.text_encoder, pipe.text_encoder_2), trained, pipe.unet, dtype)
 
     # caches of frozen outputs, filled once before training
     latent_cache = build_latent_cache(
