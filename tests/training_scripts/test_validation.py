@@ -203,8 +203,11 @@ def test_anima_validation_loss_and_prior_loss_weight(tmp_path, monkeypatch):
     assert math.isclose(result.validation[-1][2], float(np.mean(losses)), rel_tol=1e-5)
 
 
+@pytest.mark.slow
 def test_anima_resume_is_exact_with_shuffled_thinned_captions_colour_changes_and_validation(tmp_path):
-    """Captions, colour changes and validation noise all come from the seed: a resumed run repeats the straight one."""
+    """Captions, colour changes and validation noise all come from the seed: a resumed run repeats the straight one.
+    (Fast coverage: the epoch plan's captions and colours are pure in (seed, epoch) in test_captions/test_data, and
+    the validator leaves the training random state alone in test_validator_….)"""
     config = _config(tmp_path, extra="shuffle_caption = true\n  caption_tag_dropout_rate = 0.3\n  color_aug = true")
     common = [
         "--dataset_config", str(config), "--max_train_epochs", "2", "--save_every_n_steps", "2", "--save_state",
