@@ -52,7 +52,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--cache_text_encoder_outputs", action=SWITCH, default=False, help="needs frozen text encoders")
     group.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true")
-    group.add_argument("--cache_dir", help="where disk caches go (default: <train_data_dir>/.lyco_cache)")
+    group.add_argument(
+        "--cache_dir", help="where disk caches go (default: .lyco_cache in --train_data_dir or beside --dataset_config)"
+    )
     group.add_argument("--vae_batch_size", type=int, default=1)
     add_dataset_args(parser)
 
@@ -142,7 +144,9 @@ def add_optimization_args(parser: argparse.ArgumentParser) -> None:
 def add_memory_args(group: argparse._ArgumentGroup) -> None:
     """Precision, storage and compiler options for large models on small GPUs (sd-scripts names)."""
     group.add_argument(
-        "--full_bf16", action="store_true", help="adapter weights, gradients and optimizer states in bf16 (saves memory)"
+        "--full_bf16",
+        action="store_true",
+        help="adapter weights, gradients and optimizer states in bf16 (saves memory)",
     )
     group.add_argument(
         "--fp8_base",
