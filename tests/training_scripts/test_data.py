@@ -60,8 +60,12 @@ def test_scan_reads_captions_repeats_and_sizes(tmp_path):
             "cannot be read (corrupt or truncated)",
         ),
         (lambda root: (root / "0_none").mkdir(), "asks for 0 repeats"),
+        (
+            lambda root: (_image(root / "c.png"), (root / "c.txt").write_bytes(b"caf\xe9 latin-1")),
+            "1 caption file(s) cannot be read as UTF-8 text:\n.*c.txt: UnicodeDecodeError",
+        ),
     ],
-    ids=["empty", "no-caption", "corrupt", "zero-repeats"],
+    ids=["empty", "no-caption", "corrupt", "zero-repeats", "not-utf8"],
 )
 def test_scan_rejects_bad_folders_with_clear_messages(tmp_path, setup, message):
     setup(tmp_path)
