@@ -213,3 +213,20 @@ def test_text_cache_encodes_each_caption_once(tmp_path):
     assert cache.fill(["ab"], batch_size=2, show_progress=False) == 0 and seen == ["ab", "", "xyz"]
     got = cache.get(["xyz", ""])["embeds"]
     assert got.shape == (2, 2, 3) and got[0, 0, 0] == 3 and got[1, 0, 0] == 0
+
+
+def test_only_the_main_process_writes_the_tiny_dataset(tmp_path):
+    """Other processes of a multi-process tiny run used to write the dataset again while the main process read it
+    (UnidentifiedImageError on a half-written PNG); now they only point at the main process's files."""
+    from argparse import Namespace
+
+    from lyco_train.tiny import prepare_tiny_data
+
+    main = Namespace(output_dir=str(tmp_path), train_data_dir=None, sample_prompts=None)
+    prepare_tiny_data(main)
+    files = sorted(p for p in (tmp_path / "data").rglob("*") if p.is_file())
+    stamps = [p.stat().st_mtime_ns for p in files]
+    other = Namespace(output_dir=str(tmp_path), train_data_dir=None, sample_prompts=None)
+    prepare_tiny_data(other, write=False)
+    assert vars(other) == vars(main)
+    assert [p.stat().st_mtime_ns for p in files] == stamps and len(files) == 12 * 2 + 1

@@ -179,7 +179,7 @@ def training_images(args, accelerator, *, tiny_model: Optional[str] = None) -> t
     generated first (by the main process) unless ``--train_data_dir`` is given."""
     if tiny_model:
         with accelerator.main_process_first():
-            prepare_tiny_data(args)
+            prepare_tiny_data(args, write=accelerator.is_main_process)
     records = scan_dataset(args.train_data_dir, args.caption_extension)
     if tiny_model:
         accelerator.print(
