@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ..functional import add_delta_into, rank_dropout_mask
+from ..functional import rank_dropout_mask
 from ..functional.adapted import DeltaTerm, adapted_op, term_delta
 from ..functional.base_op import BaseOp, Conv2dOp, LinearOp
+from .bases import base_weight
 from .config import LycoConfig
 from .options import LayerSpec, layer_geometry
 
@@ -24,8 +25,9 @@ from .options import LayerSpec, layer_geometry
 class LycoLayer(nn.Module, BaseTunerLayer):
     """A Linear or Conv2d with any number of LoHa/LoKr adapters, held in ``ParameterDict``s keyed by adapter name.
 
-    Training and inference run one op per call on ``W + Σ scale·ΔW`` (the base weight is never modified); when the
-    base is itself a tuner layer (e.g. PEFT LoRA underneath), the ΔW op is added to its output instead.
+    Training and inference run one op per call on ``W + Σ scale·ΔW`` (the base weight is never modified; a float8
+    weight is upcast inside the op per call); when the base is itself a tuner layer (e.g. PEFT LoRA underneath) or a
+    quantized layer (bitsandbytes, torchao; see ``bases``), the ΔW op is added to its output instead.
     """
 
     adapter_layer_names: tuple[str, ...] = ()
@@ -122,6 +124,11 @@ class LycoLayer(nn.Module, BaseTunerLayer):
         return set(self.layouts)
 
     @property
+    def weight_shape(self) -> torch.Size:
+        """The base weight's logical shape ``(out, in, *kernel)`` (a quantized weight's storage has another one)."""
+        return torch.Size((self.out_features, self.in_features, *self.kernel_size))
+
+    @property
     def groups(self) -> int:
         """The base convolution's ``groups`` (1 for Linear); PEFT's LoRA reads it when stacked on this layer."""
         return getattr(self.get_base_layer(), "groups", 1)
@@ -153,7 +160,7 @@ class LycoLayer(nn.Module, BaseTunerLayer):
         return self._delta(adapter_name, self.scaling[adapter_name], apply_rank_dropout)
 
     def _delta(self, adapter_name: str, scale: float, apply_rank_dropout: bool = False) -> torch.Tensor:
-        return term_delta(self._term(adapter_name, scale, apply_rank_dropout), self.get_base_layer().weight.shape)
+        return term_delta(self._term(adapter_name, scale, apply_rank_dropout), self.weight_shape)
 
     def _term(self, adapter_name: str, scale: float, apply_rank_dropout: bool) -> DeltaTerm:
         """The adapter's factors and scale for one call, with a fresh rank-dropout row mask when asked for."""
@@ -162,8 +169,7 @@ class LycoLayer(nn.Module, BaseTunerLayer):
         mask = None
         if apply_rank_dropout and p > 0:
             like = next(iter(params.values()))
-            out_features = self.get_base_layer().weight.shape[0]
-            mask = rank_dropout_mask(out_features, p, self.rank_dropout_scale[adapter_name], device=like.device, dtype=like.dtype)
+            mask = rank_dropout_mask(self.out_features, p, self.rank_dropout_scale[adapter_name], device=like.device, dtype=like.dtype)
         return DeltaTerm(params, scale, mask)
 
     def _active_terms(self) -> list[DeltaTerm]:
@@ -214,31 +220,33 @@ class LycoLayer(nn.Module, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
         op, prepared = self._op_and_input(x)
-        if self.base_layer is base:
+        kind = base_weight(base)
+        fused = self.base_layer is base and kind.fused
+        if fused:
+            kind.check_trainable(base.weight, f"module '{self.module_name}'")
             out = adapted_op(prepared, base.weight, base.bias, op, terms)
         else:
-            # the base is another tuner layer: add this adapter's op on ΣΔW to its output (bypass)
+            # the base is another tuner layer or a quantized layer: add this adapter's op on ΣΔW to its output
             result = self.base_layer(x, *args, **kwargs)
             dtype = next(iter(terms[0].params.values())).dtype
-            out = adapted_op(prepared.to(dtype), None, None, op, terms, weight_shape=base.weight.shape)
+            out = adapted_op(prepared.to(dtype), None, None, op, terms, weight_shape=self.weight_shape)
         if out.dim() > x.dim():
             out = out.squeeze(0)  # unbatched conv input
-        return out if self.base_layer is base else result + out.to(result.dtype)
+        return out if fused else result + out.to(result.dtype)
 
     # ---------------------------------------------------------------------------------------------- merge/unmerge
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Add the adapters' scaled ΔW into the base weight (summed in float32 for fp16/bf16 weights)."""
+        """Add the adapters' scaled ΔW into the base weight (summed in float32 for fp16/bf16 weights; float8 and
+        bitsandbytes weights are rounded back with a warning; torchao weights refuse)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         base = self.get_base_layer()
         for adapter in adapter_names:
             if adapter not in self._available_adapters:
                 continue
             scale = self.scaling[adapter]
+            where = f"'{self.module_name}' (adapter {adapter})"
             with torch.no_grad():
-                merged = add_delta_into(base.weight.data, self._delta(adapter, scale))
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs detected in the merged weights of '{self.module_name}'; adapter {adapter} is broken")
-            _store(base.weight, merged)
+                base_weight(base).merge(base, self._delta(adapter, scale), sign=1, where=where, safe=safe_merge)
             self._merged_scale[adapter] = scale
             self.merged_adapters.append(adapter)
 
@@ -249,17 +257,10 @@ class LycoLayer(nn.Module, BaseTunerLayer):
             adapter = self.merged_adapters.pop()
             scale = self._merged_scale.pop(adapter)
             if adapter in self._available_adapters:
+                where = f"'{self.module_name}' (adapter {adapter})"
                 with torch.no_grad():
-                    _store(base.weight, add_delta_into(base.weight.data, self._delta(adapter, scale), sign=-1))
+                    base_weight(base).merge(base, self._delta(adapter, scale), sign=-1, where=where, safe=False)
 
     def __repr__(self) -> str:
         return f"{type(self).__module__.split('.')[-2]}.{super().__repr__()}"
 
-
-def _store(weight: nn.Parameter, summed: torch.Tensor) -> None:
-    """Make ``summed`` (``add_delta_into``'s result) the weight's data: taken over as it is in the weight's dtype,
-    else rounded into the weight's own storage (the cast ``add_delta`` ends with, without another buffer)."""
-    if summed.dtype == weight.dtype:
-        weight.data = summed
-    else:
-        weight.data.copy_(summed)
