@@ -1,7 +1,7 @@
 """What LoHa and LoKr layers share: per-adapter scale, dropouts, the fused forward, merge and unmerge.
 
-Subclasses only say which parameters a layout has and how they are initialised; ΔW always comes from
-``functional.delta_weight`` so forward, merge, unmerge and export use one formula with the scale applied once.
+Subclasses only name their algorithm (``functional.LOHA``/``LOKR``) and say how parameters are initialised; ΔW always
+comes from the algorithm object, so forward, merge, unmerge and export use one formula with the scale applied once.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ..functional import add_delta_into, rank_dropout_mask
-from ..functional.adapted import DeltaTerm, adapted_op, term_delta
+from ..compat import conv_mode_padding
+from ..functional import Algorithm, DeltaTerm, add_delta_into, rank_dropout_mask
+from ..functional.adapted import adapted_op, term_delta
 from ..functional.base_op import BaseOp, Conv2dOp, LinearOp
 from .config import LycoConfig
 from .options import LayerSpec, layer_geometry
@@ -28,6 +29,7 @@ class LycoLayer(nn.Module, BaseTunerLayer):
     base is itself a tuner layer (e.g. PEFT LoRA underneath), the ΔW op is added to its output instead.
     """
 
+    algorithm: Algorithm
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names = (
         "r",
@@ -40,7 +42,9 @@ class LycoLayer(nn.Module, BaseTunerLayer):
         "module_dropout",
     )
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, spec: LayerSpec, config: LycoConfig, module_name: str = ""):
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, spec: LayerSpec, config: LycoConfig, module_name: str = ""
+    ):
         super().__init__()
         self.base_layer = base_layer
         self.module_name = module_name
@@ -56,23 +60,13 @@ class LycoLayer(nn.Module, BaseTunerLayer):
         self.update_layer(adapter_name, spec, config)
 
     # ----------------------------------------------------------------------------------------------- construction
-    @classmethod
-    @abstractmethod
-    def layout_for(cls, out_features: int, in_features: int, kernel: tuple[int, ...], spec: LayerSpec) -> Any:
-        """The functional layout (shapes and mode) of an adapter with this spec on a weight (out, in, *kernel)."""
-
     @abstractmethod
     def init_parameters(self, adapter_name: str, init_weights: bool | str) -> None:
         """Initialise the freshly created parameters of ``adapter_name``."""
 
-    @classmethod
-    def layout_scale(cls, layout: Any, spec: LayerSpec) -> float:
-        """The adapter's own scale: ``alpha / rank`` unless the layout dictates otherwise."""
-        return spec.alpha / spec.rank
-
     def update_layer(self, adapter_name: str, spec: LayerSpec, config: LycoConfig) -> None:
         """Create (or re-create) adapter ``adapter_name`` from a resolved spec."""
-        layout = self.layout_for(self.out_features, self.in_features, self.kernel_size, spec)
+        layout = self.algorithm.layout(self.out_features, self.in_features, self.kernel_size, spec.rank, spec.options)
         self._drop_parameters(adapter_name)
         base_weight = self.get_base_layer().weight
         dtype = base_weight.dtype if base_weight.dtype in (torch.float32, torch.float64) else torch.float32
@@ -81,7 +75,7 @@ class LycoLayer(nn.Module, BaseTunerLayer):
         self.layouts[adapter_name] = layout
         self.r[adapter_name] = spec.rank
         self.alpha[adapter_name] = spec.alpha
-        self.base_scale[adapter_name] = self.layout_scale(layout, spec)
+        self.base_scale[adapter_name] = self.algorithm.scale(layout, spec.alpha, spec.rank)
         self.scaling[adapter_name] = self.base_scale[adapter_name]
         self.rank_dropout[adapter_name] = config.rank_dropout
         self.rank_dropout_scale[adapter_name] = config.rank_dropout_scale
@@ -163,8 +157,10 @@ class LycoLayer(nn.Module, BaseTunerLayer):
         if apply_rank_dropout and p > 0:
             like = next(iter(params.values()))
             out_features = self.get_base_layer().weight.shape[0]
-            mask = rank_dropout_mask(out_features, p, self.rank_dropout_scale[adapter_name], device=like.device, dtype=like.dtype)
-        return DeltaTerm(params, scale, mask)
+            mask = rank_dropout_mask(
+                out_features, p, self.rank_dropout_scale[adapter_name], device=like.device, dtype=like.dtype
+            )
+        return DeltaTerm(self.algorithm, params, scale, mask)
 
     def _active_terms(self) -> list[DeltaTerm]:
         """The active adapters for this call, honouring module dropout and rank dropout in training."""
@@ -172,7 +168,11 @@ class LycoLayer(nn.Module, BaseTunerLayer):
         for adapter in self.active_adapters:
             if adapter not in self._available_adapters:
                 continue
-            if self.training and self.module_dropout[adapter] > 0 and torch.rand(1).item() < self.module_dropout[adapter]:
+            if (
+                self.training
+                and self.module_dropout[adapter] > 0
+                and torch.rand(1).item() < self.module_dropout[adapter]
+            ):
                 continue
             terms.append(self._term(adapter, self.scaling[adapter], apply_rank_dropout=self.training))
         return terms
@@ -188,7 +188,7 @@ class LycoLayer(nn.Module, BaseTunerLayer):
             x = x.unsqueeze(0)
         padding = base.padding
         if base.padding_mode != "zeros":
-            x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
+            x = F.pad(x, conv_mode_padding(base), mode=base.padding_mode)
             padding = (0, 0)
         elif padding == "valid":
             padding = (0, 0)
@@ -219,7 +219,7 @@ class LycoLayer(nn.Module, BaseTunerLayer):
         else:
             # the base is another tuner layer: add this adapter's op on ΣΔW to its output (bypass)
             result = self.base_layer(x, *args, **kwargs)
-            dtype = next(iter(terms[0].params.values())).dtype
+            dtype = terms[0].dtype
             out = adapted_op(prepared.to(dtype), None, None, op, terms, weight_shape=base.weight.shape)
         if out.dim() > x.dim():
             out = out.squeeze(0)  # unbatched conv input
@@ -237,7 +237,9 @@ class LycoLayer(nn.Module, BaseTunerLayer):
             with torch.no_grad():
                 merged = add_delta_into(base.weight.data, self._delta(adapter, scale))
             if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs detected in the merged weights of '{self.module_name}'; adapter {adapter} is broken")
+                raise ValueError(
+                    f"NaNs detected in the merged weights of '{self.module_name}'; adapter {adapter} is broken"
+                )
             _store(base.weight, merged)
             self._merged_scale[adapter] = scale
             self.merged_adapters.append(adapter)

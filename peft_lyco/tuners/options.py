@@ -10,8 +10,6 @@ from torch import nn
 
 from .config import LycoConfig
 
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
-
 
 @dataclass(frozen=True)
 class LayerSpec:

@@ -6,19 +6,15 @@ import math
 
 from torch import nn
 
-from ...functional import LOHA_PARAMS, LoHaLayout, loha_layout
+from ...functional import LOHA
 from ..layer import LycoLayer
-from ..options import LayerSpec
 
 
 class LoHaLayer(LycoLayer):
     """Linear or Conv2d with LoHa adapters (flat, 1x1, or Tucker for kxk convs)."""
 
-    adapter_layer_names = LOHA_PARAMS
-
-    @classmethod
-    def layout_for(cls, out_features: int, in_features: int, kernel: tuple[int, ...], spec: LayerSpec) -> LoHaLayout:
-        return loha_layout(out_features, in_features, kernel, spec.rank, spec.options["use_tucker"])
+    algorithm = LOHA
+    adapter_layer_names = LOHA.param_names
 
     def init_parameters(self, adapter_name: str, init_weights: bool | str) -> None:
         """LyCORIS (default): w1_a, t1, t2 ~ N(0, 0.1), w?_b ~ N(0, 1), w2_a = 0. PEFT: kaiming, w2_b = 0."""
