@@ -23,10 +23,11 @@ from torch.autograd.function import once_differentiable
 from .algorithm import Algorithm
 from .base_op import BaseOp, LinearOp
 from .delta import add_delta, add_delta_into
+from .dora import WeightDecompose, decompose_backward, decompose_scale
 from .structured import StructuredRoute, structured_grads
 from .term import DeltaTerm, term_delta
 
-__all__ = ["DeltaTerm", "adapted_op", "structured_grads_pay_off", "sum_deltas", "term_delta"]
+__all__ = ["DeltaTerm", "adapted_op", "merged_weight", "structured_grads_pay_off", "sum_deltas", "term_delta"]
 
 
 def sum_deltas(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -53,6 +54,48 @@ def _merged_weight(
     return add_delta_into(weight, total).to(weight.dtype) if owned else add_delta(weight, total)
 
 
+def merged_weight(
+    weight: torch.Tensor | None, terms: Sequence[DeltaTerm], deltas: Sequence[torch.Tensor], dtype: torch.dtype
+) -> torch.Tensor:
+    """The layer's weight for these terms and their ΔW: ``W + Σ ΔW`` (``_merged_weight``) when no term is DoRA, else
+    ``W + Σ additive ΔW + Σ_DoRA (s ⊙ (W + ΔW) − W)`` formed in at least float32 and cast once."""
+    if not any(term.decompose is not None for term in terms):
+        return _merged_weight(weight, sum_deltas(list(deltas)), dtype)
+    return _decomposed_merge(weight, terms, deltas)[0]
+
+
+def _decomposed_merge(
+    weight: torch.Tensor | None, terms: Sequence[DeltaTerm], deltas: Sequence[torch.Tensor | None]
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]]:
+    """``(M, parts)`` for terms with DoRA: ``parts[i]`` is ``(V, s, ‖V‖)`` of DoRA term i (``None`` for additive ones),
+    ``M`` the merged weight in the base weight's dtype. ``deltas[i]`` may be ``None`` for an additive term whose ΔW does
+    not take part (its input gradient goes through its structured route)."""
+    if weight is None:
+        raise ValueError(
+            "DoRA (weight_decompose) needs the base weight: it cannot be applied on top of another tuner layer"
+        )
+    compute = torch.promote_types(weight.dtype, torch.float32)
+    for term, delta in zip(terms, deltas):
+        if delta is not None:
+            compute = torch.promote_types(compute, delta.dtype)
+        if term.decompose is not None:
+            compute = torch.promote_types(compute, term.decompose.magnitude.dtype)
+    w = weight.to(compute)
+    additive = [d for t, d in zip(terms, deltas) if t.decompose is None and d is not None]
+    total = w + sum_deltas(additive).reshape(w.shape).to(compute) if additive else w
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
+    lone = not additive and sum(t.decompose is not None for t in terms) == 1
+    for term, delta in zip(terms, deltas):
+        if term.decompose is None:
+            parts.append(None)
+            continue
+        v = w + delta.reshape(w.shape).to(compute)
+        scale, norm = decompose_scale(v, term.decompose)
+        parts.append((v, scale, norm))
+        total = scale * v if lone else total + (scale * v - w)
+    return total.to(weight.dtype), parts
+
+
 @dataclass(frozen=True)
 class _TermLayout:
     """What the autograd function needs to rebuild a term from its flat tensors, and the route its factors take."""
@@ -62,20 +105,34 @@ class _TermLayout:
     scale: float
     masked: bool
     route: StructuredRoute | None  # set when the factor gradients take the structured route
+    decompose: tuple[bool, float] | None = None  # DoRA: (on_output, multiplier); its magnitude is a flat tensor
 
 
 def _terms(layouts: Sequence[_TermLayout], flat: Sequence[Any]) -> list[DeltaTerm]:
-    """The terms behind the flat list the autograd function receives (factors first, then masks)."""
-    return [DeltaTerm(layout.algorithm, params, layout.scale, mask) for layout, (params, mask) in _split(layouts, flat)]
+    """The terms behind the flat list the autograd function receives (factors, then masks, then magnitudes)."""
+    return [
+        DeltaTerm(
+            layout.algorithm,
+            params,
+            layout.scale,
+            mask,
+            None if layout.decompose is None else WeightDecompose(magnitude, *layout.decompose),
+        )
+        for layout, (params, mask, magnitude) in _split(layouts, flat)
+    ]
 
 
-def _split(layouts: Sequence[_TermLayout], flat: Sequence[Any]) -> list[tuple[_TermLayout, tuple[dict, Any]]]:
-    """Per term, its entries of the flat list (a dict by factor name, and its mask or ``None``)."""
+def _split(layouts: Sequence[_TermLayout], flat: Sequence[Any]) -> list[tuple[_TermLayout, tuple[dict, Any, Any]]]:
+    """Per term, its entries of the flat list: a dict by factor name, its mask and its DoRA magnitude (or ``None``)."""
     out, pos = [], 0
-    masks = iter(flat[sum(len(layout.names) for layout in layouts) :])
+    factors = sum(len(layout.names) for layout in layouts)
+    masks = iter(flat[factors:])
+    magnitudes = iter(flat[factors + sum(layout.masked for layout in layouts) :])
     for layout in layouts:
         params = dict(zip(layout.names, flat[pos : pos + len(layout.names)]))
-        out.append((layout, (params, next(masks) if layout.masked else None)))
+        mask = next(masks) if layout.masked else None
+        magnitude = next(magnitudes) if layout.decompose is not None else None
+        out.append((layout, (params, mask, magnitude)))
         pos += len(layout.names)
     return out
 
@@ -85,6 +142,7 @@ class _TermPlan:
     """How one term takes part in the backward: which factor gradients, by which route, and its share of ∂L/∂x."""
 
     want: list[str]  # factors whose gradient is wanted
+    want_magnitude: bool  # DoRA: the magnitude's gradient is wanted
     dense: bool  # factor gradients from G = ∂L/∂W
     routed_x: bool  # its share of ∂L/∂x through its structured product instead of the rebuilt weight
     rebuilt: bool  # its ΔW goes into the rebuilt W + ΣΔW for ∂L/∂x
@@ -100,7 +158,7 @@ class _BackwardPlan:
     @property
     def need_dense(self) -> bool:
         """``G = ∂L/∂W`` is formed: for the base weight's gradient or for a dense term."""
-        return self.need_w or any(t.dense for t in self.terms)
+        return self.need_w or any(t.dense or t.want_magnitude for t in self.terms)
 
 
 def _plan_backward(ctx: Any, x: torch.Tensor | None, grad: torch.Tensor) -> _BackwardPlan:
@@ -110,23 +168,30 @@ def _plan_backward(ctx: Any, x: torch.Tensor | None, grad: torch.Tensor) -> _Bac
     weight_numel = math.prod(ctx.shape)
     tokens = grad.numel() // grad.shape[-1 if isinstance(op, LinearOp) else 1]
     plans = []
-    for layout, (flags, _) in _split(layouts, ctx.needs_input_grad[6:]):
+    decomposed = any(layout.decompose is not None for layout in layouts)
+    for layout, (flags, _, magnitude_flag) in _split(layouts, ctx.needs_input_grad[6:]):
         want = [name for name, flag in flags.items() if flag]
         dense = bool(want) and layout.route is None
         routed_x = (
-            need_x
+            not decomposed  # with DoRA every ΔW goes into the rebuilt weight
+            and need_x
             and x is not None  # not kept when only ∂L/∂x is wanted: the route needs the input
             and not dense
             and layout.route is not None
             and layout.route.input_grad_pays_off(tokens, weight_numel)
         )
-        plans.append(_TermPlan(want, dense, routed_x, need_x and not routed_x))
+        rebuilt = need_x and not routed_x
+        if layout.decompose is not None:  # DoRA's gradients need V = W + ΔW whatever is wanted
+            rebuilt = need_x or bool(want) or bool(magnitude_flag)
+        plans.append(_TermPlan(want, bool(magnitude_flag), dense, routed_x, rebuilt))
     return _BackwardPlan(plans, need_x, need_w, need_b)
 
 
 def _execute_backward(ctx: Any, plan: _BackwardPlan, x, weight, terms: list[DeltaTerm], grad: torch.Tensor):
     """Run the plan: rebuild ``W + Σ ΔW`` where needed, one base backward, then each term's factor gradients."""
     op, shape = ctx.op, ctx.shape
+    if any(term.decompose is not None for term in terms):
+        return _execute_decomposed(ctx, plan, x, weight, terms, grad)
     # W + Σ rebuilt ΔW, keeping what the dense factor gradients reuse
     dense = {
         i: term.algorithm.dense_backward(term, p.want, shape)
@@ -164,17 +229,59 @@ def _execute_backward(ctx: Any, plan: _BackwardPlan, x, weight, terms: list[Delt
     return grad_x, grad_w, grad_b, factor_grads
 
 
+def _execute_decomposed(ctx: Any, plan: _BackwardPlan, x, weight, terms: list[DeltaTerm], grad: torch.Tensor):
+    """The plan's execution when a term is DoRA: every wanted ΔW goes into ``M`` (``_decomposed_merge``), ``G = ∂L/∂M``
+    is formed once, and each DoRA term's ``∂L/∂V`` (``decompose_backward``) feeds its factor gradients."""
+    op, shape = ctx.op, ctx.shape
+    dense = {
+        i: term.algorithm.dense_backward(term, p.want, shape)
+        for i, (term, p) in enumerate(zip(terms, plan.terms))
+        if p.dense
+    }
+    deltas = [
+        (dense[i].delta() if i in dense else term_delta(term, shape)) if p.rebuilt else None
+        for i, (term, p) in enumerate(zip(terms, plan.terms))
+    ]
+    merged, parts = _decomposed_merge(weight, terms, deltas)
+    del deltas
+    grad_x, grad_merged = op.backward(grad, x, merged, plan.need_x, plan.need_dense)
+    del merged
+    found_grads: dict[int, torch.Tensor] = {}
+    grad_w = grad_merged.clone() if plan.need_w else None
+    for i, (term, p, part) in enumerate(zip(terms, plan.terms, parts)):
+        found: dict[str, torch.Tensor] = {}
+        if part is not None and (p.want or p.want_magnitude or plan.need_w):
+            v, scale, norm = part
+            grad_v, grad_magnitude = decompose_backward(grad_merged.to(v.dtype), v, scale, norm, term.decompose)
+            if grad_w is not None:
+                grad_w += (grad_v - grad_merged.to(v.dtype)).to(grad_w.dtype)
+            if p.want_magnitude:
+                magnitude = term.decompose.magnitude
+                found_grads[id(magnitude)] = grad_magnitude.to(magnitude.dtype)
+            if p.dense:
+                found = dense.pop(i).grads(grad_v.to(term.dtype))
+        elif p.dense:
+            found = dense.pop(i).grads(grad_merged.to(term.dtype))
+        elif p.want:
+            found, _ = structured_grads(term, p.want, x, grad, op, tuple(shape), input_grad=False)
+        found_grads.update({id(term.params[name]): g for name, g in found.items()})
+    grad_w = grad_w.to(ctx.weight_dtype) if plan.need_w else None
+    grad_b = op.bias_grad(grad) if plan.need_b else None
+    return grad_x, grad_w, grad_b, found_grads
+
+
 class _AdaptedOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x, weight, bias, op: BaseOp, shape, layouts, *tensors):
         terms = _terms(layouts, tensors)
-        merged = _merged_weight(weight, sum_deltas([term_delta(t, shape) for t in terms]), x.dtype)
+        merged = merged_weight(weight, terms, [term_delta(t, shape) for t in terms], x.dtype)
         need = ctx.needs_input_grad
         ctx.op, ctx.shape, ctx.layouts, ctx.x_dtype = op, shape, layouts, x.dtype
         ctx.weight_dtype = None if weight is None else weight.dtype
         # the input is needed for any weight-side gradient, and by a convolution's input gradient (as the base keeps it)
         keep_x = need[1] or any(need[6:]) or (need[0] and not isinstance(op, LinearOp))
-        ctx.save_for_backward(x if keep_x else None, weight if need[0] else None, *tensors)
+        keep_weight = need[0] or any(layout.decompose is not None for layout in layouts)  # DoRA's V = W + ΔW
+        ctx.save_for_backward(x if keep_x else None, weight if keep_weight else None, *tensors)
         return op.forward(x, merged, bias)
 
     @staticmethod
@@ -211,12 +318,18 @@ def adapted_op(
     shape = weight.shape if weight is not None else torch.Size(weight_shape)
     tensors = [t for term in terms for t in term.params.values()]
     masks = [term.row_mask for term in terms if term.row_mask is not None]
-    if not torch.is_grad_enabled() or not any(t.requires_grad for t in [x, weight, bias, *tensors] if t is not None):
-        return op.forward(x, _merged_weight(weight, sum_deltas([term_delta(t, shape) for t in terms]), x.dtype), bias)
+    magnitudes = [term.decompose.magnitude for term in terms if term.decompose is not None]
+    trainable = [x, weight, bias, *tensors, *magnitudes]
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in trainable if t is not None):
+        return op.forward(x, merged_weight(weight, terms, [term_delta(t, shape) for t in terms], x.dtype), bias)
     layouts = []
     for term in terms:
-        route = None if structured_grads is False else term.algorithm.route(op, term.params, tuple(shape))
+        decompose = None if term.decompose is None else (term.decompose.on_output, term.decompose.multiplier)
+        route = None
+        if structured_grads is not False and decompose is None:  # DoRA's factor gradients come from ∂L/∂V
+            route = term.algorithm.route(op, term.params, tuple(shape))
         if route is not None and structured_grads is None and not route.pays_off(math.prod(shape)):
             route = None
-        layouts.append(_TermLayout(term.algorithm, tuple(term.params), term.scale, term.row_mask is not None, route))
-    return _AdaptedOp.apply(x, weight, bias, op, shape, tuple(layouts), *tensors, *masks)
+        masked = term.row_mask is not None
+        layouts.append(_TermLayout(term.algorithm, tuple(term.params), term.scale, masked, route, decompose))
+    return _AdaptedOp.apply(x, weight, bias, op, shape, tuple(layouts), *tensors, *masks, *magnitudes)

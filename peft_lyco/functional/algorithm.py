@@ -6,6 +6,7 @@ and its factor gradients on the dense route. The math never asks which algorithm
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -40,6 +41,7 @@ class Algorithm(ABC):
 
     name: str
     param_names: tuple[str, ...]
+    layout_options: tuple[str, ...]  # the options ``layout`` reads; others (DoRA, rs_lora, ...) are not its business
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -57,9 +59,14 @@ class Algorithm(ABC):
     ) -> Any:
         """The parameter layout (shapes and mode) on a weight ``(out, in, *kernel)`` with these layout options."""
 
-    def scale(self, layout: Any, alpha: float, rank: int) -> float:
-        """The adapter's own scale: ``alpha / rank`` unless the layout dictates otherwise."""
-        return alpha / rank
+    def scale(self, layout: Any, alpha: float, rank: int, rs_lora: bool = False) -> float:
+        """The adapter's own scale: ``alpha / rank`` (``alpha / sqrt(rank)`` with ``rs_lora``, as LyCORIS) unless the
+        layout dictates otherwise."""
+        return alpha / (math.sqrt(rank) if rs_lora else rank)
+
+    @abstractmethod
+    def scalar_factor(self, params: Mapping[str, torch.Tensor]) -> str:
+        """The factor ΔW is linear in that LyCORIS' ``use_scalar`` multiplier is folded into on export."""
 
     @abstractmethod
     def delta(self, params: Mapping[str, torch.Tensor], scale: float) -> torch.Tensor:

@@ -189,8 +189,13 @@ class LoHa(Algorithm):
     name = "loha"
     param_names = LOHA_PARAMS
 
+    layout_options = ("use_tucker",)
+
     def layout(self, out_features, in_features, kernel, rank, options, *, warn=True) -> LoHaLayout:
         return loha_layout(out_features, in_features, kernel, rank, options.get("use_tucker", False))
+
+    def scalar_factor(self, params: Mapping[str, torch.Tensor]) -> str:
+        return "hada_w1_a"
 
     def delta(self, params: Mapping[str, torch.Tensor], scale: float) -> torch.Tensor:
         return loha_delta_weight(*_factors(params), scale=scale)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from itertools import combinations
 from typing import Callable, Optional
@@ -177,12 +178,21 @@ class LoKr(Algorithm):
     name = "lokr"
     param_names = LOKR_PARAMS
 
-    def layout(self, out_features, in_features, kernel, rank, options, *, warn=True) -> LoKrLayout:
-        return lokr_layout(out_features, in_features, kernel, rank, **options, warn=warn)
+    layout_options = ("use_tucker", "factor", "decompose_both", "full_matrix", "unbalanced_factorization")
 
-    def scale(self, layout: LoKrLayout, alpha: float, rank: int) -> float:
-        """Both halves full: scale 1 whatever alpha says (LyCORIS/kohya); otherwise alpha / rank."""
+    def layout(self, out_features, in_features, kernel, rank, options, *, warn=True) -> LoKrLayout:
+        mine = {name: value for name, value in options.items() if name in self.layout_options}
+        return lokr_layout(out_features, in_features, kernel, rank, **mine, warn=warn)
+
+    def scale(self, layout: LoKrLayout, alpha: float, rank: int, rs_lora: bool = False) -> float:
+        """Both halves full: alpha is taken as the rank (scale 1 whatever alpha says, as LyCORIS/kohya; with
+        ``rs_lora`` LyCORIS then trains at ``rank / sqrt(rank)``); otherwise ``alpha / rank``."""
+        if rs_lora:
+            return (rank if layout.both_full else alpha) / math.sqrt(rank)
         return 1.0 if layout.both_full else alpha / rank
+
+    def scalar_factor(self, params: Mapping[str, torch.Tensor]) -> str:
+        return "lokr_w1" if "lokr_w1" in params else "lokr_w1_a"
 
     def delta(self, params: Mapping[str, torch.Tensor], scale: float) -> torch.Tensor:
         return lokr_delta_weight(**{name[len("lokr_") :]: params.get(name) for name in LOKR_PARAMS}, scale=scale)

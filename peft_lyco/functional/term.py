@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .dora import WeightDecompose
+
 if TYPE_CHECKING:
     from .algorithm import Algorithm
 
@@ -17,13 +19,15 @@ class DeltaTerm:
     """An adapter's contribution ``scale · ΔW`` (rows masked by rank dropout) to one call of a layer.
 
     ``algorithm`` does all the math (ΔW, the structured route, the factor gradients); ``params`` are its tensors under
-    their kohya names, in the order the layer holds them.
+    their kohya names, in the order the layer holds them. With ``decompose`` (DoRA) the term's contribution is
+    ``s ⊙ (W + ΔW) − W`` instead of ``ΔW`` (see ``dora.py``).
     """
 
     algorithm: Algorithm
     params: Mapping[str, torch.Tensor]
     scale: float
     row_mask: torch.Tensor | None = None
+    decompose: WeightDecompose | None = None
 
     @property
     def dtype(self) -> torch.dtype:
