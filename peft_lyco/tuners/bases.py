@@ -19,6 +19,8 @@ import warnings
 import torch
 from torch import nn
 
+from ..functional.base_op import BaseOp
+
 FLOAT8_DTYPES = tuple(
     getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
 )
@@ -31,6 +33,10 @@ class BaseWeight:
 
     def check_trainable(self, weight: torch.Tensor, where: str) -> None:
         """Raise where the base weight cannot be trained as it is stored (plain weights always can)."""
+
+    def base_output(self, base: nn.Module, x: torch.Tensor, op: BaseOp, prepared: torch.Tensor) -> torch.Tensor:
+        """The base layer's own output for ``x`` (``prepared``: ``x`` as ``op`` takes it), for the bypass path."""
+        return base(x)
 
     def merge(self, base: nn.Module, delta: torch.Tensor, *, sign: int, where: str, safe: bool) -> None:
         """Add ``sign · delta`` (fp32 or wider, the weight's shape) into ``base.weight``; ``safe`` checks the sum is
@@ -54,6 +60,12 @@ class Float8Weight(BaseWeight):
                 f"{where}: the base weight is stored in {weight.dtype} and requires grad; float8 storage is for frozen "
                 "bases only (call base.weight.requires_grad_(False), or keep a trainable base in bf16/fp32)"
             )
+
+    def base_output(self, base: nn.Module, x: torch.Tensor, op: BaseOp, prepared: torch.Tensor) -> torch.Tensor:
+        """``op(x, W)`` with the float8 weight upcast to the input's dtype for this call (``nn.Linear`` cannot
+        multiply float8 by anything)."""
+        out = op.forward(prepared, base.weight.to(prepared.dtype), base.bias)
+        return out.squeeze(0) if out.dim() > x.dim() else out
 
     def merge(self, base: nn.Module, delta: torch.Tensor, *, sign: int, where: str, safe: bool) -> None:
         weight = base.weight
