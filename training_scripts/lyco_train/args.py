@@ -94,7 +94,9 @@ def add_optimization_args(parser: argparse.ArgumentParser) -> None:
 def add_memory_args(group: argparse._ArgumentGroup) -> None:
     """Precision, storage and compiler options for large models on small GPUs (sd-scripts names)."""
     group.add_argument(
-        "--full_bf16", action="store_true", help="adapter weights, gradients and optimizer states in bf16 (saves memory)"
+        "--full_bf16",
+        action="store_true",
+        help="adapter weights, gradients and optimizer states in bf16 (saves memory)",
     )
     group.add_argument(
         "--fp8_base",
