@@ -231,3 +231,33 @@ def test_torch_compile_first_step_gradient_equals_eager(tmp_path, tmp_path_facto
     error = relative_error(got, want)
     print(f"{model} --torch_compile (inductor): relative gradient error vs eager {error:.3g}")
     assert error <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--full_bf16"], "--full_bf16 needs --mixed_precision bf16"),
+        (["--full_bf16", "--mixed_precision", "fp16"], "--full_bf16 needs --mixed_precision bf16"),
+        (["--torch_compile", "--dynamo_backend", "nope"], "--dynamo_backend 'nope' is not a torch.compile backend"),
+    ],
+)
+def test_precision_options_that_cannot_work_are_refused_before_models_load(tmp_path, monkeypatch, argv, message):
+    from lyco_train.args import UsageError
+
+    monkeypatch.setattr(anima_trainer, "load_models", lambda *a: pytest.fail("model loaded before the check"))
+    with pytest.raises(UsageError, match=message):
+        run(tmp_path, "anima", *argv)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("model", ["sdxl", "anima"])
+@pytest.mark.parametrize(
+    "options",
+    [["--mixed_precision", "fp16"], ["--mixed_precision", "bf16", "--fp8_base", "--full_bf16"], ["--torch_compile"]],
+    ids=["fp16", "bf16-fp8-full", "compile"],
+)
+def test_precisions_end_to_end_on_cuda(tmp_path, model, options):
+    """The tiny runs on the GPU (the trainers pick CUDA when present): train, sample, save, reload check."""
+    result = run(tmp_path, model, *options, "--max_train_steps", "2", "--sample_every_n_steps", "2")
+    assert all(torch.isfinite(torch.tensor(result.losses))) and result.final.is_file()
