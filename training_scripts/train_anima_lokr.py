@@ -23,7 +23,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from accelerate.utils import set_seed
@@ -33,12 +32,14 @@ from lyco_train.cache import build_latent_cache, build_text_cache
 from lyco_train.data import DataError
 from lyco_train.export import AdapterWriter
 from lyco_train.loop import make_accelerator, place_frozen, prepare_training, weight_dtype
+from lyco_train.memory import apply_memory_options, store_weights_in_fp8
 from lyco_train.metadata import RunInfo
 from lyco_train.network import inject
 from lyco_train.objectives import (
     SIGMA_SAMPLING,
     flow_noisy_input,
     flow_target,
+    sample_generators,
     sample_noise,
     sample_sigmas,
     weighted_mse,
@@ -63,7 +64,7 @@ class Result:
 
 
 # ---------------------------------------------------------------------------------------------------- arguments
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", help="Anima DiT .safetensors (none: tiny CPU demo)")
@@ -93,7 +94,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------------------ models
-def load_vae(path: str, subfolder: Optional[str], dtype: torch.dtype):
+def load_vae(path: str, subfolder: str | None, dtype: torch.dtype):
     """The Qwen-Image VAE from a single file (original Wan layout, as Anima ships it) or a diffusers folder/hub id."""
     from diffusers import AutoencoderKLQwenImage
 
@@ -183,6 +184,9 @@ def check_reload(args: argparse.Namespace, path: Path, trained: AnimaComponents,
             adapter.config, targets[component], adapter_name="trained", state_dict=adapter.state_dict
         )
         set_peft_model_state_dict(targets[component], adapter.state_dict, adapter_name="trained")
+    if args.fp8_base:  # the same rounded base as the trained model, so the comparison sees the adapter only
+        for model in (fresh.dit, fresh.text_encoder, base.dit, base.text_encoder):
+            store_weights_in_fp8(model.requires_grad_(False), torch.float32)
 
     def render(models: AnimaComponents):
         return (
@@ -209,7 +213,7 @@ def check_reload(args: argparse.Namespace, path: Path, trained: AnimaComponents,
 
 
 # -------------------------------------------------------------------------------------------------------- main
-def main(argv: Optional[list[str]] = None) -> Result:
+def main(argv: list[str] | None = None) -> Result:
     args = parse_args(argv)
     tiny = args.pretrained_model_name_or_path is None
     accelerator = make_accelerator(args)
@@ -232,6 +236,7 @@ def main(argv: Optional[list[str]] = None) -> Result:
         models.dit.enable_gradient_checkpointing()
         if "text_encoder" in trained:
             models.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_memory_options(args, (models.dit, models.text_encoder), trained, models.dit, dtype)
 
     # caches of frozen outputs, filled once before training
     latent_cache = build_latent_cache(
@@ -244,7 +249,7 @@ def main(argv: Optional[list[str]] = None) -> Result:
     )  # fmt: skip
 
     training = prepare_training(args, accelerator, records, buckets, trained)
-    modules, generator = training.models, training.generator
+    modules = training.models
 
     def loss(batch: dict) -> torch.Tensor:
         if "latents" in batch:
@@ -255,9 +260,10 @@ def main(argv: Optional[list[str]] = None) -> Result:
             text = {k: v.to(device) for k, v in text_cache.get(batch["captions"]).items()}
         else:
             text = encode_captions(models, batch["captions"], modules.get("text_encoder", models.text_encoder))
-        noise = sample_noise(latents, generator)
+        generators = sample_generators(batch["noise_seeds"])
+        noise = sample_noise(latents, generators)
         sigmas = sample_sigmas(
-            latents.shape[0], args.timestep_sampling, generator, device,
+            args.timestep_sampling, generators, device,
             sigmoid_scale=args.sigmoid_scale, shift=args.discrete_flow_shift,
         )  # fmt: skip
         prediction = modules["transformer"](

@@ -1,6 +1,7 @@
 """Dataset scan, bucketing, epoch plans and caches of the trainers' shared helpers."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -144,6 +145,36 @@ def test_epoch_plan_is_deterministic_complete_and_bucketed(tmp_path):
     assert len(shards[0]) == len(shards[1]) and not set(map(str, shards[0])) & set(map(str, shards[1]))
 
 
+@pytest.mark.parametrize("processes, batch_size", [(2, 1), (2, 2), (3, 1), (4, 1), (5, 2)])
+def test_processes_split_the_same_global_batches_with_shares_that_average_to_the_mean(tmp_path, processes, batch_size):
+    """k processes × batch b see exactly the samples (with the same noise seeds) one process sees with batch k·b, in
+    the same order, and the shares make the process average of each process's weighted sum the global batch mean."""
+    records = _records(tmp_path, count=7)  # 14 samples over 2 buckets: global batches of uneven sizes
+    buckets = [(32, 32) if i % 3 else (48, 32) for i in range(len(records))]
+    options = {"seed": 5, "flip_aug": True, "caption_dropout_rate": 0.3}
+    single = EpochPlan(records, buckets, batch_size=batch_size * processes, **options)
+    shards = [
+        EpochPlan(records, buckets, batch_size=batch_size, num_processes=processes, process_index=i, **options)
+        for i in range(processes)
+    ]
+    for epoch in (0, 1):
+        whole = single.batches(epoch)
+        parts = [shard.batches(epoch) for shard in shards]
+        assert all(len(p) == len(whole) == single.batches_per_epoch == shards[0].batches_per_epoch for p in parts)
+        for b, batch in enumerate(whole):
+            real = [s for part in parts for s in part[b] if s.share > 0]
+            fillers = [s for part in parts for s in part[b] if s.share == 0]
+            assert [replace(s, share=0) for s in real] == [replace(s, share=0) for s in batch]
+            assert len(fillers) == max(0, processes - len(batch)) and all(len(part[b]) >= 1 for part in parts)
+            losses = {s.noise_seed: float(s.noise_seed % 97) for s in batch}  # any per-sample loss
+            mean = sum(losses.values()) / len(batch)
+            assert sum(s.share * losses[s.noise_seed] for s in batch) == pytest.approx(mean)
+            averaged = sum(sum(s.share * losses[s.noise_seed] for s in part[b]) for part in parts) / processes
+            assert averaged == pytest.approx(mean)
+    seeds = [s.noise_seed for batch in single.batches(0) + single.batches(1) for s in batch]
+    assert len(set(seeds)) == len(seeds)
+
+
 def test_batch_builder_uses_latent_cache_and_drops_captions(tmp_path):
     records = _records(tmp_path, count=3)
     buckets = [(32, 32)] * len(records)
@@ -182,3 +213,20 @@ def test_text_cache_encodes_each_caption_once(tmp_path):
     assert cache.fill(["ab"], batch_size=2, show_progress=False) == 0 and seen == ["ab", "", "xyz"]
     got = cache.get(["xyz", ""])["embeds"]
     assert got.shape == (2, 2, 3) and got[0, 0, 0] == 3 and got[1, 0, 0] == 0
+
+
+def test_only_the_main_process_writes_the_tiny_dataset(tmp_path):
+    """Other processes of a multi-process tiny run used to write the dataset again while the main process read it
+    (UnidentifiedImageError on a half-written PNG); now they only point at the main process's files."""
+    from argparse import Namespace
+
+    from lyco_train.tiny import prepare_tiny_data
+
+    main = Namespace(output_dir=str(tmp_path), train_data_dir=None, sample_prompts=None)
+    prepare_tiny_data(main)
+    files = sorted(p for p in (tmp_path / "data").rglob("*") if p.is_file())
+    stamps = [p.stat().st_mtime_ns for p in files]
+    other = Namespace(output_dir=str(tmp_path), train_data_dir=None, sample_prompts=None)
+    prepare_tiny_data(other, write=False)
+    assert vars(other) == vars(main)
+    assert [p.stat().st_mtime_ns for p in files] == stamps and len(files) == 12 * 2 + 1

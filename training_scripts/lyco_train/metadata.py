@@ -125,6 +125,8 @@ def training_metadata(
                 + (f"({','.join(args.optimizer_args)})" if args.optimizer_args else ""),
                 "ss_max_grad_norm": args.max_grad_norm,
                 "ss_mixed_precision": args.mixed_precision,
+                "ss_full_bf16": args.full_bf16,
+                "ss_fp8_base": args.fp8_base,
                 "ss_seed": args.seed,
                 "ss_loss_type": "l2",
                 "ss_noise_offset": args.noise_offset or None,
