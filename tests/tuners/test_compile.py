@@ -101,3 +101,22 @@ def test_fullgraph_compile_matrix(backend, algorithm, width, training, monkeypat
     assert _graph_breaks(net, net_input(width)) == (0, [])
     torch._dynamo.reset()
     _compiled_matches_eager(net, net_input(width), backend)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("algorithm", ["loha", "lokr"])
+def test_inductor_on_cuda_under_autocast_with_a_float8_base(algorithm, monkeypatch):
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    net = adapted_net(algorithm, width=8).cuda()
+    store_bases_in(net, torch.float8_e4m3fn)
+
+    def forward(x):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return net(x)
+
+    x = net_input(8, device="cuda")
+    eager = training_step(net, forward, x)
+    ours = training_step(net, torch.compile(forward, fullgraph=True), x)
+    error, where = max_relative_error(ours, eager)
+    assert error <= 2e-2, (error, where)

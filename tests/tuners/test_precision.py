@@ -23,20 +23,38 @@ from benchmarks.modes import (
 )
 
 FLOAT8 = [torch.float8_e4m3fn, torch.float8_e5m2]
+CUDA = pytest.param(
+    "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+)
+DEVICES = ["cpu", CUDA]
 # worst relative error (output and every gradient) allowed at all, per compute dtype
 BOUND = {torch.bfloat16: 0.08, torch.float16: 0.01, torch.float32: 1e-5}
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """Exact float32 products on CUDA while errors are measured (cuDNN convolutions default to TF32)."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def _autocast(net, dtype):
     def forward(x):
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
             return net(x)
 
     return forward
 
 
 def _check(net, x, *, autocast=None, compute=None):
-    """Our step and plain autograd's step in the net's precision, each against the float64 step."""
+    """Our step and plain autograd's step in the net's precision, each against the float64 step (all on the input's
+    device)."""
+    net.to(x.device)
     reference_net = copy.deepcopy(net).double()
     reference = training_step(reference_net, reference_net, x.double())
     ours = training_step(net, _autocast(net, autocast), x)
@@ -50,39 +68,43 @@ def _check(net, x, *, autocast=None, compute=None):
     return error
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("width", [1, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("algorithm", ["loha", "lokr"])
-def test_autocast_matches_float64(algorithm, dtype, width):
+def test_autocast_matches_float64(algorithm, dtype, width, device):
     net = adapted_net(algorithm, width=width)
-    _check(net, net_input(width), autocast=dtype)
+    _check(net, net_input(width, device=device), autocast=dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("algorithm", ["loha", "lokr"])
-def test_half_bases_with_float32_adapters_match_float64(algorithm, dtype, autocast):
+def test_half_bases_with_float32_adapters_match_float64(algorithm, dtype, autocast, device):
     net = adapted_net(algorithm, width=8)
     for layer in adapted_layers(net):
         layer.get_base_layer().to(dtype)
-    x = net_input(8, dtype=torch.float32 if autocast else dtype)
+    x = net_input(8, dtype=torch.float32 if autocast else dtype, device=device)
     _check(net, x, autocast=dtype if autocast else None, compute=dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("algorithm", ["loha", "lokr"])
-def test_full_bf16_matches_float64(algorithm):
+def test_full_bf16_matches_float64(algorithm, device):
     net = adapted_net(algorithm, width=8).to(torch.bfloat16)
-    _check(net, net_input(8, dtype=torch.bfloat16), compute=torch.bfloat16)
+    _check(net, net_input(8, dtype=torch.bfloat16, device=device), compute=torch.bfloat16)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16])
 @pytest.mark.parametrize("fp8", FLOAT8)
 @pytest.mark.parametrize("algorithm", ["loha", "lokr"])
-def test_float8_bases_upcast_per_call_and_match_float64(algorithm, fp8, autocast):
-    net = adapted_net(algorithm, width=8)
+def test_float8_bases_upcast_per_call_and_match_float64(algorithm, fp8, autocast, device):
+    net = adapted_net(algorithm, width=8).to(device)
     store_bases_in(net, fp8)
     weights = {name: (p.data_ptr(), p.dtype) for name, p in net.named_parameters()}
-    x = net_input(8)
+    x = net_input(8, device=device)
     _check(net, x, autocast=autocast, compute=autocast or torch.float32)
     # nothing upcast is kept: the stored weights are untouched, and autograd keeps no weight-sized upcast copy
     assert {name: (p.data_ptr(), p.dtype) for name, p in net.named_parameters()} == weights
