@@ -20,6 +20,9 @@ torchao_quantization = pytest.importorskip("torchao.quantization")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:bitsandbytes")
 
 IN, OUT = 64, 48
+CUDA = pytest.param(
+    "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+)
 
 
 def _plain() -> nn.Linear:
@@ -27,20 +30,20 @@ def _plain() -> nn.Linear:
     return nn.Linear(IN, OUT)
 
 
-def _bnb_int8(plain: nn.Linear) -> nn.Module:
+def _bnb_int8(plain: nn.Linear, device: str) -> nn.Module:
     layer = bnb.nn.Linear8bitLt(IN, OUT, has_fp16_weights=False, threshold=0.0)
     layer.load_state_dict(plain.state_dict())
-    return layer.to("cpu")  # quantizes
+    return layer.to(device)  # quantizes
 
 
-def _bnb_nf4(plain: nn.Linear) -> nn.Module:
+def _bnb_nf4(plain: nn.Linear, device: str) -> nn.Module:
     layer = bnb.nn.Linear4bit(IN, OUT, quant_type="nf4", compute_dtype=torch.float32)
     layer.load_state_dict(plain.state_dict())
-    return layer.to("cpu")
+    return layer.to(device)
 
 
-def _torchao_int8(plain: nn.Linear) -> nn.Module:
-    holder = nn.Sequential(copy.deepcopy(plain))
+def _torchao_int8(plain: nn.Linear, device: str) -> nn.Module:
+    holder = nn.Sequential(copy.deepcopy(plain).to(device))
     torchao_quantization.quantize_(holder, torchao_quantization.Int8WeightOnlyConfig())
     return holder[0]
 
@@ -52,8 +55,8 @@ CONFIGS = {
 }
 
 
-def _adapted(base_name: str, kind: str):
-    quantized = BASES[base_name](_plain())
+def _adapted(base_name: str, kind: str, device: str = "cpu"):
+    quantized = BASES[base_name](_plain(), device)
     model = get_peft_model(Holder(quantized), CONFIGS[kind]())
     layer = model.base_model.model.layer
     with torch.no_grad():  # a ΔW whose effect on the output is far above the quantization error
@@ -62,12 +65,13 @@ def _adapted(base_name: str, kind: str):
     return model, layer, quantized
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("kind", list(CONFIGS))
 @pytest.mark.parametrize("base_name", list(BASES))
-def test_quantized_base_forward_and_gradients_match_base_plus_adapter(base_name, kind):
-    model, layer, quantized = _adapted(base_name, kind)
+def test_quantized_base_forward_and_gradients_match_base_plus_adapter(base_name, kind, device):
+    model, layer, quantized = _adapted(base_name, kind, device)
     assert layer.get_base_layer() is quantized
-    x = torch.randn(2, 5, IN, requires_grad=True)
+    x = torch.randn(2, 5, IN, device=device, requires_grad=True)
     out = model(x)
     out.backward(out.detach())
     params = layer.adapter_parameters("default")
