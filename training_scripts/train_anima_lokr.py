@@ -189,7 +189,7 @@ def check_reload(args: argparse.Namespace, path: Path, trained: AnimaComponents,
         set_peft_model_state_dict(targets[component], adapter.state_dict, adapter_name="trained")
     if args.fp8_base:  # the same rounded base as the trained model, so the comparison sees the adapter only
         for model in (fresh.dit, fresh.text_encoder, base.dit, base.text_encoder):
-            store_weights_in_fp8(model, torch.float32)
+            store_weights_in_fp8(model.requires_grad_(False), torch.float32)
 
     def render(models: AnimaComponents):
         return (
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> Result:
     training = prepare_training(args, accelerator, records, buckets, trained)
     modules = training.models
 
-    def loss(batch: dict, draw: Optional[FixedDraw] = None) -> torch.Tensor:
+    def loss(batch: dict, draw: FixedDraw | None = None) -> torch.Tensor:
         if "latents" in batch:
             latents = batch["latents"].to(device, torch.float32)
         else:

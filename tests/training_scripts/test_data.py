@@ -273,3 +273,20 @@ def test_regularisation_folders_and_loss_weights(tmp_path):
     for batch in plan.batches(0):
         weights = build(batch)["loss_weights"].tolist()
         assert weights == pytest.approx([0.3 if data.records[s.record].subset.is_reg else 1.0 for s in batch])
+
+
+def test_only_the_main_process_writes_the_tiny_dataset(tmp_path):
+    """Other processes of a multi-process tiny run used to write the dataset again while the main process read it
+    (UnidentifiedImageError on a half-written PNG); now they only point at the main process's files."""
+    from argparse import Namespace
+
+    from lyco_train.tiny import prepare_tiny_data
+
+    main = Namespace(output_dir=str(tmp_path), train_data_dir=None, sample_prompts=None)
+    prepare_tiny_data(main)
+    files = sorted(p for p in (tmp_path / "data").rglob("*") if p.is_file())
+    stamps = [p.stat().st_mtime_ns for p in files]
+    other = Namespace(output_dir=str(tmp_path), train_data_dir=None, sample_prompts=None)
+    prepare_tiny_data(other, write=False)
+    assert vars(other) == vars(main)
+    assert [p.stat().st_mtime_ns for p in files] == stamps and len(files) == 12 * 2 + 1

@@ -262,7 +262,7 @@ def training_images(args, accelerator, *, tiny_model: Optional[str] = None) -> T
     (the embedded default) the coloured-shapes dataset is generated first (by the main process) unless data is given."""
     if tiny_model:
         with accelerator.main_process_first():
-            prepare_tiny_data(args)
+            prepare_tiny_data(args, write=accelerator.is_main_process)
     if args.dataset_config:
         where = f"the image folders of --dataset_config '{args.dataset_config}'"
     else:
