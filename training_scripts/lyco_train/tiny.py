@@ -61,7 +61,7 @@ def prepare_tiny_data(args, *, write: bool = True) -> None:
     ``write=False`` (every process but the main one of a multi-process run) only points ``args`` at what the main
     process wrote: writing again would replace files while the main process reads them."""
     data = Path(args.output_dir) / "data"
-    if args.train_data_dir is None:
+    if args.train_data_dir is None and not getattr(args, "dataset_config", None):
         folder = make_shapes_dataset(data, size=64) if write else shapes_folder(data)
         args.train_data_dir = str(folder.parent)
     if args.sample_prompts is None:
