@@ -76,9 +76,9 @@ def _optimizer_from_files(structure: dict, tensors: dict[str, torch.Tensor]) -> 
     return state
 
 
-def rng_snapshot(generator: torch.Generator) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Every RNG state a resumed run needs (torch CPU/CUDA, numpy, python, ``generator``), for ``save_state``."""
-    tensors = {"torch_cpu": torch.get_rng_state(), "noise_generator": generator.get_state()}
+def rng_snapshot() -> tuple[dict, dict[str, torch.Tensor]]:
+    """Every RNG state a resumed run needs (torch CPU/CUDA, numpy, python), for ``save_state``."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for index, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"torch_cuda_{index}"] = state
@@ -92,9 +92,8 @@ def rng_snapshot(generator: torch.Generator) -> tuple[dict, dict[str, torch.Tens
     return info, tensors
 
 
-def _rng_restore(info: dict, tensors: dict[str, torch.Tensor], generator: torch.Generator) -> None:
+def _rng_restore(info: dict, tensors: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(tensors["torch_cpu"])
-    generator.set_state(tensors["noise_generator"])
     cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
@@ -223,7 +222,7 @@ def save_state(
     names = _file_names(generation, accelerator.num_processes)
     error = None
     try:
-        rng_info, rng_tensors = rng or rng_snapshot(training.generator)
+        rng_info, rng_tensors = rng or rng_snapshot()
         rng_path = folder / names["rng"][accelerator.process_index]
         save_tensors(rng_path, rng_tensors, metadata={"info": json.dumps(rng_info)})
         if accelerator.is_main_process:
@@ -350,7 +349,7 @@ def load_state(folder: Path, accelerator, training, fingerprint: dict[str, Any])
     training.lr_scheduler.load_state_dict(state["scheduler"])
     if state["grad_scaler"] is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(state["grad_scaler"])
-    _rng_restore(rng_info, rng["tensors"], training.generator)
+    _rng_restore(rng_info, rng["tensors"])
     return Position(**state["position"])
 
 
