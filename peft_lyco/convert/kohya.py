@@ -44,6 +44,8 @@ ALGO_LAYERS = {"loha": LoHaLayer, "lokr": LoKrLayer}
 DENOISER_CLASSES = {"UNet2DConditionModel": "unet", "AnimaDiT": "transformer"}
 NETWORK_MODULES = {"loha": "networks.loha", "lokr": "networks.lokr", "lora": "networks.lora"}
 # A1111 applies CLIP-bigG attention projections only through its fused MultiheadAttention: all four or none.
+# what sd-scripts, LyCORIS, ComfyUI and A1111 all read as adapter weights
+FILE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 COMPLETE_SETS = {("sdxl", "text_encoder_2"): (r"^(.*\.self_attn)\.(q_proj|k_proj|v_proj|out_proj)$", 4)}
 
 
@@ -304,27 +306,40 @@ def peft_to_kohya(
     ``components``: a pipeline, a mapping component -> model (with LoHa/LoKr/LoRA layers injected), the denoiser
     alone, or a ``KohyaConversion``. UNet names use the SGM layout (``naming="sgm"``, what sd-scripts writes and every
     consumer resolves) or the diffusers layout; text-encoder names always carry ``text_model_``. Tensors keep their
-    dtype unless ``dtype`` is given (one dtype per module). Tucker LoKr is rebuilt to a full 4-D ``lokr_w2`` unless
+    dtype unless ``dtype`` is given (one dtype per module: ``torch.float32``, ``float16`` or ``bfloat16``; a value that
+    overflows it raises naming the module). Tucker LoKr is rebuilt to a full 4-D ``lokr_w2`` unless
     ``lokr_tucker``. With ``strict``, layouts some consumer would silently drop (a partial CLIP-bigG q/k/v/out set)
     raise instead of warning.
     """
+    if dtype is not None and dtype not in FILE_DTYPES:
+        raise ValueError(
+            f"cannot write dtype {dtype}: kohya files hold float32, float16 or bfloat16 tensors (what sd-scripts, "
+            "LyCORIS, ComfyUI and A1111 read); pass one of those or None to keep the adapter's dtype"
+        )
     scheme, modules, configs = _collect(components, adapter_name, model_type)
     resolver = NameResolver(
         scheme, {} if isinstance(components, KohyaConversion) else component_models(scheme, components)
     )
     _check_complete_sets(scheme, modules, strict)
     state_dict: dict[str, torch.Tensor] = {}
-    written = []
+    written, overflow = [], []
     for module in sorted(modules, key=lambda m: (m.component, m.path)):
         name = resolver.kohya_name(module.component, module.path, naming)
         tensors, alpha = kohya_tensors(module, lokr_tucker)
         target = dtype or _common_dtype(tensors.values())
         for param, tensor in tensors.items():
             state_dict[f"{name}.{param}"] = tensor.detach().to(device="cpu", dtype=target).contiguous()
+            if not torch.isfinite(state_dict[f"{name}.{param}"].abs().amax()):
+                overflow.append(f"{name}.{param} ({module.component} '{module.path}')")
         alpha_tensor = torch.tensor(alpha, dtype=target)
         # a rank of 100000 overflows fp16: keep that (ignored, both-full) alpha in fp32 rather than write inf
         state_dict[f"{name}.alpha"] = alpha_tensor if torch.isfinite(alpha_tensor) else torch.tensor(alpha)
         written.append((module.algo, module.rank, alpha))
+    if overflow:
+        raise ValueError(
+            "NaN or infinite values after conversion to the file dtype (the adapter diverged, or its values exceed "
+            f"{dtype or 'its dtype'}; try dtype=torch.bfloat16 or torch.float32):\n  " + "\n  ".join(overflow)
+        )
     tucker = any(key.endswith((".hada_t1", ".lokr_t2")) for key in state_dict)
     return dict(sorted(state_dict.items())), _file_metadata(scheme, written, configs, metadata, strict, tucker)
 
