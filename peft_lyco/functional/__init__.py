@@ -4,6 +4,7 @@ from .delta import LOHA_PARAMS, LOKR_PARAMS, add_delta, add_delta_into, delta_we
 from .factorization import (
     LoHaLayout,
     LoKrLayout,
+    check_alpha,
     check_factor,
     check_rank,
     factorization,
@@ -22,6 +23,7 @@ __all__ = [
     "LoKrLayout",
     "add_delta",
     "add_delta_into",
+    "check_alpha",
     "check_factor",
     "check_rank",
     "delta_weight",

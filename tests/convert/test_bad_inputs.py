@@ -72,6 +72,10 @@ DAMAGE = {
     ),
     "alpha-vector": (lambda sd: sd.update({f"{PROJ_IN}.alpha": torch.ones(2)}), "alpha must hold one value"),
     "alpha-inf": (lambda sd: sd.update({f"{PROJ_IN}.alpha": torch.tensor(float("inf"))}), "alpha is inf"),
+    "alpha-huge": (  # finite, but the scaled ΔW makes the UNet output NaN (issue 9.6)
+        lambda sd: sd.update({f"{PROJ_IN}.alpha": torch.tensor(1e30)}),
+        rf"{PROJ_IN} .*alpha 1e\+30 / rank 4 makes ΔW reach",
+    ),
     "dora": (lambda sd: sd.update({f"{PROJ_IN}.dora_scale": torch.ones(64, 1)}), "DoRA .* not supported"),
     "scale": (lambda sd: sd.update({f"{PROJ_IN}.scale": torch.ones(())}), "'scale' tensor"),
     "orphan-alpha": (_orphan_alpha, "lora_unet_conv_out.*no adapter tensors"),
