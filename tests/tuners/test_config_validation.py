@@ -1,10 +1,10 @@
 """Bad configs are refused before a model is touched: non-finite alpha anywhere, unsupported or malformed targets,
 and invalid adapter names, each with a message naming the field or module (issue 9 items 6, 7, 11)."""
 
-
 import pytest
 import torch
-from peft import inject_adapter_in_model
+from peft import get_peft_model, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -57,3 +57,68 @@ def test_finite_alpha_still_works_and_gives_a_finite_no_op():
 def test_build_config_refuses_non_finite_network_alpha(value):
     with pytest.raises(ValueError, match="network_alpha"):
         build_config("lokr", Mixed(), network_alpha=value, target_modules=["a"])
+
+
+@pytest.mark.parametrize("config_cls", CONFIGS)
+@pytest.mark.parametrize(
+    "targets",
+    [
+        "all-linear",
+        ["a", "c_attn", "z"],
+        r".*(a|c_attn|z)",
+    ],
+    ids=["all-linear", "list", "regex"],
+)
+@pytest.mark.parametrize("entry", ["inject", "get_peft_model"])
+def test_unsupported_target_is_refused_before_the_model_is_touched(config_cls, targets, entry):
+    """'all-linear' selected transformers' Conv1D and raised after 'a' was already replaced (issue 9.7)."""
+    model = Mixed()
+    before = structure(model)
+    config = config_cls(r=2, target_modules=targets)
+    with pytest.raises(ValueError, match=r"c_attn.*Conv1D"):
+        if entry == "inject":
+            inject_adapter_in_model(config, model)
+        else:
+            get_peft_model(model, config)
+    assert structure(model) == before and not hasattr(model, "peft_config")
+
+
+def test_a_failure_during_injection_leaves_the_model_as_it_was(monkeypatch):
+    """Anything that fails after the first replacement (here: the second module) is rolled back."""
+    from peft_lyco.tuners.model import LycoTuner
+
+    model = inject_adapter_in_model(LoHaConfig(r=2, target_modules=["a"]), Mixed(), adapter_name="kept")
+    before = structure(model)
+    real = LycoTuner._create_and_replace
+    calls = []
+
+    def failing(self, config, adapter_name, target, target_name, parent, current_key):
+        calls.append(current_key)
+        if len(calls) == 2:
+            raise RuntimeError("simulated failure")
+        return real(self, config, adapter_name, target, target_name, parent, current_key)
+
+    monkeypatch.setattr(LycoTuner, "_create_and_replace", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        inject_adapter_in_model(LoHaConfig(r=2, target_modules=["a", "z"]), model, adapter_name="new")
+    assert structure(model) == before and len(calls) == 2
+    assert list(model.a.layouts) == ["kept"] and model.a.active_adapters == ["kept"]
+
+
+@pytest.mark.parametrize("config_cls", CONFIGS)
+def test_layers_to_transform_and_patterns_are_checked_first(config_cls):
+    class Blocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Sequential(nn.Linear(4, 4), Conv1D(4, 4)) for _ in range(2)])
+
+    model = Blocks()
+    before = structure(model)
+    config = config_cls(r=2, target_modules=["0", "1"], layers_to_transform=[1], layers_pattern="layers")
+    with pytest.raises(ValueError, match=r"layers\.1\.1.*Conv1D"):
+        inject_adapter_in_model(config, model)
+    assert structure(model) == before
+    ok = inject_adapter_in_model(
+        config_cls(r=2, target_modules=["0"], layers_to_transform=[1], layers_pattern="layers"), model
+    )
+    assert isinstance(ok.layers[1][0], BaseTunerLayer) and type(ok.layers[0][0]) is nn.Linear
