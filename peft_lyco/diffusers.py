@@ -8,6 +8,7 @@ If anything fails the pipeline is left exactly as it was.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import os
 import types
@@ -28,6 +29,7 @@ from .convert.names import model_names
 
 StateDictOrPath = str | os.PathLike | Mapping[str, torch.Tensor]
 _ORIGINAL = "_peft_lyco_original_load_lora_weights"
+_ORIGINAL_PREFIX = "_peft_lyco_original_"
 
 
 def enable_lyco(pipe: Any) -> Any:
@@ -45,7 +47,108 @@ def enable_lyco(pipe: Any) -> Any:
     if not hasattr(pipe, _ORIGINAL):
         setattr(pipe, _ORIGINAL, pipe.load_lora_weights)
         pipe.load_lora_weights = types.MethodType(_load_lora_weights, pipe)
+    _install_bookkeeping(pipe)
     return pipe
+
+
+def _install_bookkeeping(pipe: Any) -> None:
+    """Wrap the pipeline's ``delete_adapters`` and ``fuse_lora`` (this object only; idempotent).
+
+    PEFT picks a new active adapter per layer after a delete, from the adapters *that layer* holds, so with LoHa, LoKr
+    and LoRA adapters on different layer types the layers disagree (diffusers' LoRA-only pipelines never see this);
+    the wrapper applies the pipeline-wide choice PEFT makes for LoRA. ``fuse_lora`` is made all-or-nothing.
+    """
+    for name, wrapper in (("delete_adapters", _delete_adapters), ("fuse_lora", _fuse_lora)):
+        original = _ORIGINAL_PREFIX + name
+        if hasattr(pipe, name) and not hasattr(pipe, original):
+            setattr(pipe, original, getattr(pipe, name))
+            setattr(pipe, name, types.MethodType(wrapper, pipe))
+
+
+def _tuner_layers(pipe: Any) -> list[BaseTunerLayer]:
+    models = component_models(model_names(_pipeline_type(pipe)), pipe)
+    return [layer for model in models.values() for layer in model.modules() if isinstance(layer, BaseTunerLayer)]
+
+
+def _delete_adapters(self: Any, adapter_names: list[str] | str) -> None:
+    """diffusers' ``delete_adapters``, then every layer gets the active set a LoRA-only pipeline would have: the
+    previously active adapters that remain, or else the first remaining adapter in sorted order (PEFT's choice)."""
+    deleted = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+    before = list(self.get_active_adapters())
+    getattr(self, _ORIGINAL_PREFIX + "delete_adapters")(adapter_names)
+    models = component_models(model_names(_pipeline_type(self)), self)
+    remaining = _adapter_names(models)
+    if not remaining:
+        return
+    active = [name for name in before if name not in deleted and name in remaining] or sorted(remaining)[:1]
+    for model in models.values():
+        for layer in model.modules():
+            if isinstance(layer, BaseTunerLayer):
+                layer.set_adapter(active)
+
+
+def _fuse_lora(self: Any, *args: Any, **kwargs: Any) -> None:
+    """diffusers' ``fuse_lora``, all or nothing: with ``safe_fusing`` every layer's fused weight is checked before
+    any is written; any other failure part-way unmerges what this call merged and restores the scales it changed."""
+    original = getattr(self, _ORIGINAL_PREFIX + "fuse_lora")
+    bound = inspect.signature(original).bind(*args, **kwargs)
+    bound.apply_defaults()
+    options = bound.arguments
+    if options.get("safe_fusing"):
+        _check_fusable(self, options.get("components"), options.get("lora_scale", 1.0), options.get("adapter_names"))
+    saved = [(layer, list(layer.merged_adapters), dict(getattr(layer, "scaling", {}))) for layer in _tuner_layers(self)]
+    try:
+        original(*args, **kwargs)
+    except BaseException:
+        for layer, merged, scaling in reversed(saved):
+            _restore_layer(layer, merged, scaling)
+        raise
+
+
+def _check_fusable(pipe: Any, components: list[str] | None, lora_scale: float, adapter_names: list[str] | None) -> None:
+    """Raise naming every module whose fused weight would hold NaN or inf, before anything is fused."""
+    models = component_models(model_names(_pipeline_type(pipe)), pipe)
+    broken = []
+    for component, model in models.items():
+        if components is not None and component not in components:
+            continue
+        for path, layer in model.named_modules():
+            if not isinstance(layer, BaseTunerLayer) or not hasattr(layer, "get_delta_weight"):
+                continue
+            weight = layer.get_base_layer().weight
+            for adapter in adapter_names if adapter_names is not None else layer.active_adapters:
+                if adapter in layer.merged_adapters or adapter not in _held(layer):
+                    continue
+                factor = lora_scale if adapter in layer.active_adapters else 1.0  # fuse_lora scales active ones
+                with torch.no_grad():
+                    fused = weight.float() + layer.get_delta_weight(adapter).reshape(weight.shape).float() * factor
+                if not torch.isfinite(fused.abs().amax()):
+                    broken.append(f"{component} '{path}' (adapter '{adapter}')")
+    if broken:
+        raise ValueError(
+            "fuse_lora(safe_fusing=True): nothing was fused; the fused weights would hold NaN or inf in\n  "
+            + "\n  ".join(broken)
+        )
+
+
+def _held(layer: BaseTunerLayer) -> set[str]:
+    return {name for attr in layer.adapter_layer_names for name in getattr(layer, attr, {})}
+
+
+def _restore_layer(layer: BaseTunerLayer, merged: list[str], scaling: dict) -> None:
+    """Undo a partial fuse on one layer: unmerge everything it merged since, then put back its scales and merges."""
+    if list(layer.merged_adapters) != merged:
+        if hasattr(layer, "scaling"):  # PEFT LoRA unmerges with the current scaling: the old merges used the old one
+            for adapter in merged:
+                if adapter in scaling:
+                    layer.scaling[adapter] = scaling[adapter]
+        layer.unmerge()
+        if hasattr(layer, "scaling"):
+            layer.scaling.update(scaling)
+        if merged:
+            layer.merge(adapter_names=merged)
+    elif hasattr(layer, "scaling"):
+        layer.scaling.update(scaling)
 
 
 def _load_lora_weights(
@@ -143,6 +246,7 @@ def load_lyco_weights(
     scheme = model_names(_pipeline_type(pipe))
     models = component_models(scheme, pipe)
     used = _adapter_names(models)
+    _install_bookkeeping(pipe)
     adapter_name = adapter_name or next(
         f"default_{i}" for i in itertools.count(len(used)) if f"default_{i}" not in used
     )
