@@ -26,6 +26,7 @@ from torch import nn
 from .convert import is_lycoris_state_dict, kohya_to_peft, load_kohya
 from .convert.kohya import KohyaConversion, component_models
 from .convert.names import model_names
+from .tuners.model import check_adapter_name
 
 StateDictOrPath = str | os.PathLike | Mapping[str, torch.Tensor]
 _ORIGINAL = "_peft_lyco_original_load_lora_weights"
@@ -158,14 +159,27 @@ def _load_lora_weights(
     hotswap: bool = False,
     **kwargs: Any,
 ) -> None:
-    """``load_lora_weights`` that sends LoHa/LoKr files to ``load_lyco_weights`` and everything else to diffusers."""
+    """``load_lora_weights`` that sends LoHa/LoKr files to ``load_lyco_weights`` and everything else to diffusers.
+
+    Local files are recognised by content (any suffix); pickles are refused unopened, also for files diffusers
+    would take, and diffusers is asked for safetensors only.
+    """
     ignore_unknown_keys = kwargs.pop("ignore_unknown_keys", False)
-    state_dict, metadata = _fetch(pretrained_model_name_or_path_or_dict, kwargs)
+    check_adapter_name(adapter_name)
+    source = pretrained_model_name_or_path_or_dict
+    local = _local_file(source, kwargs)
+    if local is not None:
+        state_dict, metadata = load_kohya(local)
+        if local.suffix != ".safetensors":  # diffusers picks readers by suffix: hand it the tensors instead
+            source, kwargs = state_dict, {k: v for k, v in kwargs.items() if k not in _FETCH_ARGS}
+    else:
+        state_dict, metadata = _fetch(source, kwargs)
     if state_dict is None or not is_lycoris_state_dict(state_dict):
         models = component_models(model_names(_pipeline_type(self)), self)
         before = _adapter_names(models)
         original = getattr(self, _ORIGINAL)
-        original(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, hotswap=hotswap, **kwargs)
+        kwargs.setdefault("use_safetensors", True)  # diffusers otherwise falls back to unpickling .bin files
+        original(source, adapter_name=adapter_name, hotswap=hotswap, **kwargs)
         new = _adapter_names(models) - before
         if len(new) == 1:  # diffusers activates a new LoRA only on LoRA layers; make it the only active adapter
             _activate_only(models, new.pop())
@@ -182,41 +196,59 @@ def _load_lora_weights(
     )
 
 
+_FETCH_ARGS = ("weight_name", "local_files_only", "cache_dir", "force_download", "proxies", "token", "revision",
+               "subfolder", "use_safetensors")  # fmt: skip
+_WEIGHT_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def _local_file(source: Any, kwargs: Mapping[str, Any]) -> Path | None:
+    """The local file ``load_lora_weights``' arguments name, or ``None`` for a dict, a hub id or a local folder
+    without ``weight_name`` (diffusers looks inside those).
+
+    Raises ``FileNotFoundError`` naming the path when it is plainly local (a ``PathLike``, absolute or ``./``-style,
+    more than one ``/``, or a weights suffix) but does not exist, instead of letting it reach hub id validation.
+    """
+    if isinstance(source, Mapping):
+        return None
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    weight_name = kwargs.get("weight_name")
+    if path.is_dir():
+        if not weight_name:
+            return None
+        path = path / (kwargs.get("subfolder") or "") / weight_name
+        if not path.exists():
+            raise FileNotFoundError(f"no file '{weight_name}' in the folder '{path.parent}' ({path})")
+        return path
+    if path.exists():
+        return path
+    plainly_local = (
+        isinstance(source, os.PathLike)
+        or os.path.isabs(text)
+        or text.startswith((".", "~"))
+        or text.strip("/").count("/") > 1
+        or text.lower().endswith(_WEIGHT_SUFFIXES)
+    )
+    if plainly_local:
+        raise FileNotFoundError(f"no such file or folder: '{text}' (resolved to '{path.absolute()}')")
+    return None
+
+
 def _fetch(source: StateDictOrPath, kwargs: Mapping[str, Any]) -> tuple[Mapping | None, dict | None]:
     """The raw state dict and file metadata behind ``load_lora_weights``' arguments (``None`` if not safetensors).
 
-    Local files and folders (with ``weight_name``) are read here; hub ids go through diffusers' own fetcher with
-    pickles disallowed.
+    For hub ids and local folders without ``weight_name``: diffusers' own fetcher, with pickles disallowed.
     """
     if isinstance(source, Mapping):
         return source, None
-    path = Path(source)
-    if path.is_dir() and kwargs.get("weight_name"):
-        path = path / kwargs.get("subfolder", "") / kwargs["weight_name"]
-    if path.is_file():
-        if path.suffix != ".safetensors":
-            return None, None
-        return load_kohya(path)
     from diffusers.loaders.lora_base import _fetch_state_dict
 
-    fetch_args = {
-        name: kwargs.get(name)
-        for name in (
-            "weight_name",
-            "local_files_only",
-            "cache_dir",
-            "force_download",
-            "proxies",
-            "token",
-            "revision",
-            "subfolder",
-        )
-    }
+    fetch_args = {name: kwargs.get(name) for name in _FETCH_ARGS if name != "use_safetensors"}
     try:
         state_dict, _, metadata = _fetch_state_dict(
             source, use_safetensors=True, user_agent=None, allow_pickle=False, return_file_metadata=True, **fetch_args
         )
-    except (OSError, ValueError):  # no safetensors file there: diffusers' own loader decides
+    except (OSError, ValueError):  # no safetensors file there: diffusers' own loader decides (safetensors only)
         return None, None
     return state_dict, metadata
 
@@ -246,6 +278,7 @@ def load_lyco_weights(
     scheme = model_names(_pipeline_type(pipe))
     models = component_models(scheme, pipe)
     used = _adapter_names(models)
+    check_adapter_name(adapter_name)
     _install_bookkeeping(pipe)
     adapter_name = adapter_name or next(
         f"default_{i}" for i in itertools.count(len(used)) if f"default_{i}" not in used

@@ -15,6 +15,18 @@ from .options import layer_geometry, resolve_layer_spec
 from .targets import all_linear_targets, is_all_linear
 
 
+def check_adapter_name(adapter_name: object) -> None:
+    """Refuse adapter names torch cannot hold as ``ParameterDict`` keys (non-strings, empty, containing a dot),
+    with a message naming the value, instead of a ``KeyError``/``TypeError`` from deep inside the injection.
+    ``None`` is accepted: callers replace it with a generated name."""
+    if adapter_name is None:
+        return
+    if not isinstance(adapter_name, str):
+        raise TypeError(f"adapter_name must be a string, got {adapter_name!r} ({type(adapter_name).__name__})")
+    if not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name {adapter_name!r} must be a non-empty string without '.' (torch module key)")
+
+
 class LycoTuner(BaseTuner):
     """Shared tuner logic; ``LoHaModel``/``LoKrModel`` only name their layer class and prefix."""
 
@@ -30,7 +42,8 @@ class LycoTuner(BaseTuner):
         low_cpu_mem_usage: bool = False,
         state_dict: Optional[dict[str, torch.Tensor]] = None,
     ) -> None:
-        """Check every target first, then inject; if injection still fails, put the model back as it was."""
+        """Check the name and every target first, then inject; if injection still fails, put the model back."""
+        check_adapter_name(adapter_name)
         self._check_targets(model, self.peft_config[adapter_name], state_dict)
         undo = _InjectionUndo(model)
         try:

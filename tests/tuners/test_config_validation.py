@@ -122,3 +122,12 @@ def test_layers_to_transform_and_patterns_are_checked_first(config_cls):
         config_cls(r=2, target_modules=["0"], layers_to_transform=[1], layers_pattern="layers"), model
     )
     assert isinstance(ok.layers[1][0], BaseTunerLayer) and type(ok.layers[0][0]) is nn.Linear
+
+
+@pytest.mark.parametrize("name, error", [("a.b", ValueError), ("", ValueError), (123, TypeError)])
+def test_bad_adapter_names_are_refused_before_injection(name, error):
+    model = Mixed()
+    before = structure(model)
+    with pytest.raises(error, match="adapter_name"):
+        inject_adapter_in_model(LoKrConfig(r=2, target_modules=["a"]), model, adapter_name=name)
+    assert structure(model) == before
