@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from .modules import (
     layout_for,
     read_module,
 )
-from .names import ModelNames, NameResolver, detect_model_type, model_names, split_key
+from .names import ModelNames, NameResolver, detect_model_type, foreign_family_tags, model_names, split_key
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +116,14 @@ def kohya_to_peft(
     """
     groups, unknown = _group_keys(state_dict)
     scheme = model_names(model_type or detect_model_type(groups, metadata))
+    foreign = foreign_family_tags(metadata, scheme.model_type)
+    if foreign:
+        warnings.warn(
+            f"the file is tagged {', '.join(foreign)}, another model family than {scheme.model_type}; it is loaded "
+            "because its module names fit, but it was trained for a different base model",
+            UserWarning,
+            stacklevel=2,
+        )
     models = component_models(scheme, model)
     resolver = NameResolver(scheme, models)
     preferred_factor = _metadata_factor(metadata)

@@ -156,3 +156,22 @@ def test_degenerate_tensors_are_named(loha, pipe):
     with pytest.raises(LycoFileError, match=r"(?s)invalid modules \(2\).*must be a non-empty matrix") as err:
         convert(loha, pipe)
     assert PROJ_IN in str(err.value) and CONV_IN in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"ss_base_model_version": "sd_v1"},
+        {"ss_base_model_version": "flux1"},
+        {"modelspec.architecture": "stable-diffusion-v1/lora"},
+    ],
+)
+def test_a_file_tagged_for_another_model_family_warns(loha, pipe, metadata):
+    """An SD1.5/Flux-tagged file whose names happen to fit loaded silently (issue 9.11)."""
+    with pytest.warns(UserWarning, match=f"{next(iter(metadata.values()))}.*sdxl"):
+        convert(loha, pipe, metadata=metadata)
+
+
+def test_files_tagged_for_the_same_family_load_quietly(loha, pipe, recwarn):
+    convert(loha, pipe, metadata={"ss_base_model_version": "sdxl_base_v1-0", "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"})
+    assert not [w for w in recwarn if "model family" in str(w.message)]
