@@ -59,7 +59,12 @@ def _install_bookkeeping(pipe: Any) -> None:
     and LoRA adapters on different layer types the layers disagree (diffusers' LoRA-only pipelines never see this);
     the wrapper applies the pipeline-wide choice PEFT makes for LoRA. ``fuse_lora`` is made all-or-nothing.
     """
-    for name, wrapper in (("delete_adapters", _delete_adapters), ("fuse_lora", _fuse_lora)):
+    wrappers = (
+        ("delete_adapters", _delete_adapters),
+        ("fuse_lora", _fuse_lora),
+        ("save_lora_weights", _save_lora_weights),
+    )
+    for name, wrapper in wrappers:
         original = _ORIGINAL_PREFIX + name
         if hasattr(pipe, name) and not hasattr(pipe, original):
             setattr(pipe, original, getattr(pipe, name))
@@ -86,6 +91,50 @@ def _delete_adapters(self: Any, adapter_names: list[str] | str) -> None:
         for layer in model.modules():
             if isinstance(layer, BaseTunerLayer):
                 layer.set_adapter(active)
+
+
+def _save_lora_weights(self: Any, *args: Any, **kwargs: Any) -> None:
+    """diffusers' ``save_lora_weights``, made to write LoHa/LoKr layers that reload with their scale.
+
+    PEFT state dicts carry no alpha: each component holding LoHa/LoKr tensors gets its adapter config as
+    ``<component>_lora_adapter_metadata`` (found by matching the tensors against the component's adapters) unless
+    given; where no single adapter matches, or pickled output is asked for, it refuses and points at ``peft_to_kohya``.
+    """
+    original = getattr(self, _ORIGINAL_PREFIX + "save_lora_weights")
+    bound = inspect.signature(original).bind(*args, **kwargs)
+    models = component_models(model_names(_pipeline_type(self)), self)
+    for component, model in models.items():
+        layers = bound.arguments.get(f"{component}_lora_layers")
+        state_dict = layers.state_dict() if isinstance(layers, nn.Module) else layers
+        if not state_dict or not is_lycoris_state_dict(state_dict):
+            continue
+        if bound.arguments.get("safe_serialization") is False:
+            raise ValueError(
+                "LoHa/LoKr adapters are saved as safetensors only (safe_serialization=False writes a pickle that "
+                "peft_lyco never loads); use peft_lyco.convert.peft_to_kohya + save_kohya for a kohya file"
+            )
+        key = f"{component}_lora_adapter_metadata"
+        if bound.arguments.get(key) is None:
+            bound.arguments[key] = _matching_config(model, state_dict, component).to_dict()
+    original(*bound.args, **bound.kwargs)
+
+
+def _matching_config(model: nn.Module, state_dict: Mapping[str, torch.Tensor], component: str) -> Any:
+    """The config of the one adapter of ``model`` whose PEFT state dict is ``state_dict``; raise if none or several."""
+    from peft.utils import get_peft_model_state_dict
+
+    found = []
+    for name, config in getattr(model, "peft_config", {}).items():
+        own = get_peft_model_state_dict(model, adapter_name=name)
+        if own.keys() == state_dict.keys() and all(torch.equal(own[k], state_dict[k]) for k in own):
+            found.append(config)
+    if len(found) != 1:
+        raise ValueError(
+            f"cannot tell which adapter of {component} these LoHa/LoKr tensors belong to, so their alpha would be "
+            f"lost; pass {component}_lora_adapter_metadata=pipe.{component}.peft_config[name].to_dict(), or write a "
+            "kohya file with peft_lyco.convert.peft_to_kohya(pipe, adapter_name=name) + save_kohya"
+        )
+    return found[0]
 
 
 def _fuse_lora(self: Any, *args: Any, **kwargs: Any) -> None:

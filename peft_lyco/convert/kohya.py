@@ -26,6 +26,7 @@ from torch import nn
 from ..tuners import LoHaConfig, LoHaLayer, LoKrConfig, LoKrLayer, LycoConfig, LycoLayer
 from ..tuners.options import layer_geometry, resolve_layer_spec
 from ..tuners.targets import exact_pattern_key, exact_target_modules
+from .adapter_metadata import adapter_configs, config_alpha
 from .modules import (
     FILE_PARAMS,
     Geometry,
@@ -127,9 +128,14 @@ def kohya_to_peft(
     models = component_models(scheme, model)
     resolver = NameResolver(scheme, models)
     preferred_factor = _metadata_factor(metadata)
+    configs = adapter_configs(metadata)
+    _refuse_unscaled_peft_file(groups, configs)
+    denoiser = scheme.components[0].name
     modules, unmatched, errors, owners = [], [], [], {}
     for name, params in groups.items():
         target = resolver.resolve(name)
+        if target is None and None in configs:  # a model-level save (save_lora_adapter): the denoiser's own paths
+            target = resolver.resolve(f"{denoiser}.{name}")
         if target is None:
             unmatched.append(name)
             continue
@@ -142,6 +148,11 @@ def kohya_to_peft(
             layer = resolver.layers(component).get(path)
             geometry = Geometry(*layer_geometry(layer, path)) if layer is not None else None
             hint = None if geometry else resolver.kernel_hint(component, path)
+            config = configs.get(component, configs.get(None))
+            if config is not None and "alpha" not in params:
+                kernel = geometry.kernel if geometry else (hint or ())
+                alpha = config_alpha(config, path, any(k != 1 for k in kernel))
+                params = params if alpha is None else {**params, "alpha": torch.tensor(alpha)}
             module = read_module(params, component, path, geometry, hint, preferred_factor)
         except (ValueError, TypeError) as err:  # ModuleError, or a layout/geometry check naming the problem
             errors.append(f"{name} ({component} '{path}'): {err}")
@@ -156,6 +167,24 @@ def kohya_to_peft(
         by_component.setdefault(module.component, []).append(module)
     components = {name: build_component(name, found, models.get(name)) for name, found in by_component.items()}
     return KohyaConversion(scheme.model_type, components, dict(metadata or {}))
+
+
+def _refuse_unscaled_peft_file(groups: Mapping[str, Mapping[str, torch.Tensor]], configs: Mapping) -> None:
+    """Refuse LoHa/LoKr tensors under PEFT module paths with neither alpha tensors nor the adapter config.
+
+    That is what diffusers' ``save_lora_weights`` writes for a LoHa/LoKr adapter unless given its config: read with
+    kohya's "no alpha means alpha = rank" rule, its output would be off by the adapter's whole scale.
+    """
+    lyco = [name for name, params in groups.items() if algo_of(params) in ("loha", "lokr")]
+    if configs or not lyco or any("alpha" in params for params in groups.values()):
+        return
+    if all("." in name for name in lyco):
+        raise LycoFileError(
+            f"the file holds LoHa/LoKr tensors under PEFT module paths ({lyco[0]}, ...) but no alpha and no adapter "
+            f"config ('lora_adapter_metadata'), so their scale is unknown. It was probably written by diffusers' "
+            "save_lora_weights without unet_lora_adapter_metadata=...peft_config[name].to_dict(); write LoHa/LoKr "
+            "adapters with peft_lyco.convert.peft_to_kohya + save_kohya (or pass the adapter metadata)."
+        )
 
 
 def _group_keys(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
@@ -266,7 +295,9 @@ def _peft_part(algo: str, modules: list[ModuleAdapter], module_names: list[str] 
         return PeftPart(config, state_dict)
     defaults = _shared_options(modules)
     option_pattern = {
-        exact_pattern_key(m.path): m.options for m in modules if layout_for(algo, m.geometry, m.rank, defaults) != m.layout
+        exact_pattern_key(m.path): m.options
+        for m in modules
+        if layout_for(algo, m.geometry, m.rank, defaults) != m.layout
     }
     config = ALGO_CONFIGS[algo](r=rank, alpha=alpha, option_pattern=option_pattern, **defaults, **patterns)
     _verify(config, algo, modules)

@@ -173,5 +173,12 @@ def test_a_file_tagged_for_another_model_family_warns(loha, pipe, metadata):
 
 
 def test_files_tagged_for_the_same_family_load_quietly(loha, pipe, recwarn):
-    convert(loha, pipe, metadata={"ss_base_model_version": "sdxl_base_v1-0", "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"})
+    convert(
+        loha,
+        pipe,
+        metadata={
+            "ss_base_model_version": "sdxl_base_v1-0",
+            "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+        },
+    )
     assert not [w for w in recwarn if "model family" in str(w.message)]
