@@ -31,7 +31,7 @@ def adapter_configs(metadata: Mapping[str, str] | None) -> dict[str | None, dict
     except json.JSONDecodeError as err:
         raise ValueError(f"the file's '{METADATA_KEY}' entry is not valid JSON: {err}") from err
     if not isinstance(fields, dict):
-        raise ValueError(f"the file's '{METADATA_KEY}' entry is not a JSON object")
+        raise ValueError(f"the file's '{METADATA_KEY}' entry is not a JSON object")  # noqa: TRY004 (a bad file)
     if "r" in fields or "peft_type" in fields:
         return {None: fields}
     configs: dict[str | None, dict[str, Any]] = {}

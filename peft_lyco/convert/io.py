@@ -80,7 +80,7 @@ def load_kohya(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     try:
         with safetensors.safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = dict(handle.metadata() or {})
-            state_dict = {key: handle.get_tensor(key) for key in handle.keys()}
+            state_dict = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open)
     except (safetensors.SafetensorError, OSError, ValueError, RuntimeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from err
     return state_dict, metadata

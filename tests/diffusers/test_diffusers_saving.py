@@ -10,7 +10,7 @@ from peft.utils import get_peft_model_state_dict
 from peft_lyco import LoHaConfig, LoKrConfig
 from peft_lyco.convert import LycoFileError
 from peft_lyco.diffusers import enable_lyco
-from tests.convert.helpers import fresh_pipe, max_diff, outputs
+from tests.convert.helpers import fresh_pipe, outputs
 
 TOL = 1e-5
 TARGETS = ["to_q", "to_v", "proj_in", "conv1"]  # Linear and 3x3 conv; scale alpha/r = 0.5 and conv_alpha/r = 1.5
@@ -36,7 +36,7 @@ def reloaded(folder, **kwargs):
 
 
 def test_the_adapter_changes_the_output(trained):
-    pipe, expected = trained
+    _, expected = trained
     assert (expected - outputs(fresh_pipe())["unet"]).abs().max() > 1e-2
 
 
