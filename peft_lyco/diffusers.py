@@ -83,6 +83,8 @@ def _delete_adapters(self: Any, adapter_names: list[str] | str) -> None:
     before = list(self.get_active_adapters())
     getattr(self, _ORIGINAL_PREFIX + "delete_adapters")(adapter_names)
     models = component_models(model_names(_pipeline_type(self)), self)
+    for model in models.values():
+        _unwrap_empty_layers(model)
     remaining = _adapter_names(models)
     if not remaining:
         return
@@ -135,6 +137,19 @@ def _matching_config(model: nn.Module, state_dict: Mapping[str, torch.Tensor], c
             "kohya file with peft_lyco.convert.peft_to_kohya(pipe, adapter_name=name) + save_kohya"
         )
     return found[0]
+
+
+def _unwrap_empty_layers(model: nn.Module) -> None:
+    """Put back the base layer of every tuner layer left without adapters by a delete.
+
+    PEFT keeps such layers; with one tuner type they are reused by the next load, but a LoHa load wraps an empty
+    LoKr layer (and so on), so load/delete cycles of mixed types would nest wrappers without end.
+    """
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            while isinstance(child, BaseTunerLayer) and not _held(child) and not child.merged_adapters:
+                child = child.base_layer
+                parent._modules[name] = child
 
 
 def _fuse_lora(self: Any, *args: Any, **kwargs: Any) -> None:

@@ -182,3 +182,18 @@ def test_a_fuse_failing_part_way_is_undone(fused_pair, monkeypatch):
     monkeypatch.undo()
     pipe.fuse_lora(components=list(COMPONENTS), lora_scale=0.7)  # and fusing works afterwards
     assert pipe.num_fused_loras == 2  # diffusers counts fused adapters
+
+
+def test_load_delete_cycles_of_mixed_types_do_not_nest_layers(files):
+    """A deleted LoKr left an empty LoKr layer that the next LoHa load wrapped again: depth grew with every cycle."""
+    pipe = enable_lyco(fresh_pipe())
+    pipe.load_lora_weights(files["lyco"]["h"], adapter_name="h")
+    counts = []
+    for cycle in range(3):
+        for kind in ("k", "h"):
+            name = f"{kind}{cycle}"
+            pipe.load_lora_weights(files["lyco"][kind], adapter_name=name)
+            pipe.delete_adapters(name)
+        counts.append(sum(1 for c in COMPONENTS for _ in getattr(pipe, c).modules()))
+    assert counts[0] == counts[-1], counts
+    assert bookkeeping(pipe)[:2] == (["h"], {c: ["h"] for c in COMPONENTS})
