@@ -26,6 +26,7 @@ from torch import nn
 from .convert import is_lycoris_state_dict, kohya_to_peft, load_kohya
 from .convert.kohya import KohyaConversion, component_models
 from .convert.names import model_names
+from .functional import check_alpha
 from .tuners.model import check_adapter_name
 
 StateDictOrPath = str | os.PathLike | Mapping[str, torch.Tensor]
@@ -343,6 +344,7 @@ def load_lyco_weights(
     models = component_models(scheme, pipe)
     used = _adapter_names(models)
     check_adapter_name(adapter_name)
+    check_alpha(weight, "weight")  # a NaN/inf strength turns every adapted output into NaN
     _install_bookkeeping(pipe)
     adapter_name = adapter_name or next(
         f"default_{i}" for i in itertools.count(len(used)) if f"default_{i}" not in used

@@ -97,3 +97,12 @@ def test_bad_adapter_names_are_refused_clearly(pipe, lokr, lora, name, error):
         with pytest.raises(error, match="adapter_name"):
             pipe.load_lora_weights(state_dict, adapter_name=name)
     assert pipe.get_list_adapters() == {}
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf")])
+def test_a_non_finite_weight_is_refused(pipe, lokr, weight):
+    from peft_lyco.diffusers import load_lyco_weights
+
+    with pytest.raises(ValueError, match="weight must be a finite number"):
+        load_lyco_weights(pipe, lokr, adapter_name="k", weight=weight)
+    assert pipe.get_list_adapters() == {}
