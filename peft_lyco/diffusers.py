@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import json
 import os
 import types
 import warnings
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .convert import is_lycoris_state_dict, kohya_to_peft, load_kohya
+from .convert.adapter_metadata import METADATA_KEY, adapter_configs
 from .convert.kohya import KohyaConversion, component_models
 from .convert.names import model_names
 from .functional import check_alpha
@@ -54,7 +57,8 @@ def enable_lyco(pipe: Any) -> Any:
 
 
 def _install_bookkeeping(pipe: Any) -> None:
-    """Wrap the pipeline's ``delete_adapters`` and ``fuse_lora`` (this object only; idempotent).
+    """Wrap the pipeline's ``delete_adapters``, ``fuse_lora``, ``save_lora_weights`` and the denoiser's
+    ``load_lora_adapter`` (these objects only; idempotent).
 
     PEFT picks a new active adapter per layer after a delete, from the adapters *that layer* holds, so with LoHa, LoKr
     and LoRA adapters on different layer types the layers disagree (diffusers' LoRA-only pipelines never see this);
@@ -70,6 +74,47 @@ def _install_bookkeeping(pipe: Any) -> None:
         if hasattr(pipe, name) and not hasattr(pipe, original):
             setattr(pipe, original, getattr(pipe, name))
             setattr(pipe, name, types.MethodType(wrapper, pipe))
+    scheme = model_names(_pipeline_type(pipe))
+    denoiser = component_models(scheme, pipe).get(scheme.components[0].name)
+    original = _ORIGINAL_PREFIX + "load_lora_adapter"
+    if denoiser is not None and hasattr(denoiser, "load_lora_adapter") and not hasattr(denoiser, original):
+        setattr(denoiser, original, denoiser.load_lora_adapter)
+        denoiser._peft_lyco_pipeline = weakref.ref(pipe)
+        denoiser.load_lora_adapter = types.MethodType(_load_lora_adapter, denoiser)
+
+
+def _load_lora_adapter(
+    self: nn.Module,
+    pretrained_model_name_or_path_or_dict: StateDictOrPath,
+    prefix: str | None = "transformer",
+    **kwargs,
+) -> None:
+    """The denoiser's ``load_lora_adapter`` (the reader of ``save_lora_adapter`` files): LoHa/LoKr files are loaded
+    into this model through ``load_lyco_weights``, everything else goes to diffusers."""
+    source = pretrained_model_name_or_path_or_dict
+    local = _local_file(source, kwargs)
+    state_dict, metadata = load_kohya(local) if local is not None else _fetch(source, kwargs)
+    pipe = self._peft_lyco_pipeline()
+    if pipe is None or state_dict is None or not is_lycoris_state_dict(state_dict):
+        kwargs.setdefault("use_safetensors", True)
+        getattr(self, _ORIGINAL_PREFIX + "load_lora_adapter")(source, prefix=prefix, **kwargs)
+        return
+    if kwargs.get("hotswap"):
+        raise ValueError("hotswap is not supported for LoHa/LoKr adapters; load them under a new adapter_name")
+    models = component_models(model_names(_pipeline_type(pipe)), pipe)
+    component = next(name for name, model in models.items() if model is self)
+    if prefix and any(key.startswith(f"{prefix}.") for key in state_dict):
+        state_dict = {k.removeprefix(f"{prefix}."): v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
+    configs = adapter_configs(metadata)
+    if len(configs) == 1 and None not in configs:  # a pipeline-level config: make it this component's
+        metadata = {**(metadata or {}), METADATA_KEY: json.dumps(next(iter(configs.values())))}
+    load_lyco_weights(
+        pipe,
+        {f"{component}.{key}": value for key, value in state_dict.items()},
+        adapter_name=kwargs.get("adapter_name"),
+        metadata=metadata,
+        low_cpu_mem_usage=kwargs.get("low_cpu_mem_usage", _LOW_CPU_MEM_USAGE_DEFAULT_LORA),
+    )
 
 
 def _tuner_layers(pipe: Any) -> list[BaseTunerLayer]:

@@ -74,3 +74,13 @@ def test_save_lora_adapter_reloads_equal(trained, tmp_path):
     pipe, expected = trained
     pipe.unet.save_lora_adapter(tmp_path)
     assert (reloaded(tmp_path) - expected).abs().max() <= TOL
+
+
+def test_save_lora_adapter_reloads_through_the_models_own_loader(trained, tmp_path):
+    """unet.save_lora_adapter -> unet.load_lora_adapter failed with diffusers' LoRA-only loader."""
+    pipe, expected = trained
+    pipe.unet.save_lora_adapter(tmp_path)
+    loaded = enable_lyco(fresh_pipe())
+    loaded.unet.load_lora_adapter(tmp_path, prefix=None, adapter_name="trained")
+    assert loaded.get_list_adapters() == {"unet": ["trained"]}
+    assert (outputs(loaded)["unet"] - expected).abs().max() <= TOL
