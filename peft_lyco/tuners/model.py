@@ -82,7 +82,7 @@ class LycoTuner(BaseTuner):
             layer = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
             try:
                 spec = resolve_layer_spec(config, name, layer)
-                self.tuner_layer_cls.layout_for(*layer_geometry(layer, name), spec)
+                self.tuner_layer_cls.algorithm.layout(*layer_geometry(layer, name), spec.rank, spec.options)
             except (TypeError, ValueError) as err:
                 problems.append(str(err))
         if problems:
