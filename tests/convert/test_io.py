@@ -140,3 +140,15 @@ def test_unwritable_folder_is_named_and_nothing_is_left(tmp_path):
     finally:
         folder.chmod(0o700)
     assert os.listdir(folder) == []
+
+
+def test_a_folder_that_refuses_new_files_is_named(tmp_path, monkeypatch):
+    """The same check where the suite runs as root (which may write anywhere): creating the temporary file fails."""
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(kohya_io.tempfile, "mkstemp", refuse)
+    with pytest.raises(PermissionError, match=f"cannot write into '{tmp_path}'"):
+        save_kohya(tmp_path / "a.safetensors", {"x.alpha": torch.tensor(1.0)})
+    assert os.listdir(tmp_path) == []
