@@ -34,7 +34,7 @@ from lyco_train.data import DataError
 from lyco_train.export import AdapterWriter
 from lyco_train.loop import make_accelerator, place_frozen, prepare_training, weight_dtype
 from lyco_train.metadata import RunInfo
-from lyco_train.network import inject
+from lyco_train.network_weights import NetworkWeightsError, add_network
 from lyco_train.objectives import (
     SIGMA_SAMPLING,
     flow_noisy_input,
@@ -83,6 +83,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     options.add_network_args(parser, default_name="anima_lokr")
     options.add_optimization_args(parser)
     options.add_output_args(parser)
+    options.add_continuation_args(parser)
     return options.parse_training_args(
         parser,
         argv,
@@ -223,11 +224,15 @@ def main(argv: Optional[list[str]] = None) -> Result:
     models = load_models(args, dtype)
     place_frozen(accelerator, models.vae, (models.dit, models.text_encoder))
 
-    # the adapter: the DiT (and its LLM adapter with train_llm_adapter=True); Qwen3 unless --network_train_unet_only
-    trained = {"transformer": models.dit}
-    if not args.network_train_unet_only:
-        trained["text_encoder"] = models.text_encoder
-    inject(args, trained)
+    # the adapter: the DiT (and its LLM adapter with train_llm_adapter=True) unless --network_train_text_encoder_only,
+    # Qwen3 unless --network_train_unet_only; --network_weights starts it from a file
+    components = {"transformer": models.dit, "text_encoder": models.text_encoder}
+    trained = {
+        name: model
+        for name, model in components.items()
+        if not (args.network_train_unet_only if name == "text_encoder" else args.network_train_text_encoder_only)
+    }
+    trained = add_network(args, "anima", components, trained, log=accelerator.print)
     if args.gradient_checkpointing:
         models.dit.enable_gradient_checkpointing()
         if "text_encoder" in trained:
@@ -260,7 +265,7 @@ def main(argv: Optional[list[str]] = None) -> Result:
             latents.shape[0], args.timestep_sampling, generator, device,
             sigmoid_scale=args.sigmoid_scale, shift=args.discrete_flow_shift,
         )  # fmt: skip
-        prediction = modules["transformer"](
+        prediction = modules.get("transformer", models.dit)(
             flow_noisy_input(latents, noise, sigmas).to(dtype),
             sigmas.to(dtype),
             text["prompt_embeds"].to(dtype),
@@ -298,5 +303,5 @@ def main(argv: Optional[list[str]] = None) -> Result:
 if __name__ == "__main__":
     try:
         main()
-    except (options.UsageError, DataError) as err:
+    except (options.UsageError, DataError, NetworkWeightsError) as err:
         sys.exit(f"error: {err}")

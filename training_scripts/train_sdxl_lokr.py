@@ -32,7 +32,7 @@ from lyco_train.data import DataError
 from lyco_train.export import AdapterWriter
 from lyco_train.loop import make_accelerator, place_frozen, prepare_training
 from lyco_train.metadata import RunInfo
-from lyco_train.network import inject
+from lyco_train.network_weights import NetworkWeightsError, add_network
 from lyco_train.objectives import (
     ddpm_target,
     min_snr_weights,
@@ -78,6 +78,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     options.add_network_args(parser, default_name="sdxl_lokr")
     options.add_optimization_args(parser)
     options.add_output_args(parser)
+    options.add_continuation_args(parser)
     return options.parse_training_args(
         parser, argv, tiny_defaults=tiny_defaults("sdxl"), pixel_multiple=8, required_with_model=("train_data_dir",)
     )
@@ -179,11 +180,15 @@ def main(argv: Optional[list[str]] = None) -> Result:
         pipe.scheduler.config, prediction_type="v_prediction" if args.v_parameterization else "epsilon"
     )
 
-    # the adapter: the UNet always, both text encoders unless --network_train_unet_only
-    trained = {"unet": pipe.unet}
-    if not args.network_train_unet_only:
-        trained.update({name: getattr(pipe, name) for name in TEXT_ENCODERS})
-    inject(args, trained)
+    # the adapter: the UNet unless --network_train_text_encoder_only, both text encoders unless
+    # --network_train_unet_only; --network_weights starts it from a file
+    components = {"unet": pipe.unet, **{name: getattr(pipe, name) for name in TEXT_ENCODERS}}
+    trained = {
+        name: model
+        for name, model in components.items()
+        if not (args.network_train_unet_only if name in TEXT_ENCODERS else args.network_train_text_encoder_only)
+    }
+    trained = add_network(args, "sdxl", components, trained, log=accelerator.print)
     if args.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
         for name in TEXT_ENCODERS:
@@ -217,7 +222,7 @@ def main(argv: Optional[list[str]] = None) -> Result:
         timesteps = sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator, device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"]).to(device)
-        prediction = models["unet"](
+        prediction = models.get("unet", pipe.unet)(
             noisy.to(dtype),
             timesteps,
             text["prompt_embeds"].to(device, dtype),
@@ -250,5 +255,5 @@ def main(argv: Optional[list[str]] = None) -> Result:
 if __name__ == "__main__":
     try:
         main()
-    except (options.UsageError, DataError) as err:
+    except (options.UsageError, DataError, NetworkWeightsError) as err:
         sys.exit(f"error: {err}")

@@ -16,6 +16,7 @@ from .state import saved_seed
 
 NETWORK_MODULES = {"networks.lokr": "lokr", "networks.loha": "loha"}
 OPTIMIZERS = ("AdamW", "AdamW8bit")
+BNB_OPTIMIZERS = ("AdamW8bit",)
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
@@ -25,6 +26,14 @@ SWITCH = argparse.BooleanOptionalAction
 
 class UsageError(ValueError):
     """An option (or combination of options) that cannot work; raised before any heavy work starts."""
+
+
+def optimizer_name(value: str) -> str:
+    """``--optimizer_type`` in any letter case, as sd-scripts accepts it (``adamw8bit`` -> ``AdamW8bit``)."""
+    by_lower = {name.lower(): name for name in OPTIMIZERS}
+    if value.lower() not in by_lower:
+        raise argparse.ArgumentTypeError(f"unknown optimizer {value!r}; choose from {', '.join(OPTIMIZERS)}")
+    return by_lower[value.lower()]
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -73,7 +82,9 @@ def add_network_args(parser: argparse.ArgumentParser, *, default_name: str) -> N
 
 def add_optimization_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("optimization")
-    group.add_argument("--optimizer_type", choices=OPTIMIZERS, default="AdamW")
+    group.add_argument(
+        "--optimizer_type", type=optimizer_name, default="AdamW", help=f"{', '.join(OPTIMIZERS)} (any letter case)"
+    )
     group.add_argument("--optimizer_args", nargs="*", default=[], help="'key=value' optimizer keyword arguments")
     group.add_argument("--lr_scheduler", choices=SCHEDULERS, default="constant")
     group.add_argument("--lr_warmup_steps", type=float, default=0, help="steps, or a fraction (< 1) of all steps")
@@ -106,6 +117,27 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sample_every_n_steps", type=int)
     group.add_argument("--sample_every_n_epochs", type=int)
     group.add_argument("--sample_at_first", action="store_true")
+
+
+def add_continuation_args(parser: argparse.ArgumentParser) -> None:
+    """Continuing from a file, keeping only recent saves, which parts train, max-norm (sd-scripts names)."""
+    group = parser.add_argument_group("continuing and keeping runs")
+    group.add_argument("--network_weights", help="start from this kohya/LyCORIS LoHa/LoKr .safetensors (bit-exact)")
+    group.add_argument(
+        "--dim_from_weights",
+        action="store_true",
+        help="build the network from --network_weights (modules, ranks, alphas)",
+    )
+    group.add_argument("--save_last_n_epochs", type=int, help="keep only the last N epoch saves")
+    group.add_argument("--save_last_n_epochs_state", type=int, help="the same for state folders (default: the above)")
+    group.add_argument("--save_last_n_steps", type=int, help="keep only the step saves of the last N steps")
+    group.add_argument("--save_last_n_steps_state", type=int, help="the same for state folders (default: the above)")
+    group.add_argument(
+        "--network_train_text_encoder_only", action="store_true", help="train the text encoder adapter(s) only"
+    )
+    group.add_argument(
+        "--scale_weight_norms", type=float, help="max-norm: after each step scale every module's ΔW to norm <= this"
+    )
 
 
 def parse_key_values(items: list[str], option: str) -> dict[str, Any]:
@@ -166,6 +198,10 @@ def check_args(args: argparse.Namespace, *, pixel_multiple: int) -> None:
     ):
         need(getattr(args, option) >= 1, f"--{option} must be at least 1, got {getattr(args, option)}")
     for option in (
+        "save_last_n_epochs",
+        "save_last_n_epochs_state",
+        "save_last_n_steps",
+        "save_last_n_steps_state",
         "max_train_epochs",
         "save_every_n_steps",
         "save_every_n_epochs",
@@ -179,6 +215,7 @@ def check_args(args: argparse.Namespace, *, pixel_multiple: int) -> None:
         f"--caption_dropout_rate must be in [0, 1), got {args.caption_dropout_rate}",
     )
     need(args.max_data_loader_n_workers >= 0, "--max_data_loader_n_workers must be >= 0")
+    check_continuation(args, need)
     need(
         not (args.cache_latents and args.random_crop),
         "--cache_latents cannot be combined with --random_crop (a cached latent has one fixed crop); drop one of them",
@@ -187,10 +224,11 @@ def check_args(args: argparse.Namespace, *, pixel_multiple: int) -> None:
         not args.cache_text_encoder_outputs or args.network_train_unet_only,
         "--cache_text_encoder_outputs needs frozen text encoders: add --network_train_unet_only",
     )
-    if args.optimizer_type == "AdamW8bit":
+    if args.optimizer_type in BNB_OPTIMIZERS:
         need(
             importlib.util.find_spec("bitsandbytes") is not None,
-            "--optimizer_type AdamW8bit needs bitsandbytes: pip install bitsandbytes (or use --optimizer_type AdamW)",
+            f"--optimizer_type {args.optimizer_type} needs bitsandbytes: pip install 'peft_lyco[bnb]' "
+            "(or pip install bitsandbytes), or use --optimizer_type AdamW",
         )
     if args.log_with in ("tensorboard", "all"):
         need(
@@ -219,6 +257,42 @@ def check_args(args: argparse.Namespace, *, pixel_multiple: int) -> None:
         problems.append(f"--network_args: {err}")
     if problems:
         raise UsageError("cannot start training:\n  " + "\n  ".join(problems))
+
+
+def check_continuation(args: argparse.Namespace, need) -> None:
+    """The ``add_continuation_args`` options: combinations that cannot work and a --network_weights file that is
+    missing or not a safetensors file, found before any model loads."""
+    for option, every in (
+        ("save_last_n_epochs", "save_every_n_epochs"),
+        ("save_last_n_epochs_state", "save_every_n_epochs"),
+        ("save_last_n_steps", "save_every_n_steps"),
+        ("save_last_n_steps_state", "save_every_n_steps"),
+    ):
+        need(getattr(args, option) is None or getattr(args, every), f"--{option} needs --{every}")
+    for option in ("save_last_n_epochs_state", "save_last_n_steps_state"):
+        need(getattr(args, option) is None or args.save_state, f"--{option} needs --save_state")
+    need(
+        not (args.network_train_unet_only and args.network_train_text_encoder_only),
+        "--network_train_unet_only and --network_train_text_encoder_only exclude each other; choose one",
+    )
+    need(
+        not (args.network_train_text_encoder_only and args.cache_text_encoder_outputs),
+        "--network_train_text_encoder_only trains the text encoders: drop --cache_text_encoder_outputs",
+    )
+    need(
+        args.scale_weight_norms is None or args.scale_weight_norms > 0,
+        f"--scale_weight_norms must be > 0, got {args.scale_weight_norms}",
+    )
+    need(not args.dim_from_weights or bool(args.network_weights), "--dim_from_weights needs --network_weights")
+    if args.network_weights:
+        path = Path(args.network_weights)
+        if not path.is_file():
+            need(False, f"--network_weights file '{path}' does not exist")
+        else:
+            need(
+                path.suffix == ".safetensors",
+                f"--network_weights '{path}' is not a .safetensors file (pickled .ckpt/.pt files are never loaded)",
+            )
 
 
 def parse_training_args(
