@@ -10,6 +10,7 @@ import train_anima_lokr as anima_trainer
 import train_sdxl_lokr as trainer
 from lyco_train.args import UsageError
 from lyco_train.max_norm import adapted_layers, apply_max_norm
+from lyco_train import network_weights
 from lyco_train.network_weights import NetworkWeightsError
 from lyco_train.pruning import Retention, prune
 from lyco_train.synthetic import make_shapes_dataset
@@ -25,12 +26,16 @@ HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 
 
 def run(tmp_path, *extra, name="run", module=trainer):
+    """A tiny run without the embedded default's closing reload check (its own tests cover it; it costs 8 s)."""
     data = tmp_path / "data"
     if not data.exists():
         make_shapes_dataset(data, count=2, size=64, repeats=1)
-    return module.main(
-        ["--train_data_dir", str(data), "--output_dir", str(tmp_path / name), "--sample_every_n_steps", "1000", *extra]
-    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "check_reload", lambda *args, **kwargs: None)
+        return module.main(
+            ["--train_data_dir", str(data), "--output_dir", str(tmp_path / name), "--sample_every_n_steps", "1000",
+             *extra]
+        )  # fmt: skip
 
 
 def same_tensors(a, b):
@@ -156,9 +161,10 @@ def test_max_norm_scales_each_module_above_the_cap_to_the_cap(algo):
 # ------------------------------------------------------------------------------- trainer runs (tiny SDXL, CPU)
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
-    """4 steps, a save every step, --save_last_n_steps 1 (+ states): the start file of the continuation tests."""
+    """3 one-step epochs, a save every epoch, --save_last_n_epochs 1 (+ states): the start file of the
+    continuation tests."""
     tmp_path = tmp_path_factory.mktemp("first")
-    result = run(tmp_path, "--max_train_steps", "4", "--save_every_n_steps", "1", "--save_last_n_steps", "1",
+    result = run(tmp_path, "--max_train_epochs", "3", "--save_every_n_epochs", "1", "--save_last_n_epochs", "1",
                  "--save_state", "--learning_rate", "2e-2", "--network_args", "conv_dim=2", "conv_alpha=1")  # fmt: skip
     yield tmp_path, result
     from accelerate.state import AcceleratorState, GradientState
@@ -167,44 +173,46 @@ def first_run(tmp_path_factory):
     GradientState._reset_state()
 
 
-def test_save_last_n_steps_in_a_run_keeps_the_saves_of_the_last_n_steps(first_run):
+def test_save_last_n_epochs_in_a_run_keeps_the_last_epoch_save(first_run):
     tmp_path, result = first_run
     names = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name != "data")
-    # the last periodic save is step 3 (step 4 is the final save): with N = 1 the save of step 3 - 1 - 1 = 1 is
-    # removed, steps 2 and 3 stay (sd-scripts' rule)
+    # epoch 3 is the final save; after the save of epoch 2 that of epoch 1 is removed (file and state)
     assert names == [
+        "tiny_sdxl_lokr-000002-state",
+        "tiny_sdxl_lokr-000002.safetensors",
         "tiny_sdxl_lokr-state",
-        "tiny_sdxl_lokr-step00000002-state",
-        "tiny_sdxl_lokr-step00000002.safetensors",
-        "tiny_sdxl_lokr-step00000003-state",
-        "tiny_sdxl_lokr-step00000003.safetensors",
         "tiny_sdxl_lokr.safetensors",
     ]
     assert all(path.exists() for path in result.files)  # the run's list no longer names removed files
 
 
-def started_from(monkeypatch, module=trainer, model_type="sdxl"):
-    """Capture the run's adapter, as a kohya state dict, right after --network_weights was loaded."""
-    captured = {}
-    original = module.add_network
+class Loaded(Exception):
+    """Stops a run right after its adapter was built and --network_weights loaded (nothing else is under test)."""
 
-    def add_network(*args, **kwargs):
-        trained = original(*args, **kwargs)
-        captured.update(peft_to_kohya(trained, model_type=model_type)[0])
-        return trained
+
+def load_only(monkeypatch, tmp_path, *argv, name="run", module=trainer, model_type="sdxl"):
+    """The run's adapter, as a kohya state dict, right after --network_weights was loaded, and the run's options."""
+    captured = {}
+    original = network_weights.add_network
+
+    def add_network(args, *rest, **kwargs):
+        trained = original(args, *rest, **kwargs)
+        captured.update({k: v.clone() for k, v in peft_to_kohya(trained, model_type=model_type)[0].items()})
+        captured["args"] = args
+        raise Loaded
 
     monkeypatch.setattr(module, "add_network", add_network)
-    return captured
+    with pytest.raises(Loaded):
+        run(tmp_path, *argv, name=name, module=module)
+    return captured.pop("args"), captured
 
 
 def test_network_weights_starts_bit_exactly_from_the_file(first_run, tmp_path, monkeypatch):
     _, start = first_run
     start_file = load_file(start.final)
-    loaded = started_from(monkeypatch)
-    cont = run(tmp_path, "--network_weights", str(start.final), "--max_train_steps", "1", "--network_args",
-               "conv_dim=2", "conv_alpha=1")  # fmt: skip
+    _, loaded = load_only(monkeypatch, tmp_path, "--network_weights", str(start.final), "--network_args",
+                          "conv_dim=2", "conv_alpha=1")  # fmt: skip
     assert same_tensors(loaded, start_file)
-    assert not same_tensors(load_file(cont.final), start_file)  # and training went on from there
 
     # the same file in LyCORIS/diffusers naming, the network taken from the file (--network_dim is then ignored)
     state_dict, metadata = load_kohya(start.final)
@@ -212,11 +220,10 @@ def test_network_weights_starts_bit_exactly_from_the_file(first_run, tmp_path, m
     renamed, meta = peft_to_kohya(conversion, model_type="sdxl", naming="diffusers")
     assert set(renamed) != set(state_dict)  # really another naming
     save_kohya(tmp_path / "diffusers_names.safetensors", renamed, metadata=meta)
-    loaded.clear()
-    cont2 = run(tmp_path, "--network_weights", str(tmp_path / "diffusers_names.safetensors"), "--dim_from_weights",
-                "--network_dim", "7", "--max_train_steps", "1", name="run2")  # fmt: skip
+    args, loaded = load_only(monkeypatch, tmp_path, "--network_weights", str(tmp_path / "diffusers_names.safetensors"),
+                             "--dim_from_weights", "--network_dim", "7", name="run2")  # fmt: skip
     assert same_tensors(loaded, start_file)
-    assert cont2.args.network_dim == 2 and load_file(cont2.final).keys() == start_file.keys()
+    assert args.network_dim == 2 and args.algo == "lokr"
 
 
 def test_network_weights_that_do_not_fit_name_the_modules_and_the_fix(first_run, tmp_path):
@@ -257,7 +264,7 @@ def test_text_encoder_only_with_max_norm_and_adamw8bit(tmp_path):
     cap = 0.01
     optimizer = ["--optimizer_type", "adamw8bit"] if HAS_BNB else []
     result = run(tmp_path, "--network_train_text_encoder_only", "--scale_weight_norms", str(cap), "--max_train_steps",
-                 "2", "--learning_rate", "5e-2", "--save_state", *optimizer)  # fmt: skip
+                 "1", "--learning_rate", "5e-2", "--save_state", *optimizer)  # fmt: skip
     state_dict, _ = load_kohya(result.final)
     assert state_dict and all(k.startswith(("lora_te1_", "lora_te2_")) for k in state_dict)
     assert not adapted_layers([result.pipe.unet])
