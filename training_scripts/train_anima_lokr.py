@@ -39,6 +39,7 @@ from lyco_train.objectives import (
     SIGMA_SAMPLING,
     flow_noisy_input,
     flow_target,
+    sample_generators,
     sample_noise,
     sample_sigmas,
     weighted_mse,
@@ -249,7 +250,7 @@ def main(argv: Optional[list[str]] = None) -> Result:
     )  # fmt: skip
 
     training = prepare_training(args, accelerator, records, buckets, trained)
-    modules, generator = training.models, training.generator
+    modules = training.models
 
     def loss(batch: dict) -> torch.Tensor:
         if "latents" in batch:
@@ -260,9 +261,10 @@ def main(argv: Optional[list[str]] = None) -> Result:
             text = {k: v.to(device) for k, v in text_cache.get(batch["captions"]).items()}
         else:
             text = encode_captions(models, batch["captions"], modules.get("text_encoder", models.text_encoder))
-        noise = sample_noise(latents, generator)
+        generators = sample_generators(batch["noise_seeds"])
+        noise = sample_noise(latents, generators)
         sigmas = sample_sigmas(
-            latents.shape[0], args.timestep_sampling, generator, device,
+            args.timestep_sampling, generators, device,
             sigmoid_scale=args.sigmoid_scale, shift=args.discrete_flow_shift,
         )  # fmt: skip
         prediction = modules.get("transformer", models.dit)(

@@ -36,6 +36,7 @@ from lyco_train.network_weights import NetworkWeightsError, add_network
 from lyco_train.objectives import (
     ddpm_target,
     min_snr_weights,
+    sample_generators,
     sample_noise,
     sample_timesteps,
     sdxl_time_ids,
@@ -206,7 +207,7 @@ def main(argv: Optional[list[str]] = None) -> Result:
     )  # fmt: skip
 
     training = prepare_training(args, accelerator, records, buckets, trained)
-    models, generator = training.models, training.generator
+    models = training.models
 
     def loss(batch: dict) -> torch.Tensor:
         if "latents" in batch:
@@ -218,8 +219,9 @@ def main(argv: Optional[list[str]] = None) -> Result:
         else:
             encoders = tuple(models.get(name, getattr(pipe, name)) for name in TEXT_ENCODERS)
             text = encode_captions(pipe, batch["captions"], encoders)
-        noise = sample_noise(latents, generator, args.noise_offset)
-        timesteps = sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator, device)
+        generators = sample_generators(batch["noise_seeds"])
+        noise = sample_noise(latents, generators, args.noise_offset)
+        timesteps = sample_timesteps(noise_scheduler.config.num_train_timesteps, generators, device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"]).to(device)
         prediction = models.get("unet", pipe.unet)(

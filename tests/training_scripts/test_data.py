@@ -1,6 +1,7 @@
 """Dataset scan, bucketing, epoch plans and caches of the trainers' shared helpers."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -142,6 +143,36 @@ def test_epoch_plan_is_deterministic_complete_and_bucketed(tmp_path):
         EpochPlan(records, buckets, batch_size=2, seed=3, num_processes=2, process_index=i).batches(0) for i in (0, 1)
     ]
     assert len(shards[0]) == len(shards[1]) and not set(map(str, shards[0])) & set(map(str, shards[1]))
+
+
+@pytest.mark.parametrize("processes, batch_size", [(2, 1), (2, 2), (3, 1), (4, 1), (5, 2)])
+def test_processes_split_the_same_global_batches_with_shares_that_average_to_the_mean(tmp_path, processes, batch_size):
+    """k processes × batch b see exactly the samples (with the same noise seeds) one process sees with batch k·b, in
+    the same order, and the shares make the process average of each process's weighted sum the global batch mean."""
+    records = _records(tmp_path, count=7)  # 14 samples over 2 buckets: global batches of uneven sizes
+    buckets = [(32, 32) if i % 3 else (48, 32) for i in range(len(records))]
+    options = {"seed": 5, "flip_aug": True, "caption_dropout_rate": 0.3}
+    single = EpochPlan(records, buckets, batch_size=batch_size * processes, **options)
+    shards = [
+        EpochPlan(records, buckets, batch_size=batch_size, num_processes=processes, process_index=i, **options)
+        for i in range(processes)
+    ]
+    for epoch in (0, 1):
+        whole = single.batches(epoch)
+        parts = [shard.batches(epoch) for shard in shards]
+        assert all(len(p) == len(whole) == single.batches_per_epoch == shards[0].batches_per_epoch for p in parts)
+        for b, batch in enumerate(whole):
+            real = [s for part in parts for s in part[b] if s.share > 0]
+            fillers = [s for part in parts for s in part[b] if s.share == 0]
+            assert [replace(s, share=0) for s in real] == [replace(s, share=0) for s in batch]
+            assert len(fillers) == max(0, processes - len(batch)) and all(len(part[b]) >= 1 for part in parts)
+            losses = {s.noise_seed: float(s.noise_seed % 97) for s in batch}  # any per-sample loss
+            mean = sum(losses.values()) / len(batch)
+            assert sum(s.share * losses[s.noise_seed] for s in batch) == pytest.approx(mean)
+            averaged = sum(sum(s.share * losses[s.noise_seed] for s in part[b]) for part in parts) / processes
+            assert averaged == pytest.approx(mean)
+    seeds = [s.noise_seed for batch in single.batches(0) + single.batches(1) for s in batch]
+    assert len(set(seeds)) == len(seeds)
 
 
 def test_batch_builder_uses_latent_cache_and_drops_captions(tmp_path):

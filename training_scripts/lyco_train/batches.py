@@ -7,7 +7,7 @@ the batches the interrupted one would have seen, whatever the number of data-loa
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -22,16 +22,34 @@ from .tiny import prepare_tiny_data
 
 @dataclass(frozen=True)
 class Sample:
-    """One image occurrence in an epoch: which record, flipped or not, where to crop (None = centre), caption kept."""
+    """One image occurrence in an epoch: which record, flipped or not, where to crop (None = centre), caption kept;
+    the seed of its noise and timestep, and its share of the step's loss (0 for a filler that only keeps a process
+    busy)."""
 
     record: int
     flip: bool
     crop_offset: Optional[float]
     drop_caption: bool
+    noise_seed: int = 0
+    share: float = 1.0
+
+
+def noise_seed(seed: int, epoch: int, batch: int, position: int) -> int:
+    """The seed of one sample's noise and timestep: a hash of (run seed, epoch, global batch of the epoch, position
+    in that batch), so the draw does not depend on how many processes share the batch, nor on a resume."""
+    return int(np.random.SeedSequence([seed, epoch, batch, position]).generate_state(1, np.uint64)[0] >> 1)
 
 
 class EpochPlan:
-    """Batches of same-bucket samples per epoch; each process of a multi-GPU run takes its own share of them."""
+    """Global batches of same-bucket samples per epoch, each split over the processes of a multi-GPU run.
+
+    A global batch holds ``batch_size × num_processes`` samples (fewer at the end of a bucket); the processes take
+    contiguous near-equal slices of it. Everything about a sample (order, flip, crop, caption drop, noise seed) is a
+    function of the seed and the global batch, and each real sample's loss share is ``num_processes / n`` for a
+    global batch of n samples: after DDP/FSDP average the gradients over processes, a step's gradient is the mean
+    over its n samples, the same as one process with the same global batch. A process whose slice would be empty
+    (n < num_processes) trains on a copy of the batch's first sample with share 0.
+    """
 
     def __init__(
         self,
@@ -54,25 +72,36 @@ class EpochPlan:
         for index, record in enumerate(records):
             groups[buckets[index]].extend([index] * record.repeats)
         self.groups = dict(sorted(groups.items()))
-        total = sum(-(-len(members) // batch_size) for members in self.groups.values())
-        self.batches_per_epoch = total // num_processes
-        if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"only {total} batch(es) per epoch for {num_processes} processes; "
-                "lower --train_batch_size or add images"
-            )
+        self.global_batch_size = batch_size * num_processes
+        self.batches_per_epoch = sum(-(-len(members) // self.global_batch_size) for members in self.groups.values())
 
-    def batches(self, epoch: int) -> list[list[Sample]]:
-        """This process's batches for ``epoch`` (0-based), in training order."""
+    def global_batches(self, epoch: int) -> list[list[Sample]]:
+        """Every process's samples of ``epoch`` (0-based) as global batches in training order."""
         rng = np.random.default_rng([self.seed, epoch])
         everything = []
         for members in self.groups.values():
             order = [members[i] for i in rng.permutation(len(members))]
-            for start in range(0, len(order), self.batch_size):
-                everything.append([self._sample(index, rng) for index in order[start : start + self.batch_size]])
+            for start in range(0, len(order), self.global_batch_size):
+                everything.append([self._sample(index, rng) for index in order[start : start + self.global_batch_size]])
         everything = [everything[i] for i in rng.permutation(len(everything))]
-        usable = everything[: self.batches_per_epoch * self.num_processes]
-        return usable[self.process_index :: self.num_processes]
+        return [
+            [
+                replace(s, noise_seed=noise_seed(self.seed, epoch, b, i), share=1.0 / len(batch))
+                for i, s in enumerate(batch)
+            ]
+            for b, batch in enumerate(everything)
+        ]
+
+    def batches(self, epoch: int) -> list[list[Sample]]:
+        """This process's slice of every global batch of ``epoch``, with loss shares scaled for gradient averaging."""
+        return [self._slice(batch) for batch in self.global_batches(epoch)]
+
+    def _slice(self, batch: list[Sample]) -> list[Sample]:
+        bounds = np.linspace(0, len(batch), self.num_processes + 1).round().astype(int)
+        mine = batch[bounds[self.process_index] : bounds[self.process_index + 1]]
+        if not mine:
+            return [replace(batch[0], share=0.0)]
+        return [replace(s, share=s.share * self.num_processes) for s in mine]
 
     def _sample(self, index: int, rng: np.random.Generator) -> Sample:
         flip, crop, drop = rng.random(3)
@@ -89,7 +118,8 @@ class EpochPlan:
 
 
 class BatchBuilder:
-    """Turns a list of samples into a batch dict: latents (from a cache) or pixels, captions, SDXL size conditioning."""
+    """Turns a list of samples into a batch dict: latents (from a cache) or pixels, captions, SDXL size conditioning,
+    each sample's noise seed and loss share."""
 
     def __init__(self, records: list[ImageRecord], buckets: list[tuple[int, int]], latent_cache=None):
         self.records, self.buckets, self.latent_cache = records, buckets, latent_cache
@@ -115,6 +145,8 @@ class BatchBuilder:
             "original_sizes": torch.tensor(original),
             "crop_top_lefts": torch.tensor(crops),
             "target_sizes": torch.tensor([(height, width)] * len(samples)),
+            "noise_seeds": torch.tensor([s.noise_seed for s in samples], dtype=torch.int64),
+            "shares": torch.tensor([s.share for s in samples], dtype=torch.float64),
         }
 
 

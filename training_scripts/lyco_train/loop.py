@@ -145,14 +145,13 @@ def trainable_parameters(*models: torch.nn.Module) -> list[torch.nn.Parameter]:
 @dataclass
 class Training:
     """Everything the loop steps: the data plan, the step plan, the (accelerate-prepared) trained models by
-    component, optimizer, lr schedule and the noise generator."""
+    component, optimizer and lr schedule."""
 
     data: EpochPlan
     steps: StepPlan
     models: dict[str, torch.nn.Module]
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
-    generator: torch.Generator
 
 
 def prepare_training(
@@ -163,7 +162,7 @@ def prepare_training(
     trained: dict[str, torch.nn.Module],
 ) -> Training:
     """Plan epochs and steps, build optimizer (sd-scripts lr groups) and lr schedule, let accelerate wrap the models
-    (DDP under ``accelerate launch``), and seed a per-process noise generator."""
+    (DDP under ``accelerate launch``)."""
     data = EpochPlan(
         records,
         buckets,
@@ -181,5 +180,4 @@ def prepare_training(
     optimizer = make_optimizer(args, optimizer_groups(args, trained))
     lr_scheduler = make_scheduler(args, optimizer, steps.total_steps)
     prepared = accelerator.prepare(*trained.values(), optimizer)
-    generator = torch.Generator(accelerator.device).manual_seed(args.seed + 1_000_003 * accelerator.process_index)
-    return Training(data, steps, dict(zip(trained, prepared[:-1])), prepared[-1], lr_scheduler, generator)
+    return Training(data, steps, dict(zip(trained, prepared[:-1])), prepared[-1], lr_scheduler)

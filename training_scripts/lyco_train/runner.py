@@ -23,7 +23,8 @@ from .state import Position, load_state, run_fingerprint, save_state, state_fold
 
 @dataclass
 class Hooks:
-    """Model-specific callbacks: ``loss(batch)``; ``save(stem, position)`` writes adapter files named ``stem``;
+    """Model-specific callbacks: ``loss(batch)`` gives each sample's loss (shape (batch,)), drawing its noise from
+    ``batch["noise_seeds"]``; ``save(stem, position)`` writes adapter files named ``stem``;
     ``sample(step)`` renders ``--sample_prompts`` (None when not sampling); both return the paths written."""
 
     loss: Callable[[dict], torch.Tensor]
@@ -39,6 +40,12 @@ class History:
     saved: list[Path] = field(default_factory=list)
     position: Optional[Position] = None
     final: Optional[Path] = None
+
+
+def step_loss(per_sample: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
+    """This process's part of a global batch's loss: the samples' losses weighted by their shares (which sum to the
+    number of processes over the whole global batch, so the process average DDP/FSDP take is the batch mean)."""
+    return (per_sample.float() * shares.to(per_sample.device, torch.float32)).sum()
 
 
 def _save_due(every: Optional[int], count: int) -> bool:
@@ -167,8 +174,8 @@ class Trainer:
                 group = self.gradients.group_size(batch_index, per_epoch)
                 with self.gradients.context(sync):
                     with accelerator.autocast():
-                        loss = self.hooks.loss(batch)
-                    value = loss.detach().float().item()
+                        loss = step_loss(self.hooks.loss(batch), batch["shares"])
+                    value = accelerator.reduce(loss.detach().float(), "mean").item()
                     if not math.isfinite(value):
                         raise FloatingPointError(
                             f"loss became {value} at step {step + 1} (epoch {epoch + 1}, batch "
