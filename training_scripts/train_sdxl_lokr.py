@@ -34,13 +34,17 @@ from lyco_train.loop import make_accelerator, place_frozen, prepare_training
 from lyco_train.metadata import RunInfo
 from lyco_train.network_weights import NetworkWeightsError, add_network
 from lyco_train.objectives import (
+    ddpm_noise_to_signal,
     ddpm_target,
+    huber_thresholds,
+    input_perturbation,
     min_snr_weights,
+    multires_noise,
+    per_sample_loss,
     sample_generators,
     sample_noise,
     sample_timesteps,
     sdxl_time_ids,
-    weighted_mse,
 )
 from lyco_train.runner import Hooks, Trainer
 from lyco_train.sampling import SamplePrompt, render_samples
@@ -80,6 +84,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     options.add_optimization_args(parser)
     options.add_output_args(parser)
     options.add_continuation_args(parser)
+    options.add_loss_args(parser, ddpm=True)
     return options.parse_training_args(
         parser, argv, tiny_defaults=tiny_defaults("sdxl"), pixel_multiple=8, required_with_model=("train_data_dir",)
     )
@@ -222,7 +227,15 @@ def main(argv: Optional[list[str]] = None) -> Result:
         generators = sample_generators(batch["noise_seeds"])
         noise = sample_noise(latents, generators, args.noise_offset)
         timesteps = sample_timesteps(noise_scheduler.config.num_train_timesteps, generators, device)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        if args.multires_noise_iterations:
+            noise = multires_noise(noise, generators, args.multires_noise_iterations, args.multires_noise_discount)
+        if args.ip_noise_gamma:
+            noisy = noise_scheduler.add_noise(
+                latents, input_perturbation(noise, generators, args.ip_noise_gamma, args.ip_noise_gamma_random_strength),
+                timesteps,
+            )  # fmt: skip
+        else:
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"]).to(device)
         prediction = models.get("unet", pipe.unet)(
             noisy.to(dtype),
@@ -232,7 +245,14 @@ def main(argv: Optional[list[str]] = None) -> Result:
         ).sample
         target = ddpm_target(noise_scheduler, latents, noise, timesteps)
         weights = min_snr_weights(noise_scheduler, timesteps, args.min_snr_gamma) if args.min_snr_gamma else None
-        return weighted_mse(prediction, target, weights)
+        huber_c = None
+        if options.huber_losses(args):
+            huber_c = huber_thresholds(
+                args.huber_schedule, args.huber_c, args.huber_scale,
+                timesteps.float() / noise_scheduler.config.num_train_timesteps,
+                ddpm_noise_to_signal(noise_scheduler, timesteps),
+            )  # fmt: skip
+        return per_sample_loss(prediction, target, weights, loss_type=args.loss_type, huber_c=huber_c)
 
     def render(prompt: SamplePrompt):
         return pipe(

@@ -12,6 +12,7 @@ from typing import Any
 from peft_lyco.presets import NetworkArgsError, parse_network_args
 
 from .buckets import BucketSettings, check_divisible, parse_resolution
+from .objectives import HUBER_SCHEDULES, LOSS_TYPES
 from .state import saved_seed
 
 NETWORK_MODULES = {"networks.lokr": "lokr", "networks.loha": "loha"}
@@ -140,6 +141,27 @@ def add_continuation_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_loss_args(parser: argparse.ArgumentParser, *, ddpm: bool) -> None:
+    """Loss type (Huber schedules) and noise options (sd-scripts names); multires noise only for DDPM (SDXL)."""
+    group = parser.add_argument_group("loss and noise")
+    group.add_argument("--loss_type", choices=LOSS_TYPES, default="l2")
+    group.add_argument("--huber_schedule", choices=HUBER_SCHEDULES, default="snr", help="huber/smooth_l1 threshold")
+    group.add_argument("--huber_c", type=float, default=0.1, help="Huber threshold c (decay of the schedules)")
+    group.add_argument("--huber_scale", type=float, default=1.0, help="Huber threshold scale (constant, exponential)")
+    group.add_argument("--ip_noise_gamma", type=float, help="input perturbation noise strength, e.g. 0.1")
+    group.add_argument(
+        "--ip_noise_gamma_random_strength", action="store_true", help="strength uniform in [0, --ip_noise_gamma)"
+    )
+    if ddpm:
+        group.add_argument("--multires_noise_iterations", type=int, help="pyramid noise levels, e.g. 6-10")
+        group.add_argument("--multires_noise_discount", type=float, default=0.3, help="weight decay per level")
+
+
+def huber_losses(args: argparse.Namespace) -> bool:
+    """Whether the loss needs per-sample Huber thresholds."""
+    return args.loss_type in ("huber", "smooth_l1")
+
+
 def parse_key_values(items: list[str], option: str) -> dict[str, Any]:
     """``["a=1", "b=[1,2]", "c=text"]`` -> {"a": 1, "b": [1, 2], "c": "text"} (Python literals, else strings)."""
     parsed = {}
@@ -216,6 +238,10 @@ def check_args(args: argparse.Namespace, *, pixel_multiple: int) -> None:
     )
     need(args.max_data_loader_n_workers >= 0, "--max_data_loader_n_workers must be >= 0")
     check_continuation(args, need)
+    need(args.huber_c > 0, f"--huber_c must be > 0, got {args.huber_c}")
+    need(args.ip_noise_gamma is None or args.ip_noise_gamma >= 0, "--ip_noise_gamma must be >= 0")
+    iterations = getattr(args, "multires_noise_iterations", None)
+    need(iterations is None or iterations >= 0, f"--multires_noise_iterations must be >= 0, got {iterations}")
     need(
         not (args.cache_latents and args.random_crop),
         "--cache_latents cannot be combined with --random_crop (a cached latent has one fixed crop); drop one of them",
