@@ -93,6 +93,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     flow.add_argument("--logit_mean", type=float, default=0.0, help="--weighting_scheme logit_normal")
     flow.add_argument("--logit_std", type=float, default=1.0, help="--weighting_scheme logit_normal")
     flow.add_argument("--mode_scale", type=float, default=1.29, help="--weighting_scheme mode")
+    model.add_argument(
+        "--blocks_to_swap", type=int, help="keep N DiT blocks' frozen weights on the CPU, moved in for each use"
+    )
     options.add_data_args(parser)
     options.add_network_args(parser, default_name="anima_lokr")
     options.add_optimization_args(parser)
@@ -248,6 +251,12 @@ def main(argv: Optional[list[str]] = None) -> Result:
         if not (args.network_train_unet_only if name == "text_encoder" else args.network_train_text_encoder_only)
     }
     trained = add_network(args, "anima", components, trained, log=accelerator.print)
+    if args.blocks_to_swap:
+        if args.blocks_to_swap > len(models.dit.blocks):
+            raise options.UsageError(
+                f"--blocks_to_swap {args.blocks_to_swap}: the DiT has {len(models.dit.blocks)} blocks"
+            )
+        models.dit.enable_block_swap(args.blocks_to_swap, device)
     if args.gradient_checkpointing:
         models.dit.enable_gradient_checkpointing()
         if "text_encoder" in trained:
@@ -264,6 +273,8 @@ def main(argv: Optional[list[str]] = None) -> Result:
     )  # fmt: skip
 
     training = prepare_training(args, accelerator, records, buckets, trained)
+    if args.blocks_to_swap:
+        models.dit.block_swap.offload()  # after every placement: the swapped blocks' frozen weights go to the CPU
     modules = training.models
 
     def loss(batch: dict) -> torch.Tensor:

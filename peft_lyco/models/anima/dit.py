@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..block_swap import BlockSwap
 from .config import AnimaConfig, rope_axis_dims
 from .layers import RMSNorm, init_weights, qk_norm_attention
 from .llm_adapter import LLMAdapter
@@ -259,6 +260,7 @@ class AnimaDiT(nn.Module):
         patch_values = config.patch_spatial**2 * config.patch_temporal * config.out_channels
         self.final_layer = FinalLayer(dim, patch_values, config.adaln_lora_dim)
         self.gradient_checkpointing = False
+        self.block_swap: Optional[BlockSwap] = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -328,6 +330,12 @@ class AnimaDiT(nn.Module):
         """Recompute each block in backward (training memory for compute)."""
         self.gradient_checkpointing = enabled
 
+    def enable_block_swap(self, count: int, device: Union[str, torch.device]) -> BlockSwap:
+        """Keep the frozen weights of the last ``count`` blocks on the CPU, brought to ``device`` only while each runs
+        (see ``peft_lyco.models.block_swap``); call ``.offload()`` on the result once the model is placed."""
+        self.block_swap = BlockSwap(self.blocks, count, device)
+        return self.block_swap
+
     # --------------------------------------------------------------------------------------------------- forward
     def adapt_context(
         self,
@@ -385,8 +393,10 @@ class AnimaDiT(nn.Module):
         features, adaln_lora = self.t_embedder(timesteps)
         emb = self.t_embedding_norm(features)
         context = context.to(dtype)
-        for block in self.blocks:
-            if self.gradient_checkpointing and self.training:
+        for index, block in enumerate(self.blocks):
+            if self.block_swap is not None and self.block_swap.swaps(index):
+                x = self.block_swap.run(index, block, x, emb, context, angles, adaln_lora)
+            elif self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, emb, context, angles, adaln_lora, use_reentrant=False)
             else:
                 x = block(x, emb, context, angles, adaln_lora)
