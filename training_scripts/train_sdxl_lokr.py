@@ -30,6 +30,7 @@ from lyco_train.batches import BatchBuilder, training_images
 from lyco_train.cache import build_latent_cache, build_text_cache
 from lyco_train.data import DataError
 from lyco_train.export import AdapterWriter
+from lyco_train.long_prompts import MAX_TOKEN_LENGTHS, chunked_token_ids, join_chunk_states
 from lyco_train.loop import make_accelerator, place_frozen, prepare_training
 from lyco_train.metadata import RunInfo
 from lyco_train.network_weights import NetworkWeightsError, add_network
@@ -79,6 +80,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     model.add_argument("--variant", help="e.g. fp16")
     model.add_argument("--v_parameterization", action="store_true", help="train v-prediction instead of epsilon")
     model.add_argument("--min_snr_gamma", type=float, help="Min-SNR-γ loss weighting, e.g. 5")
+    model.add_argument(
+        "--clip_skip", type=int, help="use the text encoders' hidden state -N (default 2: SDXL's penultimate layer)"
+    )
+    model.add_argument(
+        "--max_token_length", type=int, choices=MAX_TOKEN_LENGTHS, help="caption tokens: 75 (default), 150 or 225"
+    )
     options.add_data_args(parser)
     options.add_network_args(parser, default_name="sdxl_lokr")
     options.add_optimization_args(parser)
@@ -112,19 +119,27 @@ def load_pipeline(args: argparse.Namespace) -> StableDiffusionXLPipeline:
     return pipe
 
 
-def encode_captions(pipe: StableDiffusionXLPipeline, captions: list[str], encoders: tuple) -> dict[str, torch.Tensor]:
-    """SDXL conditioning as the pipeline builds it: both encoders' penultimate states, and TE2's pooled output.
+def encode_captions(
+    pipe: StableDiffusionXLPipeline,
+    captions: list[str],
+    encoders: tuple,
+    *,
+    clip_skip: int = 2,
+    max_token_length: Optional[int] = None,
+) -> dict[str, torch.Tensor]:
+    """SDXL conditioning as sd-scripts builds it: both encoders' hidden states ``-clip_skip`` (2: the penultimate
+    layer SDXL uses), over ``max_token_length / 75`` chunks of 75 tokens, and TE2's pooled output of the first chunk.
 
     ``encoders`` are the two text encoders to call (the accelerate-prepared ones when they are trained).
     """
     states = []
     for tokenizer, encoder in zip((pipe.tokenizer, pipe.tokenizer_2), encoders):
-        ids = tokenizer(
-            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(pipe.unet.device)
-        output = encoder(ids, output_hidden_states=True)
-        states.append(output.hidden_states[-2])
-    return {"prompt_embeds": torch.cat(states, dim=-1), "pooled": output.text_embeds}
+        ids = chunked_token_ids(tokenizer, captions, max_token_length).to(pipe.unet.device)
+        batch, chunks, length = ids.shape
+        output = encoder(ids.reshape(batch * chunks, length), output_hidden_states=True)
+        states.append(join_chunk_states(output.hidden_states[-clip_skip], chunks))
+    pooled = output.text_embeds.reshape(batch, chunks, -1)[:, 0]
+    return {"prompt_embeds": torch.cat(states, dim=-1), "pooled": pooled}
 
 
 def encode_images(vae, pixels: torch.Tensor) -> torch.Tensor:
@@ -201,14 +216,20 @@ def main(argv: Optional[list[str]] = None) -> Result:
             if name in trained:
                 trained[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+    text_options = {"clip_skip": args.clip_skip or 2, "max_token_length": args.max_token_length}
+    if args.clip_skip is not None:
+        layers = min(pipe.text_encoder.config.num_hidden_layers, pipe.text_encoder_2.config.num_hidden_layers)
+        if args.clip_skip > layers:
+            raise options.UsageError(f"--clip_skip {args.clip_skip}: the text encoders have {layers} layers")
+
     # caches of frozen outputs, filled once before training
     latent_cache = build_latent_cache(
         args, accelerator, records, buckets, tag=f"sdxl:{run.model_name}:{args.vae}",
         encode=lambda pixels: encode_images(pipe.vae, pixels),
     )  # fmt: skip
     text_cache = build_text_cache(
-        args, accelerator, records, tag=f"sdxl:{run.model_name}",
-        encode=lambda captions: encode_captions(pipe, captions, (pipe.text_encoder, pipe.text_encoder_2)),
+        args, accelerator, records, tag=f"sdxl:{run.model_name}:{args.clip_skip}:{args.max_token_length}",
+        encode=lambda captions: encode_captions(pipe, captions, (pipe.text_encoder, pipe.text_encoder_2), **text_options),
     )  # fmt: skip
 
     training = prepare_training(args, accelerator, records, buckets, trained)
@@ -223,7 +244,7 @@ def main(argv: Optional[list[str]] = None) -> Result:
             text = text_cache.get(batch["captions"])
         else:
             encoders = tuple(models.get(name, getattr(pipe, name)) for name in TEXT_ENCODERS)
-            text = encode_captions(pipe, batch["captions"], encoders)
+            text = encode_captions(pipe, batch["captions"], encoders, **text_options)
         generators = sample_generators(batch["noise_seeds"])
         noise = sample_noise(latents, generators, args.noise_offset)
         timesteps = sample_timesteps(noise_scheduler.config.num_train_timesteps, generators, device)
@@ -258,10 +279,16 @@ def main(argv: Optional[list[str]] = None) -> Result:
         return pipe(
             prompt.prompt, negative_prompt=prompt.negative, width=prompt.width, height=prompt.height,
             num_inference_steps=prompt.steps, guidance_scale=prompt.guidance,
+            clip_skip=text_options["clip_skip"] - 2,  # diffusers' SDXL pipeline counts from the penultimate layer
             generator=torch.Generator(device).manual_seed(prompt.seed),
         ).images[0]  # fmt: skip
 
-    objective = {"ss_v_parameterization": args.v_parameterization, "ss_min_snr_gamma": args.min_snr_gamma}
+    objective = {
+        "ss_v_parameterization": args.v_parameterization,
+        "ss_min_snr_gamma": args.min_snr_gamma,
+        "ss_clip_skip": args.clip_skip,
+        "ss_max_token_length": args.max_token_length,
+    }
     hooks = Hooks(
         loss=loss,
         save=AdapterWriter(args, run, accelerator, training, records, buckets, objective),

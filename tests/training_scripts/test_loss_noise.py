@@ -10,6 +10,7 @@ import train_anima_lokr as anima_trainer
 import train_sdxl_lokr as sdxl_trainer
 from diffusers import FlowMatchEulerDiscreteScheduler
 from lyco_train import objectives
+from lyco_train.long_prompts import chunked_token_ids
 from lyco_train.objectives import (
     conditional_loss,
     flow_loss_weights,
@@ -194,9 +195,10 @@ def test_sdxl_huber_exponential_with_noise_options_uses_each_samples_timestep(tm
     timesteps = _capturing(monkeypatch, sdxl_trainer, "sample_timesteps")
     multires = _capturing(monkeypatch, sdxl_trainer, "multires_noise")
     perturbed = _capturing(monkeypatch, sdxl_trainer, "input_perturbation")
+    text = _capturing(monkeypatch, sdxl_trainer, "encode_captions")
     result = _run(sdxl_trainer, tmp_path, "--loss_type", "huber", "--huber_schedule", "exponential", "--huber_c", "0.2",
                   "--huber_scale", "1.5", "--ip_noise_gamma", "0.1", "--multires_noise_iterations", "3",
-                  "--network_train_unet_only")  # fmt: skip
+                  "--network_train_unet_only", "--clip_skip", "1", "--max_token_length", "150")  # fmt: skip
     (prediction, target, _weights), kwargs, loss = losses[0]
     t = timesteps[0][2]
     torch.testing.assert_close(kwargs["huber_c"].double(), 1.5 * 0.2 ** (t.double() / 1000), rtol=1e-6, atol=0)
@@ -205,10 +207,12 @@ def test_sdxl_huber_exponential_with_noise_options_uses_each_samples_timestep(tm
                                atol=1e-7)  # fmt: skip
     assert torch.equal(target, multires[0][2])  # epsilon target: the multires noise, not the perturbed one
     assert perturbed[0][0][0] is multires[0][2] and not torch.equal(perturbed[0][2], target)
+    assert text[0][2]["prompt_embeds"].shape[1] == 152  # two 75-token chunks + BOS + EOS
     with safe_open(result.final, "pt") as handle:
         metadata = handle.metadata()
     assert (metadata["ss_loss_type"], metadata["ss_huber_schedule"], metadata["ss_ip_noise_gamma"]) == (
         "huber", "exponential", "0.1")  # fmt: skip
+    assert (metadata["ss_clip_skip"], metadata["ss_max_token_length"]) == ("1", "150")
 
 
 def test_anima_sigma_sampling_weighting_and_smooth_l1_snr(tmp_path, monkeypatch):
@@ -328,3 +332,58 @@ def test_block_swap_on_cuda_keeps_offloaded_weights_on_pinned_cpu_and_matches():
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad)
     assert all(p.device.type == "cpu" for p in frozen)
+
+
+# ------------------------------------------------------------------------------- SDXL long prompts, clip skip
+LONG = " ".join(f"word{i}" for i in range(120))  # more than 75 tokens, fewer than 150
+
+
+def _tiny_pipe():
+    from peft_lyco.models.tiny_sdxl import tiny_sdxl_pipeline
+
+    return tiny_sdxl_pipeline(seed=0)
+
+
+@pytest.mark.parametrize("separate_pad", [False, True])
+def test_chunked_token_ids_follow_sd_scripts(separate_pad):
+    tokenizer = _tiny_pipe().tokenizer
+    if separate_pad:  # SDXL's second tokenizer pads with a token that is not EOS
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(5)
+    ids = chunked_token_ids(tokenizer, [LONG, "a red circle"], 225)
+    full = tokenizer([LONG, "a red circle"], padding="max_length", max_length=227, truncation=True).input_ids
+    assert ids.shape == (2, 3, 77)
+    for row, tokens in enumerate(full):
+        for chunk in range(3):
+            expected = [tokens[0], *tokens[1 + 75 * chunk : 76 + 75 * chunk], tokens[-1]]
+            if separate_pad:
+                if expected[-2] not in (tokenizer.eos_token_id, tokenizer.pad_token_id):
+                    expected[-1] = tokenizer.eos_token_id
+                if expected[1] == tokenizer.pad_token_id:
+                    expected[1] = tokenizer.eos_token_id
+            assert ids[row, chunk].tolist() == expected
+    assert chunked_token_ids(tokenizer, ["x"], None).shape == (1, 1, 77)
+
+
+def test_long_prompt_states_join_chunks_and_clip_skip_picks_the_hidden_state():
+    pipe = _tiny_pipe()
+    encoders = (pipe.text_encoder, pipe.text_encoder_2)
+    with torch.no_grad():
+        short = sdxl_trainer.encode_captions(pipe, ["a red circle", LONG], encoders)
+        long = sdxl_trainer.encode_captions(pipe, ["a red circle", LONG], encoders, max_token_length=150)
+        last = sdxl_trainer.encode_captions(pipe, ["a red circle", LONG], encoders, clip_skip=1)
+        ids = [t(["a red circle", LONG], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+               .input_ids for t in (pipe.tokenizer, pipe.tokenizer_2)]  # fmt: skip
+        direct = [e(i, output_hidden_states=True) for e, i in zip(encoders, ids)]
+    assert long["prompt_embeds"].shape == (2, 152, short["prompt_embeds"].shape[-1])
+    # the first chunk of a 150-token encoding is the 75-token encoding (BOS + 75 tokens)
+    torch.testing.assert_close(long["prompt_embeds"][:, :76], short["prompt_embeds"][:, :76])
+    torch.testing.assert_close(long["pooled"], short["pooled"])
+    torch.testing.assert_close(short["prompt_embeds"], torch.cat([d.hidden_states[-2] for d in direct], -1))
+    torch.testing.assert_close(last["prompt_embeds"], torch.cat([d.hidden_states[-1] for d in direct], -1))
+    # the caption's tokens 76..150 reach the UNet only with --max_token_length 150
+    chunk2 = [t([LONG], padding="max_length", max_length=152, truncation=True, return_tensors="pt").input_ids
+              for t in (pipe.tokenizer, pipe.tokenizer_2)]  # fmt: skip
+    with torch.no_grad():
+        second = [e(torch.cat([i[:, :1], i[:, 76:151], i[:, -1:]], 1), output_hidden_states=True).hidden_states[-2]
+                  for e, i in zip(encoders, chunk2)]  # fmt: skip
+    torch.testing.assert_close(long["prompt_embeds"][1:, 76:151], torch.cat(second, -1)[:, 1:76])

@@ -240,6 +240,8 @@ def check_args(args: argparse.Namespace, *, pixel_multiple: int) -> None:
     check_continuation(args, need)
     need(args.huber_c > 0, f"--huber_c must be > 0, got {args.huber_c}")
     need(args.ip_noise_gamma is None or args.ip_noise_gamma >= 0, "--ip_noise_gamma must be >= 0")
+    skip = getattr(args, "clip_skip", None)
+    need(skip is None or skip >= 1, f"--clip_skip must be at least 1, got {skip}")
     swap = getattr(args, "blocks_to_swap", None)
     need(swap is None or swap >= 0, f"--blocks_to_swap must be >= 0, got {swap}")
     iterations = getattr(args, "multires_noise_iterations", None)
