@@ -23,7 +23,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from accelerate.utils import set_seed
@@ -33,6 +32,7 @@ from lyco_train.cache import build_latent_cache, build_text_cache
 from lyco_train.data import DataError
 from lyco_train.export import AdapterWriter
 from lyco_train.loop import make_accelerator, place_frozen, prepare_training, weight_dtype
+from lyco_train.memory import apply_memory_options, store_weights_in_fp8
 from lyco_train.metadata import RunInfo
 from lyco_train.network_weights import NetworkWeightsError, add_network
 from lyco_train.objectives import (
@@ -68,7 +68,7 @@ class Result:
 
 
 # ---------------------------------------------------------------------------------------------------- arguments
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", help="Anima DiT .safetensors (none: tiny CPU demo)")
@@ -112,7 +112,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------------------ models
-def load_vae(path: str, subfolder: Optional[str], dtype: torch.dtype):
+def load_vae(path: str, subfolder: str | None, dtype: torch.dtype):
     """The Qwen-Image VAE from a single file (original Wan layout, as Anima ships it) or a diffusers folder/hub id."""
     from diffusers import AutoencoderKLQwenImage
 
@@ -202,6 +202,9 @@ def check_reload(args: argparse.Namespace, path: Path, trained: AnimaComponents,
             adapter.config, targets[component], adapter_name="trained", state_dict=adapter.state_dict
         )
         set_peft_model_state_dict(targets[component], adapter.state_dict, adapter_name="trained")
+    if args.fp8_base:  # the same rounded base as the trained model, so the comparison sees the adapter only
+        for model in (fresh.dit, fresh.text_encoder, base.dit, base.text_encoder):
+            store_weights_in_fp8(model, torch.float32)
 
     def render(models: AnimaComponents):
         return (
@@ -228,7 +231,7 @@ def check_reload(args: argparse.Namespace, path: Path, trained: AnimaComponents,
 
 
 # -------------------------------------------------------------------------------------------------------- main
-def main(argv: Optional[list[str]] = None) -> Result:
+def main(argv: list[str] | None = None) -> Result:
     args = parse_args(argv)
     tiny = args.pretrained_model_name_or_path is None
     accelerator = make_accelerator(args)
@@ -261,6 +264,7 @@ def main(argv: Optional[list[str]] = None) -> Result:
         models.dit.enable_gradient_checkpointing()
         if "text_encoder" in trained:
             models.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_memory_options(args, (models.dit, models.text_encoder), trained, models.dit, dtype)
 
     # caches of frozen outputs, filled once before training
     latent_cache = build_latent_cache(

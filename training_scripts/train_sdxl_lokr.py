@@ -20,7 +20,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from accelerate.utils import set_seed
@@ -32,6 +31,7 @@ from lyco_train.data import DataError
 from lyco_train.export import AdapterWriter
 from lyco_train.long_prompts import MAX_TOKEN_LENGTHS, chunked_token_ids, join_chunk_states
 from lyco_train.loop import make_accelerator, place_frozen, prepare_training
+from lyco_train.memory import apply_memory_options, store_weights_in_fp8
 from lyco_train.metadata import RunInfo
 from lyco_train.network_weights import NetworkWeightsError, add_network
 from lyco_train.objectives import (
@@ -68,7 +68,7 @@ class Result:
 
 
 # ---------------------------------------------------------------------------------------------------- arguments
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -149,42 +149,65 @@ def encode_images(vae, pixels: torch.Tensor) -> torch.Tensor:
     return latents * vae.config.scaling_factor
 
 
-def check_reload(args: argparse.Namespace, path: Path, trained: StableDiffusionXLPipeline, prompt: str) -> None:
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] from latents, decoded by the float32 VAE outside any autocast (SDXL's VAE overflows in
+    fp16; the pipeline itself would hand fp16 latents to the float32 VAE under fp16 mixed precision)."""
+    with torch.autocast(latents.device.type, enabled=False), torch.no_grad():
+        return vae.decode(latents.to(vae.device, torch.float32) / vae.config.scaling_factor).sample
+
+
+def generate(pipe: StableDiffusionXLPipeline, prompt: str, output_type: str = "pil", **kwargs):
+    """``pipe(prompt, ...)`` that works in every precision the trainer runs: the denoising loop in the caller's
+    autocast, the decode in float32."""
+    latents = pipe(prompt, output_type="latent", **kwargs).images
+    return pipe.image_processor.postprocess(decode_latents(pipe.vae, latents), output_type=output_type)
+
+
+def check_reload(
+    args: argparse.Namespace, path: Path, trained: StableDiffusionXLPipeline, prompt: str, autocast
+) -> None:
     """The embedded default's last step: load the saved file into a fresh tiny pipeline as a user would
-    (``enable_lyco`` + ``load_lora_weights``) and compare its images with the base and the in-memory model."""
+    (``enable_lyco`` + ``load_lora_weights``) and compare its images with the base and the in-memory model (rendered
+    under the run's ``autocast``: its frozen weights are in the mixed-precision dtype)."""
     from peft_lyco.diffusers import enable_lyco
     from peft_lyco.models.tiny_sdxl import tiny_sdxl_pipeline
 
     fresh = tiny_sdxl_pipeline(seed=TINY_SEED)
     enable_lyco(fresh)
     fresh.load_lora_weights(str(path), adapter_name="trained")
+    if args.fp8_base:  # the same rounded base as the trained model, so the comparison sees the adapter only
+        for model in (fresh.unet, fresh.text_encoder, fresh.text_encoder_2):
+            store_weights_in_fp8(model, torch.float32)
 
     def render(pipe: StableDiffusionXLPipeline):
-        return pipe(
+        return generate(
+            pipe,
             prompt,
+            output_type="np",
             width=64,
             height=64,
             num_inference_steps=4,
             guidance_scale=3.0,
-            output_type="np",
             generator=torch.Generator().manual_seed(0),
-        ).images
+        )
 
     reloaded = render(fresh)
     fresh.disable_lora()
     base = render(fresh)
+    with autocast:
+        in_memory = render(trained)
     report_reload(
         path,
         reloaded,
         base,
-        render(trained),
+        in_memory,
         "enable_lyco(pipe) + pipe.load_lora_weights",
         tolerance=1e-4 if args.save_precision == "float" and args.mixed_precision == "no" else 5e-2,
     )
 
 
 # -------------------------------------------------------------------------------------------------------- main
-def main(argv: Optional[list[str]] = None) -> Result:
+def main(argv: list[str] | None = None) -> Result:
     args = parse_args(argv)
     tiny = args.pretrained_model_name_or_path is None
     accelerator = make_accelerator(args, unused_parameters=not args.network_train_unet_only)
@@ -215,6 +238,7 @@ def main(argv: Optional[list[str]] = None) -> Result:
         for name in TEXT_ENCODERS:
             if name in trained:
                 trained[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_memory_options(args, (pipe.unet, pipe.text_encoder, pipe.text_encoder_2), trained, pipe.unet, dtype)
 
     text_options = {"clip_skip": args.clip_skip or 2, "max_token_length": args.max_token_length}
     if args.clip_skip is not None:
@@ -276,12 +300,12 @@ def main(argv: Optional[list[str]] = None) -> Result:
         return per_sample_loss(prediction, target, weights, loss_type=args.loss_type, huber_c=huber_c)
 
     def render(prompt: SamplePrompt):
-        return pipe(
-            prompt.prompt, negative_prompt=prompt.negative, width=prompt.width, height=prompt.height,
+        return generate(
+            pipe, prompt.prompt, negative_prompt=prompt.negative, width=prompt.width, height=prompt.height,
             num_inference_steps=prompt.steps, guidance_scale=prompt.guidance,
             clip_skip=text_options["clip_skip"] - 2,  # diffusers' SDXL pipeline counts from the penultimate layer
             generator=torch.Generator(device).manual_seed(prompt.seed),
-        ).images[0]  # fmt: skip
+        )[0]  # fmt: skip
 
     objective = {
         "ss_v_parameterization": args.v_parameterization,
@@ -297,7 +321,7 @@ def main(argv: Optional[list[str]] = None) -> Result:
     trainer = Trainer(args, accelerator, training, BatchBuilder(records, buckets, latent_cache), hooks)
     history = trainer.run("train_sdxl_lokr", summary=f"{len(records)} images, {training.data.image_count()} per epoch")
     if tiny and accelerator.is_main_process:
-        check_reload(args, history.final, pipe, prompt=records[0].caption)
+        check_reload(args, history.final, pipe, prompt=records[0].caption, autocast=accelerator.autocast())
     return Result(args, pipe, history.losses, history.saved, history.final)
 
 

@@ -9,6 +9,8 @@ import random
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from peft_lyco.presets import NetworkArgsError, parse_network_args
 
 from .buckets import BucketSettings, check_divisible, parse_resolution
@@ -96,9 +98,25 @@ def add_optimization_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gradient_accumulation_steps", type=int, default=1)
     group.add_argument("--gradient_checkpointing", action="store_true")
     group.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no")
+    add_memory_args(group)
     group.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
     group.add_argument("--seed", type=int, help="default: a random seed, printed and saved in the metadata")
     group.add_argument("--noise_offset", type=float, default=0.0)
+
+
+def add_memory_args(group: argparse._ArgumentGroup) -> None:
+    """Precision, storage and compiler options for large models on small GPUs (sd-scripts names)."""
+    group.add_argument(
+        "--full_bf16", action="store_true", help="adapter weights, gradients and optimizer states in bf16 (saves memory)"
+    )
+    group.add_argument(
+        "--fp8_base",
+        action="store_true",
+        help="store the frozen UNet/DiT and text encoders' Linear/Conv weights in float8_e4m3fn; compute in the "
+        "mixed-precision dtype (each weight is upcast per call)",
+    )
+    group.add_argument("--torch_compile", action="store_true", help="torch.compile the UNet/DiT")
+    group.add_argument("--dynamo_backend", default="inductor", help="torch.compile backend for --torch_compile")
 
 
 def add_output_args(parser: argparse.ArgumentParser) -> None:
@@ -160,6 +178,12 @@ def add_loss_args(parser: argparse.ArgumentParser, *, ddpm: bool) -> None:
 def huber_losses(args: argparse.Namespace) -> bool:
     """Whether the loss needs per-sample Huber thresholds."""
     return args.loss_type in ("huber", "smooth_l1")
+
+
+def _dynamo_backends() -> list[str]:
+    import torch._dynamo
+
+    return sorted(torch._dynamo.list_backends(exclude_tags=()))
 
 
 def parse_key_values(items: list[str], option: str) -> dict[str, Any]:
@@ -253,6 +277,19 @@ def check_args(args: argparse.Namespace, *, pixel_multiple: int) -> None:
     need(
         not args.cache_text_encoder_outputs or args.network_train_unet_only,
         "--cache_text_encoder_outputs needs frozen text encoders: add --network_train_unet_only",
+    )
+    need(
+        not args.full_bf16 or args.mixed_precision == "bf16",
+        "--full_bf16 needs --mixed_precision bf16 (the adapter is trained in bf16 under bf16 autocast)",
+    )
+    need(
+        not args.fp8_base or hasattr(torch, "float8_e4m3fn"),
+        f"--fp8_base needs torch with float8 dtypes (>= 2.1), found {torch.__version__}",
+    )
+    need(
+        not args.torch_compile or args.dynamo_backend in _dynamo_backends(),
+        f"--dynamo_backend {args.dynamo_backend!r} is not a torch.compile backend here; "
+        f"choose from {', '.join(_dynamo_backends())}",
     )
     if args.optimizer_type in BNB_OPTIMIZERS:
         need(

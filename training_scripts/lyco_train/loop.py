@@ -27,12 +27,25 @@ def make_accelerator(args: argparse.Namespace, *, unused_parameters: bool = Fals
     syncs at epoch ends), not by accelerate.
     """
     log_with = None if not args.log_with else (["tensorboard", "wandb"] if args.log_with == "all" else [args.log_with])
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=args.logging_dir),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused_parameters)],
     )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        _cpu_fp16_autocast_and_scaler(accelerator)
+    return accelerator
+
+
+def _cpu_fp16_autocast_and_scaler(accelerator: Accelerator) -> None:
+    """accelerate turns fp16 mixed precision into nothing on CPU (no autocast, no loss scaling), so an fp16 run there
+    used to compute in a mix of fp16 weights and fp32 adapters without either. torch has both on CPU: switch on
+    accelerate's own native-AMP path with a CPU ``GradScaler``, so ``accelerator.autocast``, ``backward``,
+    ``clip_grad_norm_`` and the prepared optimizer scale, unscale and skip steps exactly as on a GPU. Must run before
+    ``accelerator.prepare``."""
+    accelerator.native_amp = True
+    accelerator.scaler = torch.amp.GradScaler("cpu")
 
 
 def start_trackers(accelerator: Accelerator, args: argparse.Namespace, default_name: str) -> None:

@@ -125,6 +125,8 @@ def training_metadata(
                 + (f"({','.join(args.optimizer_args)})" if args.optimizer_args else ""),
                 "ss_max_grad_norm": args.max_grad_norm,
                 "ss_mixed_precision": args.mixed_precision,
+                "ss_full_bf16": args.full_bf16,
+                "ss_fp8_base": args.fp8_base,
                 "ss_seed": args.seed,
                 "ss_loss_type": args.loss_type,
                 "ss_huber_schedule": args.huber_schedule if args.loss_type in ("huber", "smooth_l1") else None,
