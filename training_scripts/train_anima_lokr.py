@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 from lyco_train import args as options
-from lyco_train.batches import BatchBuilder, training_images
+from lyco_train.batches import BatchBuilder, TrainingData, training_images
 from lyco_train.cache import build_latent_cache, build_text_cache
 from lyco_train.data import DataError
 from lyco_train.export import AdapterWriter
@@ -51,6 +51,7 @@ from lyco_train.objectives import (
 from lyco_train.runner import Hooks, Trainer
 from lyco_train.sampling import SamplePrompt, render_samples
 from lyco_train.tiny import TINY_SEED, report_reload, tiny_defaults, use_one_cpu_thread
+from lyco_train.validation import FixedDraw, make_validator
 
 import peft_lyco  # noqa: F401  (registers LYCO_LOHA / LYCO_LOKR with PEFT)
 from peft_lyco.models.anima import AnimaComponents, encode_images
@@ -65,6 +66,8 @@ class Result:
     losses: list[float]
     files: list[Path]
     final: Path
+    validation: list[tuple[int, str, float]]
+    data: TrainingData
 
 
 # ---------------------------------------------------------------------------------------------------- arguments
@@ -237,7 +240,8 @@ def main(argv: list[str] | None = None) -> Result:
     accelerator = make_accelerator(args)
     if tiny:
         use_one_cpu_thread()
-    records, buckets = training_images(args, accelerator, tiny_model="Anima" if tiny else None)
+    data = training_images(args, accelerator, tiny_model="Anima" if tiny else None)
+    records, buckets = data.records, data.buckets
 
     set_seed(args.seed, device_specific=True)
     run = RunInfo(str(uuid.uuid4()), time.time(), args.pretrained_model_name_or_path or "tiny-random-anima", "anima")
@@ -268,11 +272,11 @@ def main(argv: list[str] | None = None) -> Result:
 
     # caches of frozen outputs, filled once before training
     latent_cache = build_latent_cache(
-        args, accelerator, records, buckets, tag=f"anima:{args.vae}",
+        args, accelerator, data.all_records, buckets + data.validation_buckets, tag=f"anima:{args.vae}",
         encode=lambda pixels: encode_images(models.vae, pixels),
     )  # fmt: skip
     text_cache = build_text_cache(
-        args, accelerator, records, tag=f"anima:{args.qwen3}:{models.max_length}:{models.t5_max_length}",
+        args, accelerator, data.all_records, tag=f"anima:{args.qwen3}:{models.max_length}:{models.t5_max_length}",
         encode=lambda captions: encode_captions(models, captions, models.text_encoder),
     )  # fmt: skip
 
@@ -281,7 +285,7 @@ def main(argv: list[str] | None = None) -> Result:
         models.dit.block_swap.offload()  # after every placement: the swapped blocks' frozen weights go to the CPU
     modules = training.models
 
-    def loss(batch: dict) -> torch.Tensor:
+    def loss(batch: dict, draw: Optional[FixedDraw] = None) -> torch.Tensor:
         if "latents" in batch:
             latents = batch["latents"].to(device, torch.float32)
         else:
@@ -290,14 +294,17 @@ def main(argv: list[str] | None = None) -> Result:
             text = {k: v.to(device) for k, v in text_cache.get(batch["captions"]).items()}
         else:
             text = encode_captions(models, batch["captions"], modules.get("text_encoder", models.text_encoder))
-        generators = sample_generators(batch["noise_seeds"])
+        generators = draw.generators if draw else sample_generators(batch["noise_seeds"])
         noise = sample_noise(latents, generators)
-        sigmas = sample_sigmas(
-            args.timestep_sampling, generators, device,
-            sigmoid_scale=args.sigmoid_scale, shift=args.discrete_flow_shift, weighting_scheme=args.weighting_scheme,
-            logit_mean=args.logit_mean, logit_std=args.logit_std, mode_scale=args.mode_scale,
-            image_seq_len=(latents.shape[-2] // 2) * (latents.shape[-1] // 2),
-        )  # fmt: skip
+        if draw:
+            sigmas = draw.sigmas(device)
+        else:
+            sigmas = sample_sigmas(
+                args.timestep_sampling, generators, device,
+                sigmoid_scale=args.sigmoid_scale, shift=args.discrete_flow_shift,
+                weighting_scheme=args.weighting_scheme, logit_mean=args.logit_mean, logit_std=args.logit_std,
+                mode_scale=args.mode_scale, image_seq_len=(latents.shape[-2] // 2) * (latents.shape[-1] // 2),
+            )  # fmt: skip
         input_noise = noise
         if args.ip_noise_gamma:
             input_noise = input_perturbation(
@@ -315,7 +322,7 @@ def main(argv: list[str] | None = None) -> Result:
         if options.huber_losses(args):
             noise_to_signal = sigmas / (1.0 - sigmas).clamp_min(torch.finfo(torch.float32).tiny)
             huber_c = huber_thresholds(args.huber_schedule, args.huber_c, args.huber_scale, sigmas, noise_to_signal)
-        weights = flow_loss_weights(args.weighting_scheme, sigmas)
+        weights = batch["loss_weights"].to(device) * flow_loss_weights(args.weighting_scheme, sigmas)
         return per_sample_loss(
             prediction, flow_target(latents, noise), weights, loss_type=args.loss_type, huber_c=huber_c
         )
@@ -341,11 +348,14 @@ def main(argv: list[str] | None = None) -> Result:
         save=AdapterWriter(args, run, accelerator, training, records, buckets, objective),
         sample=lambda step: render_samples(args, accelerator, step, render, SamplePrompt(prompt="", guidance=3.5)),
     )
-    trainer = Trainer(args, accelerator, training, BatchBuilder(records, buckets, latent_cache), hooks)
+    trainer = Trainer(
+        args, accelerator, training, BatchBuilder(records, buckets, latent_cache, args.prior_loss_weight), hooks,
+        validator=make_validator(args, accelerator, data, latent_cache, loss),
+    )  # fmt: skip
     history = trainer.run("train_anima_lokr", summary=f"{len(records)} images, {training.data.image_count()} per epoch")
     if tiny and accelerator.is_main_process:
         check_reload(args, history.final, models, prompt=records[0].caption)
-    return Result(args, models, history.losses, history.saved, history.final)
+    return Result(args, models, history.losses, history.saved, history.final, history.validation, data)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 from lyco_train import args as options
-from lyco_train.batches import BatchBuilder, training_images
+from lyco_train.batches import BatchBuilder, TrainingData, training_images
 from lyco_train.cache import build_latent_cache, build_text_cache
 from lyco_train.data import DataError
 from lyco_train.export import AdapterWriter
@@ -50,6 +50,7 @@ from lyco_train.objectives import (
 from lyco_train.runner import Hooks, Trainer
 from lyco_train.sampling import SamplePrompt, render_samples
 from lyco_train.tiny import TINY_SEED, report_reload, tiny_defaults, use_one_cpu_thread
+from lyco_train.validation import FixedDraw, make_validator
 
 import peft_lyco  # noqa: F401  (registers LYCO_LOHA / LYCO_LOKR with PEFT)
 
@@ -65,6 +66,8 @@ class Result:
     losses: list[float]
     files: list[Path]
     final: Path
+    validation: list[tuple[int, str, float]]
+    data: TrainingData
 
 
 # ---------------------------------------------------------------------------------------------------- arguments
@@ -213,7 +216,8 @@ def main(argv: list[str] | None = None) -> Result:
     accelerator = make_accelerator(args, unused_parameters=not args.network_train_unet_only)
     if tiny:
         use_one_cpu_thread()
-    records, buckets = training_images(args, accelerator, tiny_model="SDXL" if tiny else None)
+    data = training_images(args, accelerator, tiny_model="SDXL" if tiny else None)
+    records, buckets = data.records, data.buckets
 
     set_seed(args.seed, device_specific=True)
     run = RunInfo(str(uuid.uuid4()), time.time(), args.pretrained_model_name_or_path or "tiny-random-sdxl", "sdxl")
@@ -248,18 +252,18 @@ def main(argv: list[str] | None = None) -> Result:
 
     # caches of frozen outputs, filled once before training
     latent_cache = build_latent_cache(
-        args, accelerator, records, buckets, tag=f"sdxl:{run.model_name}:{args.vae}",
+        args, accelerator, data.all_records, buckets + data.validation_buckets, tag=f"sdxl:{run.model_name}:{args.vae}",
         encode=lambda pixels: encode_images(pipe.vae, pixels),
     )  # fmt: skip
     text_cache = build_text_cache(
-        args, accelerator, records, tag=f"sdxl:{run.model_name}:{args.clip_skip}:{args.max_token_length}",
+        args, accelerator, data.all_records, tag=f"sdxl:{run.model_name}:{args.clip_skip}:{args.max_token_length}",
         encode=lambda captions: encode_captions(pipe, captions, (pipe.text_encoder, pipe.text_encoder_2), **text_options),
     )  # fmt: skip
 
     training = prepare_training(args, accelerator, records, buckets, trained)
     models = training.models
 
-    def loss(batch: dict) -> torch.Tensor:
+    def loss(batch: dict, draw: Optional[FixedDraw] = None) -> torch.Tensor:
         if "latents" in batch:
             latents = batch["latents"].to(device, torch.float32)
         else:
@@ -269,9 +273,13 @@ def main(argv: list[str] | None = None) -> Result:
         else:
             encoders = tuple(models.get(name, getattr(pipe, name)) for name in TEXT_ENCODERS)
             text = encode_captions(pipe, batch["captions"], encoders, **text_options)
-        generators = sample_generators(batch["noise_seeds"])
+        num_timesteps = noise_scheduler.config.num_train_timesteps
+        generators = draw.generators if draw else sample_generators(batch["noise_seeds"])
         noise = sample_noise(latents, generators, args.noise_offset)
-        timesteps = sample_timesteps(noise_scheduler.config.num_train_timesteps, generators, device)
+        if draw:
+            timesteps = draw.timesteps(num_timesteps, device)
+        else:
+            timesteps = sample_timesteps(num_timesteps, generators, device)
         if args.multires_noise_iterations:
             noise = multires_noise(noise, generators, args.multires_noise_iterations, args.multires_noise_discount)
         if args.ip_noise_gamma:
@@ -289,12 +297,13 @@ def main(argv: list[str] | None = None) -> Result:
             added_cond_kwargs={"text_embeds": text["pooled"].to(device, dtype), "time_ids": time_ids.to(dtype)},
         ).sample
         target = ddpm_target(noise_scheduler, latents, noise, timesteps)
-        weights = min_snr_weights(noise_scheduler, timesteps, args.min_snr_gamma) if args.min_snr_gamma else None
+        weights = batch["loss_weights"].to(device)
+        if args.min_snr_gamma:
+            weights = weights * min_snr_weights(noise_scheduler, timesteps, args.min_snr_gamma)
         huber_c = None
         if options.huber_losses(args):
             huber_c = huber_thresholds(
-                args.huber_schedule, args.huber_c, args.huber_scale,
-                timesteps.float() / noise_scheduler.config.num_train_timesteps,
+                args.huber_schedule, args.huber_c, args.huber_scale, timesteps.float() / num_timesteps,
                 ddpm_noise_to_signal(noise_scheduler, timesteps),
             )  # fmt: skip
         return per_sample_loss(prediction, target, weights, loss_type=args.loss_type, huber_c=huber_c)
@@ -318,11 +327,14 @@ def main(argv: list[str] | None = None) -> Result:
         save=AdapterWriter(args, run, accelerator, training, records, buckets, objective),
         sample=lambda step: render_samples(args, accelerator, step, render, SamplePrompt(prompt="")),
     )
-    trainer = Trainer(args, accelerator, training, BatchBuilder(records, buckets, latent_cache), hooks)
+    trainer = Trainer(
+        args, accelerator, training, BatchBuilder(records, buckets, latent_cache, args.prior_loss_weight), hooks,
+        validator=make_validator(args, accelerator, data, latent_cache, loss),
+    )  # fmt: skip
     history = trainer.run("train_sdxl_lokr", summary=f"{len(records)} images, {training.data.image_count()} per epoch")
     if tiny and accelerator.is_main_process:
         check_reload(args, history.final, pipe, prompt=records[0].caption, autocast=accelerator.autocast())
-    return Result(args, pipe, history.losses, history.saved, history.final)
+    return Result(args, pipe, history.losses, history.saved, history.final, history.validation, data)
 
 
 if __name__ == "__main__":

@@ -179,11 +179,7 @@ def prepare_training(
     data = EpochPlan(
         records,
         buckets,
-        batch_size=args.train_batch_size,
         seed=args.seed,
-        flip_aug=args.flip_aug,
-        random_crop=args.random_crop,
-        caption_dropout_rate=args.caption_dropout_rate,
         num_processes=accelerator.num_processes,
         process_index=accelerator.process_index,
     )

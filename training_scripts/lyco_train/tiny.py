@@ -58,7 +58,7 @@ def use_one_cpu_thread() -> None:
 def prepare_tiny_data(args) -> None:
     """Without ``--train_data_dir``: generate the coloured-shapes dataset (and sample prompts) in the output folder."""
     data = Path(args.output_dir) / "data"
-    if args.train_data_dir is None:
+    if args.train_data_dir is None and not args.dataset_config:
         args.train_data_dir = str(make_shapes_dataset(data, size=64).parent)
     if args.sample_prompts is None:
         args.sample_prompts = str(write_tiny_prompts(data / "prompts.txt", 64))
