@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> Result:
         models.dit.block_swap.offload()  # after every placement: the swapped blocks' frozen weights go to the CPU
     modules = training.models
 
-    def loss(batch: dict, draw: Optional[FixedDraw] = None) -> torch.Tensor:
+    def loss(batch: dict, draw: FixedDraw | None = None) -> torch.Tensor:
         if "latents" in batch:
             latents = batch["latents"].to(device, torch.float32)
         else:

@@ -128,7 +128,7 @@ def encode_captions(
     encoders: tuple,
     *,
     clip_skip: int = 2,
-    max_token_length: Optional[int] = None,
+    max_token_length: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """SDXL conditioning as sd-scripts builds it: both encoders' hidden states ``-clip_skip`` (2: the penultimate
     layer SDXL uses), over ``max_token_length / 75`` chunks of 75 tokens, and TE2's pooled output of the first chunk.
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> Result:
     training = prepare_training(args, accelerator, records, buckets, trained)
     models = training.models
 
-    def loss(batch: dict, draw: Optional[FixedDraw] = None) -> torch.Tensor:
+    def loss(batch: dict, draw: FixedDraw | None = None) -> torch.Tensor:
         if "latents" in batch:
             latents = batch["latents"].to(device, torch.float32)
         else:
