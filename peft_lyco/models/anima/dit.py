@@ -7,8 +7,10 @@ Forward semantics follow anima.md §3.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from dataclasses import asdict
 from typing import Optional, Union
 
 import torch
@@ -225,6 +227,24 @@ logger = logging.getLogger(__name__)
 OPTIONAL_BUFFERS = ("pos_embedder.seq", "pos_embedder.dim_spatial_range", "pos_embedder.dim_temporal_range")
 
 
+CONFIG_METADATA_KEY = "anima_config"
+
+
+def config_in_file(path: Union[str, os.PathLike]) -> Optional[AnimaConfig]:
+    """The ``AnimaConfig`` a checkpoint carries as JSON under the ``anima_config`` metadata key (files of other sizes
+    than the released model, e.g. tiny test models, written with ``config_metadata``); None when it carries none."""
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt") as handle:
+        text = (handle.metadata() or {}).get(CONFIG_METADATA_KEY)
+    return AnimaConfig(**json.loads(text)) if text else None
+
+
+def config_metadata(config: AnimaConfig) -> dict[str, str]:
+    """Safetensors metadata that makes ``AnimaDiT.from_single_file`` build this config."""
+    return {CONFIG_METADATA_KEY: json.dumps(asdict(config))}
+
+
 class AnimaDiT(nn.Module):
     """Anima's diffusion transformer; ``forward(x, σ, context, ...)`` predicts the flow velocity ``ε − x0``.
 
@@ -293,6 +313,7 @@ class AnimaDiT(nn.Module):
         """
         what = os.fspath(path)
         state_dict = strip_prefix(read_safetensors(path, device), "net.")
+        config = config or config_in_file(path)
         if any(key.startswith(("transformer_blocks.", "patch_embed.")) for key in state_dict):
             raise ValueError(
                 f"{what}: diffusers CosmosTransformer3DModel layout; AnimaDiT reads the original single-file layout "
