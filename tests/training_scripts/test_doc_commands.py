@@ -42,7 +42,7 @@ def _launch(script: str, model_args: list[str], tiny: Path, out: Path, epochs: i
                "--mixed_precision", "bf16", str(SCRIPTS / script), *model_args,
                "--dataset_config", str(tiny / "dataset.toml"), *[o.format(epochs=epochs) for o in DOC_OPTIONS],
                "--output_dir", str(out), "--output_name", "my-lokr"]  # fmt: skip
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, check=False)
 
 
 @pytest.mark.slow
@@ -74,5 +74,5 @@ def test_the_documented_commands_run_and_write_adapters_that_load_back(tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
         assert sorted(p.name for p in out.iterdir()) == ["my-lokr-000001.safetensors", "my-lokr.safetensors"]
         check = subprocess.run([*tools, "check", family, str(model), str(out / "my-lokr.safetensors")], env=env,
-                               capture_output=True, text=True)  # fmt: skip
+                               capture_output=True, text=True, check=False)  # fmt: skip
         assert check.returncode == 0 and "max |denoiser output with adapter - without|" in check.stdout, check.stderr
