@@ -70,8 +70,12 @@ class BlockSwap:
         """Whether block ``index``'s frozen weights are their offloaded copies right now (between uses)."""
         return all(param.data.data_ptr() == home.data_ptr() for param, home in self.homes[index])
 
+    @torch.compiler.disable
     def run(self, index: int, block: Callable, *inputs):
-        """``block(*inputs)`` with block ``index``'s weights brought in; with gradients, recomputed in backward."""
+        """``block(*inputs)`` with block ``index``'s weights brought in; with gradients, recomputed in backward.
+
+        Kept out of ``torch.compile`` graphs (the swapped blocks run eagerly): compiled code guards on the weights'
+        storage, which every swap replaces, so compiling through it would recompile at every step."""
         if index not in self.homes:
             raise RuntimeError("BlockSwap.offload() must run before the swapped blocks are used")
         if not torch.is_grad_enabled():

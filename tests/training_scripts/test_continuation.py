@@ -8,9 +8,9 @@ import pytest
 import torch
 import train_anima_lokr as anima_trainer
 import train_sdxl_lokr as trainer
+from lyco_train import network_weights
 from lyco_train.args import UsageError
 from lyco_train.max_norm import adapted_layers, apply_max_norm
-from lyco_train import network_weights
 from lyco_train.network_weights import NetworkWeightsError
 from lyco_train.pruning import Retention, prune
 from lyco_train.synthetic import make_shapes_dataset
@@ -250,6 +250,15 @@ def test_bad_continuation_options_fail_before_any_model_loads(tmp_path, monkeypa
     monkeypatch.setattr(trainer, "load_pipeline", lambda args: pytest.fail("model loaded before the input was checked"))
     with pytest.raises(UsageError, match=message):
         trainer.main(["--train_data_dir", str(tmp_path), *argv])
+
+
+def test_truncated_network_weights_are_reported_before_any_model_loads(first_run, tmp_path, monkeypatch):
+    _, start = first_run
+    data = start.final.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    monkeypatch.setattr(trainer, "load_pipeline", lambda args: pytest.fail("model loaded before the input was checked"))
+    with pytest.raises(UsageError, match="cut.safetensors"):
+        trainer.main(["--network_weights", str(tmp_path / "cut.safetensors")])
 
 
 def test_pickled_network_weights_are_refused_unopened(tmp_path, monkeypatch):

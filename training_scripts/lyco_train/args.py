@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from peft_lyco.convert import load_kohya
 from peft_lyco.presets import NetworkArgsError, parse_network_args
 
 from .dataset_config import DatasetConfigError, dataset_problems, resolve_datasets
@@ -380,11 +381,16 @@ def check_continuation(args: argparse.Namespace, need) -> None:
         path = Path(args.network_weights)
         if not path.is_file():
             need(False, f"--network_weights file '{path}' does not exist")
-        else:
+        elif path.suffix != ".safetensors":
             need(
-                path.suffix == ".safetensors",
+                False,
                 f"--network_weights '{path}' is not a .safetensors file (pickled .ckpt/.pt files are never loaded)",
             )
+        else:
+            try:
+                load_kohya(path)  # a truncated or corrupt file is reported before any model loads
+            except ValueError as err:
+                need(False, f"--network_weights: {err}")
 
 
 def use_dataset_config(args: argparse.Namespace) -> None:

@@ -97,26 +97,28 @@ def load_network_weights(weights: NetworkWeights, components: dict[str, torch.nn
     Every file module of a trained component must fit its adapter exactly (else ``NetworkWeightsError`` listing the
     modules and the fix); returns per component how many modules were loaded and how many start fresh.
     """
-    problems, report = [], {}
+    problems, fitting = [], []
     for component, model in components.items():
-        loaded = 0
         for module in weights.modules(component):
             layer = model.get_submodule(module.path)
             problem = _check_fits(layer, module, module.path)
             if problem:
                 problems.append(f"{module.name} ({component} '{module.path}'): {problem}")
-                continue
-            with torch.no_grad():
-                for name, tensor in module.tensors.items():
-                    getattr(layer, name)[ADAPTER_NAME].copy_(tensor)
-            loaded += 1
-        adapted = sum(isinstance(m, LycoLayer) and ADAPTER_NAME in m.layouts for m in model.modules())
-        report[component] = (loaded, adapted - loaded)
-    if problems:
+            fitting.append((layer, module))
+    if problems:  # checked before anything is copied
         raise NetworkWeightsError(
             f"--network_weights '{weights.path}' does not fit the network built from --network_dim/--network_alpha/"
             "--network_args (add --dim_from_weights to take the file's network):\n  " + "\n  ".join(problems)
         )
+    with torch.no_grad():
+        for layer, module in fitting:
+            for name, tensor in module.tensors.items():
+                getattr(layer, name)[ADAPTER_NAME].copy_(tensor)
+    report = {}
+    for component, model in components.items():
+        loaded = len(weights.modules(component))
+        adapted = sum(isinstance(m, LycoLayer) and ADAPTER_NAME in m.layouts for m in model.modules())
+        report[component] = (loaded, adapted - loaded)
     return report
 
 
