@@ -17,14 +17,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.loaders.lora_pipeline import _LOW_CPU_MEM_USAGE_DEFAULT_LORA
 from peft import inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from .compat import (
+    PEFT_LOADED_FLAG,
+    disable_offloading,
+    fetch_lora_state_dict,
+    low_cpu_mem_usage_default,
+    reapply_offloading,
+)
 from .convert import is_lycoris_state_dict, kohya_to_peft, load_kohya
 from .convert.kohya import KohyaConversion, component_models
-from .convert.names import model_names
+from .convert.names import model_names, model_type_of
 
 StateDictOrPath = str | os.PathLike | Mapping[str, torch.Tensor]
 _ORIGINAL = "_peft_lyco_original_load_lora_weights"
@@ -36,7 +42,7 @@ def enable_lyco(pipe: Any) -> Any:
     Only this pipeline object changes (its bound method is replaced); calling it twice is harmless. Returns ``pipe``.
     Raises ``ValueError`` for pipelines of other model families (SDXL and Anima are supported).
     """
-    _pipeline_type(pipe)
+    model_type_of(pipe)
     if not hasattr(pipe, "load_lora_weights"):
         raise ValueError(
             f"{type(pipe).__name__} has no load_lora_weights to extend; call peft_lyco.diffusers.load_lyco_weights(pipe, "
@@ -59,7 +65,7 @@ def _load_lora_weights(
     ignore_unknown_keys = kwargs.pop("ignore_unknown_keys", False)
     state_dict, metadata = _fetch(pretrained_model_name_or_path_or_dict, kwargs)
     if state_dict is None or not is_lycoris_state_dict(state_dict):
-        models = component_models(model_names(_pipeline_type(self)), self)
+        models = component_models(model_names(model_type_of(self)), self)
         before = _adapter_names(models)
         original = getattr(self, _ORIGINAL)
         original(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, hotswap=hotswap, **kwargs)
@@ -74,7 +80,7 @@ def _load_lora_weights(
         state_dict,
         adapter_name=adapter_name,
         metadata=metadata,
-        low_cpu_mem_usage=kwargs.get("low_cpu_mem_usage", _LOW_CPU_MEM_USAGE_DEFAULT_LORA),
+        low_cpu_mem_usage=kwargs.get("low_cpu_mem_usage", low_cpu_mem_usage_default()),
         ignore_unknown_keys=ignore_unknown_keys,
     )
 
@@ -94,8 +100,6 @@ def _fetch(source: StateDictOrPath, kwargs: Mapping[str, Any]) -> tuple[Mapping 
         if path.suffix != ".safetensors":
             return None, None
         return load_kohya(path)
-    from diffusers.loaders.lora_base import _fetch_state_dict
-
     fetch_args = {
         name: kwargs.get(name)
         for name in (
@@ -110,12 +114,9 @@ def _fetch(source: StateDictOrPath, kwargs: Mapping[str, Any]) -> tuple[Mapping 
         )
     }
     try:
-        state_dict, _, metadata = _fetch_state_dict(
-            source, use_safetensors=True, user_agent=None, allow_pickle=False, return_file_metadata=True, **fetch_args
-        )
+        return fetch_lora_state_dict(source, fetch_args)
     except (OSError, ValueError):  # no safetensors file there: diffusers' own loader decides
         return None, None
-    return state_dict, metadata
 
 
 def load_lyco_weights(
@@ -140,7 +141,7 @@ def load_lyco_weights(
     else:
         state_dict, file_metadata = load_kohya(path_or_dict)
     metadata = {**file_metadata, **(metadata or {})}
-    scheme = model_names(_pipeline_type(pipe))
+    scheme = model_names(model_type_of(pipe))
     models = component_models(scheme, pipe)
     used = _adapter_names(models)
     adapter_name = adapter_name or next(
@@ -156,7 +157,7 @@ def load_lyco_weights(
         model=models,
         ignore_unknown_keys=ignore_unknown_keys,
     )
-    offload = pipe._optionally_disable_offloading(pipe) if hasattr(pipe, "_optionally_disable_offloading") else None
+    offload = disable_offloading(pipe)
     snapshot = _Snapshot(models, conversion)
     try:
         for name, component in conversion.items():
@@ -171,19 +172,8 @@ def load_lyco_weights(
         snapshot.restore(adapter_name)
         raise
     finally:
-        _reapply_offloading(pipe, offload)
+        reapply_offloading(pipe, offload)
     return adapter_name
-
-
-def _pipeline_type(pipe: Any) -> str:
-    if isinstance(getattr(pipe, "unet", None), nn.Module) and hasattr(pipe, "text_encoder_2"):
-        return "sdxl"
-    if any(isinstance(getattr(pipe, name, None), nn.Module) for name in ("transformer", "dit")):
-        return "anima"
-    raise ValueError(
-        f"{type(pipe).__name__} is neither an SDXL pipeline (unet + text_encoder_2) nor an Anima pipeline "
-        "(transformer or dit)"
-    )
 
 
 def _adapter_names(models: Mapping[str, nn.Module]) -> set[str]:
@@ -217,7 +207,7 @@ def _inject(model: nn.Module, component, adapter_name: str, low_cpu_mem_usage: b
             raise RuntimeError(
                 f"{algo} tensors not loaded into {type(model).__name__}: {sorted(result.unexpected_keys)[:5]}"
             )
-    model._hf_peft_config_loaded = True
+    setattr(model, PEFT_LOADED_FLAG, True)
 
 
 def _match_dtypes(
@@ -236,23 +226,6 @@ def _match_dtypes(
     return cast
 
 
-def _reapply_offloading(pipe: Any, offload: tuple | None) -> None:
-    """Put back the CPU/group offloading hooks diffusers' ``_optionally_disable_offloading`` removed."""
-    if not offload:
-        return
-    model_offload, sequential_offload, group_offload = offload
-    if model_offload:
-        pipe.enable_model_cpu_offload()
-    elif sequential_offload:
-        pipe.enable_sequential_cpu_offload()
-    elif group_offload:
-        from diffusers.hooks.group_offloading import _maybe_remove_and_reapply_group_offloading
-
-        for component in pipe.components.values():
-            if isinstance(component, nn.Module):
-                _maybe_remove_and_reapply_group_offloading(component)
-
-
 class _Snapshot:
     """What injection can change, recorded so a failed load can be undone exactly."""
 
@@ -268,7 +241,7 @@ class _Snapshot:
         self.configs = {
             name: dict(model.peft_config) if hasattr(model, "peft_config") else None for name, model in models.items()
         }
-        self.flags = {name: model.__dict__.get("_hf_peft_config_loaded", _MISSING) for name, model in models.items()}
+        self.flags = {name: model.__dict__.get(PEFT_LOADED_FLAG, _MISSING) for name, model in models.items()}
         self.trainable = [(p, p.requires_grad) for model in models.values() for p in model.parameters()]
         self.active = {
             id(layer): (layer, list(layer.active_adapters))
@@ -292,9 +265,9 @@ class _Snapshot:
             else:
                 model.peft_config = self.configs[name]
             if self.flags[name] is _MISSING:
-                model.__dict__.pop("_hf_peft_config_loaded", None)
+                model.__dict__.pop(PEFT_LOADED_FLAG, None)
             else:
-                model._hf_peft_config_loaded = self.flags[name]
+                setattr(model, PEFT_LOADED_FLAG, self.flags[name])
         for param, flag in self.trainable:
             param.requires_grad_(flag)
 

@@ -13,7 +13,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .presets.architectures import detect_architecture, unwrap
+from .presets.architectures import detect_architecture
+from .tuners.targets import unwrap
 from .presets.network_args import parse_network_args
 
 # sd-scripts' LoRA+ rule: "lora_up", "hada_w2_a" or "lokr_w1" in the name (so lokr_w1_a/_b too); PEFT LoRA: lora_B

@@ -207,7 +207,7 @@ def check_reload(args: argparse.Namespace, path: Path, trained: AnimaComponents,
         set_peft_model_state_dict(targets[component], adapter.state_dict, adapter_name="trained")
     if args.fp8_base:  # the same rounded base as the trained model, so the comparison sees the adapter only
         for model in (fresh.dit, fresh.text_encoder, base.dit, base.text_encoder):
-            store_weights_in_fp8(model, torch.float32)
+            store_weights_in_fp8(model.requires_grad_(False), torch.float32)
 
     def render(models: AnimaComponents):
         return (

@@ -180,7 +180,7 @@ def check_reload(
     fresh.load_lora_weights(str(path), adapter_name="trained")
     if args.fp8_base:  # the same rounded base as the trained model, so the comparison sees the adapter only
         for model in (fresh.unet, fresh.text_encoder, fresh.text_encoder_2):
-            store_weights_in_fp8(model, torch.float32)
+            store_weights_in_fp8(model.requires_grad_(False), torch.float32)
 
     def render(pipe: StableDiffusionXLPipeline):
         return generate(

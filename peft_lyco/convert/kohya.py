@@ -3,7 +3,8 @@
 ``kohya_to_peft`` turns a file's modules into per-component PEFT configs (``LoHaConfig``/``LoKrConfig``, ``LoraConfig``
 for the plain LoRA modules of mixed files) with exact-path ``rank_pattern``/``alpha_pattern``/``option_pattern`` for
 every module that differs from the shared defaults, plus PEFT state dicts. ``peft_to_kohya`` writes adapters held by
-models (or a conversion) as a kohya file following the writer rules of formats.md §11.
+models (or a conversion) as a kohya file following the writer rules listed in docs/conversion.md (complete key
+sets, 0-d alpha, 2-D flat factors, one dtype per module, Tucker LoKr rebuilt for ComfyUI).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..tuners import LoHaConfig, LoHaLayer, LoKrConfig, LoKrLayer, LycoConfig, LycoLayer
+from ..functional import ALGORITHMS
+from ..tuners import LoHaConfig, LoKrConfig, LycoConfig, LycoLayer
 from ..tuners.options import layer_geometry, resolve_layer_spec
-from ..tuners.targets import exact_pattern_key, exact_target_modules
+from ..tuners.targets import exact_pattern_key, exact_target_modules, unwrap
 from .modules import (
     FILE_PARAMS,
     Geometry,
@@ -32,16 +34,13 @@ from .modules import (
     ModuleAdapter,
     algo_of,
     kohya_tensors,
-    layout_for,
     read_module,
 )
-from .names import ModelNames, NameResolver, detect_model_type, model_names, split_key
+from .names import ModelNames, NameResolver, detect_model_type, model_names, model_type_of, split_key
 
 logger = logging.getLogger(__name__)
 
 ALGO_CONFIGS = {"loha": LoHaConfig, "lokr": LoKrConfig}
-ALGO_LAYERS = {"loha": LoHaLayer, "lokr": LoKrLayer}
-DENOISER_CLASSES = {"UNet2DConditionModel": "unet", "AnimaDiT": "transformer"}
 NETWORK_MODULES = {"loha": "networks.loha", "lokr": "networks.lokr", "lora": "networks.lora"}
 # A1111 applies CLIP-bigG attention projections only through its fused MultiheadAttention: all four or none.
 COMPLETE_SETS = {("sdxl", "text_encoder_2"): (r"^(.*\.self_attn)\.(q_proj|k_proj|v_proj|out_proj)$", 4)}
@@ -201,21 +200,16 @@ def component_models(scheme: ModelNames, model: Any) -> dict[str, nn.Module]:
         unknown = sorted(set(model) - set(names))
         if unknown:
             raise ValueError(f"unknown {scheme.model_type} components {unknown}; expected some of {names}")
-        return {name: _unwrap(value) for name, value in model.items() if isinstance(value, nn.Module)}
+        return {name: unwrap(value) for name, value in model.items() if isinstance(value, nn.Module)}
     if isinstance(model, nn.Module):
-        return {names[0]: _unwrap(model)}
+        return {names[0]: unwrap(model)}
     found = {}
     for component in scheme.components:
         held = [getattr(model, a, None) for a in component.attributes or (component.name,)]
         held = [value for value in held if isinstance(value, nn.Module)]
         if held:
-            found[component.name] = _unwrap(held[0])
+            found[component.name] = unwrap(held[0])
     return found
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside a ``PeftModel`` (module paths then match the model's own)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 # ----------------------------------------------------------------------------------------------- PEFT configs
@@ -255,7 +249,9 @@ def _peft_part(algo: str, modules: list[ModuleAdapter], module_names: list[str] 
         return PeftPart(config, state_dict)
     defaults = _shared_options(modules)
     option_pattern = {
-        exact_pattern_key(m.path): m.options for m in modules if layout_for(algo, m.geometry, m.rank, defaults) != m.layout
+        exact_pattern_key(m.path): m.options
+        for m in modules
+        if ALGORITHMS[algo].layout(*m.geometry.shape, m.rank, defaults, warn=False) != m.layout
     }
     config = ALGO_CONFIGS[algo](r=rank, alpha=alpha, option_pattern=option_pattern, **defaults, **patterns)
     _verify(config, algo, modules)
@@ -279,7 +275,7 @@ def _verify(config: LycoConfig, algo: str, modules: list[ModuleAdapter]) -> None
             else nn.Linear(g.in_features, g.out_features, device="meta")
         )
         spec = resolve_layer_spec(config, m.path, stand_in)
-        if (spec.rank, spec.alpha, ALGO_LAYERS[algo].layout_for(g.out_features, g.in_features, g.kernel, spec)) != (
+        if (spec.rank, spec.alpha, ALGORITHMS[algo].layout(*g.shape, spec.rank, spec.options)) != (
             m.rank,
             m.alpha,
             m.layout,
@@ -336,7 +332,7 @@ def _collect(components: Any, adapter_name: str, model_type: str | None):
         modules = [m for component in components.values() for m in component.modules]
         configs = [part.config for component in components.values() for part in component.parts.values()]
         return scheme, modules, configs
-    scheme = model_names(model_type or _guess_model_type(components))
+    scheme = model_names(model_type or model_type_of(components))
     modules, problems, configs = [], [], []
     for name, model in component_models(scheme, components).items():
         found, bad = modules_from_model(name, model, adapter_name)
@@ -351,27 +347,10 @@ def _collect(components: Any, adapter_name: str, model_type: str | None):
     return scheme, modules, configs
 
 
-def _guess_model_type(components: Any) -> str:
-    """``sdxl`` for a UNet (pipeline, mapping or model), ``anima`` for a DiT; else ask for ``model_type``."""
-    if isinstance(components, Mapping):
-        names = set(components)
-    elif isinstance(components, nn.Module):
-        names = {DENOISER_CLASSES.get(type(_unwrap(components)).__name__)}
-    else:
-        names = {
-            name for name in ("unet", "transformer", "dit") if isinstance(getattr(components, name, None), nn.Module)
-        }
-    if "unet" in names:
-        return "sdxl"
-    if names & {"transformer", "dit"}:
-        return "anima"
-    raise ValueError("cannot tell the model family of these components; pass model_type='sdxl' or 'anima'")
-
-
 def modules_from_model(component: str, model: nn.Module, adapter_name: str) -> tuple[list[ModuleAdapter], list[str]]:
     """The adapter's modules held by LoHa/LoKr/LoRA layers of ``model``, and a description of any it cannot write."""
     modules, problems = [], []
-    for path, layer in _unwrap(model).named_modules():
+    for path, layer in unwrap(model).named_modules():
         if not isinstance(layer, BaseTunerLayer):
             continue
         path = re.sub(r"(^|\.)base_layer(?=\.|$)", "", path)
@@ -392,7 +371,7 @@ def _layer_module(layer, adapter: str, component: str, path: str, geometry: Geom
         if adapter not in layer.layouts:
             return None
         tensors = {name: tensor.detach() for name, tensor in layer.adapter_parameters(adapter).items()}
-        algo = "loha" if isinstance(layer, LoHaLayer) else "lokr"
+        algo = layer.algorithm.name
         layout = layer.layouts[adapter]
         return ModuleAdapter(component, path, algo, tensors, layer.r[adapter], layer.alpha[adapter], geometry, layout)
     if isinstance(layer, LoraLayer):

@@ -1,5 +1,5 @@
 """One adapted module of a kohya/LyCORIS file: read its tensors (algorithm, layout, rank, alpha, options inferred from
-shapes and checked against ``functional.loha_layout``/``lokr_layout``) and write them back in the layouts §11 asks for.
+shapes and checked against the algorithms' layouts) and write them back in the layouts every consumer reads.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from ..functional import LOHA_PARAMS, LOKR_PARAMS, LoHaLayout, LoKrLayout, loha_layout, lokr_layout, rebuild_tucker
+from ..functional import LOHA, LOHA_PARAMS, LOKR, LOKR_PARAMS, LoHaLayout, LoKrLayout, rebuild_tucker
+from ..functional.lokr import lokr_w1
 
 LORA_PARAMS = ("lora_down.weight", "lora_up.weight")
 REFUSED_PARAMS = {
@@ -45,6 +46,11 @@ class Geometry:
     in_features: int
     kernel: tuple[int, ...] = ()
 
+    @property
+    def shape(self) -> tuple[int, int, tuple[int, ...]]:
+        """``(out, in, kernel)``, the arguments ``Algorithm.layout`` takes first."""
+        return self.out_features, self.in_features, self.kernel
+
     def describe(self) -> str:
         kind = f"Conv2d {'x'.join(map(str, self.kernel))}" if self.kernel else "Linear"
         return f"{kind} {self.in_features}->{self.out_features}"
@@ -69,14 +75,6 @@ class ModuleAdapter:
     options: dict[str, Any] = field(default_factory=dict)
     candidates: tuple[dict[str, Any], ...] = ()
     name: str = ""
-
-
-def layout_for(algo: str, geometry: Geometry, rank: int, options: Mapping[str, Any]) -> Layout:
-    """The functional layout an adapter with these settings gets on a layer of this geometry."""
-    g = geometry
-    if algo == "loha":
-        return loha_layout(g.out_features, g.in_features, g.kernel, rank, options.get("use_tucker", False))
-    return lokr_layout(g.out_features, g.in_features, g.kernel, rank, **options, warn=False)
 
 
 # ------------------------------------------------------------------------------------------------------- reading
@@ -201,13 +199,13 @@ def _read_loha(tensors, alpha, geometry, kernel_hint) -> ModuleAdapter:
             in_features = _flat_in(tensors["hada_w1_b"].shape[1], kernel, "hada_w1_b")
             geometry = Geometry(tensors["hada_w1_a"].shape[0], in_features, kernel)
     options = {"use_tucker": tucker}
-    layout = layout_for("loha", geometry, rank, options)
+    layout = LOHA.layout(*geometry.shape, rank, options)
     _check_layout(tensors, layout, geometry)
     # use_tucker only matters for kxk convs; elsewhere both values reproduce the module and both get a vote
     candidates = tuple(
         {"use_tucker": value}
         for value in (tucker, not tucker)
-        if layout_for("loha", geometry, rank, {"use_tucker": value}) == layout
+        if LOHA.layout(*geometry.shape, rank, {"use_tucker": value}) == layout
     )
     return ModuleAdapter(
         "", "", "loha", tensors, rank, rank if alpha is None else alpha, geometry, layout, options, candidates
@@ -249,7 +247,7 @@ def _read_lokr(tensors, alpha, geometry, kernel_hint, preferred_factor) -> Modul
         )
     candidates = tuple(dict(options) for options in candidates)  # the cached tuple is shared
     options = candidates[0]
-    layout = layout_for("lokr", geometry, rank, options)
+    layout = LOKR.layout(*geometry.shape, rank, options, warn=False)
     return ModuleAdapter(
         "", "", "lokr", tensors, rank, rank if alpha is None else alpha, geometry, layout, options, candidates
     )
@@ -294,7 +292,7 @@ def lokr_candidates(
     for factors in (list(dict.fromkeys(first)), range(1, 1 + max(halves))):
         for factor, *values in itertools.product(factors, *[(False, True)] * len(flags)):
             options = {"factor": factor, **dict(zip(flags, values))}
-            if options not in found and layout_for("lokr", geometry, rank, options).shapes == wanted:
+            if options not in found and LOKR.layout(*geometry.shape, rank, options, warn=False).shapes == wanted:
                 found.append(options)
         if found:
             break
@@ -327,7 +325,7 @@ def _read_lora(tensors, alpha, geometry) -> ModuleAdapter:
 
 # ------------------------------------------------------------------------------------------------------- writing
 def kohya_tensors(module: ModuleAdapter, lokr_tucker: bool = False) -> tuple[dict[str, torch.Tensor], float]:
-    """The tensors and alpha a file gets for ``module`` (writer rules of formats.md §11).
+    """The tensors and alpha a file gets for ``module`` (the writer rules of docs/conversion.md).
 
     Tucker LoKr is rebuilt into a full 4-D ``lokr_w2`` unless ``lokr_tucker`` (ComfyUI skips ``lokr_t2`` layers); w1 is
     then made full too and the module's scale is baked into ``lokr_w1`` with alpha = rank, because readers use scale 1
@@ -338,7 +336,7 @@ def kohya_tensors(module: ModuleAdapter, lokr_tucker: bool = False) -> tuple[dic
         t = module.tensors
         compute = torch.promote_types(t["lokr_t2"].dtype, torch.float32)
         w2 = rebuild_tucker(t["lokr_t2"].to(compute), t["lokr_w2_a"].to(compute), t["lokr_w2_b"].to(compute))
-        w1 = t["lokr_w1"].to(compute) if "lokr_w1" in t else t["lokr_w1_a"].to(compute) @ t["lokr_w1_b"].to(compute)
+        w1 = lokr_w1({name: tensor.to(compute) for name, tensor in t.items()})
         dtype = t["lokr_t2"].dtype
         baked = (w1 * (module.alpha / module.rank)).to(dtype)
         return {"lokr_w1": baked, "lokr_w2": w2.contiguous().to(dtype)}, float(module.rank)

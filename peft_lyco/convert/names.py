@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Protocol
 
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-ADAPTABLE_LAYERS = (nn.Linear, nn.Conv2d)
+from ..tuners.targets import adaptable_layers, unwrap
 
 
 # ---------------------------------------------------------------------------------------------------------- keys
@@ -181,7 +180,7 @@ _RESNET_LEAVES = (("conv1", "in_layers.2"), ("conv2", "out_layers.3"), ("time_em
 
 
 def sdxl_unet_block_rules(layers_per_block: int = 2) -> tuple[BlockRule, ...]:
-    """SGM <-> diffusers block table for an SDXL-type UNet (formats.md §9.2); the index rules depend on ``L``."""
+    """SGM <-> diffusers block table for an SDXL-type UNet; the index rules depend on ``L``."""
     L = layers_per_block
     return (
         BlockRule("conv_in", "input_blocks.0.0"),
@@ -441,26 +440,37 @@ def detect_model_type(module_names: Iterable[str], metadata: Mapping[str, str] |
     )
 
 
-# ------------------------------------------------------------------------------------------------ model tables
-def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Path -> base layer of every ``nn.Linear``/``nn.Conv2d`` a file can adapt, looking through tuner layers.
+# Denoiser classes a bare model is recognised by, and the component they are.
+DENOISER_CLASSES = {"UNet2DConditionModel": "unet", "AnimaDiT": "transformer"}
 
-    A module already wrapped by a PEFT tuner layer is listed under the wrapper's path; the tuner's own sub-modules
-    (``base_layer``, ``lora_A``, ...) are not listed.
+
+def model_type_of(components: object) -> str:
+    """The model family of models in hand: ``"sdxl"`` or ``"anima"``.
+
+    ``components`` is a pipeline (SDXL: ``unet`` and ``text_encoder_2``; Anima: ``transformer`` or ``dit``), a mapping
+    of component names to models, or one denoiser model (``UNet2DConditionModel``, ``AnimaDiT``, or a ``PeftModel`` of
+    one). Raises a ``ValueError`` saying what was found otherwise.
     """
-    found: dict[str, nn.Module] = {}
-    inside: list[str] = []
-    for path, module in model.named_modules():
-        if any(path.startswith(prefix) for prefix in inside):
-            continue
-        if isinstance(module, BaseTunerLayer):
-            inside.append(path + ".")
-            module = module.get_base_layer()
-        if path and isinstance(module, ADAPTABLE_LAYERS):
-            found[path] = module
-    return found
+    if isinstance(components, Mapping):
+        names = set(components)
+    elif isinstance(components, nn.Module):
+        names = {DENOISER_CLASSES.get(type(unwrap(components)).__name__)}
+    else:
+        names = {name for name in ("transformer", "dit") if isinstance(getattr(components, name, None), nn.Module)}
+        if isinstance(getattr(components, "unet", None), nn.Module) and hasattr(components, "text_encoder_2"):
+            names.add("unet")
+    if "unet" in names:
+        return "sdxl"
+    if names & {"transformer", "dit"}:
+        return "anima"
+    raise ValueError(
+        f"{type(components).__name__} is neither an SDXL pipeline (unet + text_encoder_2) nor an Anima pipeline "
+        "(transformer or dit), nor a mapping or denoiser model of either; pass model_type='sdxl' or 'anima' where "
+        "the function takes one"
+    )
 
 
+# ------------------------------------------------------------------------------------------------ model tables
 class NameResolver:
     """Resolves file module names to ``(component, module path)`` and writes kohya names, for one model family.
 
@@ -479,7 +489,7 @@ class NameResolver:
         """Path -> adaptable layer of a component's model (empty without a model), computed once."""
         if component not in self._layers:
             model = self.models.get(component)
-            self._layers[component] = adaptable_modules(model) if model is not None else {}
+            self._layers[component] = dict(adaptable_layers(model)) if model is not None else {}
         return self._layers[component]
 
     def styles(self, component: ComponentNames) -> tuple[PathStyle, ...]:

@@ -1,6 +1,14 @@
 """Pure tensor math for LoHa and LoKr: shapes, ΔW, and how ΔW meets the base weight. No modules, no PEFT."""
 
-from .delta import LOHA_PARAMS, LOKR_PARAMS, add_delta, add_delta_into, delta_weight, rank_dropout_mask
+from .algorithm import Algorithm
+from .delta import (
+    ALGORITHMS,
+    add_delta,
+    add_delta_into,
+    algorithm_for,
+    delta_weight,
+    rank_dropout_mask,
+)
 from .factorization import (
     LoHaLayout,
     LoKrLayout,
@@ -11,17 +19,24 @@ from .factorization import (
     lokr_layout,
     uses_tucker,
 )
-from .loha import loha_delta_weight
-from .lokr import lokr_delta_weight
+from .loha import LOHA, LOHA_PARAMS, loha_delta_weight
+from .lokr import LOKR, LOKR_PARAMS, lokr_delta_weight
+from .term import DeltaTerm
 from .tucker import rebuild_tucker
 
 __all__ = [
+    "ALGORITHMS",
+    "LOHA",
     "LOHA_PARAMS",
+    "LOKR",
     "LOKR_PARAMS",
+    "Algorithm",
+    "DeltaTerm",
     "LoHaLayout",
     "LoKrLayout",
     "add_delta",
     "add_delta_into",
+    "algorithm_for",
     "check_factor",
     "check_rank",
     "delta_weight",

@@ -2,51 +2,65 @@
 
 Autograd through ``op(x, W + ΔW)`` keeps the weight-sized ``W + ΔW`` alive until backward. The custom function here
 keeps the input, a reference to the weight and the small factors. Its forward is bit for bit the merged layer's.
-Its backward takes, per adapter, the cheaper of two routes:
+Its backward first plans, per adapter, the cheaper of two routes, then executes the plan:
 
-* dense: rebuild ``W + ΣΔW`` for ∂L/∂x and form ``G = ∂L/∂W`` once; LoHa's factor gradients come through its
-  factor-only backward, fed with the two products already rebuilt, LoKr's through autograd of its Kronecker product;
+* dense: rebuild ``W + ΣΔW`` for ∂L/∂x and form ``G = ∂L/∂W`` once; each algorithm turns ``G`` into its factor
+  gradients reusing what it built for the rebuild (LoHa: its two products; LoKr: its Kronecker product's graph);
 * structured (``structured.py``): the factor gradients, and where cheaper the adapter's share of ∂L/∂x, straight from
   the input and the output gradient through a product that never builds ΔW.
+
+Precision: the products run in one compute dtype (``compute_dtype``): autocast's where it is on, as ``F.linear`` and
+``F.conv2d`` would under it, else the weight's. ``W + ΣΔW`` is summed in at least float32 and cast once to it; the
+input is kept in it (as autocast keeps its cast copy); gradients come back in each input's own dtype. A weight stored
+in float8 is upcast inside the op for each call and never kept upcast. Nothing in forward or backward breaks a
+``torch.compile`` graph (the factor derivatives go through ``pullback``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from .algorithm import Algorithm
 from .base_op import BaseOp, LinearOp
-from .delta import add_delta, add_delta_into, delta_weight
-from .loha import hadamard, loha_factor_grads, loha_products
-from .structured import StructuredRoute, structured_grads, structured_route
+from .delta import FLOAT8_DTYPES, add_delta, add_delta_into, summation_dtype
+from .dora import WeightDecompose, decompose_backward, decompose_scale
+from .structured import StructuredRoute, structured_grads
+from .term import DeltaTerm, term_delta
 
-_LOHA_ORDER = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+__all__ = [
+    "DeltaTerm",
+    "adapted_op",
+    "compute_dtype",
+    "merged_weight",
+    "structured_grads_pay_off",
+    "sum_deltas",
+    "term_delta",
+]
 
-
-@dataclass(frozen=True)
-class DeltaTerm:
-    """One active adapter in one call: its tensors by kohya name, its scale, and its rank-dropout row mask."""
-
-    params: Mapping[str, torch.Tensor]
-    scale: float
-    row_mask: Optional[torch.Tensor] = None
-
-
-def _shaped(delta: torch.Tensor, term: DeltaTerm, shape: torch.Size) -> torch.Tensor:
-    delta = delta.reshape(shape)
-    if term.row_mask is not None:
-        delta = delta * term.row_mask.view(-1, *[1] * (delta.dim() - 1))
-    return delta
+# input dtypes autocast casts (it leaves float64 alone)
+AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def term_delta(term: DeltaTerm, shape: torch.Size) -> torch.Tensor:
-    """The term's ΔW in ``shape`` (the base weight's), scaled once, with rank-dropout rows zeroed/rescaled."""
-    return _shaped(delta_weight(term.params, term.scale), term, shape)
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor | None) -> torch.dtype:
+    """The dtype a layer's products run in: autocast's where it is on for the input's device (what ``F.linear`` and
+    ``F.conv2d`` would run in), else the weight's (the input's for a float8 weight, which is storage only, or for no
+    weight)."""
+    device = x.device.type
+    if x.dtype in AUTOCAST_ELIGIBLE and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    if weight is None or weight.dtype in FLOAT8_DTYPES:
+        return x.dtype
+    return weight.dtype
+
+
+def _cast(tensor: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    return None if tensor is None or dtype is None else tensor.to(dtype)
 
 
 def sum_deltas(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -59,164 +73,283 @@ def sum_deltas(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def structured_grads_pay_off(op: BaseOp, term: DeltaTerm, weight_shape: torch.Size) -> bool:
     """Whether the term's factor gradients take the structured route (cheaper than the dense weight gradient)."""
-    route = structured_route(op, term.params, tuple(weight_shape))
+    route = term.algorithm.route(op, term.params, tuple(weight_shape))
     return route is not None and route.pays_off(math.prod(weight_shape))
 
 
 def _merged_weight(
-    weight: Optional[torch.Tensor], total: torch.Tensor, dtype: torch.dtype, *, owned: bool = True
+    weight: torch.Tensor | None, total: torch.Tensor, dtype: torch.dtype, *, owned: bool = True
 ) -> torch.Tensor:
-    """``W + ΣΔW`` summed as ``add_delta`` does (inside ``total`` when it is the caller's own temporary); without a base
-    weight (bypass) just ΣΔW in the input's dtype."""
+    """``W + ΣΔW`` summed as ``add_delta`` does (inside ``total`` when it is the caller's own temporary) and cast once
+    to ``dtype``; without a base weight (bypass) just ΣΔW in ``dtype``."""
     if weight is None:
         return total.to(dtype)
-    return add_delta_into(weight, total).to(weight.dtype) if owned else add_delta(weight, total)
+    return add_delta_into(weight, total).to(dtype) if owned else add_delta(weight, total, dtype=dtype)
+
+
+def merged_weight(
+    weight: torch.Tensor | None, terms: Sequence[DeltaTerm], deltas: Sequence[torch.Tensor], dtype: torch.dtype
+) -> torch.Tensor:
+    """The layer's weight for these terms and their ΔW: ``W + Σ ΔW`` (``_merged_weight``) when no term is DoRA, else
+    ``W + Σ additive ΔW + Σ_DoRA (s ⊙ (W + ΔW) − W)`` formed in at least float32 and cast once, to ``dtype``."""
+    if not any(term.decompose is not None for term in terms):
+        return _merged_weight(weight, sum_deltas(list(deltas)), dtype)
+    return _decomposed_merge(weight, terms, deltas, dtype)[0]
+
+
+def _decomposed_merge(
+    weight: torch.Tensor | None,
+    terms: Sequence[DeltaTerm],
+    deltas: Sequence[torch.Tensor | None],
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]]:
+    """``(M, parts)`` for terms with DoRA: ``parts[i]`` is ``(V, s, ‖V‖)`` of DoRA term i (``None`` for additive ones),
+    ``M`` the merged weight in ``dtype``. ``deltas[i]`` may be ``None`` for an additive term whose ΔW does not take
+    part (its input gradient goes through its structured route)."""
+    if weight is None:
+        raise ValueError(
+            "DoRA (weight_decompose) needs the base weight: it cannot be applied on top of another tuner layer"
+        )
+    compute = summation_dtype(weight.dtype)
+    for term, delta in zip(terms, deltas):
+        if delta is not None:
+            compute = torch.promote_types(compute, delta.dtype)
+        if term.decompose is not None:
+            compute = torch.promote_types(compute, term.decompose.magnitude.dtype)
+    w = weight.to(compute)
+    additive = [d for t, d in zip(terms, deltas) if t.decompose is None and d is not None]
+    total = w + sum_deltas(additive).reshape(w.shape).to(compute) if additive else w
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
+    lone = not additive and sum(t.decompose is not None for t in terms) == 1
+    for term, delta in zip(terms, deltas):
+        if term.decompose is None:
+            parts.append(None)
+            continue
+        v = w + delta.reshape(w.shape).to(compute)
+        scale, norm = decompose_scale(v, term.decompose)
+        parts.append((v, scale, norm))
+        total = scale * v if lone else total + (scale * v - w)
+    return total.to(dtype), parts
 
 
 @dataclass(frozen=True)
 class _TermLayout:
+    """What the autograd function needs to rebuild a term from its flat tensors, and the route its factors take."""
+
+    algorithm: Algorithm
     names: tuple[str, ...]
     scale: float
     masked: bool
-    route: Optional[StructuredRoute]  # set when the factor gradients take the structured route
+    route: StructuredRoute | None  # set when the factor gradients take the structured route
+    decompose: tuple[bool, float] | None = None  # DoRA: (on_output, multiplier); its magnitude is a flat tensor
 
 
-def _split(layouts: Sequence[_TermLayout], flat: Sequence[Any]) -> list[tuple[dict[str, Any], Any]]:
-    """Per term, its entries of the flat list the autograd function receives (factors first, then masks)."""
-    out, pos = [], 0
-    masks = iter(flat[sum(len(layout.names) for layout in layouts) :])
-    for layout in layouts:
-        out.append(
-            (dict(zip(layout.names, flat[pos : pos + len(layout.names)])), next(masks) if layout.masked else None)
+def _terms(layouts: Sequence[_TermLayout], flat: Sequence[Any]) -> list[DeltaTerm]:
+    """The terms behind the flat list the autograd function receives (factors, then masks, then magnitudes)."""
+    return [
+        DeltaTerm(
+            layout.algorithm,
+            params,
+            layout.scale,
+            mask,
+            None if layout.decompose is None else WeightDecompose(magnitude, *layout.decompose),
         )
+        for layout, (params, mask, magnitude) in _split(layouts, flat)
+    ]
+
+
+def _split(layouts: Sequence[_TermLayout], flat: Sequence[Any]) -> list[tuple[_TermLayout, tuple[dict, Any, Any]]]:
+    """Per term, its entries of the flat list: a dict by factor name, its mask and its DoRA magnitude (or ``None``)."""
+    out, pos = [], 0
+    factors = sum(len(layout.names) for layout in layouts)
+    masks = iter(flat[factors:])
+    magnitudes = iter(flat[factors + sum(layout.masked for layout in layouts) :])
+    for layout in layouts:
+        params = dict(zip(layout.names, flat[pos : pos + len(layout.names)]))
+        mask = next(masks) if layout.masked else None
+        magnitude = next(magnitudes) if layout.decompose is not None else None
+        out.append((layout, (params, mask, magnitude)))
         pos += len(layout.names)
     return out
 
 
-def _loha_factors(params: Mapping[str, torch.Tensor]) -> list[Optional[torch.Tensor]]:
-    return [params.get(name) for name in _LOHA_ORDER]
+@dataclass(frozen=True)
+class _TermPlan:
+    """How one term takes part in the backward: which factor gradients, by which route, and its share of ∂L/∂x."""
+
+    want: list[str]  # factors whose gradient is wanted
+    want_magnitude: bool  # DoRA: the magnitude's gradient is wanted
+    dense: bool  # factor gradients from G = ∂L/∂W
+    routed_x: bool  # its share of ∂L/∂x through its structured product instead of the rebuilt weight
+    rebuilt: bool  # its ΔW goes into the rebuilt W + ΣΔW for ∂L/∂x
+
+
+@dataclass(frozen=True)
+class _BackwardPlan:
+    terms: list[_TermPlan]
+    need_x: bool
+    need_w: bool
+    need_b: bool
+
+    @property
+    def need_dense(self) -> bool:
+        """``G = ∂L/∂W`` is formed: for the base weight's gradient or for a dense term."""
+        return self.need_w or any(t.dense or t.want_magnitude for t in self.terms)
+
+
+def _plan_backward(ctx: Any, x: torch.Tensor | None, grad: torch.Tensor) -> _BackwardPlan:
+    """Decide each term's route from what is wanted and the cost model; nothing is computed here."""
+    op, layouts = ctx.op, ctx.layouts
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    weight_numel = math.prod(ctx.shape)
+    tokens = grad.numel() // grad.shape[-1 if isinstance(op, LinearOp) else 1]
+    plans = []
+    decomposed = any(layout.decompose is not None for layout in layouts)
+    for layout, (flags, _, magnitude_flag) in _split(layouts, ctx.needs_input_grad[6:]):
+        want = [name for name, flag in flags.items() if flag]
+        dense = bool(want) and layout.route is None
+        routed_x = (
+            not decomposed  # with DoRA every ΔW goes into the rebuilt weight
+            and need_x
+            and x is not None  # not kept when only ∂L/∂x is wanted: the route needs the input
+            and not dense
+            and layout.route is not None
+            and layout.route.input_grad_pays_off(tokens, weight_numel)
+        )
+        rebuilt = need_x and not routed_x
+        if layout.decompose is not None:  # DoRA's gradients need V = W + ΔW whatever is wanted
+            rebuilt = need_x or bool(want) or bool(magnitude_flag)
+        plans.append(_TermPlan(want, bool(magnitude_flag), dense, routed_x, rebuilt))
+    return _BackwardPlan(plans, need_x, need_w, need_b)
+
+
+def _execute_backward(ctx: Any, plan: _BackwardPlan, x, weight, terms: list[DeltaTerm], grad: torch.Tensor):
+    """Run the plan: rebuild ``W + Σ ΔW`` where needed, one base backward, then each term's factor gradients."""
+    op, shape = ctx.op, ctx.shape
+    if any(term.decompose is not None for term in terms):
+        return _execute_decomposed(ctx, plan, x, weight, terms, grad)
+    # W + Σ rebuilt ΔW, keeping what the dense factor gradients reuse
+    dense = {
+        i: term.algorithm.dense_backward(term, p.want, shape)
+        for i, (term, p) in enumerate(zip(terms, plan.terms))
+        if p.dense
+    }
+    deltas, owned = [], True
+    for i, (term, p) in enumerate(zip(terms, plan.terms)):
+        if not p.rebuilt:
+            continue
+        deltas.append(dense[i].delta() if i in dense else term_delta(term, shape))
+        owned = owned and (i not in dense or dense[i].owns_delta)
+    merged = _cast(weight, ctx.compute) if plan.need_x else None
+    if deltas:
+        merged = _merged_weight(weight, sum_deltas(deltas), ctx.compute, owned=len(deltas) > 1 or owned)
+    del deltas
+    stand_in = merged if merged is not None else (weight if weight is not None else grad.new_empty(()).expand(shape))
+    grad_x, grad_weight = op.backward(grad, x, stand_in, merged is not None, plan.need_dense)
+    del stand_in, merged
+
+    factor_grads: dict[int, torch.Tensor] = {}
+    by_dtype: dict[torch.dtype, torch.Tensor] = {}
+    for i, (term, p) in enumerate(zip(terms, plan.terms)):
+        if p.dense:
+            found = dense.pop(i).grads(by_dtype.setdefault(term.dtype, grad_weight.to(term.dtype)))
+        elif p.want or p.routed_x:
+            found, share = structured_grads(term, p.want, x, grad, op, tuple(shape), input_grad=p.routed_x)
+            if share is not None:
+                grad_x = share if grad_x is None else grad_x.add_(share)
+        else:
+            continue
+        factor_grads.update({id(term.params[name]): g for name, g in found.items()})
+    grad_w = grad_weight.to(ctx.weight_dtype) if plan.need_w else None
+    return grad_x, grad_w, factor_grads
+
+
+def _execute_decomposed(ctx: Any, plan: _BackwardPlan, x, weight, terms: list[DeltaTerm], grad: torch.Tensor):
+    """The plan's execution when a term is DoRA: every wanted ΔW goes into ``M`` (``_decomposed_merge``), ``G = ∂L/∂M``
+    is formed once, and each DoRA term's ``∂L/∂V`` (``decompose_backward``) feeds its factor gradients."""
+    op, shape = ctx.op, ctx.shape
+    dense = {
+        i: term.algorithm.dense_backward(term, p.want, shape)
+        for i, (term, p) in enumerate(zip(terms, plan.terms))
+        if p.dense
+    }
+    deltas = [
+        (dense[i].delta() if i in dense else term_delta(term, shape)) if p.rebuilt else None
+        for i, (term, p) in enumerate(zip(terms, plan.terms))
+    ]
+    merged, parts = _decomposed_merge(weight, terms, deltas, ctx.compute)
+    del deltas
+    grad_x, grad_merged = op.backward(grad, x, merged, plan.need_x, plan.need_dense)
+    del merged
+    found_grads: dict[int, torch.Tensor] = {}
+    grad_w = grad_merged.clone() if plan.need_w else None
+    for i, (term, p, part) in enumerate(zip(terms, plan.terms, parts)):
+        found: dict[str, torch.Tensor] = {}
+        if part is not None and (p.want or p.want_magnitude or plan.need_w):
+            v, scale, norm = part
+            grad_v, grad_magnitude = decompose_backward(grad_merged.to(v.dtype), v, scale, norm, term.decompose)
+            if grad_w is not None:
+                grad_w += (grad_v - grad_merged.to(v.dtype)).to(grad_w.dtype)
+            if p.want_magnitude:
+                magnitude = term.decompose.magnitude
+                found_grads[id(magnitude)] = grad_magnitude.to(magnitude.dtype)
+            if p.dense:
+                found = dense.pop(i).grads(grad_v.to(term.dtype))
+        elif p.dense:
+            found = dense.pop(i).grads(grad_merged.to(term.dtype))
+        elif p.want:
+            found, _ = structured_grads(term, p.want, x, grad, op, tuple(shape), input_grad=False)
+        found_grads.update({id(term.params[name]): g for name, g in found.items()})
+    grad_w = grad_w.to(ctx.weight_dtype) if plan.need_w else None
+    return grad_x, grad_w, found_grads
 
 
 class _AdaptedOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x, weight, bias, op: BaseOp, shape, layouts, *tensors):
-        terms = [
-            DeltaTerm(params, layout.scale, mask) for (params, mask), layout in zip(_split(layouts, tensors), layouts)
-        ]
-        merged = _merged_weight(weight, sum_deltas([term_delta(t, shape) for t in terms]), x.dtype)
+        terms = _terms(layouts, tensors)
+        compute = compute_dtype(x, weight)
         need = ctx.needs_input_grad
-        ctx.op, ctx.shape, ctx.layouts, ctx.x_dtype = op, shape, layouts, x.dtype
+        ctx.op, ctx.shape, ctx.layouts, ctx.compute = op, shape, layouts, compute
+        ctx.x_dtype, ctx.bias_dtype = x.dtype, None if bias is None else bias.dtype
         ctx.weight_dtype = None if weight is None else weight.dtype
+        x = x.to(compute)  # kept in the compute dtype, as autocast keeps its cast copy
+        merged = merged_weight(weight, terms, [term_delta(t, shape) for t in terms], compute)
         # the input is needed for any weight-side gradient, and by a convolution's input gradient (as the base keeps it)
         keep_x = need[1] or any(need[6:]) or (need[0] and not isinstance(op, LinearOp))
-        ctx.save_for_backward(x if keep_x else None, weight if need[0] else None, *tensors)
-        return op.forward(x, merged, bias)
+        keep_weight = need[0] or any(layout.decompose is not None for layout in layouts)  # DoRA's V = W + ΔW
+        ctx.save_for_backward(x if keep_x else None, weight if keep_weight else None, *tensors)
+        return op.forward(x, merged, _cast(bias, compute))
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor):
         x, weight, *tensors = ctx.saved_tensors
-        op, shape, layouts = ctx.op, ctx.shape, ctx.layouts
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         tensors = [t.detach() for t in tensors]
-        terms = [
-            DeltaTerm(params, layout.scale, mask) for (params, mask), layout in zip(_split(layouts, tensors), layouts)
-        ]
-        wanted = [[n for n, flag in flags.items() if flag] for flags, _ in _split(layouts, ctx.needs_input_grad[6:])]
-        weight_numel = math.prod(shape)
-        tokens = grad.numel() // grad.shape[-1 if isinstance(op, LinearOp) else 1]
-        # per term: factor gradients through G (dense) or not; its share of ∂L/∂x from the rebuilt W + ΔW or its route
-        dense = [bool(w) and layout.route is None for w, layout in zip(wanted, layouts)]
-        routed_x = [
-            need_x
-            and x is not None  # not kept when only ∂L/∂x is wanted: the route needs the input
-            and not d
-            and layout.route is not None
-            and layout.route.input_grad_pays_off(tokens, weight_numel)
-            for d, layout in zip(dense, layouts)
-        ]
-        rebuilt = [need_x and not r for r in routed_x]
-
-        # W + Σ rebuilt ΔW, keeping what the dense factor gradients reuse: LoHa's two products, LoKr's ΔW graph
-        products: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        graphs: dict[int, torch.Tensor] = {}
-        deltas = []
-        for i, term in enumerate(terms):
-            if dense[i] and "hada_w1_a" in term.params:
-                products[i] = loha_products(*_loha_factors(term.params), scale=term.scale)
-                delta = _shaped(hadamard(*products[i]), term, shape) if rebuilt[i] else None
-            elif dense[i]:
-                graphs[i] = _delta_graph(term, wanted[i], shape)
-                delta = graphs[i].detach() if rebuilt[i] else None
-            else:
-                delta = term_delta(term, shape) if rebuilt[i] else None
-            if delta is not None:
-                deltas.append(delta)
-        merged = weight if need_x else None
-        if deltas:  # a lone LoKr ΔW is the root of its graph: not ours to add into
-            merged = _merged_weight(weight, sum_deltas(deltas), ctx.x_dtype, owned=len(deltas) > 1 or not graphs)
-        del deltas
-        need_dense = need_w or any(dense)
-        stand_in = (
-            merged if merged is not None else (weight if weight is not None else grad.new_empty(()).expand(shape))
+        grad = grad.to(ctx.compute)
+        plan = _plan_backward(ctx, x, grad)
+        grad_x, grad_w, factor_grads = _execute_backward(ctx, plan, x, weight, _terms(ctx.layouts, tensors), grad)
+        grad_b = ctx.op.bias_grad(grad).to(ctx.bias_dtype) if plan.need_b else None
+        return (
+            _cast(grad_x, ctx.x_dtype),
+            grad_w,
+            grad_b,
+            None,
+            None,
+            None,
+            *[factor_grads.get(id(t)) for t in tensors],
         )
-        grad_x, grad_weight = op.backward(grad, x, stand_in, merged is not None, need_dense)
-        del stand_in, merged
-
-        factor_grads: dict[int, torch.Tensor] = {}
-        by_dtype: dict[torch.dtype, torch.Tensor] = {}
-        for i, (term, layout) in enumerate(zip(terms, layouts)):
-            if dense[i]:
-                dtype = next(iter(term.params.values())).dtype
-                grad_delta = by_dtype.setdefault(dtype, grad_weight.to(dtype))
-                if i in products:
-                    found = _loha_grads(term, wanted[i], grad_delta, products.pop(i))
-                else:  # the graph's ΔW carries the row mask itself
-                    found = dict(
-                        zip(
-                            wanted[i],
-                            torch.autograd.grad(graphs.pop(i), [term.params[n] for n in wanted[i]], grad_delta),
-                        )
-                    )
-            elif wanted[i] or routed_x[i]:
-                found, share = structured_grads(
-                    term.params, term.scale, term.row_mask, wanted[i], x, grad, op, tuple(shape), input_grad=routed_x[i]
-                )
-                if share is not None:
-                    grad_x = share if grad_x is None else grad_x.add_(share)
-            else:
-                continue
-            factor_grads.update({id(term.params[name]): g for name, g in found.items()})
-        grad_w = grad_weight.to(ctx.weight_dtype) if need_w else None
-        grad_b = op.bias_grad(grad) if need_b else None
-        return (grad_x, grad_w, grad_b, None, None, None, *[factor_grads.get(id(t)) for t in tensors])
-
-
-def _loha_grads(term: DeltaTerm, want: list[str], grad_delta: torch.Tensor, products) -> dict[str, torch.Tensor]:
-    """LoHa factor gradients from ``∂L/∂ΔW`` through its factor-only backward, given the two products."""
-    if term.row_mask is not None:
-        grad_delta = grad_delta * term.row_mask.view(-1, *[1] * (grad_delta.dim() - 1)).to(grad_delta.dtype)
-    need = [name in want for name in _LOHA_ORDER]
-    grads = loha_factor_grads(grad_delta, *products, *_loha_factors(term.params), scale=term.scale, need=need)
-    return {name: g for name, g in zip(_LOHA_ORDER, grads) if name in want}
-
-
-def _delta_graph(term: DeltaTerm, want: list[str], shape: torch.Size) -> torch.Tensor:
-    """The term's ΔW with autograd tracking the wanted factors (LoKr: the graph keeps only the two small halves)."""
-    with torch.enable_grad():
-        params = {name: p.requires_grad_(name in want) for name, p in term.params.items()}
-        return term_delta(DeltaTerm(params, term.scale, term.row_mask), shape)
 
 
 def adapted_op(
     x: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
     op: BaseOp,
     terms: Sequence[DeltaTerm],
     *,
-    weight_shape: Optional[torch.Size] = None,
-    structured_grads: Optional[bool] = None,
+    weight_shape: torch.Size | None = None,
+    structured_grads: bool | None = None,
 ) -> torch.Tensor:
     """``op(x, W + Σ ΔW_i, bias)`` as one op whose backward saves only ``x``, ``W`` and the factors.
 
@@ -230,12 +363,24 @@ def adapted_op(
     shape = weight.shape if weight is not None else torch.Size(weight_shape)
     tensors = [t for term in terms for t in term.params.values()]
     masks = [term.row_mask for term in terms if term.row_mask is not None]
-    if not torch.is_grad_enabled() or not any(t.requires_grad for t in [x, weight, bias, *tensors] if t is not None):
-        return op.forward(x, _merged_weight(weight, sum_deltas([term_delta(t, shape) for t in terms]), x.dtype), bias)
+    magnitudes = [term.decompose.magnitude for term in terms if term.decompose is not None]
+    if weight is not None and weight.requires_grad and weight.dtype in FLOAT8_DTYPES:
+        raise ValueError(
+            f"a base weight stored in {weight.dtype} cannot be trained: freeze it, or keep it in bf16/fp32"
+        )
+    trainable = [x, weight, bias, *tensors, *magnitudes]
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in trainable if t is not None):
+        compute = compute_dtype(x, weight)
+        merged = merged_weight(weight, terms, [term_delta(t, shape) for t in terms], compute)
+        return op.forward(x.to(compute), merged, _cast(bias, compute))
     layouts = []
     for term in terms:
-        route = None if structured_grads is False else structured_route(op, term.params, tuple(shape))
+        decompose = None if term.decompose is None else (term.decompose.on_output, term.decompose.multiplier)
+        route = None
+        if structured_grads is not False and decompose is None:  # DoRA's factor gradients come from ∂L/∂V
+            route = term.algorithm.route(op, term.params, tuple(shape))
         if route is not None and structured_grads is None and not route.pays_off(math.prod(shape)):
             route = None
-        layouts.append(_TermLayout(tuple(term.params), term.scale, term.row_mask is not None, route))
-    return _AdaptedOp.apply(x, weight, bias, op, shape, tuple(layouts), *tensors, *masks)
+        masked = term.row_mask is not None
+        layouts.append(_TermLayout(term.algorithm, tuple(term.params), term.scale, masked, route, decompose))
+    return _AdaptedOp.apply(x, weight, bias, op, shape, tuple(layouts), *tensors, *masks, *magnitudes)

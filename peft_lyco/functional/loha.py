@@ -14,7 +14,14 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from .algorithm import Algorithm, DenseBackward, Pieces
+from .factorization import LoHaLayout, loha_layout
+from .pullback import pullback
+from .structured import StructuredRoute
+from .term import DeltaTerm, mask_rows
 from .tucker import rebuild_tucker
+
+LOHA_PARAMS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 
 
 def loha_products(
@@ -170,3 +177,95 @@ def loha_delta_weight(
     if (t1 is None) != (t2 is None):
         raise ValueError("LoHa Tucker needs both hada_t1 and hada_t2 (or neither)")
     return _HadaProduct.apply(w1_a, w1_b, w2_a, w2_b, t1, t2, float(scale))
+
+
+def _factors(params: Mapping[str, torch.Tensor]) -> list[Optional[torch.Tensor]]:
+    """The factors in ``LOHA_PARAMS`` order, ``None`` for the Tucker cores of a flat LoHa."""
+    return [params.get(name) for name in LOHA_PARAMS]
+
+
+class LoHa(Algorithm):
+    """LoHa: ``ΔW = scale · (w1_a @ w1_b) ⊙ (w2_a @ w2_b)``, flat or with Tucker cores ``hada_t1``/``hada_t2``."""
+
+    name = "loha"
+    param_names = LOHA_PARAMS
+
+    layout_options = ("use_tucker",)
+
+    def layout(self, out_features, in_features, kernel, rank, options, *, warn=True) -> LoHaLayout:
+        return loha_layout(out_features, in_features, kernel, rank, options.get("use_tucker", False))
+
+    def scalar_factor(self, params: Mapping[str, torch.Tensor]) -> str:
+        return "hada_w1_a"
+
+    def delta(self, params: Mapping[str, torch.Tensor], scale: float) -> torch.Tensor:
+        return loha_delta_weight(*_factors(params), scale=scale)
+
+    def linear_route(self, params: Mapping[str, torch.Tensor], io_elements: int) -> Optional[StructuredRoute]:
+        if params.get("hada_t1") is not None:
+            return None
+        # two passes: its gradients are written out by hand (linear_grads)
+        rank = params["hada_w1_a"].shape[1] * params["hada_w2_a"].shape[1]
+        return StructuredRoute(rank * io_elements, io_elements, 2)
+
+    def conv_macs(self, params: Mapping[str, torch.Tensor], weight_shape: tuple[int, ...]) -> Optional[int]:
+        return None if params.get("hada_t1") is not None else loha_conv_macs(params, weight_shape)
+
+    def conv_apply(self, x, params, scale, weight_shape, conv) -> torch.Tensor:
+        return loha_conv_apply(x, params, scale, weight_shape, conv)
+
+    def linear_grads(self, params, want, pieces: Pieces, scale, input_grad):
+        """Flat Linear LoHa: ``y = scale · (x @ rightᵀ) @ leftᵀ`` with ``left @ right = ΔW/scale``. The gradients of
+        ``left`` and ``right`` (and of x) take two products each per chunk, then the factors' through their small
+        products once."""
+        dtype = pieces[0][0].dtype
+
+        def lowrank(*wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            factors = {**params, **dict(zip(want, wanted))}
+            return loha_as_lowrank(*[factors[name].to(dtype) for name in LOHA_PARAMS[:4]])
+
+        if want:
+            (left, right), pull = pullback(lowrank, [params[name] for name in want])
+        else:
+            left, right = lowrank()
+        grad_left = grad_right = None
+        grad_x = []
+        with torch.no_grad():
+            for x, grad in pieces:
+                grad_inner = grad @ left
+                if input_grad:
+                    grad_x.append((grad_inner @ right).mul_(scale))
+                if want:
+                    part_left, part_right = grad.T @ (x @ right.T), grad_inner.T @ x
+                    grad_left = part_left if grad_left is None else grad_left.add_(part_left)
+                    grad_right = part_right if grad_right is None else grad_right.add_(part_right)
+        grads = pull((grad_left.mul_(scale), grad_right.mul_(scale))) if want else ()
+        return grads, grad_x
+
+    def dense_backward(self, term: DeltaTerm, want: Sequence[str], shape: torch.Size) -> DenseBackward:
+        return _LoHaDenseBackward(term, want, shape)
+
+
+class _LoHaDenseBackward:
+    """The dense route for LoHa: the two products, built once, give ΔW and then (overwritten) the factor gradients
+    through LoHa's factor-only backward."""
+
+    owns_delta = True
+
+    def __init__(self, term: DeltaTerm, want: Sequence[str], shape: torch.Size):
+        self.term, self.want, self.shape = term, list(want), shape
+        self.products = loha_products(*_factors(term.params), scale=term.scale)
+
+    def delta(self) -> torch.Tensor:
+        return mask_rows(hadamard(*self.products).reshape(self.shape), self.term.row_mask)
+
+    def grads(self, grad_weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        term = self.term
+        if term.row_mask is not None:
+            grad_weight = grad_weight * term.row_mask.view(-1, *[1] * (grad_weight.dim() - 1)).to(grad_weight.dtype)
+        need = [name in self.want for name in LOHA_PARAMS]
+        grads = loha_factor_grads(grad_weight, *self.products, *_factors(term.params), scale=term.scale, need=need)
+        return {name: g for name, g in zip(LOHA_PARAMS, grads) if name in self.want}
+
+
+LOHA = LoHa()

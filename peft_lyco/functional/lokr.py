@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from itertools import combinations
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
+from .algorithm import Algorithm, DenseBackward, Pieces, graph_backward
+from .factorization import LoKrLayout, lokr_layout
+from .pullback import pullback
+from .structured import StructuredRoute
+from .term import DeltaTerm
 from .tucker import rebuild_tucker
+
+LOKR_PARAMS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
 
 def lokr_delta_weight(
@@ -127,6 +135,11 @@ def lokr_conv_macs(params: Mapping[str, torch.Tensor], weight_shape: tuple[int, 
     return min(out_l, in_m) * sum(weight.numel() for _, weight in stages) + out_l * in_m * mixed
 
 
+def lokr_w1(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The left Kronecker half: ``lokr_w1``, or ``lokr_w1_a @ lokr_w1_b`` when it is low-rank."""
+    return params["lokr_w1"] if "lokr_w1" in params else params["lokr_w1_a"] @ params["lokr_w1_b"]
+
+
 def _w1_shape(params: Mapping[str, torch.Tensor]) -> tuple[int, int]:
     if "lokr_w1" in params:
         return tuple(params["lokr_w1"].shape)
@@ -143,7 +156,7 @@ def lokr_conv_apply(
     """``conv(x, ΔW)`` of a Conv2d LoKr without building ΔW: the input channels form ``in_m`` groups of ``in_n``, each
     group goes through ``w2``'s convolutions (``conv`` applies the layer's stride/padding/dilation) and ``scale · w1``
     mixes the groups (before the convolutions when that leaves fewer groups to convolve)."""
-    w1 = params["lokr_w1"] if "lokr_w1" in params else params["lokr_w1_a"] @ params["lokr_w1_b"]
+    w1 = lokr_w1(params)
     w1 = w1 * scale if scale != 1 else w1
     out_l, in_m = w1.shape
     in_n, batch = weight_shape[1] // in_m, x.shape[0]
@@ -158,3 +171,63 @@ def lokr_conv_apply(
     if not mix_first:
         y = torch.einsum("ab,nb...->na...", w1, y)
     return y.reshape(batch, -1, *y.shape[3:])
+
+
+class LoKr(Algorithm):
+    """LoKr: ``ΔW = scale · kron(w1, w2)``, either half full or low-rank, ``w2`` also Tucker."""
+
+    name = "lokr"
+    param_names = LOKR_PARAMS
+
+    layout_options = ("use_tucker", "factor", "decompose_both", "full_matrix", "unbalanced_factorization")
+
+    def layout(self, out_features, in_features, kernel, rank, options, *, warn=True) -> LoKrLayout:
+        mine = {name: value for name, value in options.items() if name in self.layout_options}
+        return lokr_layout(out_features, in_features, kernel, rank, **mine, warn=warn)
+
+    def scale(self, layout: LoKrLayout, alpha: float, rank: int, rs_lora: bool = False) -> float:
+        """Both halves full: alpha is taken as the rank (scale 1 whatever alpha says, as LyCORIS/kohya; with
+        ``rs_lora`` LyCORIS then trains at ``rank / sqrt(rank)``); otherwise ``alpha / rank``."""
+        if rs_lora:
+            return (rank if layout.both_full else alpha) / math.sqrt(rank)
+        return 1.0 if layout.both_full else alpha / rank
+
+    def scalar_factor(self, params: Mapping[str, torch.Tensor]) -> str:
+        return "lokr_w1" if "lokr_w1" in params else "lokr_w1_a"
+
+    def delta(self, params: Mapping[str, torch.Tensor], scale: float) -> torch.Tensor:
+        return lokr_delta_weight(**{name[len("lokr_") :]: params.get(name) for name in LOKR_PARAMS}, scale=scale)
+
+    def linear_route(self, params: Mapping[str, torch.Tensor], io_elements: int) -> Optional[StructuredRoute]:
+        macs = lokr_linear_macs(params)
+        return None if macs is None else StructuredRoute(macs, io_elements, 3)
+
+    def conv_macs(self, params: Mapping[str, torch.Tensor], weight_shape: tuple[int, ...]) -> Optional[int]:
+        return lokr_conv_macs(params, weight_shape)
+
+    def conv_apply(self, x, params, scale, weight_shape, conv) -> torch.Tensor:
+        return lokr_conv_apply(x, params, scale, weight_shape, conv)
+
+    def linear_grads(self, params, want, pieces: Pieces, scale, input_grad):
+        """The derivative of the Kronecker chain, chunk by chunk, the factor gradients summed."""
+        grads, grad_x = None, []
+        for x, grad in pieces:
+
+            def chain(*primals: torch.Tensor, x: torch.Tensor = x) -> torch.Tensor:
+                inp = primals[0] if input_grad else x
+                factors = {**params, **dict(zip(want, primals[input_grad:]))}
+                return lokr_linear_apply(inp, {name: p.to(x.dtype) for name, p in factors.items()}, scale)
+
+            _, pull = pullback(chain, [x] * input_grad + [params[name] for name in want])
+            found = pull(grad)
+            if input_grad:
+                grad_x.append(found[0])
+            grads = found[input_grad:] if grads is None else [a.add_(b) for a, b in zip(grads, found[input_grad:])]
+        return grads, grad_x
+
+    def dense_backward(self, term: DeltaTerm, want: Sequence[str], shape: torch.Size) -> DenseBackward:
+        """Autograd of the Kronecker product: its graph keeps only the two small halves."""
+        return graph_backward(term, want, shape)
+
+
+LOKR = LoKr()

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterator
 
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+
+from ..tuners.targets import adaptable_layers, unwrap
 
 ANIMA_DEFAULT_EXCLUDES = (r".*(_modulation|_norm|_embedder|final_layer).*",)
 
@@ -41,20 +41,6 @@ class Architecture:
                 for child_path, layer in adaptable_layers(module):
                     found.setdefault(f"{path}.{child_path}" if path else child_path, layer)
         return list(found.items())
-
-
-def adaptable_layers(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``(path, base layer)`` of the Linear/Conv2d modules under ``root``; an existing PEFT tuner layer counts as the
-    layer it wraps and its internals are skipped."""
-    skip: list[str] = []
-    for path, module in root.named_modules():
-        if not path or any(path.startswith(prefix) for prefix in skip):
-            continue
-        if isinstance(module, BaseTunerLayer):
-            skip.append(path + ".")
-            module = module.get_base_layer()
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            yield path, module
 
 
 @lru_cache(maxsize=None)
@@ -105,13 +91,6 @@ def architectures() -> tuple[Architecture, ...]:
             description="transformers Qwen3Model (Anima's text encoder)",
         ),
     )
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model whose module paths PEFT targets: a ``PeftModel``'s base model, else the model itself."""
-    from peft import PeftModel
-
-    return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def detect_architecture(model: nn.Module) -> Architecture:

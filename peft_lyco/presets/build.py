@@ -22,7 +22,8 @@ from torch import nn
 from ..tuners import LoHaConfig, LoHaLayer, LoKrConfig, LoKrLayer, LycoConfig
 from ..tuners.options import layer_geometry, resolve_layer_spec
 from ..tuners.targets import exact_pattern_key, exact_target_modules
-from .architectures import adaptable_layers, detect_architecture, unwrap
+from ..tuners.targets import adaptable_layers, unwrap
+from .architectures import detect_architecture
 from .network_args import NetworkArgs, NetworkArgsError, parse_network_args
 
 logger = logging.getLogger(__name__)
@@ -222,8 +223,8 @@ def describe(
     rows = []
     for path, layer in modules:
         spec = resolve_layer_spec(config, path, layer)
-        layout = layer_cls.layout_for(*layer_geometry(layer, path), spec)
-        scale = layer_cls.layout_scale(layout, spec)
+        layout = layer_cls.algorithm.layout(*layer_geometry(layer, path), spec.rank, spec.options)
+        scale = layer_cls.algorithm.scale(layout, spec.alpha, spec.rank)
         params = sum(prod(shape) for shape in layout.shapes.values())
         rows.append(ModuleRow(path, algo, layout.mode, spec.rank, spec.alpha, scale, params))
     return rows

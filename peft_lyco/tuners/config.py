@@ -34,6 +34,35 @@ class LycoConfig(LycorisConfig):
     use_tucker: bool = field(
         default=False, metadata={"help": "Tucker cores for kxk convolutions instead of folding the kernel into in."}
     )
+    weight_decompose: bool = field(
+        default=False,
+        metadata={
+            "help": "DoRA (LyCORIS weight_decompose, kohya dora_wd): W' = s ⊙ (W + ΔW), s = dora_scale / ‖W + ΔW‖ "
+            "along one axis, dora_scale trained and initialised to ‖W‖."
+        },
+    )
+    wd_on_output: bool = field(
+        default=True,
+        metadata={
+            "help": "DoRA norm per output row (LyCORIS default, dora_scale (out, 1, ...)); False: per input column "
+            "(dora_scale (1, in, ...), the layout ComfyUI and A1111 compute exactly)."
+        },
+    )
+    use_scalar: bool = field(
+        default=False,
+        metadata={
+            "help": "LyCORIS use_scalar: ΔW times a trained scalar that starts at 0 (the zero-initialised factor "
+            "then starts random); folded into the first factor on export."
+        },
+    )
+    rs_lora: bool = field(default=False, metadata={"help": "Rank-stabilised scale alpha / sqrt(r) (LyCORIS rs_lora)."})
+    dropout: float = field(
+        default=0.0,
+        metadata={
+            "help": "Probability of dropping input features of the ΔW branch in training: y = W x + ΔW dropout(x) "
+            "(as LoRA's dropout on the adapter's input); not with weight_decompose."
+        },
+    )
     rank_dropout: float = field(
         default=0.0, metadata={"help": "Probability of dropping an output row of ΔW in training (kohya semantics)."}
     )
@@ -75,6 +104,8 @@ class LycoConfig(LycorisConfig):
     )
 
     layout_options: ClassVar[tuple[str, ...]] = ("use_tucker",)
+    # per-module options beside the layout (also through option_pattern)
+    adapter_options: ClassVar[tuple[str, ...]] = ("weight_decompose", "wd_on_output", "use_scalar", "rs_lora")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -93,18 +124,25 @@ class LycoConfig(LycorisConfig):
             check_rank(self.conv_r, f"{name}.conv_r")
         for key, rank in self.rank_pattern.items():
             check_rank(rank, f"{name}.rank_pattern[{key!r}]")
-        for what in ("rank_dropout", "module_dropout"):
+        for what in ("rank_dropout", "module_dropout", "dropout"):
             p = getattr(self, what)
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"{name}.{what} must be in [0, 1), got {p!r}")
         if self.init_weights not in INIT_CHOICES:
             raise ValueError(f"{name}.init_weights must be one of {INIT_CHOICES}, got {self.init_weights!r}")
+        if self.dropout > 0 and (
+            self.weight_decompose or any(o.get("weight_decompose") for o in self.option_pattern.values())
+        ):
+            raise ValueError(
+                f"{name}.dropout cannot be combined with weight_decompose: DoRA re-normalises the whole weight, so "
+                "there is no separate ΔW branch whose input could be dropped"
+            )
+        allowed = (*self.layout_options, *self.adapter_options)
         for key, options in self.option_pattern.items():
-            unknown = set(options) - set(self.layout_options)
+            unknown = set(options) - set(allowed)
             if unknown:
                 raise ValueError(
-                    f"{name}.option_pattern[{key!r}] has unknown options {sorted(unknown)}; "
-                    f"allowed: {list(self.layout_options)}"
+                    f"{name}.option_pattern[{key!r}] has unknown options {sorted(unknown)}; allowed: {list(allowed)}"
                 )
             if "factor" in options:
                 check_factor(options["factor"])

@@ -1,7 +1,7 @@
 """What LoHa and LoKr layers share: per-adapter scale, dropouts, the fused forward, merge and unmerge.
 
-Subclasses only say which parameters a layout has and how they are initialised; ΔW always comes from
-``functional.delta_weight`` so forward, merge, unmerge and export use one formula with the scale applied once.
+Subclasses only name their algorithm (``functional.LOHA``/``LOKR``) and say how parameters are initialised; ΔW always
+comes from the algorithm object, so forward, merge, unmerge and export use one formula with the scale applied once.
 """
 
 from __future__ import annotations
@@ -14,9 +14,12 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ..functional import add_delta_into, rank_dropout_mask
-from ..functional.adapted import DeltaTerm, adapted_op, term_delta
+from ..compat import conv_mode_padding
+from ..functional import Algorithm, DeltaTerm, rank_dropout_mask
+from ..functional.adapted import adapted_op, merged_weight, term_delta
+from ..functional.dora import WeightDecompose, initial_magnitude, magnitude_shape
 from ..functional.base_op import BaseOp, Conv2dOp, LinearOp
+from .bases import base_weight
 from .config import LycoConfig
 from .options import LayerSpec, layer_geometry
 
@@ -24,13 +27,20 @@ from .options import LayerSpec, layer_geometry
 class LycoLayer(nn.Module, BaseTunerLayer):
     """A Linear or Conv2d with any number of LoHa/LoKr adapters, held in ``ParameterDict``s keyed by adapter name.
 
-    Training and inference run one op per call on ``W + Σ scale·ΔW`` (the base weight is never modified); when the
-    base is itself a tuner layer (e.g. PEFT LoRA underneath), the ΔW op is added to its output instead.
+    Training and inference run one op per call on ``W + Σ scale·ΔW`` (the base weight is never modified; a float8
+    weight is upcast inside the op per call); when the base is itself a tuner layer (e.g. PEFT LoRA underneath) or a
+    quantized layer (bitsandbytes, torchao; see ``bases``), the ΔW op is added to its output instead.
     """
 
+    algorithm: Algorithm
     adapter_layer_names: tuple[str, ...] = ()
+    # parameters beside the algorithm's factors: DoRA's magnitude and LyCORIS' use_scalar multiplier
+    extra_param_names: tuple[str, ...] = ("dora_scale", "scalar")
     other_param_names = (
         "r",
+        "wd_on_output",
+        "rs_lora",
+        "dropout",
         "alpha",
         "base_scale",
         "scaling",
@@ -40,7 +50,9 @@ class LycoLayer(nn.Module, BaseTunerLayer):
         "module_dropout",
     )
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, spec: LayerSpec, config: LycoConfig, module_name: str = ""):
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, spec: LayerSpec, config: LycoConfig, module_name: str = ""
+    ):
         super().__init__()
         self.base_layer = base_layer
         self.module_name = module_name
@@ -50,29 +62,20 @@ class LycoLayer(nn.Module, BaseTunerLayer):
         for name in self.other_param_names:
             setattr(self, name, {})
         self._merged_scale: dict[str, float] = {}
+        self._unmerged_weights: dict[str, torch.Tensor] = {}  # DoRA adapters: the base weight before their merge
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, spec, config)
 
     # ----------------------------------------------------------------------------------------------- construction
-    @classmethod
-    @abstractmethod
-    def layout_for(cls, out_features: int, in_features: int, kernel: tuple[int, ...], spec: LayerSpec) -> Any:
-        """The functional layout (shapes and mode) of an adapter with this spec on a weight (out, in, *kernel)."""
-
     @abstractmethod
     def init_parameters(self, adapter_name: str, init_weights: bool | str) -> None:
         """Initialise the freshly created parameters of ``adapter_name``."""
 
-    @classmethod
-    def layout_scale(cls, layout: Any, spec: LayerSpec) -> float:
-        """The adapter's own scale: ``alpha / rank`` unless the layout dictates otherwise."""
-        return spec.alpha / spec.rank
-
     def update_layer(self, adapter_name: str, spec: LayerSpec, config: LycoConfig) -> None:
         """Create (or re-create) adapter ``adapter_name`` from a resolved spec."""
-        layout = self.layout_for(self.out_features, self.in_features, self.kernel_size, spec)
+        layout = self.algorithm.layout(self.out_features, self.in_features, self.kernel_size, spec.rank, spec.options)
         self._drop_parameters(adapter_name)
         base_weight = self.get_base_layer().weight
         dtype = base_weight.dtype if base_weight.dtype in (torch.float32, torch.float64) else torch.float32
@@ -81,7 +84,19 @@ class LycoLayer(nn.Module, BaseTunerLayer):
         self.layouts[adapter_name] = layout
         self.r[adapter_name] = spec.rank
         self.alpha[adapter_name] = spec.alpha
-        self.base_scale[adapter_name] = self.layout_scale(layout, spec)
+        options = spec.options
+        if options.get("weight_decompose"):
+            on_output = bool(options.get("wd_on_output", True))
+            shape = magnitude_shape(tuple(base_weight.shape), on_output)
+            self.dora_scale[adapter_name] = nn.Parameter(torch.empty(shape, device=base_weight.device, dtype=dtype))
+            self.wd_on_output[adapter_name] = on_output
+        else:
+            self.wd_on_output[adapter_name] = None
+        if options.get("use_scalar"):
+            self.scalar[adapter_name] = nn.Parameter(torch.empty((), device=base_weight.device, dtype=dtype))
+        self.rs_lora[adapter_name] = bool(options.get("rs_lora"))
+        self.dropout[adapter_name] = config.dropout
+        self.base_scale[adapter_name] = self.algorithm.scale(layout, spec.alpha, spec.rank, self.rs_lora[adapter_name])
         self.scaling[adapter_name] = self.base_scale[adapter_name]
         self.rank_dropout[adapter_name] = config.rank_dropout
         self.rank_dropout_scale[adapter_name] = config.rank_dropout_scale
@@ -90,6 +105,12 @@ class LycoLayer(nn.Module, BaseTunerLayer):
             # meta tensors (low_cpu_mem_usage loading) hold no values, and torch initialises them on a slow path
             with torch.no_grad():
                 self.init_parameters(adapter_name, config.init_weights)
+                if adapter_name in self.scalar:  # LyCORIS: ΔW starts at 0 through the scalar (random for tests)
+                    scalar = self.scalar[adapter_name]
+                    scalar.zero_() if config.init_weights is not False else nn.init.normal_(scalar)
+                if adapter_name in self.dora_scale:
+                    magnitude = initial_magnitude(base_weight, self.wd_on_output[adapter_name])
+                    self.dora_scale[adapter_name].copy_(magnitude)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def _drop_parameters(self, adapter_name: str) -> None:
@@ -98,12 +119,31 @@ class LycoLayer(nn.Module, BaseTunerLayer):
                 del getattr(self, name)[adapter_name]
 
     def adapter_parameters(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """The adapter's tensors under their kohya names (``hada_w1_a``, ``lokr_w1``, ...)."""
+        """The adapter's tensors under their kohya names (``hada_w1_a``, ``lokr_w1``, ..., ``dora_scale``, ``scalar``)."""
         return {
             name: getattr(self, name)[adapter_name]
             for name in self.adapter_layer_names
             if adapter_name in getattr(self, name)
         }
+
+    def factor_parameters(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The algorithm's factors of the adapter (no ``dora_scale``/``scalar``)."""
+        return {
+            name: getattr(self, name)[adapter_name]
+            for name in self.algorithm.param_names
+            if adapter_name in getattr(self, name)
+        }
+
+    def kohya_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The adapter's tensors as a kohya/LyCORIS file holds them (detached): ``use_scalar``'s multiplier folded into
+        the factor ΔW is linear in, as LyCORIS saves it, and ``dora_scale`` when the adapter is DoRA."""
+        tensors = {name: tensor.detach() for name, tensor in self.factor_parameters(adapter_name).items()}
+        if adapter_name in self.scalar:
+            name = self.algorithm.scalar_factor(tensors)
+            tensors[name] = tensors[name] * self.scalar[adapter_name].detach()
+        if adapter_name in self.dora_scale:
+            tensors["dora_scale"] = self.dora_scale[adapter_name].detach()
+        return tensors
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         """Move an adapter to the base weight's device, keeping its dtype (PEFT's version would also cast it to a
@@ -120,6 +160,11 @@ class LycoLayer(nn.Module, BaseTunerLayer):
     @property
     def _available_adapters(self) -> set[str]:
         return set(self.layouts)
+
+    @property
+    def weight_shape(self) -> torch.Size:
+        """The base weight's logical shape ``(out, in, *kernel)`` (a quantized weight's storage has another one)."""
+        return torch.Size((self.out_features, self.in_features, *self.kernel_size))
 
     @property
     def groups(self) -> int:
@@ -149,32 +194,56 @@ class LycoLayer(nn.Module, BaseTunerLayer):
 
     # ------------------------------------------------------------------------------------------------------- ΔW
     def get_delta_weight(self, adapter_name: str, *, apply_rank_dropout: bool = False) -> torch.Tensor:
-        """ΔW of one adapter in the base weight's shape, times its current scaling, in the adapter's dtype."""
+        """ΔW of one adapter in the base weight's shape, times its current scaling, in the adapter's dtype.
+
+        For a DoRA adapter it is its effective contribution ``s ⊙ (W + ΔW) − W`` (in the base weight's dtype)."""
         return self._delta(adapter_name, self.scaling[adapter_name], apply_rank_dropout)
 
     def _delta(self, adapter_name: str, scale: float, apply_rank_dropout: bool = False) -> torch.Tensor:
-        return term_delta(self._term(adapter_name, scale, apply_rank_dropout), self.get_base_layer().weight.shape)
+        term = self._term(adapter_name, scale, apply_rank_dropout)
+        delta = term_delta(term, self.weight_shape)
+        if term.decompose is None:
+            return delta
+        weight = self.get_base_layer().weight
+        return merged_weight(weight, [term], [delta], weight.dtype) - weight
 
     def _term(self, adapter_name: str, scale: float, apply_rank_dropout: bool) -> DeltaTerm:
-        """The adapter's factors and scale for one call, with a fresh rank-dropout row mask when asked for."""
-        params = self.adapter_parameters(adapter_name)
+        """The adapter's factors and scale for one call, with a fresh rank-dropout row mask when asked for.
+
+        ``scale`` is the adapter's scaling (own scale times user weight); a DoRA adapter applies its own scale to ΔW
+        and the user weight as DoRA's multiplier, as LyCORIS does."""
+        params = self.factor_parameters(adapter_name)
+        if adapter_name in self.scalar:  # LyCORIS use_scalar: ΔW is linear in this factor
+            name = self.algorithm.scalar_factor(params)
+            params[name] = params[name] * self.scalar[adapter_name]
+        decompose = None
+        if adapter_name in self.dora_scale:
+            own = self.base_scale[adapter_name]
+            multiplier = scale / own if own else 0.0
+            decompose = WeightDecompose(self.dora_scale[adapter_name], self.wd_on_output[adapter_name], multiplier)
+            scale = own
         p = self.rank_dropout[adapter_name]
         mask = None
         if apply_rank_dropout and p > 0:
             like = next(iter(params.values()))
-            out_features = self.get_base_layer().weight.shape[0]
-            mask = rank_dropout_mask(out_features, p, self.rank_dropout_scale[adapter_name], device=like.device, dtype=like.dtype)
-        return DeltaTerm(params, scale, mask)
+            mask = rank_dropout_mask(
+                self.out_features, p, self.rank_dropout_scale[adapter_name], device=like.device, dtype=like.dtype
+            )
+        return DeltaTerm(self.algorithm, params, scale, mask, decompose)
 
-    def _active_terms(self) -> list[DeltaTerm]:
-        """The active adapters for this call, honouring module dropout and rank dropout in training."""
+    def _active_terms(self) -> list[tuple[str, DeltaTerm]]:
+        """The active adapters for this call (name, term), honouring module dropout and rank dropout in training."""
         terms = []
         for adapter in self.active_adapters:
             if adapter not in self._available_adapters:
                 continue
-            if self.training and self.module_dropout[adapter] > 0 and torch.rand(1).item() < self.module_dropout[adapter]:
+            if (
+                self.training
+                and self.module_dropout[adapter] > 0
+                and torch.rand(1).item() < self.module_dropout[adapter]
+            ):
                 continue
-            terms.append(self._term(adapter, self.scaling[adapter], apply_rank_dropout=self.training))
+            terms.append((adapter, self._term(adapter, self.scaling[adapter], apply_rank_dropout=self.training)))
         return terms
 
     # -------------------------------------------------------------------------------------------------- forward
@@ -188,7 +257,7 @@ class LycoLayer(nn.Module, BaseTunerLayer):
             x = x.unsqueeze(0)
         padding = base.padding
         if base.padding_mode != "zeros":
-            x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
+            x = F.pad(x, conv_mode_padding(base), mode=base.padding_mode)
             padding = (0, 0)
         elif padding == "valid":
             padding = (0, 0)
@@ -209,48 +278,71 @@ class LycoLayer(nn.Module, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        terms = self._active_terms()
-        if not terms:
+        active = self._active_terms()
+        if not active:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
         op, prepared = self._op_and_input(x)
+        dropouts = {self.dropout[name] if self.training else 0.0 for name, _ in active}
+        kind = base_weight(base)
         if self.base_layer is base:
-            out = adapted_op(prepared, base.weight, base.bias, op, terms)
+            kind.check_trainable(base.weight, f"module '{self.module_name}'")
+        if self.base_layer is base and kind.fused and dropouts == {0.0}:
+            out = adapted_op(prepared, base.weight, base.bias, op, [term for _, term in active])
+            return out.squeeze(0) if out.dim() > x.dim() else out  # unbatched conv input
+        # bypass: the base layer's (or the tuner layer or quantized layer underneath's) output plus the adapters' op
+        # on ΣΔW, each group of adapters with its own dropout on the input of the ΔW branch
+        if self.base_layer is base:
+            result = kind.base_output(base, x, op, prepared)
         else:
-            # the base is another tuner layer: add this adapter's op on ΣΔW to its output (bypass)
             result = self.base_layer(x, *args, **kwargs)
-            dtype = next(iter(terms[0].params.values())).dtype
-            out = adapted_op(prepared.to(dtype), None, None, op, terms, weight_shape=base.weight.shape)
-        if out.dim() > x.dim():
-            out = out.squeeze(0)  # unbatched conv input
-        return out if self.base_layer is base else result + out.to(result.dtype)
+        for p in sorted(dropouts):
+            terms = [term for name, term in active if (self.dropout[name] if self.training else 0.0) == p]
+            inp = prepared.to(terms[0].dtype)
+            inp = F.dropout(inp, p) if p > 0 else inp
+            out = adapted_op(inp, None, None, op, terms, weight_shape=self.weight_shape)
+            out = out.squeeze(0) if out.dim() > x.dim() else out
+            result = result + out.to(result.dtype)
+        return result
 
     # ---------------------------------------------------------------------------------------------- merge/unmerge
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Add the adapters' scaled ΔW into the base weight (summed in float32 for fp16/bf16 weights)."""
+        """Add the adapters' scaled ΔW into the base weight (summed in float32 for fp16/bf16 weights; float8 and
+        bitsandbytes weights are rounded back with a warning; torchao weights refuse)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         base = self.get_base_layer()
         for adapter in adapter_names:
             if adapter not in self._available_adapters:
                 continue
             scale = self.scaling[adapter]
+            where = f"'{self.module_name}' (adapter {adapter})"
             with torch.no_grad():
-                merged = add_delta_into(base.weight.data, self._delta(adapter, scale))
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs detected in the merged weights of '{self.module_name}'; adapter {adapter} is broken")
-            _store(base.weight, merged)
+                if adapter not in self.dora_scale:
+                    base_weight(base).merge(base, self._delta(adapter, scale), sign=1, where=where, safe=safe_merge)
+                else:  # not additive: keep the weight for an exact unmerge
+                    term = self._term(adapter, scale, apply_rank_dropout=False)
+                    delta = term_delta(term, base.weight.shape)
+                    merged = merged_weight(base.weight.data, [term], [delta], base.weight.dtype)
+                    if safe_merge and not torch.isfinite(merged).all():
+                        raise ValueError(f"NaNs detected in the merged weights of {where}; the adapter is broken")
+                    self._unmerged_weights[adapter] = base.weight.data.clone()
+                    _store(base.weight, merged)
             self._merged_scale[adapter] = scale
             self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
-        """Subtract exactly what ``merge`` added (same ΔW, same scale), newest first."""
+        """Subtract exactly what ``merge`` added (same ΔW, same scale), newest first; a DoRA adapter's merge is undone
+        by restoring the weight kept at merge time (bit-exact; DoRA has no exact additive inverse)."""
         base = self.get_base_layer()
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             scale = self._merged_scale.pop(adapter)
-            if adapter in self._available_adapters:
+            if adapter in self._unmerged_weights:
+                base.weight.data = self._unmerged_weights.pop(adapter)
+            elif adapter in self._available_adapters:
+                where = f"'{self.module_name}' (adapter {adapter})"
                 with torch.no_grad():
-                    _store(base.weight, add_delta_into(base.weight.data, self._delta(adapter, scale), sign=-1))
+                    base_weight(base).merge(base, self._delta(adapter, scale), sign=-1, where=where, safe=False)
 
     def __repr__(self) -> str:
         return f"{type(self).__module__.split('.')[-2]}.{super().__repr__()}"

@@ -47,7 +47,9 @@ class LycoTuner(BaseTuner):
         else:
             # an excluded module's marker is falsy, so truthiness is exactly "targeted"
             targeted = [
-                (name, module) for name, module in model.named_modules() if name and check_target_module_exists(config, name)
+                (name, module)
+                for name, module in model.named_modules()
+                if name and check_target_module_exists(config, name)
             ]
         problems = []
         for name, module in targeted:
@@ -56,7 +58,7 @@ class LycoTuner(BaseTuner):
             layer = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
             try:
                 spec = resolve_layer_spec(config, name, layer)
-                self.tuner_layer_cls.layout_for(*layer_geometry(layer, name), spec)
+                self.tuner_layer_cls.algorithm.layout(*layer_geometry(layer, name), spec.rank, spec.options)
             except (TypeError, ValueError) as err:
                 problems.append(str(err))
         if problems:
@@ -86,4 +88,3 @@ class LycoTuner(BaseTuner):
             return
         new_module = self.tuner_layer_cls(target, adapter_name, spec, config, module_name=current_key)
         self._replace_module(parent, target_name, new_module, target)
-

@@ -10,8 +10,6 @@ from torch import nn
 
 from .config import LycoConfig
 
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
-
 
 @dataclass(frozen=True)
 class LayerSpec:
@@ -52,6 +50,6 @@ def resolve_layer_spec(config: LycoConfig, module_name: str, layer: nn.Module) -
     alpha = _pattern_value(config.alpha_pattern, module_name, default_alpha)
     if not alpha:
         alpha = rank
-    options = {name: getattr(config, name) for name in config.layout_options}
+    options = {name: getattr(config, name) for name in (*config.layout_options, *config.adapter_options)}
     options.update(_pattern_value(config.option_pattern, module_name, {}))
     return LayerSpec(rank=rank, alpha=float(alpha), options=options)

@@ -1,10 +1,40 @@
-"""PEFT ``target_modules`` and pattern keys that select exactly given module paths, and nothing else."""
+"""Which modules an adapter can target, and PEFT ``target_modules``/pattern keys that select exactly given module
+paths and nothing else."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Optional, Union
+
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+# The layer types LoHa/LoKr adapt (and that kohya files name).
+ADAPTABLE_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model whose module paths PEFT targets and files name: a ``PeftModel``'s base model, else the model."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
+def adaptable_layers(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(path, base layer)`` of every ``nn.Linear``/``nn.Conv2d`` under ``root``, in model order.
+
+    A module already wrapped by a PEFT tuner layer is listed under the wrapper's path as the layer it wraps; the
+    tuner's own sub-modules (``base_layer``, ``lora_A``, ...) are not listed.
+    """
+    inside: list[str] = []
+    for path, module in root.named_modules():
+        if not path or any(path.startswith(prefix) for prefix in inside):
+            continue
+        if isinstance(module, BaseTunerLayer):
+            inside.append(path + ".")
+            module = module.get_base_layer()
+        if isinstance(module, ADAPTABLE_LAYERS):
+            yield path, module
 
 
 def exact_target_modules(paths: Iterable[str], module_names: Optional[Iterable[str]] = None) -> Union[set[str], str]:

@@ -197,7 +197,8 @@ def _rebuild(core, w_a, w_b):
 
 
 def reference_delta(params: dict[str, torch.Tensor], weight_shape) -> torch.Tensor:
-    """ΔW of one file module in fp64, written from formats.md §2-3 and §6.2 independently of peft_lyco."""
+    """ΔW of one file module in fp64, from the LoHa/LoKr formulas and the full-matrix scale rule, independently of
+    peft_lyco."""
     t = {name: tensor.double() for name, tensor in params.items()}
     alpha = t.get("alpha")
     if "hada_w1_a" in t:

@@ -84,7 +84,7 @@ def test_qwen3_text_encoder_file_matches_lycoris():
 
 def test_real_size_anima_file_converts_without_a_model():
     """sd-scripts' Anima example (dim 32, alpha 16): 2048x2048 projections are full-full (scale 1, alpha 32 in the
-    file), mlp.layer1 stays low-rank with scale 0.5 (formats.md §6.1)."""
+    file), mlp.layer1 stays low-rank with scale 0.5."""
     state = {
         "lora_unet_blocks_0_self_attn_q_proj.lokr_w1": torch.randn(32, 32),
         "lora_unet_blocks_0_self_attn_q_proj.lokr_w2": torch.randn(64, 64),

@@ -1,5 +1,5 @@
-"""``peft_to_kohya``: bit-exact round trips, the writer rules of formats.md §11, files lycoris-lora loads with the same
-outputs, and adapters trained with PEFT exported and loaded back."""
+"""``peft_to_kohya``: bit-exact round trips, the writer rules of docs/conversion.md, files lycoris-lora loads with the
+same outputs, and adapters trained with PEFT exported and loaded back."""
 
 import copy
 import json
@@ -42,7 +42,7 @@ def modules_of(state_dict):
 
 
 def check_writer_rules(state_dict, metadata, lokr_tucker=False):
-    """formats.md §11: names, complete key sets, 0-d alpha, 2-D factors, one dtype per module, metadata."""
+    """Writer rules: names, complete key sets, 0-d alpha, 2-D factors, one dtype per module, metadata."""
     for key in state_dict:
         assert key.count(".") == 1 or key.endswith(("lora_down.weight", "lora_up.weight")), key
     for name, params in modules_of(state_dict).items():
@@ -108,7 +108,7 @@ def test_tucker_lokr_is_written_as_full_w2_with_the_scale_baked_in(variant):
 
 # lycoris-lora's loader cannot rebuild some LoKr layouts, its own files included: it guesses the factor from w1 and
 # fails on "lokr-f-1-dim2" / "lokr-f8-decompose" (RuntimeError: output with shape [4, 1] doesn't match the broadcast
-# shape [4, 2]) and on unbalanced factorization (anchors.md §2.2 #2); the bit-exact round trip covers those variants.
+# shape [4, 2]) and on unbalanced factorization; the bit-exact round trip covers those variants.
 LYCORIS_LOADABLE = ["loha", "loha-tucker", "loha-conv-rank", "lokr-f-1", "lokr-f4", "lokr-tucker", "lokr-tucker-decompose",
                     "lokr-full-matrix", "lokr-dim100000", "mixed-lora-loha-lokr"]  # fmt: skip
 

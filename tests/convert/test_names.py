@@ -14,7 +14,8 @@ from torch import nn
 from transformers import Qwen3Config, Qwen3Model
 
 from peft_lyco.convert import ANIMA, SDXL, NameResolver, detect_model_type
-from peft_lyco.convert.names import adaptable_modules, split_key
+from peft_lyco.convert.names import split_key
+from peft_lyco.tuners.targets import adaptable_layers
 from tests.convert.helpers import fresh_pipe, model_from_paths
 from tests.presets.presets_models import meta_sdxl
 
@@ -39,7 +40,7 @@ def test_real_size_sdxl_names_map_to_exactly_one_module(real_sdxl):
     without_model = NameResolver(SDXL)
     counts = {}
     for component, model in real_sdxl.items():
-        paths = adaptable_modules(model)
+        paths = dict(adaptable_layers(model))
         counts[component] = (len(paths), sum(isinstance(m, nn.Conv2d) for m in paths.values()))
         for naming in ("sgm", "diffusers"):
             names = {with_model.kohya_name(component, path, naming): path for path in paths}
@@ -53,13 +54,13 @@ def test_real_size_sdxl_names_map_to_exactly_one_module(real_sdxl):
 def test_real_size_sgm_names_agree_with_diffusers_converter(real_sdxl):
     unet = real_sdxl["unet"]
     resolver = NameResolver(SDXL, {"unet": unet})
-    for path in adaptable_modules(unet):
+    for path in dict(adaptable_layers(unet)):
         assert diffusers_path_of_sgm_name(resolver.kohya_name("unet", path, "sgm"), unet.config) == path
 
 
 @pytest.mark.parametrize(
     "name,expected",
-    [  # names as sd-scripts writes them for real SDXL files (formats.md §9), SGM and diffusers style
+    [  # names as sd-scripts writes them for real SDXL files, SGM and diffusers style
         (
             "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
             "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
@@ -133,7 +134,7 @@ def test_writer_names_follow_sd_scripts_on_the_tiny_pipeline():
         resolver.kohya_name("unet", "up_blocks.0.upsamplers.0.conv", "diffusers")
         == "lora_unet_up_blocks_0_upsamplers_0_conv"
     )
-    for path in adaptable_modules(pipe.unet):  # the tiny UNet has two levels; the same rules hold
+    for path in dict(adaptable_layers(pipe.unet)):  # the tiny UNet has two levels; the same rules hold
         assert diffusers_path_of_sgm_name(resolver.kohya_name("unet", path), pipe.unet.config) == path
     with pytest.raises(ValueError, match="naming"):
         resolver.kohya_name("unet", "conv_in", "comfy")
@@ -168,7 +169,7 @@ ANIMA_MODULES = [
 
 
 def _sd_scripts_anima_targets() -> list[str]:
-    """sd-scripts' default Anima DiT targets (280) plus the LLM adapter's (60), formats.md §9.4."""
+    """sd-scripts' default Anima DiT targets (280) plus the LLM adapter's (60)."""
     dit = [
         f"blocks.{n}.{part}"
         for n in range(28)
@@ -218,7 +219,7 @@ def test_qwen3_text_encoder_names():
     with torch.device("meta"):
         encoder = Qwen3Model(config)
     resolver = NameResolver(ANIMA, {"text_encoder": encoder})
-    paths = adaptable_modules(encoder)
+    paths = dict(adaptable_layers(encoder))
     assert len(paths) == 14
     for path in paths:
         name = "lora_te_" + path.replace(".", "_")

@@ -4,9 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peft_lyco.functional import add_delta, delta_weight, loha_layout, lokr_layout, structured
-from peft_lyco.functional.adapted import DeltaTerm, adapted_op, structured_grads_pay_off
-from peft_lyco.functional.structured import structured_route
+from peft_lyco.functional import DeltaTerm, add_delta, algorithm_for, delta_weight, loha_layout, lokr_layout, structured
+from peft_lyco.functional.adapted import adapted_op, structured_grads_pay_off
 from peft_lyco.functional.base_op import Conv2dOp, LinearOp
 from peft_lyco.functional.loha import loha_as_lowrank, loha_conv_apply, loha_conv_macs
 from peft_lyco.functional.lokr import lokr_conv_apply, lokr_conv_macs, lokr_linear_apply, lokr_linear_macs
@@ -85,7 +84,7 @@ def _plain(op, x, weight, bias, params, scales, masks, shape=None):
 
 
 def _fused(op, x, weight, bias, params, scales, masks, structured=True, shape=None):
-    terms = [DeltaTerm(p, s, m) for p, s, m in zip(params, scales, masks)]
+    terms = [DeltaTerm(algorithm_for(p), p, s, m) for p, s, m in zip(params, scales, masks)]
     return adapted_op(x, weight, bias, op, terms, weight_shape=shape, structured_grads=structured)
 
 
@@ -301,14 +300,16 @@ def test_lokr_linear_macs_counts_the_cheapest_order():
 
 
 def _term(layout):
-    return DeltaTerm(_params_of(layout), 1.0)
+    params = _params_of(layout)
+    return DeltaTerm(algorithm_for(params), params, 1.0)
 
 
 def test_structured_routes_exist_where_the_structure_allows_and_pay_off_at_real_sizes():
     for case, (op, wshape, layouts, _) in CASES.items():
-        routes = [structured_route(op, layout_params, wshape) for layout_params in map(_params_of, layouts)]
+        routes = [algorithm_for(p).route(op, p, wshape) for p in map(_params_of, layouts)]
         assert all(r is not None for r in routes) if case in STRUCTURED else True, case
-    assert structured_route(CONV, _params_of(loha_layout(64, 64, (3, 3), 2, True)), (64, 64, 3, 3)) is None  # Tucker
+    tucker = _params_of(loha_layout(64, 64, (3, 3), 2, True))
+    assert algorithm_for(tucker).route(CONV, tucker, (64, 64, 3, 3)) is None
     grouped = _term(lokr_layout(320, 320, (3, 3), 8, factor=4))
     assert not structured_grads_pay_off(ODD_CONV, grouped, torch.Size((320, 320, 3, 3)))
     pays = {

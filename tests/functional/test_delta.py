@@ -55,7 +55,7 @@ def test_lokr_matches_element_form():
 
 
 def test_lokr_flat_conv_equals_4d_kron():
-    # a flat conv's 2-D kron reshaped to the weight equals the kron of w1 with the 4-D w2 (formats.md §3.4)
+    # a flat conv's 2-D kron reshaped to the weight equals the kron of w1 with the 4-D w2 (kohya's flat conv LoKr)
     w1, w2a, w2b = _rand(2, 3), _rand(4, 2), _rand(2, 5 * 9)
     flat = lokr_delta_weight(w1=w1, w2_a=w2a, w2_b=w2b).reshape(8, 15, 3, 3)
     four_d = torch.kron(w1[:, :, None, None], (w2a @ w2b).reshape(4, 5, 3, 3))

@@ -18,7 +18,7 @@ def test_factorization_matches_lycoris(dim, factor):
     assert factorization(dim, factor) == tuple(lycoris_factorization(dim, factor))
 
 
-# Rows of formats.md §3.1 (LyCORIS results recorded independently of this code).
+# LyCORIS 4.1.3's factorization() results, recorded independently of this code.
 @pytest.mark.parametrize(
     "dim, factor, expected",
     [
@@ -67,7 +67,10 @@ def _geometry(layer):
 @pytest.mark.parametrize("layer_name", sorted(LAYERS))
 @pytest.mark.parametrize("factor", [-1, 4, 8, 16, 32])
 @pytest.mark.parametrize("rank", [1, 4, 8, 64, 100000])
-@pytest.mark.parametrize("extra", [{}, {"decompose_both": True}, {"use_tucker": True}, {"unbalanced_factorization": True}, {"full_matrix": True}])
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"decompose_both": True}, {"use_tucker": True}, {"unbalanced_factorization": True}, {"full_matrix": True}],
+)
 def test_lokr_layout_matches_lycoris(layer_name, factor, rank, extra):
     layer = LAYERS[layer_name]()
     theirs = LokrModule("m", layer, lora_dim=rank, alpha=1, factor=factor, **extra)

@@ -1,4 +1,4 @@
-"""An independent fp64 re-statement of anima.md's formulas, written for the tests (einops strings from the spec,
+"""An independent fp64 re-statement of Anima's formulas, written for the tests (einops strings from the spec,
 explicit softmax attention, Python loops for RoPE angles). It reads our modules' weights but none of their code."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def rope(x, angles):
 
 
 def rope3d_angles(grid, head_dim, ratios=(1.0, 4.0, 4.0)):
-    """anima.md §3.1, token by token: angles cat([t·f_t, h·f_h, w·f_w]) twice, tokens in (t h w) order."""
+    """3-D RoPE, token by token: angles cat([t·f_t, h·f_h, w·f_w]) twice, tokens in (t h w) order."""
     dim_h = head_dim // 6 * 2
     dim_t = head_dim - 2 * dim_h
     theta_t = 10000.0 * ratios[0] ** (dim_t / (dim_t - 2))
@@ -67,7 +67,7 @@ def rope1d_angles(length, head_dim):
 
 
 def timestep_features(sigma, channels):
-    """anima.md §3 step 4: cat([cos(σ·f), sin(σ·f)]), f_i = exp(−ln(10000)·i/half)."""
+    """Timestep sinusoid: cat([cos(σ·f), sin(σ·f)]), f_i = exp(−ln(10000)·i/half)."""
     half = channels // 2
     freqs = torch.tensor([math.exp(-math.log(10000.0) * i / half) for i in range(half)], dtype=torch.float64)
     args = sigma.double()[..., None] * freqs
@@ -96,7 +96,7 @@ def modulation(emb, head, adaln_lora, chunks):
 
 
 def block(blk, x, emb, context, angles, adaln_lora, num_heads):
-    """anima.md §3 step 5 for x (B, T, H, W, D)."""
+    """Patch embedding for x (B, T, H, W, D)."""
     _, t, h, w, _ = x.shape
 
     def sub(x, head, fn):
@@ -111,7 +111,7 @@ def block(blk, x, emb, context, angles, adaln_lora, num_heads):
 
 
 def llm_adapter(adapter, source, ids, target_mask, source_mask, num_heads):
-    """anima.md §5."""
+    """The LLM adapter."""
     x = adapter.embed.weight[ids]
     head_dim = x.shape[-1] // num_heads
     ta, sa = rope1d_angles(x.shape[1], head_dim), rope1d_angles(source.shape[1], head_dim)
@@ -126,7 +126,7 @@ def llm_adapter(adapter, source, ids, target_mask, source_mask, num_heads):
 
 
 def dit(model, x, sigma, context, padding_mask, t5_ids=None, t5_mask=None, source_mask=None):
-    """anima.md §3 steps 1–7 on latents x (B, C, T, H, W)."""
+    """The whole DiT forward on latents x (B, C, T, H, W)."""
     cfg = model.config
     if t5_ids is not None:
         context = llm_adapter(model.llm_adapter, context, t5_ids, t5_mask, source_mask, cfg.adapter_num_heads)

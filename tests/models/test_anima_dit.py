@@ -1,4 +1,4 @@
-"""AnimaDiT: real parameter names, forward shapes, and fp64 checks against anima.md's formulas."""
+"""AnimaDiT: real parameter names, forward shapes, and fp64 checks against Anima's published formulas."""
 
 from pathlib import Path
 

@@ -63,7 +63,7 @@ def test_sdxl_unet_counts_with_and_without_conv_dim(sdxl, algo):
 
 
 def sgm_path(path, layers_per_block=2):
-    """formats.md §9.2: the SGM path (sd-scripts' own UNet) of a diffusers UNet module path."""
+    """The SGM path (sd-scripts' own UNet) of a diffusers UNet module path."""
     step = layers_per_block + 1
     inner = {
         "conv1": "in_layers.2",

@@ -85,3 +85,33 @@ def test_caption_choices_leave_the_other_draws_of_an_epoch_unchanged():
     shuffled, _ = _plan(CaptionRules(shuffle=True), seed=3)
     strip = [[(s.record, s.flip, s.drop_caption) for s in batch] for batch in plain.batches(0)]
     assert strip == [[(s.record, s.flip, s.drop_caption) for s in batch] for batch in shuffled.batches(0)]
+
+
+def test_secondary_separator_keeps_joined_tags_together_then_becomes_the_separator():
+    rules = CaptionRules(shuffle=True, tag_dropout_rate=0.2, secondary_separator="$$")
+    caption = "a, b$$c, d, e, f"
+    seen_orders, seen_drops = set(), 0
+    for seed in range(60):
+        text = process_caption(caption, rules, np.random.default_rng(seed))
+        tags = text.split(", ")
+        assert "$$" not in text and all(tag in {"a", "b,c", "d", "e", "f"} for tag in tags)
+        seen_orders.add(tuple(tags))
+        seen_drops += "b,c" not in tags
+    assert len(seen_orders) > 20 and 0 < seen_drops < 60  # the pair moves and drops as one tag
+
+
+def test_wildcards_pick_lines_and_options_and_fixed_form_takes_the_first():
+    rules = CaptionRules(wildcard=True)
+    caption = "x {red|blue} y {{literal}}\nanother line"
+    assert process_caption(caption, rules) == "x red y {literal}"  # validation / text-cache form
+    rng = np.random.default_rng(0)
+    seen = {process_caption(caption, rules, rng) for _ in range(200)}
+    assert seen == {"x red y {literal}", "x blue y {literal}", "another line"}
+    assert CaptionRules(wildcard=True).is_random and not CaptionRules(wildcard=True).fixed().shuffle
+
+
+def test_caption_dropout_every_n_epochs_drops_every_caption_of_those_epochs():
+    plan, records = _plan(CaptionRules(dropout_every_n_epochs=2, shuffle=True), seed=1)
+    for epoch in range(4):
+        captions = _captions(plan, records, epoch)
+        assert (set(captions) == {""}) == (epoch % 2 == 1)  # sd-scripts counts epochs from 1: epochs 2, 4 drop

@@ -60,8 +60,12 @@ def test_scan_reads_captions_repeats_and_sizes(tmp_path):
             "cannot be read (corrupt or truncated)",
         ),
         (lambda root: (root / "0_none").mkdir(), "asks for 0 repeats"),
+        (
+            lambda root: (_image(root / "c.png"), (root / "c.txt").write_bytes(b"caf\xe9 latin-1")),
+            "1 caption file(s) cannot be read as UTF-8 text:\n.*c.txt: UnicodeDecodeError",
+        ),
     ],
-    ids=["empty", "no-caption", "corrupt", "zero-repeats"],
+    ids=["empty", "no-caption", "corrupt", "zero-repeats", "not-utf8"],
 )
 def test_scan_rejects_bad_folders_with_clear_messages(tmp_path, setup, message):
     setup(tmp_path)
@@ -220,6 +224,8 @@ def test_caption_file_first_line_and_class_tokens(tmp_path):
     _image(tmp_path / "b.png")
     records = scan_dataset(tmp_path, template=Subset(tmp_path, class_tokens="sks"))
     assert [r.caption for r in records] == ["first line", "sks"]
+    wildcard = Subset(tmp_path, class_tokens="sks", captions=CaptionRules(wildcard=True))
+    assert scan_dataset(tmp_path / ".", template=wildcard)[0].caption == "first line\nsecond line"  # every line
 
 
 def test_color_aug_rate_kinds_ranges_and_pixels(tmp_path):
@@ -267,3 +273,20 @@ def test_regularisation_folders_and_loss_weights(tmp_path):
     for batch in plan.batches(0):
         weights = build(batch)["loss_weights"].tolist()
         assert weights == pytest.approx([0.3 if data.records[s.record].subset.is_reg else 1.0 for s in batch])
+
+
+def test_only_the_main_process_writes_the_tiny_dataset(tmp_path):
+    """Other processes of a multi-process tiny run used to write the dataset again while the main process read it
+    (UnidentifiedImageError on a half-written PNG); now they only point at the main process's files."""
+    from argparse import Namespace
+
+    from lyco_train.tiny import prepare_tiny_data
+
+    main = Namespace(output_dir=str(tmp_path), train_data_dir=None, sample_prompts=None)
+    prepare_tiny_data(main)
+    files = sorted(p for p in (tmp_path / "data").rglob("*") if p.is_file())
+    stamps = [p.stat().st_mtime_ns for p in files]
+    other = Namespace(output_dir=str(tmp_path), train_data_dir=None, sample_prompts=None)
+    prepare_tiny_data(other, write=False)
+    assert vars(other) == vars(main)
+    assert [p.stat().st_mtime_ns for p in files] == stamps and len(files) == 12 * 2 + 1

@@ -8,7 +8,7 @@ import pytest
 import train_sdxl_lokr as trainer
 from lyco_train.args import UsageError
 from lyco_train.batches import EpochPlan, load_training_data
-from lyco_train.data import ImageRecord, Subset, balance_regularisation, split_validation
+from lyco_train.data import DataError, ImageRecord, Subset, balance_regularisation, split_validation
 from lyco_train.synthetic import make_shapes_dataset
 
 
@@ -37,7 +37,7 @@ batch_size = "2"
   image_dir = "imgs"
   flip_agu = true
   num_repeats = 2.5
-  enable_wildcard = true
+  token_warmup_step = 2
 """,
     )
     with pytest.raises(UsageError) as caught:
@@ -48,7 +48,7 @@ batch_size = "2"
     assert "[datasets[0]] key 'batch_size' must be an integer, got '2'" in message
     assert "[datasets[0].subsets[0]] unknown key 'flip_agu' (did you mean 'flip_aug'?)" in message
     assert "[datasets[0].subsets[0]] key 'num_repeats' must be an integer, got 2.5" in message
-    assert "'enable_wildcard' is an sd-scripts option these trainers do not implement" in message
+    assert "'token_warmup_step' is an sd-scripts option these trainers do not implement" in message
 
 
 @pytest.mark.parametrize(
@@ -133,10 +133,11 @@ def test_dataset_config_ignores_train_data_dir_with_a_warning_as_sd_scripts(tmp_
     [
         ("shuffle_caption = true", [], "cache_text_encoder_outputs cannot be combined with .*shuffle_caption"),
         ("caption_tag_dropout_rate = 0.2", [], "caption_tag_dropout_rate"),
+        ("enable_wildcard = true", [], "cache_text_encoder_outputs cannot be combined with .*enable_wildcard"),
         ("color_aug = true", ["--cache_latents"], "cache_latents cannot be combined with .*color_aug"),
         ("caption_dropout_rate = 1.5", [], r"caption_dropout_rate must be in \[0, 1\)"),
     ],
-    ids=["shuffle", "tag-dropout", "color-aug", "rate"],
+    ids=["shuffle", "tag-dropout", "wildcard", "color-aug", "rate"],
 )
 def test_caches_that_shuffling_or_augmentation_would_make_wrong_are_refused(tmp_path, toml_subset, argv, message):
     config = _write(
@@ -230,3 +231,18 @@ batch_size = 3
 def test_validation_split_out_of_range_names_the_option(tmp_path):
     with pytest.raises(UsageError, match=r"--validation_split must be in \[0, 1\), got 1.0"):
         _parse("--train_data_dir", str(tmp_path), "--validation_split", "1")
+
+
+def test_missing_image_folders_are_listed_and_repeated_subsets_ignored(tmp_path):
+    make_shapes_dataset(tmp_path / "a", count=2, size=32, repeats=1)
+    folder = tmp_path / "a" / "1_shapes"
+    config = _write(
+        tmp_path / "data.toml",
+        f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{folder}"\n[[datasets.subsets]]\nimage_dir = "{folder}"\n'
+        f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{tmp_path / "nope"}"\n',
+    )
+    with pytest.warns(UserWarning, match=r"\[datasets\[0\]\] lists the same subset twice"):
+        args = _parse("--dataset_config", str(config))
+    assert len(args.dataset_specs[0].subsets) == 1
+    with pytest.raises(DataError, match="1 image folder.s. do not exist:\n.*nope"):
+        load_training_data(args.dataset_specs, seed=0, where="test")

@@ -64,7 +64,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--cache_text_encoder_outputs", action=SWITCH, default=False, help="needs frozen text encoders")
     group.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true")
-    group.add_argument("--cache_dir", help="where disk caches go (default: <train_data_dir>/.lyco_cache)")
+    group.add_argument(
+        "--cache_dir", help="where disk caches go (default: .lyco_cache in --train_data_dir or beside --dataset_config)"
+    )
     group.add_argument("--vae_batch_size", type=int, default=1)
     add_dataset_args(parser)
 
@@ -88,6 +90,15 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--caption_tag_dropout_rate", type=float, default=0.0, help="probability of dropping each non-kept tag"
+    )
+    group.add_argument(
+        "--secondary_separator", help="joins tags that move and drop together; becomes --caption_separator afterwards"
+    )
+    group.add_argument(
+        "--enable_wildcard", action="store_true", help="a random line of multi-line captions, {a|b} picks one option"
+    )
+    group.add_argument(
+        "--caption_dropout_every_n_epochs", type=int, default=0, help="train every N-th epoch on empty captions"
     )
     group.add_argument("--caption_prefix", help="text put before every caption")
     group.add_argument("--caption_suffix", help="text put after every caption")
@@ -410,6 +421,7 @@ def use_dataset_config(args: argparse.Namespace) -> None:
     args.enable_bucket, args.bucket_no_upscale = first.buckets.enable, first.buckets.no_upscale
     args.min_bucket_reso, args.max_bucket_reso = first.buckets.min_reso, first.buckets.max_reso
     args.bucket_reso_steps, args.train_batch_size = first.buckets.step, first.batch_size
+    args.validation_split = first.validation_split
 
 
 def parse_training_args(

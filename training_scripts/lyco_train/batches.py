@@ -93,7 +93,7 @@ class EpochPlan:
             size = self._global_size(members)
             order = [members[i] for i in rng.permutation(len(members))]
             for start in range(0, len(order), size):
-                everything.append([self._sample(index, rng) for index in order[start : start + size]])
+                everything.append([self._sample(index, epoch, rng) for index in order[start : start + size]])
         everything = [everything[i] for i in rng.permutation(len(everything))]
         return [
             [
@@ -114,10 +114,11 @@ class EpochPlan:
             return [replace(batch[0], share=0.0)]
         return [replace(s, share=s.share * self.num_processes) for s in mine]
 
-    def _sample(self, index: int, rng: np.random.Generator) -> Sample:
+    def _sample(self, index: int, epoch: int, rng: np.random.Generator) -> Sample:
         subset = self.records[index].subset
         flip, crop, drop = rng.random(3)
-        dropped = drop < subset.captions.dropout_rate
+        every = subset.captions.dropout_every_n_epochs
+        dropped = drop < subset.captions.dropout_rate or bool(every and (epoch + 1) % every == 0)
         caption_seed = int(rng.integers(2**63)) if subset.captions.is_random else None
         color = draw_color_change(rng) if subset.color_aug else None
         return Sample(
@@ -261,7 +262,7 @@ def training_images(args, accelerator, *, tiny_model: Optional[str] = None) -> T
     (the embedded default) the coloured-shapes dataset is generated first (by the main process) unless data is given."""
     if tiny_model:
         with accelerator.main_process_first():
-            prepare_tiny_data(args)
+            prepare_tiny_data(args, write=accelerator.is_main_process)
     if args.dataset_config:
         where = f"the image folders of --dataset_config '{args.dataset_config}'"
     else:

@@ -97,9 +97,12 @@ def _read_size(path: Path) -> tuple[int, int]:
         return image.size
 
 
-def _read_caption(path: Path) -> str:
-    """The first line of a caption file, stripped (sd-scripts reads only the first line)."""
+def _read_caption(path: Path, all_lines: bool) -> str:
+    """The first line of a caption file, stripped (sd-scripts reads only the first line), or with ``all_lines`` (for
+    wildcards) every non-empty line, stripped, joined by newlines."""
     lines = path.read_text(encoding="utf-8").splitlines()
+    if all_lines:
+        return "\n".join(line.strip() for line in lines if line.strip())
     return lines[0].strip() if lines else ""
 
 
@@ -109,7 +112,7 @@ def scan_subsets(subsets: list[Subset], *, where: str) -> list[ImageRecord]:
     Raises ``DataError`` listing every image with neither a caption file nor class tokens, every image that cannot be
     decoded and every missing folder, or saying that no images were found; ``where`` names the data in messages.
     """
-    records, missing_caption, unreadable, missing_dirs = [], [], [], []
+    records, missing_caption, unreadable, missing_dirs, bad_text = [], [], [], [], []
     for subset in subsets:
         if not subset.image_dir.is_dir():
             missing_dirs.append(subset.image_dir)
@@ -117,7 +120,11 @@ def scan_subsets(subsets: list[Subset], *, where: str) -> list[ImageRecord]:
         for path in _image_files(subset.image_dir):
             caption_path = path.with_suffix(subset.caption_extension)
             if caption_path.is_file():
-                caption = _read_caption(caption_path)
+                try:
+                    caption = _read_caption(caption_path, all_lines=subset.captions.wildcard)
+                except (UnicodeDecodeError, OSError) as err:
+                    bad_text.append((caption_path, err))
+                    continue
             elif subset.class_tokens is not None:
                 caption = subset.class_tokens
             else:
@@ -140,6 +147,11 @@ def scan_subsets(subsets: list[Subset], *, where: str) -> list[ImageRecord]:
             f"{len(missing_caption)} image(s) have no caption file (expected '<image name>{'|'.join(extensions)}' "
             f"beside each image, or class_tokens for the subset):\n{_listing([p for p, _ in missing_caption])}"
         )
+    if bad_text:
+        lines = [f"    {p}: {type(e).__name__}: {e}" for p, e in bad_text[:MAX_LISTED]]
+        if len(bad_text) > MAX_LISTED:
+            lines.append(f"    ... and {len(bad_text) - MAX_LISTED} more")
+        problems.append(f"{len(bad_text)} caption file(s) cannot be read as UTF-8 text:\n" + "\n".join(lines))
     if unreadable:
         lines = [f"    {p}: {type(e).__name__}: {e}" for p, e in unreadable[:MAX_LISTED]]
         if len(unreadable) > MAX_LISTED:

@@ -15,6 +15,7 @@ import argparse
 import difflib
 import json
 import math
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -79,6 +80,9 @@ SUBSET_KEYS: dict[str, tuple[Callable[[Any], bool], Optional[str], Any]] = {
     "caption_separator": (_is_str, "caption_separator", ","),
     "caption_dropout_rate": (_is_number, "caption_dropout_rate", 0.0),
     "caption_tag_dropout_rate": (_is_number, "caption_tag_dropout_rate", 0.0),
+    "caption_dropout_every_n_epochs": (_is_int, "caption_dropout_every_n_epochs", 0),
+    "secondary_separator": (_is_str, "secondary_separator", None),
+    "enable_wildcard": (_is_bool, "enable_wildcard", False),
     "caption_prefix": (_is_str, "caption_prefix", None),
     "caption_suffix": (_is_str, "caption_suffix", None),
     "flip_aug": (_is_bool, "flip_aug", False),
@@ -96,12 +100,9 @@ NOT_IMPLEMENTED = (
     "network_multiplier",
     "resize_interpolation",
     "face_crop_aug_range",
-    "secondary_separator",
-    "enable_wildcard",
     "token_warmup_min",
     "token_warmup_step",
     "custom_attributes",
-    "caption_dropout_every_n_epochs",
     "alpha_mask",
     "metadata_file",
     "conditioning_data_dir",
@@ -192,6 +193,9 @@ def _subset(
             dropout_rate=float(value("caption_dropout_rate")),
             prefix=value("caption_prefix"),
             suffix=value("caption_suffix"),
+            secondary_separator=value("secondary_separator"),
+            wildcard=value("enable_wildcard"),
+            dropout_every_n_epochs=value("caption_dropout_every_n_epochs"),
         ),
         flip_aug=value("flip_aug"),
         color_aug=value("color_aug"),
@@ -259,17 +263,28 @@ def datasets_from_config(path: str | Path, args: argparse.Namespace) -> list[Dat
         raise DatasetConfigError(f"--dataset_config '{path}':\n  " + "\n  ".join(problems))
 
     def subsets_of(d: int, dataset: dict) -> Callable[[int], tuple[Subset, ...]]:
-        return lambda batch_size: tuple(
-            _subset(
-                [subset, dataset, general],
-                args,
-                image_dir=Path(subset["image_dir"]),
-                dataset=d,
-                batch_size=batch_size,
-                base=Path.cwd(),
-            )
-            for subset in dataset["subsets"]
-        )
+        def build(batch_size: int) -> tuple[Subset, ...]:
+            subsets = [
+                _subset(
+                    [subset, dataset, general],
+                    args,
+                    image_dir=Path(subset["image_dir"]),
+                    dataset=d,
+                    batch_size=batch_size,
+                    base=Path.cwd(),
+                )
+                for subset in dataset["subsets"]
+            ]
+            unique = tuple(dict.fromkeys(subsets))
+            if len(unique) < len(subsets):
+                warnings.warn(
+                    f"--dataset_config '{path}': [datasets[{d}]] lists the same subset twice; the repeat is ignored "
+                    "(as sd-scripts does)",
+                    stacklevel=2,
+                )
+            return unique
+
+        return build
 
     return [_dataset([dataset, general], args, subsets_of(d, dataset)) for d, dataset in enumerate(datasets)]
 
@@ -321,6 +336,10 @@ def dataset_problems(datasets: list[DatasetSpec], args: argparse.Namespace, *, p
             ):
                 if not 0.0 <= rate < 1.0:
                     problems.append(f"{named}{key} must be in [0, 1), got {rate}")
+            if rules.dropout_every_n_epochs < 0:
+                problems.append(
+                    f"{named}caption_dropout_every_n_epochs must be >= 0, got {rules.dropout_every_n_epochs}"
+                )
             if rules.keep_tokens < 0:
                 problems.append(f"{named}keep_tokens must be >= 0, got {rules.keep_tokens}")
             if subset.num_repeats < 1:
@@ -334,10 +353,16 @@ def dataset_problems(datasets: list[DatasetSpec], args: argparse.Namespace, *, p
                     "crop and colour); drop one of them"
                 )
             if args.cache_text_encoder_outputs and rules.is_random:
-                which = "shuffle_caption" if rules.shuffle else "caption_tag_dropout_rate"
+                which = (
+                    "shuffle_caption"
+                    if rules.shuffle
+                    else "caption_tag_dropout_rate"
+                    if rules.tag_dropout_rate > 0
+                    else "enable_wildcard"
+                )
                 problems.append(
                     f"{'' if config else '--'}cache_text_encoder_outputs cannot be combined with {named}{which} "
-                    "(the text encoders would see one fixed caption, not the shuffled or thinned one); "
+                    "(the text encoders would see one fixed caption, not the shuffled, thinned or chosen one); "
                     "drop one of them"
                 )
     return list(dict.fromkeys(problems))

@@ -10,11 +10,11 @@ from typing import Any, Iterable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from .args import parse_key_values
+from .args import UsageError, parse_key_values
 from .batches import EpochPlan
 from .network import optimizer_groups
 
@@ -33,9 +33,39 @@ def make_accelerator(args: argparse.Namespace, *, unused_parameters: bool = Fals
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=args.logging_dir),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused_parameters)],
     )
+    check_distributed_setup(accelerator, args)
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         _cpu_fp16_autocast_and_scaler(accelerator)
     return accelerator
+
+
+def check_distributed_setup(accelerator: Accelerator, args: argparse.Namespace) -> None:
+    """Refuse, before any model loads, the ``accelerate launch`` setups whose result the trainers could not save.
+
+    FSDP shards the adapter's parameters (DTensors) across processes, and the writers read whole tensors from the
+    modules: a run would fail at its first save. DeepSpeed (ZeRO-1/2 keep parameters whole, so the adapter saves) wraps
+    exactly one model, steps its own gradient accumulation, and partitions the optimizer state per process.
+    """
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        raise UsageError(
+            "FSDP is not supported by these trainers (the adapter would be sharded and could not be saved): use "
+            "multi-GPU DDP (distributed_type: MULTI_GPU) or DeepSpeed ZeRO-2 with --network_train_unet_only; "
+            "--fp8_base and --gradient_checkpointing cut the replicated base's memory instead"
+        )
+    if kind == DistributedType.DEEPSPEED:
+        problems = []
+        if not args.network_train_unet_only:
+            problems.append("--network_train_unet_only (DeepSpeed trains one model; the text encoders stay frozen)")
+        if args.gradient_accumulation_steps != 1:
+            problems.append(
+                "--gradient_accumulation_steps 1 and gradient_accumulation_steps: 1 in the DeepSpeed config "
+                "(raise --train_batch_size instead)"
+            )
+        if args.save_state or args.resume:
+            problems.append("no --save_state/--resume (ZeRO partitions the optimizer state per process)")
+        if problems:
+            raise UsageError("with DeepSpeed, use " + "; ".join(problems))
 
 
 def _cpu_fp16_autocast_and_scaler(accelerator: Accelerator) -> None:

@@ -155,7 +155,6 @@ def training_metadata(
                 "ss_prior_loss_weight": args.prior_loss_weight,
                 "ss_validation_split": args.validation_split,
                 "ss_validation_seed": args.validation_seed,
-                "ss_dataset_config": args.dataset_config,
                 "ss_training_comment": args.training_comment,
                 **_dataset_keys(records, buckets),
                 **objective,

@@ -97,8 +97,12 @@ def make_validator(args, accelerator, data: TrainingData, latent_cache, loss) ->
     """The run's validator over ``data``'s held-out images (None when nothing is held out); the noise seed is
     ``--validation_seed``, else ``--seed``."""
     if not data.validation_records:
-        if args.validate_every_n_steps or args.validate_every_n_epochs or args.max_validation_steps:
-            accelerator.print("no validation: no images are held out (set --validation_split or validation_split)")
+        asked = args.validate_every_n_steps or args.validate_every_n_epochs or args.max_validation_steps
+        if asked or args.validation_split > 0:
+            accelerator.print(
+                "no validation: no images are held out (--validation_split / validation_split too small for the "
+                "subsets, or not set)"
+            )
         return None
     build = BatchBuilder(data.validation_records, data.validation_buckets, latent_cache)
     return Validator(

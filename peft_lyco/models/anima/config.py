@@ -1,4 +1,4 @@
-"""Sizes of the Anima DiT and its LLM adapter; the defaults are the released model (anima.md §1 and §5)."""
+"""Sizes of the Anima DiT and its LLM adapter; the defaults are the released model."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Module paths match the checkpoint keys without ``net.`` (``blocks.N.self_attn.q_proj``, ``x_embedder.proj.1``,
 ``llm_adapter.blocks.N.mlp.0`` ...), so kohya adapter names are ``lora_unet_`` + path with dots as underscores.
-Forward semantics follow anima.md §3.
+Forward semantics follow the released model (see docs/anima.md).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import torch
 
 from .loading import check_finite, check_state_dict, read_safetensors, strip_prefix
 
-# anima.md §4.1 (sd-scripts configs/qwen3_06b/config.json)
+# Qwen3-0.6B as sd-scripts configures it (configs/qwen3_06b/config.json)
 QWEN3_06B = dict(
     vocab_size=151936,
     hidden_size=1024,

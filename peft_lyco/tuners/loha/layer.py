@@ -6,26 +6,23 @@ import math
 
 from torch import nn
 
-from ...functional import LOHA_PARAMS, LoHaLayout, loha_layout
+from ...functional import LOHA
 from ..layer import LycoLayer
-from ..options import LayerSpec
 
 
 class LoHaLayer(LycoLayer):
     """Linear or Conv2d with LoHa adapters (flat, 1x1, or Tucker for kxk convs)."""
 
-    adapter_layer_names = LOHA_PARAMS
-
-    @classmethod
-    def layout_for(cls, out_features: int, in_features: int, kernel: tuple[int, ...], spec: LayerSpec) -> LoHaLayout:
-        return loha_layout(out_features, in_features, kernel, spec.rank, spec.options["use_tucker"])
+    algorithm = LOHA
+    adapter_layer_names = (*LOHA.param_names, *LycoLayer.extra_param_names)
 
     def init_parameters(self, adapter_name: str, init_weights: bool | str) -> None:
         """LyCORIS (default): w1_a, t1, t2 ~ N(0, 0.1), w?_b ~ N(0, 1), w2_a = 0. PEFT: kaiming, w2_b = 0."""
-        params = self.adapter_parameters(adapter_name)
+        params = self.factor_parameters(adapter_name)
+        use_scalar = adapter_name in self.scalar
         if init_weights in (True, "lycoris"):
             for name, param in params.items():
-                if name == "hada_w2_a":
+                if name == "hada_w2_a" and not use_scalar:
                     nn.init.zeros_(param)
                 elif name in ("hada_w1_b", "hada_w2_b"):
                     nn.init.normal_(param, std=1.0)
@@ -33,7 +30,7 @@ class LoHaLayer(LycoLayer):
                     nn.init.normal_(param, std=0.1)
             return
         for name, param in params.items():
-            if init_weights == "peft" and name == "hada_w2_b":
+            if init_weights == "peft" and name == "hada_w2_b" and not use_scalar:
                 nn.init.zeros_(param)
             else:
                 nn.init.kaiming_uniform_(param, a=math.sqrt(5))

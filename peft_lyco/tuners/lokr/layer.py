@@ -1,4 +1,4 @@
-"""LoKr layer: which ``lokr_*`` parameters a layout has, how they start, and the full-matrix scale rule."""
+"""LoKr layer: its algorithm and how its ``lokr_*`` parameters start."""
 
 from __future__ import annotations
 
@@ -6,32 +6,24 @@ import math
 
 from torch import nn
 
-from ...functional import LOKR_PARAMS, LoKrLayout, lokr_layout
+from ...functional import LOKR
 from ..layer import LycoLayer
-from ..options import LayerSpec
 
 
 class LoKrLayer(LycoLayer):
     """Linear or Conv2d with LoKr adapters (w1 full or low-rank; w2 full, low-rank or Tucker)."""
 
-    adapter_layer_names = LOKR_PARAMS
-
-    @classmethod
-    def layout_for(cls, out_features: int, in_features: int, kernel: tuple[int, ...], spec: LayerSpec) -> LoKrLayout:
-        return lokr_layout(out_features, in_features, kernel, spec.rank, **spec.options)
-
-    @classmethod
-    def layout_scale(cls, layout: LoKrLayout, spec: LayerSpec) -> float:
-        """Both halves full: scale 1 whatever alpha says (LyCORIS/kohya); otherwise alpha / rank."""
-        return 1.0 if layout.both_full else spec.alpha / spec.rank
+    algorithm = LOKR
+    adapter_layer_names = (*LOKR.param_names, *LycoLayer.extra_param_names)
 
     def init_parameters(self, adapter_name: str, init_weights: bool | str) -> None:
         """LyCORIS (default): kaiming everywhere, w2_b or full w2 = 0. PEFT: w1 or w1_a = 0, rest kaiming."""
-        params = self.adapter_parameters(adapter_name)
+        params = self.factor_parameters(adapter_name)
+        use_scalar = adapter_name in self.scalar
         zero = None
-        if init_weights in (True, "lycoris"):
+        if init_weights in (True, "lycoris") and not use_scalar:  # use_scalar: the scalar starts at 0 instead
             zero = "lokr_w2" if "lokr_w2" in params else "lokr_w2_b"
-        elif init_weights == "peft":
+        elif init_weights == "peft" and not use_scalar:
             zero = "lokr_w1" if "lokr_w1" in params else "lokr_w1_a"
         for name, param in params.items():
             if name == zero:

@@ -4,6 +4,7 @@ optimizer step's gradient in each precision against the float32 run."""
 import functools
 import json
 
+import numpy as np
 import pytest
 import torch
 import train_anima_lokr as anima_trainer
@@ -27,7 +28,7 @@ def run(tmp_path, model, *extra, name="run", images=2):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("model", ["sdxl", "anima"])
+@pytest.mark.parametrize("model", [pytest.param("sdxl", marks=pytest.mark.slow), "anima"])
 def test_fp16_on_cpu_trains_with_the_grad_scaler_samples_saves_and_reloads(tmp_path, model):
     """fp16 on CPU used to train without autocast or loss scaling, then crash sampling and reloading (Half vs float),
     losing the result. Now: autocast + GradScaler as on a GPU; the tiny run's own reload check compares the reloaded
@@ -40,6 +41,41 @@ def test_fp16_on_cpu_trains_with_the_grad_scaler_samples_saves_and_reloads(tmp_p
     state = json.loads((result.final.parent / f"tiny_{model}_lokr-state" / "training_state.json").read_text())
     scaler = state["grad_scaler"]
     assert scaler is not None and scaler["scale"] in (2.0**16, 2.0**15, 2.0**14)  # scaled (and maybe backed off)
+
+
+@pytest.mark.parametrize("model", [pytest.param("sdxl", marks=pytest.mark.slow), "anima"])
+@pytest.mark.parametrize(
+    "options",
+    [["--mixed_precision", "bf16"], ["--mixed_precision", "bf16", "--full_bf16", "--fp8_base"], ["--fp8_base"]],
+    ids=["bf16", "full_bf16-fp8_base", "fp8_base-fp32"],
+)
+def test_other_precisions_train_sample_save_and_reload(tmp_path, model, options):
+    result = run(tmp_path, model, *options, "--max_train_steps", "2", "--sample_every_n_steps", "2",
+                 "--train_batch_size", "1")  # fmt: skip
+    assert all(torch.isfinite(torch.tensor(result.losses))) and result.final.is_file()
+    assert [p.name for p in result.files if p.suffix == ".png"] == [f"tiny_{model}_lokr_000002_00.png"]
+
+
+def test_sdxl_samples_from_an_fp16_unet_decode_in_float32():
+    """The SDXL part of the fp16 fix, fast: without autocast the pipeline handed fp16 latents to the float32 VAE (the
+    crash: Half vs float); under autocast it would decode in fp16 (SDXL's VAE overflows). generate() denoises under
+    the run's autocast and decodes in float32."""
+    from peft_lyco.models.tiny_sdxl import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline(seed=0)
+    for model in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
+        model.to(torch.float16)
+    decoded = []
+    pipe.vae.decoder.conv_in.register_forward_hook(lambda module, args, out: decoded.append(out.dtype))
+    kwargs = {"width": 32, "height": 32, "num_inference_steps": 1, "guidance_scale": 1.0, "output_type": "np"}
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="should be the same"):
+            pipe("a red circle", generator=torch.Generator().manual_seed(0), **kwargs)
+        with torch.autocast("cpu", torch.float16):
+            pipe("a red circle", generator=torch.Generator().manual_seed(0), **kwargs)
+            images = sdxl_trainer.generate(pipe, "a red circle", generator=torch.Generator().manual_seed(0), **kwargs)
+    assert decoded == [torch.float16, torch.float32]
+    assert images.shape == (1, 32, 32, 3) and images.dtype == np.float32 and np.isfinite(images).all()
 
 
 # ------------------------------------------------------------------------ one step's gradient against float32
@@ -166,3 +202,62 @@ def test_gradient_checkpointing_gives_the_unchecked_gradient(tmp_path, tmp_path_
     error = relative_error(got, want)
     print(f"{model} checkpointing reentrant={reentrant}: relative gradient error vs unchecked {error:.3g}")
     assert error <= 1e-6
+
+
+# ------------------------------------------------------------------------------------------------ torch.compile
+def test_compiled_denoiser_keeps_parameter_names_and_outputs():
+    """--torch_compile compiles in place: the adapter's parameter names (states, files) and the outputs stay."""
+    from lyco_train.memory import compile_denoiser
+    from peft import inject_adapter_in_model
+
+    from peft_lyco import LoKrConfig
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    inject_adapter_in_model(LoKrConfig(r=2, target_modules=["0", "2"]), model)
+    names = [name for name, _ in model.named_parameters()]
+    x = torch.randn(3, 8)
+    eager = model(x)
+    compile_denoiser(model, "eager")
+    assert [name for name, _ in model.named_parameters()] == names
+    assert torch.equal(model(x), eager)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["anima", "sdxl"])
+def test_torch_compile_first_step_gradient_equals_eager(tmp_path, tmp_path_factory, model):
+    want = reference_gradients(tmp_path_factory, model)
+    got = first_step_gradients(tmp_path, model, "--torch_compile")
+    error = relative_error(got, want)
+    print(f"{model} --torch_compile (inductor): relative gradient error vs eager {error:.3g}")
+    assert error <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--full_bf16"], "--full_bf16 needs --mixed_precision bf16"),
+        (["--full_bf16", "--mixed_precision", "fp16"], "--full_bf16 needs --mixed_precision bf16"),
+        (["--torch_compile", "--dynamo_backend", "nope"], "--dynamo_backend 'nope' is not a torch.compile backend"),
+    ],
+)
+def test_precision_options_that_cannot_work_are_refused_before_models_load(tmp_path, monkeypatch, argv, message):
+    from lyco_train.args import UsageError
+
+    monkeypatch.setattr(anima_trainer, "load_models", lambda *a: pytest.fail("model loaded before the check"))
+    with pytest.raises(UsageError, match=message):
+        run(tmp_path, "anima", *argv)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("model", ["sdxl", "anima"])
+@pytest.mark.parametrize(
+    "options",
+    [["--mixed_precision", "fp16"], ["--mixed_precision", "bf16", "--fp8_base", "--full_bf16"], ["--torch_compile"]],
+    ids=["fp16", "bf16-fp8-full", "compile"],
+)
+def test_precisions_end_to_end_on_cuda(tmp_path, model, options):
+    """The tiny runs on the GPU (the trainers pick CUDA when present): train, sample, save, reload check."""
+    result = run(tmp_path, model, *options, "--max_train_steps", "2", "--sample_every_n_steps", "2")
+    assert all(torch.isfinite(torch.tensor(result.losses))) and result.final.is_file()
