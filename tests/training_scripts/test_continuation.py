@@ -243,6 +243,7 @@ def test_network_weights_that_do_not_fit_name_the_modules_and_the_fix(first_run,
         (["--save_last_n_epochs", "2"], "--save_last_n_epochs needs --save_every_n_epochs"),
         (["--network_train_unet_only", "--network_train_text_encoder_only"], "exclude each other"),
         (["--scale_weight_norms", "0"], "--scale_weight_norms must be > 0"),
+        (["--scale_weight_norms", "1", "--network_args", "dora_wd=True"], "DoRA"),
     ],
 )
 def test_bad_continuation_options_fail_before_any_model_loads(tmp_path, monkeypatch, argv, message):

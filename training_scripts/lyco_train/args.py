@@ -387,6 +387,14 @@ def check_continuation(args: argparse.Namespace, need) -> None:
         args.scale_weight_norms is None or args.scale_weight_norms > 0,
         f"--scale_weight_norms must be > 0, got {args.scale_weight_norms}",
     )
+    dora = any(
+        key.strip() == "dora_wd" and value.strip().lower() in ("true", "1")
+        for key, _, value in (item.partition("=") for item in args.network_args)
+    )
+    need(
+        not (args.scale_weight_norms and dora),
+        "--scale_weight_norms scales ΔW, which DoRA (dora_wd=True) renormalises: use one of them",
+    )
     need(not args.dim_from_weights or bool(args.network_weights), "--dim_from_weights needs --network_weights")
     if args.network_weights:
         path = Path(args.network_weights)

@@ -48,7 +48,7 @@ def apply_max_norm(models: Iterable[torch.nn.Module], cap: float, adapter: str =
         norm = float(layer.get_delta_weight(adapter).double().norm())
         ratio = cap / norm if norm > cap else 1.0
         if ratio != 1.0:
-            factors = list(layer.adapter_parameters(adapter).values())
+            factors = list(layer.factor_parameters(adapter).values())  # ΔW is linear in each (use_scalar too)
             for tensor in factors:
                 tensor.mul_(ratio ** (1.0 / len(factors)))
             scaled += 1

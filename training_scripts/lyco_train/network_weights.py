@@ -15,10 +15,9 @@ import torch
 from peft import inject_adapter_in_model
 
 from peft_lyco.convert import kohya_to_peft, load_kohya
-from peft_lyco.convert.kohya import ALGO_LAYERS, KohyaConversion
+from peft_lyco.convert.kohya import KohyaConversion
 from peft_lyco.convert.modules import ModuleAdapter
 from peft_lyco.tuners import LycoLayer
-from peft_lyco.tuners.options import LayerSpec
 
 from .network import ADAPTER_NAME, inject
 
@@ -78,11 +77,11 @@ def _check_fits(layer, module: ModuleAdapter, path: str) -> str | None:
     """Why the file module cannot be copied into ``layer`` bit-exactly, or None."""
     if not isinstance(layer, LycoLayer) or ADAPTER_NAME not in layer.layouts:
         return "the network has no adapter there (other --network_args or targets?)"
-    if not isinstance(layer, ALGO_LAYERS[module.algo]):
-        return f"the file holds {module.algo}, the network {type(layer).__name__}"
+    if layer.algorithm.name != module.algo:
+        return f"the file holds {module.algo}, the network {layer.algorithm.name}"
     if layer.layouts[ADAPTER_NAME] != module.layout:
         return f"layout {module.layout} in the file, {layer.layouts[ADAPTER_NAME]} in the network (other rank/factor?)"
-    file_scale = layer.layout_scale(module.layout, LayerSpec(module.rank, module.alpha, {}))
+    file_scale = layer.algorithm.scale(module.layout, module.alpha, module.rank, layer.rs_lora[ADAPTER_NAME])
     if file_scale != layer.base_scale[ADAPTER_NAME]:
         return (
             f"scale alpha/dim = {file_scale:g} in the file (alpha {module.alpha:g}, dim {module.rank}), "
