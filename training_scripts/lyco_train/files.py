@@ -87,6 +87,15 @@ def save_image(image, path: str | os.PathLike) -> Path:
     return write_atomically(path, lambda temporary: image.save(temporary, format=image_format))
 
 
+def remove_folder(folder: str | os.PathLike) -> None:
+    """Delete a folder so that it disappears at once: renamed to a hidden temporary name beside it first (a run
+    killed while deleting leaves that name, which ``remove_leftovers`` removes, never a half-deleted folder)."""
+    folder = Path(folder)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=TEMP_SUFFIX, dir=folder.parent))
+    os.replace(folder, temporary)
+    shutil.rmtree(temporary)
+
+
 def run_output_names(output_name: str) -> re.Pattern:
     """The names a run of ``output_name`` gives its files and folders in ``--output_dir``: ``NAME``, ``NAME-step<8
     digits>`` or ``NAME-<6 digits>``, then ``.safetensors``, ``-state`` or ``_peft``. Matching them exactly keeps the

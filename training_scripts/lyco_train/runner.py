@@ -22,6 +22,8 @@ from .batches import BatchBuilder, EpochPlan, epoch_loader
 from .files import remove_leftovers
 from .interrupt import StopRequest
 from .loop import GradientSteps, Training, current_lrs, progress_bar, start_trackers, trainable_parameters
+from .max_norm import MaxNormReport, apply_max_norm
+from .pruning import Retention, prune
 from .state import (
     Position,
     StateError,
@@ -116,6 +118,8 @@ class Trainer:
         self.gradients = GradientSteps(accelerator, self.models.values(), args.gradient_accumulation_steps)
         self.history = History()
         self.last_step: tuple[Position, tuple] | None = None
+        self.retention = Retention.from_args(args)
+        self.max_norm: MaxNormReport | None = None
         self.last_validation: Optional[float] = None
 
     # ------------------------------------------------------------------------------------------------- state
@@ -127,10 +131,20 @@ class Trainer:
         )
         return position
 
-    def _save(self, position: Position, *, stem: str, state_name: str, final: bool = False, rng=None) -> None:
-        """Write the adapter files (main process) and the state (every process; ``rng``: see ``save_state``). A
-        periodic save that fails with ``OSError`` (a full disk) is reported and training goes on, so the next save
-        can succeed; a failing final save raises."""
+    def _save(
+        self,
+        position: Position,
+        *,
+        stem: str,
+        state_name: str,
+        periodic: tuple | None = None,
+        final: bool = False,
+        rng=None,
+    ) -> None:
+        """Write the adapter files (main process) and the state (every process; ``rng``: see ``save_state``);
+        ``periodic`` = (kind, number, every) of a periodic save, after which ``--save_last_n_*`` removes the saves that
+        fall out of the kept window. A periodic save that fails with ``OSError`` (a full disk) is reported, prunes
+        nothing, and training goes on, so the next save can succeed; a failing final save raises."""
         self.accelerator.wait_for_everyone()
         error = None
         if self.accelerator.is_main_process:
@@ -145,6 +159,13 @@ class Trainer:
                 self.history.saved.append(folder)
             except OSError as err:
                 error = error or err
+        if periodic is not None and error is None and self.accelerator.is_main_process:
+            kind, number, every = periodic
+            removed = prune(
+                Path(self.args.output_dir), self.args.output_name, self.retention, kind=kind, number=number, every=every
+            )
+            self.history.saved = [path for path in self.history.saved if path not in removed]
+        self.accelerator.wait_for_everyone()
         if error is not None:
             if final:
                 raise error
@@ -245,6 +266,9 @@ class Trainer:
         shown["lr"] = f"{next(iter(current_lrs(self.optimizer).values())):.2e}"
         if self.last_validation is not None:
             shown["val_loss"] = f"{self.last_validation:.4f}"
+        if self.max_norm is not None:  # sd-scripts' names
+            shown["Keys Scaled"] = self.max_norm.keys_scaled
+            shown["Average key norm"] = f"{self.max_norm.mean_norm:.4g}"
         bar.set_postfix(shown)
 
     # -------------------------------------------------------------------------------------------------- loop
@@ -254,6 +278,9 @@ class Trainer:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.args.scale_weight_norms:
+            models = [self.accelerator.unwrap_model(model) for model in self.models.values()]
+            self.max_norm = apply_max_norm(models, self.args.scale_weight_norms)
 
     def _after_step(self, position: Position, loss: float, bar) -> None:
         args = self.args
@@ -261,7 +288,10 @@ class Trainer:
         lrs = current_lrs(self.optimizer)
         bar.update(1)
         self._show(bar)
-        self.accelerator.log({"loss": loss, **{f"lr/{name}": lr for name, lr in lrs.items()}}, step=position.step)
+        logs = {"loss": loss, **{f"lr/{name}": lr for name, lr in lrs.items()}}
+        if self.max_norm is not None:
+            logs.update(self.max_norm.logs())
+        self.accelerator.log(logs, step=position.step)
         if position.step >= self.steps.total_steps:
             self._save_final(position)
         elif _save_due(args.save_every_n_steps, position.step):
@@ -269,6 +299,7 @@ class Trainer:
                 position,
                 stem=f"{args.output_name}-step{position.step:08d}",
                 state_name=state_folder_name(args.output_name, step=position.step),
+                periodic=("step", position.step, args.save_every_n_steps),
             )
         if _save_due(args.sample_every_n_steps, position.step):
             self._sample(position.step)
@@ -282,6 +313,7 @@ class Trainer:
                 position,
                 stem=f"{args.output_name}-{epoch:06d}",
                 state_name=state_folder_name(args.output_name, epoch=epoch),
+                periodic=("epoch", epoch, args.save_every_n_epochs),
             )
         if _save_due(args.sample_every_n_epochs, epoch):
             self._sample(position.step)
