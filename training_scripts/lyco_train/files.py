@@ -3,71 +3,27 @@
 Every file goes to a hidden temporary ``.<name>.<random>.tmp`` beside its final path, is flushed to disk, and is then
 renamed onto the final path, so a run killed at any moment leaves either the old complete file or the new complete
 one there, never a partial one. The temporaries a kill leaves behind are ignored by every reader (no reader looks for
-hidden ``.tmp`` names) and removed by the next run with the same ``--output_dir`` and ``--output_name``.
+hidden ``.tmp`` names) and removed by the next run with the same ``--output_dir`` and ``--output_name``. The writing
+itself is ``peft_lyco.convert.io.write_atomically`` (also behind ``save_kohya``): flushed to disk, with the mode a plain
+``open`` gives under the user's umask.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from peft_lyco.convert.io import write_atomically
+
 TEMP_SUFFIX = ".tmp"
 # folders the state writer of earlier versions left when killed (a copy being assembled)
 PARTIAL_SUFFIX = ".partial"
-
-
-def current_umask() -> int:
-    """The process umask (read by setting and restoring it: Python has no read-only call)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make a rename durable; some file systems cannot open folders, which only weakens durability."""
-    with contextlib.suppress(OSError):
-        descriptor = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-
-
-def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Run ``write(temporary_path)``, then flush and rename the result onto ``path``; return ``path``.
-
-    The file gets the mode a plain ``open`` would give under the current umask (``mkstemp``'s 0600 would hide it from a
-    UI running under another account). If ``write`` fails the temporary file is removed and the error propagates; an
-    ``OSError`` from creating the temporary file names the folder.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"cannot write '{path}': it is a folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    except OSError as err:
-        raise type(err)(err.errno, f"cannot write into '{path.parent}': {err.strerror}") from err
-    os.close(handle)
-    try:
-        write(temporary)
-        os.chmod(temporary, 0o666 & ~current_umask())
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    _fsync_folder(path.parent)
-    return path
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
