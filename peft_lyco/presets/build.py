@@ -21,8 +21,7 @@ from torch import nn
 
 from ..tuners import LoHaConfig, LoHaLayer, LoKrConfig, LoKrLayer, LycoConfig
 from ..tuners.options import layer_geometry, resolve_layer_spec
-from ..tuners.targets import exact_pattern_key, exact_target_modules
-from ..tuners.targets import adaptable_layers, unwrap
+from ..tuners.targets import adaptable_layers, exact_pattern_key, exact_target_modules, unwrap
 from .architectures import detect_architecture
 from .network_args import NetworkArgs, NetworkArgsError, parse_network_args
 

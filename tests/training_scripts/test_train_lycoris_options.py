@@ -3,7 +3,6 @@ back (through the converter, into a fresh pipeline) with the trained outputs."""
 
 import json
 
-import torch
 import train_sdxl_lokr as trainer
 from lyco_train.synthetic import make_shapes_dataset
 from peft import inject_adapter_in_model, set_peft_model_state_dict
