@@ -317,7 +317,9 @@ def peft_to_kohya(
 
     ``components``: a pipeline, a mapping component -> model (with LoHa/LoKr/LoRA layers injected), the denoiser
     alone, or a ``KohyaConversion``. UNet names use the SGM layout (``naming="sgm"``, what sd-scripts writes and every
-    consumer resolves) or the diffusers layout; text-encoder names always carry ``text_model_``. Tensors keep their
+    consumer resolves) or the diffusers layout; ``naming="comfy"`` writes what ComfyUI reads (SGM names for SDXL;
+    ``diffusion_model.<path>`` and ``text_encoders.qwen3_06b.transformer.model.<path>`` for Anima, whose
+    ``lora_te_`` names ComfyUI ignores); text-encoder names always carry ``text_model_``. Tensors keep their
     dtype unless ``dtype`` is given (one dtype per module). Tucker LoKr is rebuilt to a full 4-D ``lokr_w2`` unless
     ``lokr_tucker``. With ``strict``, layouts some consumer would silently drop (a partial CLIP-bigG q/k/v/out set)
     raise instead of warning.

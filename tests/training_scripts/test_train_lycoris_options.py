@@ -41,3 +41,20 @@ def test_dora_lokr_trained_by_the_sdxl_trainer_loads_back_equal(tmp_path):
         set_peft_model_state_dict(model, adapter.state_dict, adapter_name="loaded")
     for got, want in zip(outputs(fresh.unet, fresh.text_encoder, fresh.text_encoder_2), trained):
         assert (got - want).abs().max() <= 1e-5
+
+
+def test_anima_trainer_saves_comfy_names(tmp_path):
+    """--save_naming comfy: only ComfyUI's Anima prefixes, and the trainer's own reload check (the converter into a
+    fresh tiny Anima, images compared) passes on that file."""
+    import train_anima_lokr
+
+    data = tmp_path / "data"
+    make_shapes_dataset(data, count=2, size=64, repeats=1)
+    result = train_anima_lokr.main(
+        ["--train_data_dir", str(data), "--output_dir", str(tmp_path / "run"), "--sample_every_n_steps", "1000",
+         "--max_train_steps", "2", "--save_naming", "comfy", "--network_args", "train_llm_adapter=True"]
+    )  # fmt: skip
+    state_dict, _ = load_kohya(result.final)
+    prefixes = ("diffusion_model.", "text_encoders.qwen3_06b.transformer.model.")
+    assert state_dict and all(key.startswith(prefixes) for key in state_dict)
+    assert any(key.startswith("diffusion_model.blocks.") for key in state_dict)
