@@ -186,11 +186,12 @@ def write(result: dict, out_dir: Path) -> tuple[Path, Path]:
 DOCS_START, DOCS_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
-def update_docs(path: Path, table: str) -> None:
-    """Replace the generated section of ``docs/performance.md`` (between the two markers) with ``table``."""
+def update_docs(path: Path, table: str, markers: tuple[str, str] = (DOCS_START, DOCS_END)) -> None:
+    """Replace the generated section of ``docs/performance.md`` (between the two ``markers``) with ``table``."""
+    start, end = markers
     text = path.read_text()
-    head, _, rest = text.partition(DOCS_START)
-    _, found, tail = rest.partition(DOCS_END)
+    head, _, rest = text.partition(start)
+    _, found, tail = rest.partition(end)
     if not found:
-        raise ValueError(f"{path} lacks the {DOCS_START} … {DOCS_END} markers")
-    write_atomic(path, f"{head}{DOCS_START}\n{table}{DOCS_END}{tail}")
+        raise ValueError(f"{path} lacks the {start} … {end} markers")
+    write_atomic(path, f"{head}{start}\n{table}{end}{tail}")

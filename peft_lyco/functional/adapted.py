@@ -8,6 +8,12 @@ Its backward first plans, per adapter, the cheaper of two routes, then executes 
   gradients reusing what it built for the rebuild (LoHa: its two products; LoKr: its Kronecker product's graph);
 * structured (``structured.py``): the factor gradients, and where cheaper the adapter's share of ∂L/∂x, straight from
   the input and the output gradient through a product that never builds ΔW.
+
+Precision: the products run in one compute dtype (``compute_dtype``): autocast's where it is on, as ``F.linear`` and
+``F.conv2d`` would under it, else the weight's. ``W + ΣΔW`` is summed in at least float32 and cast once to it; the
+input is kept in it (as autocast keeps its cast copy); gradients come back in each input's own dtype. A weight stored
+in float8 is upcast inside the op for each call and never kept upcast. Nothing in forward or backward breaks a
+``torch.compile`` graph (the factor derivatives go through ``pullback``).
 """
 
 from __future__ import annotations
@@ -22,12 +28,39 @@ from torch.autograd.function import once_differentiable
 
 from .algorithm import Algorithm
 from .base_op import BaseOp, LinearOp
-from .delta import add_delta, add_delta_into
+from .delta import FLOAT8_DTYPES, add_delta, add_delta_into, summation_dtype
 from .dora import WeightDecompose, decompose_backward, decompose_scale
 from .structured import StructuredRoute, structured_grads
 from .term import DeltaTerm, term_delta
 
-__all__ = ["DeltaTerm", "adapted_op", "merged_weight", "structured_grads_pay_off", "sum_deltas", "term_delta"]
+__all__ = [
+    "DeltaTerm",
+    "adapted_op",
+    "compute_dtype",
+    "merged_weight",
+    "structured_grads_pay_off",
+    "sum_deltas",
+    "term_delta",
+]
+
+# input dtypes autocast casts (it leaves float64 alone)
+AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor | None) -> torch.dtype:
+    """The dtype a layer's products run in: autocast's where it is on for the input's device (what ``F.linear`` and
+    ``F.conv2d`` would run in), else the weight's (the input's for a float8 weight, which is storage only, or for no
+    weight)."""
+    device = x.device.type
+    if x.dtype in AUTOCAST_ELIGIBLE and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    if weight is None or weight.dtype in FLOAT8_DTYPES:
+        return x.dtype
+    return weight.dtype
+
+
+def _cast(tensor: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    return None if tensor is None or dtype is None else tensor.to(dtype)
 
 
 def sum_deltas(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -47,34 +80,37 @@ def structured_grads_pay_off(op: BaseOp, term: DeltaTerm, weight_shape: torch.Si
 def _merged_weight(
     weight: torch.Tensor | None, total: torch.Tensor, dtype: torch.dtype, *, owned: bool = True
 ) -> torch.Tensor:
-    """``W + ΣΔW`` summed as ``add_delta`` does (inside ``total`` when it is the caller's own temporary); without a base
-    weight (bypass) just ΣΔW in the input's dtype."""
+    """``W + ΣΔW`` summed as ``add_delta`` does (inside ``total`` when it is the caller's own temporary) and cast once
+    to ``dtype``; without a base weight (bypass) just ΣΔW in ``dtype``."""
     if weight is None:
         return total.to(dtype)
-    return add_delta_into(weight, total).to(weight.dtype) if owned else add_delta(weight, total)
+    return add_delta_into(weight, total).to(dtype) if owned else add_delta(weight, total, dtype=dtype)
 
 
 def merged_weight(
     weight: torch.Tensor | None, terms: Sequence[DeltaTerm], deltas: Sequence[torch.Tensor], dtype: torch.dtype
 ) -> torch.Tensor:
     """The layer's weight for these terms and their ΔW: ``W + Σ ΔW`` (``_merged_weight``) when no term is DoRA, else
-    ``W + Σ additive ΔW + Σ_DoRA (s ⊙ (W + ΔW) − W)`` formed in at least float32 and cast once."""
+    ``W + Σ additive ΔW + Σ_DoRA (s ⊙ (W + ΔW) − W)`` formed in at least float32 and cast once, to ``dtype``."""
     if not any(term.decompose is not None for term in terms):
         return _merged_weight(weight, sum_deltas(list(deltas)), dtype)
-    return _decomposed_merge(weight, terms, deltas)[0]
+    return _decomposed_merge(weight, terms, deltas, dtype)[0]
 
 
 def _decomposed_merge(
-    weight: torch.Tensor | None, terms: Sequence[DeltaTerm], deltas: Sequence[torch.Tensor | None]
+    weight: torch.Tensor | None,
+    terms: Sequence[DeltaTerm],
+    deltas: Sequence[torch.Tensor | None],
+    dtype: torch.dtype,
 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]]:
     """``(M, parts)`` for terms with DoRA: ``parts[i]`` is ``(V, s, ‖V‖)`` of DoRA term i (``None`` for additive ones),
-    ``M`` the merged weight in the base weight's dtype. ``deltas[i]`` may be ``None`` for an additive term whose ΔW does
-    not take part (its input gradient goes through its structured route)."""
+    ``M`` the merged weight in ``dtype``. ``deltas[i]`` may be ``None`` for an additive term whose ΔW does not take
+    part (its input gradient goes through its structured route)."""
     if weight is None:
         raise ValueError(
             "DoRA (weight_decompose) needs the base weight: it cannot be applied on top of another tuner layer"
         )
-    compute = torch.promote_types(weight.dtype, torch.float32)
+    compute = summation_dtype(weight.dtype)
     for term, delta in zip(terms, deltas):
         if delta is not None:
             compute = torch.promote_types(compute, delta.dtype)
@@ -93,7 +129,7 @@ def _decomposed_merge(
         scale, norm = decompose_scale(v, term.decompose)
         parts.append((v, scale, norm))
         total = scale * v if lone else total + (scale * v - w)
-    return total.to(weight.dtype), parts
+    return total.to(dtype), parts
 
 
 @dataclass(frozen=True)
@@ -204,9 +240,9 @@ def _execute_backward(ctx: Any, plan: _BackwardPlan, x, weight, terms: list[Delt
             continue
         deltas.append(dense[i].delta() if i in dense else term_delta(term, shape))
         owned = owned and (i not in dense or dense[i].owns_delta)
-    merged = weight if plan.need_x else None
+    merged = _cast(weight, ctx.compute) if plan.need_x else None
     if deltas:
-        merged = _merged_weight(weight, sum_deltas(deltas), ctx.x_dtype, owned=len(deltas) > 1 or owned)
+        merged = _merged_weight(weight, sum_deltas(deltas), ctx.compute, owned=len(deltas) > 1 or owned)
     del deltas
     stand_in = merged if merged is not None else (weight if weight is not None else grad.new_empty(()).expand(shape))
     grad_x, grad_weight = op.backward(grad, x, stand_in, merged is not None, plan.need_dense)
@@ -225,8 +261,7 @@ def _execute_backward(ctx: Any, plan: _BackwardPlan, x, weight, terms: list[Delt
             continue
         factor_grads.update({id(term.params[name]): g for name, g in found.items()})
     grad_w = grad_weight.to(ctx.weight_dtype) if plan.need_w else None
-    grad_b = op.bias_grad(grad) if plan.need_b else None
-    return grad_x, grad_w, grad_b, factor_grads
+    return grad_x, grad_w, factor_grads
 
 
 def _execute_decomposed(ctx: Any, plan: _BackwardPlan, x, weight, terms: list[DeltaTerm], grad: torch.Tensor):
@@ -242,7 +277,7 @@ def _execute_decomposed(ctx: Any, plan: _BackwardPlan, x, weight, terms: list[De
         (dense[i].delta() if i in dense else term_delta(term, shape)) if p.rebuilt else None
         for i, (term, p) in enumerate(zip(terms, plan.terms))
     ]
-    merged, parts = _decomposed_merge(weight, terms, deltas)
+    merged, parts = _decomposed_merge(weight, terms, deltas, ctx.compute)
     del deltas
     grad_x, grad_merged = op.backward(grad, x, merged, plan.need_x, plan.need_dense)
     del merged
@@ -266,34 +301,44 @@ def _execute_decomposed(ctx: Any, plan: _BackwardPlan, x, weight, terms: list[De
             found, _ = structured_grads(term, p.want, x, grad, op, tuple(shape), input_grad=False)
         found_grads.update({id(term.params[name]): g for name, g in found.items()})
     grad_w = grad_w.to(ctx.weight_dtype) if plan.need_w else None
-    grad_b = op.bias_grad(grad) if plan.need_b else None
-    return grad_x, grad_w, grad_b, found_grads
+    return grad_x, grad_w, found_grads
 
 
 class _AdaptedOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x, weight, bias, op: BaseOp, shape, layouts, *tensors):
         terms = _terms(layouts, tensors)
-        merged = merged_weight(weight, terms, [term_delta(t, shape) for t in terms], x.dtype)
+        compute = compute_dtype(x, weight)
         need = ctx.needs_input_grad
-        ctx.op, ctx.shape, ctx.layouts, ctx.x_dtype = op, shape, layouts, x.dtype
+        ctx.op, ctx.shape, ctx.layouts, ctx.compute = op, shape, layouts, compute
+        ctx.x_dtype, ctx.bias_dtype = x.dtype, None if bias is None else bias.dtype
         ctx.weight_dtype = None if weight is None else weight.dtype
+        x = x.to(compute)  # kept in the compute dtype, as autocast keeps its cast copy
+        merged = merged_weight(weight, terms, [term_delta(t, shape) for t in terms], compute)
         # the input is needed for any weight-side gradient, and by a convolution's input gradient (as the base keeps it)
         keep_x = need[1] or any(need[6:]) or (need[0] and not isinstance(op, LinearOp))
         keep_weight = need[0] or any(layout.decompose is not None for layout in layouts)  # DoRA's V = W + ΔW
         ctx.save_for_backward(x if keep_x else None, weight if keep_weight else None, *tensors)
-        return op.forward(x, merged, bias)
+        return op.forward(x, merged, _cast(bias, compute))
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor):
         x, weight, *tensors = ctx.saved_tensors
         tensors = [t.detach() for t in tensors]
+        grad = grad.to(ctx.compute)
         plan = _plan_backward(ctx, x, grad)
-        grad_x, grad_w, grad_b, factor_grads = _execute_backward(
-            ctx, plan, x, weight, _terms(ctx.layouts, tensors), grad
+        grad_x, grad_w, factor_grads = _execute_backward(ctx, plan, x, weight, _terms(ctx.layouts, tensors), grad)
+        grad_b = ctx.op.bias_grad(grad).to(ctx.bias_dtype) if plan.need_b else None
+        return (
+            _cast(grad_x, ctx.x_dtype),
+            grad_w,
+            grad_b,
+            None,
+            None,
+            None,
+            *[factor_grads.get(id(t)) for t in tensors],
         )
-        return (grad_x, grad_w, grad_b, None, None, None, *[factor_grads.get(id(t)) for t in tensors])
 
 
 def adapted_op(
@@ -319,9 +364,15 @@ def adapted_op(
     tensors = [t for term in terms for t in term.params.values()]
     masks = [term.row_mask for term in terms if term.row_mask is not None]
     magnitudes = [term.decompose.magnitude for term in terms if term.decompose is not None]
+    if weight is not None and weight.requires_grad and weight.dtype in FLOAT8_DTYPES:
+        raise ValueError(
+            f"a base weight stored in {weight.dtype} cannot be trained: freeze it, or keep it in bf16/fp32"
+        )
     trainable = [x, weight, bias, *tensors, *magnitudes]
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in trainable if t is not None):
-        return op.forward(x, merged_weight(weight, terms, [term_delta(t, shape) for t in terms], x.dtype), bias)
+        compute = compute_dtype(x, weight)
+        merged = merged_weight(weight, terms, [term_delta(t, shape) for t in terms], compute)
+        return op.forward(x.to(compute), merged, _cast(bias, compute))
     layouts = []
     for term in terms:
         decompose = None if term.decompose is None else (term.decompose.on_output, term.decompose.multiplier)

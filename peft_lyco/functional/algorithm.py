@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from .base_op import BaseOp, LinearOp
+from .pullback import pullback
 from .structured import StructuredRoute
 from .term import DeltaTerm, term_delta
 
@@ -110,13 +111,14 @@ class Algorithm(ABC):
     def linear_grads(
         self,
         params: Mapping[str, torch.Tensor],
-        wanted: Sequence[torch.Tensor],
+        want: Sequence[str],
         pieces: Pieces,
         scale: float,
         input_grad: bool,
     ) -> tuple[Sequence[torch.Tensor], list[torch.Tensor]]:
-        """Gradients of the ``wanted`` leaves among ``params`` (summed over the ``(x, ∂L/∂y)`` chunks) and, with
-        ``input_grad``, the adapter's share of ∂L/∂x per chunk, on a Linear."""
+        """Gradients of the factors named in ``want`` (summed over the ``(x, ∂L/∂y)`` chunks) and, with
+        ``input_grad``, the adapter's share of ∂L/∂x per chunk, on a Linear. Differentiates through ``pullback``
+        (never ``torch.autograd.grad``, which breaks ``torch.compile`` graphs)."""
 
     # ------------------------------------------------------------------------------------------------ dense route
     @abstractmethod
@@ -125,23 +127,26 @@ class Algorithm(ABC):
 
 
 def graph_backward(term: DeltaTerm, want: Sequence[str], shape: torch.Size) -> DenseBackward:
-    """A dense backward through autograd of the term's own ΔW (algorithms whose ΔW graph keeps only small tensors)."""
+    """A dense backward that differentiates the term's own ΔW (``pullback``: for algorithms whose ΔW keeps only small
+    tensors for its derivative, as LoKr's Kronecker product)."""
     return _GraphBackward(term, want, shape)
 
 
 class _GraphBackward:
-    owns_delta = False  # the ΔW is the root of its graph: not ours to add into
+    owns_delta = False  # the ΔW is the root of its derivative's graph: not ours to add into
 
     def __init__(self, term: DeltaTerm, want: Sequence[str], shape: torch.Size):
-        with torch.enable_grad():
-            params = {name: p.requires_grad_(name in want) for name, p in term.params.items()}
-            self.graph = term_delta(DeltaTerm(term.algorithm, params, term.scale, term.row_mask), shape)
-        self.leaves = [params[name] for name in want]
+        fixed = {name: p for name, p in term.params.items() if name not in want}
         self.want = list(want)
 
+        def delta(*wanted: torch.Tensor) -> torch.Tensor:  # ΔW carries the row mask itself
+            params = {**fixed, **dict(zip(self.want, wanted))}
+            return term_delta(DeltaTerm(term.algorithm, params, term.scale, term.row_mask), shape)
+
+        self.value, self.pull = pullback(delta, [term.params[name] for name in self.want])
+
     def delta(self) -> torch.Tensor:
-        return self.graph.detach()
+        return self.value
 
     def grads(self, grad_weight: torch.Tensor) -> dict[str, torch.Tensor]:
-        # the graph's ΔW carries the row mask itself
-        return dict(zip(self.want, torch.autograd.grad(self.graph, self.leaves, grad_weight)))
+        return dict(zip(self.want, self.pull(grad_weight)))

@@ -14,6 +14,11 @@ from .algorithm import Algorithm
 from .loha import LOHA
 from .lokr import LOKR
 
+# Weights stored in these are storage only: the fused op and merging upcast them per call (sd-scripts' --fp8_base)
+FLOAT8_DTYPES = tuple(
+    getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+)
+
 ALGORITHMS: dict[str, Algorithm] = {algorithm.name: algorithm for algorithm in (LOHA, LOKR)}
 
 
@@ -41,26 +46,37 @@ def delta_weight(params: Mapping[str, torch.Tensor], scale: float = 1.0) -> torc
     return algorithm.delta(params, scale)
 
 
-def add_delta(weight: torch.Tensor, delta: torch.Tensor, sign: int = 1) -> torch.Tensor:
-    """``weight + sign * delta`` summed in at least float32 and cast once to the weight's dtype.
+def summation_dtype(weight: torch.dtype, *others: torch.dtype) -> torch.dtype:
+    """The dtype ``W + ΔW`` is summed in: at least float32, wide enough for every operand (a float8 weight is storage
+    only and counts as float32; float8 does not promote)."""
+    compute = torch.float32 if weight in FLOAT8_DTYPES else torch.promote_types(weight, torch.float32)
+    for dtype in others:
+        compute = torch.promote_types(compute, dtype)
+    return compute
+
+
+def add_delta(
+    weight: torch.Tensor, delta: torch.Tensor, sign: int = 1, *, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``weight + sign * delta`` summed in at least float32 and cast once to ``dtype`` (default: the weight's).
 
     fp16/bf16 weights are never summed in their own precision, so merging and the fused forward agree bit for bit.
     """
-    compute = torch.promote_types(torch.promote_types(weight.dtype, delta.dtype), torch.float32)
+    compute = summation_dtype(weight.dtype, delta.dtype)
     delta = delta.reshape(weight.shape).to(compute)
-    if weight.dtype == compute:
-        return weight + delta if sign > 0 else weight - delta
     total = weight.to(compute)
     total = total + delta if sign > 0 else total - delta
-    return total.to(weight.dtype)
+    return total.to(weight.dtype if dtype is None else dtype)
 
 
 def add_delta_into(weight: torch.Tensor, delta: torch.Tensor, sign: int = 1) -> torch.Tensor:
     """``add_delta(weight, delta, sign)`` before its final cast, summed inside ``delta`` (a temporary the caller gives
     up): the same bits in the summation dtype, without a second weight-sized buffer or an upcast copy of the weight.
     """
-    compute = torch.promote_types(torch.promote_types(weight.dtype, delta.dtype), torch.float32)
+    compute = summation_dtype(weight.dtype, delta.dtype)
     delta = delta.reshape(weight.shape).to(compute)
+    if weight.dtype in FLOAT8_DTYPES:  # upcast for this call only
+        weight = weight.to(compute)
     return torch.add(weight, delta, out=delta) if sign > 0 else torch.sub(weight, delta, out=delta)
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .algorithm import Algorithm, DenseBackward, Pieces
 from .factorization import LoHaLayout, loha_layout
+from .pullback import pullback
 from .structured import StructuredRoute
 from .term import DeltaTerm, mask_rows
 from .tucker import rebuild_tucker
@@ -213,13 +214,20 @@ class LoHa(Algorithm):
     def conv_apply(self, x, params, scale, weight_shape, conv) -> torch.Tensor:
         return loha_conv_apply(x, params, scale, weight_shape, conv)
 
-    def linear_grads(self, params, wanted, pieces: Pieces, scale, input_grad):
+    def linear_grads(self, params, want, pieces: Pieces, scale, input_grad):
         """Flat Linear LoHa: ``y = scale · (x @ rightᵀ) @ leftᵀ`` with ``left @ right = ΔW/scale``. The gradients of
         ``left`` and ``right`` (and of x) take two products each per chunk, then the factors' through their small
         products once."""
-        with torch.enable_grad():
-            cast = [params[name].to(pieces[0][0].dtype) for name in LOHA_PARAMS[:4]]
-            left, right = loha_as_lowrank(*cast)
+        dtype = pieces[0][0].dtype
+
+        def lowrank(*wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            factors = {**params, **dict(zip(want, wanted))}
+            return loha_as_lowrank(*[factors[name].to(dtype) for name in LOHA_PARAMS[:4]])
+
+        if want:
+            (left, right), pull = pullback(lowrank, [params[name] for name in want])
+        else:
+            left, right = lowrank()
         grad_left = grad_right = None
         grad_x = []
         with torch.no_grad():
@@ -227,15 +235,11 @@ class LoHa(Algorithm):
                 grad_inner = grad @ left
                 if input_grad:
                     grad_x.append((grad_inner @ right).mul_(scale))
-                if wanted:
+                if want:
                     part_left, part_right = grad.T @ (x @ right.T), grad_inner.T @ x
                     grad_left = part_left if grad_left is None else grad_left.add_(part_left)
                     grad_right = part_right if grad_right is None else grad_right.add_(part_right)
-        grads = (
-            torch.autograd.grad([left, right], wanted, [grad_left.mul_(scale), grad_right.mul_(scale)])
-            if wanted
-            else ()
-        )
+        grads = pull((grad_left.mul_(scale), grad_right.mul_(scale))) if want else ()
         return grads, grad_x
 
     def dense_backward(self, term: DeltaTerm, want: Sequence[str], shape: torch.Size) -> DenseBackward:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from .algorithm import Algorithm, DenseBackward, Pieces, graph_backward
 from .factorization import LoKrLayout, lokr_layout
+from .pullback import pullback
 from .structured import StructuredRoute
 from .term import DeltaTerm
 from .tucker import rebuild_tucker
@@ -207,14 +208,18 @@ class LoKr(Algorithm):
     def conv_apply(self, x, params, scale, weight_shape, conv) -> torch.Tensor:
         return lokr_conv_apply(x, params, scale, weight_shape, conv)
 
-    def linear_grads(self, params, wanted, pieces: Pieces, scale, input_grad):
-        """Autograd through the Kronecker chain, chunk by chunk, the factor gradients summed."""
+    def linear_grads(self, params, want, pieces: Pieces, scale, input_grad):
+        """The derivative of the Kronecker chain, chunk by chunk, the factor gradients summed."""
         grads, grad_x = None, []
         for x, grad in pieces:
-            with torch.enable_grad():
-                inp = x.detach().requires_grad_(input_grad)
-                out = lokr_linear_apply(inp, {name: p.to(x.dtype) for name, p in params.items()}, scale)
-                found = torch.autograd.grad(out, ([inp] if input_grad else []) + list(wanted), grad)
+
+            def chain(*primals: torch.Tensor, x: torch.Tensor = x) -> torch.Tensor:
+                inp = primals[0] if input_grad else x
+                factors = {**params, **dict(zip(want, primals[input_grad:]))}
+                return lokr_linear_apply(inp, {name: p.to(x.dtype) for name, p in factors.items()}, scale)
+
+            _, pull = pullback(chain, [x] * input_grad + [params[name] for name in want])
+            found = pull(grad)
             if input_grad:
                 grad_x.append(found[0])
             grads = found[input_grad:] if grads is None else [a.add_(b) for a, b in zip(grads, found[input_grad:])]

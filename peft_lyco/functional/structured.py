@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .base_op import BaseOp, LinearOp
+from .pullback import pullback
 
 if TYPE_CHECKING:
     from .term import DeltaTerm
@@ -68,27 +69,27 @@ def structured_grads(
 
     The large products run in the input's dtype, as the dense route's weight gradient would; the factors' own chain
     rule in theirs. Linear inputs go through in chunks of tokens whose temporaries stay about weight-sized.
-    The term's ``params`` must be detached tensors (their ``requires_grad`` is set here).
     """
     algorithm = term.algorithm
     if term.row_mask is not None:  # output features: the last axis of a Linear's output, axis 1 of a conv's
         mask = term.row_mask.to(grad.dtype)
         grad = grad * (mask if isinstance(op, LinearOp) else mask.view(-1, 1, 1))
-    leaves = {name: p.requires_grad_(name in want) for name, p in term.params.items()}
-    wanted = [leaves[name] for name in want]
+    params = dict(term.params)
     if not isinstance(op, LinearOp):
-        with torch.enable_grad():
-            cast = {name: p.to(x.dtype) for name, p in leaves.items()}
-            inp = x.detach().requires_grad_(input_grad)
-            out = algorithm.conv_apply(
-                inp, cast, term.scale, weight_shape, lambda a, kernel: op.forward(a, kernel, None)
-            )
-            grads = torch.autograd.grad(out, ([inp] if input_grad else []) + wanted, grad)
+
+        def product(*primals: torch.Tensor) -> torch.Tensor:
+            inp = primals[0] if input_grad else x
+            cast = {name: p.to(x.dtype) for name, p in {**params, **dict(zip(want, primals[input_grad:]))}.items()}
+            return algorithm.conv_apply(inp, cast, term.scale, weight_shape, lambda a, k: op.forward(a, k, None))
+
+        _, pull = pullback(product, [x] * input_grad + [params[name] for name in want])
+        grads = pull(grad)
         return dict(zip(want, grads[input_grad:])), grads[0] if input_grad else None
     flat_x, flat_grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
     chunk = max(1, max(math.prod(weight_shape), CHUNK_ELEMENTS) // max(weight_shape))
-    pieces = [(flat_x[i : i + chunk], flat_grad[i : i + chunk]) for i in range(0, flat_x.shape[0], chunk)]
-    grads, grad_x = algorithm.linear_grads(leaves, wanted, pieces, term.scale, input_grad)
+    # split, not a loop over offsets: torch.compile then guards only on the number of chunks, not on the token count
+    pieces = list(zip(flat_x.split(chunk), flat_grad.split(chunk)))
+    grads, grad_x = algorithm.linear_grads(params, want, pieces, term.scale, input_grad)
     return dict(zip(want, grads)), _joined(grad_x).reshape(x.shape) if input_grad else None
 
 

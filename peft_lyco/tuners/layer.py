@@ -15,10 +15,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ..compat import conv_mode_padding
-from ..functional import Algorithm, DeltaTerm, add_delta_into, rank_dropout_mask
+from ..functional import Algorithm, DeltaTerm, rank_dropout_mask
 from ..functional.adapted import adapted_op, merged_weight, term_delta
 from ..functional.base_op import BaseOp, Conv2dOp, LinearOp
 from ..functional.dora import WeightDecompose, initial_magnitude, magnitude_shape
+from .bases import base_weight
 from .config import LycoConfig
 from .options import LayerSpec, layer_geometry
 
@@ -26,8 +27,9 @@ from .options import LayerSpec, layer_geometry
 class LycoLayer(nn.Module, BaseTunerLayer):
     """A Linear or Conv2d with any number of LoHa/LoKr adapters, held in ``ParameterDict``s keyed by adapter name.
 
-    Training and inference run one op per call on ``W + Σ scale·ΔW`` (the base weight is never modified); when the
-    base is itself a tuner layer (e.g. PEFT LoRA underneath), the ΔW op is added to its output instead.
+    Training and inference run one op per call on ``W + Σ scale·ΔW`` (the base weight is never modified; a float8
+    weight is upcast inside the op per call); when the base is itself a tuner layer (e.g. PEFT LoRA underneath) or a
+    quantized layer (bitsandbytes, torchao; see ``bases``), the ΔW op is added to its output instead.
     """
 
     algorithm: Algorithm
@@ -160,6 +162,11 @@ class LycoLayer(nn.Module, BaseTunerLayer):
         return set(self.layouts)
 
     @property
+    def weight_shape(self) -> torch.Size:
+        """The base weight's logical shape ``(out, in, *kernel)`` (a quantized weight's storage has another one)."""
+        return torch.Size((self.out_features, self.in_features, *self.kernel_size))
+
+    @property
     def groups(self) -> int:
         """The base convolution's ``groups`` (1 for Linear); PEFT's LoRA reads it when stacked on this layer."""
         return getattr(self.get_base_layer(), "groups", 1)
@@ -194,10 +201,10 @@ class LycoLayer(nn.Module, BaseTunerLayer):
 
     def _delta(self, adapter_name: str, scale: float, apply_rank_dropout: bool = False) -> torch.Tensor:
         term = self._term(adapter_name, scale, apply_rank_dropout)
-        weight = self.get_base_layer().weight
-        delta = term_delta(term, weight.shape)
+        delta = term_delta(term, self.weight_shape)
         if term.decompose is None:
             return delta
+        weight = self.get_base_layer().weight
         return merged_weight(weight, [term], [delta], weight.dtype) - weight
 
     def _term(self, adapter_name: str, scale: float, apply_rank_dropout: bool) -> DeltaTerm:
@@ -219,9 +226,8 @@ class LycoLayer(nn.Module, BaseTunerLayer):
         mask = None
         if apply_rank_dropout and p > 0:
             like = next(iter(params.values()))
-            out_features = self.get_base_layer().weight.shape[0]
             mask = rank_dropout_mask(
-                out_features, p, self.rank_dropout_scale[adapter_name], device=like.device, dtype=like.dtype
+                self.out_features, p, self.rank_dropout_scale[adapter_name], device=like.device, dtype=like.dtype
             )
         return DeltaTerm(self.algorithm, params, scale, mask, decompose)
 
@@ -278,43 +284,49 @@ class LycoLayer(nn.Module, BaseTunerLayer):
         base = self.get_base_layer()
         op, prepared = self._op_and_input(x)
         dropouts = {self.dropout[name] if self.training else 0.0 for name, _ in active}
-        if self.base_layer is base and dropouts == {0.0}:
+        kind = base_weight(base)
+        if self.base_layer is base:
+            kind.check_trainable(base.weight, f"module '{self.module_name}'")
+        if self.base_layer is base and kind.fused and dropouts == {0.0}:
             out = adapted_op(prepared, base.weight, base.bias, op, [term for _, term in active])
             return out.squeeze(0) if out.dim() > x.dim() else out  # unbatched conv input
-        # bypass: the base layer's (or the tuner layer underneath's) output plus the adapters' op on ΣΔW, each
-        # group of adapters with its own dropout on the input of the ΔW branch
-        result = self.base_layer(x, *args, **kwargs)
+        # bypass: the base layer's (or the tuner layer or quantized layer underneath's) output plus the adapters' op
+        # on ΣΔW, each group of adapters with its own dropout on the input of the ΔW branch
+        if self.base_layer is base:
+            result = kind.base_output(base, x, op, prepared)
+        else:
+            result = self.base_layer(x, *args, **kwargs)
         for p in sorted(dropouts):
             terms = [term for name, term in active if (self.dropout[name] if self.training else 0.0) == p]
             inp = prepared.to(terms[0].dtype)
             inp = F.dropout(inp, p) if p > 0 else inp
-            out = adapted_op(inp, None, None, op, terms, weight_shape=base.weight.shape)
+            out = adapted_op(inp, None, None, op, terms, weight_shape=self.weight_shape)
             out = out.squeeze(0) if out.dim() > x.dim() else out
             result = result + out.to(result.dtype)
         return result
 
     # ---------------------------------------------------------------------------------------------- merge/unmerge
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Add the adapters' scaled ΔW into the base weight (summed in float32 for fp16/bf16 weights)."""
+        """Add the adapters' scaled ΔW into the base weight (summed in float32 for fp16/bf16 weights; float8 and
+        bitsandbytes weights are rounded back with a warning; torchao weights refuse)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         base = self.get_base_layer()
         for adapter in adapter_names:
             if adapter not in self._available_adapters:
                 continue
             scale = self.scaling[adapter]
+            where = f"'{self.module_name}' (adapter {adapter})"
             with torch.no_grad():
-                if adapter in self.dora_scale:  # not additive: keep the weight for an exact unmerge
-                    self._unmerged_weights[adapter] = base.weight.data.clone()
+                if adapter not in self.dora_scale:
+                    base_weight(base).merge(base, self._delta(adapter, scale), sign=1, where=where, safe=safe_merge)
+                else:  # not additive: keep the weight for an exact unmerge
                     term = self._term(adapter, scale, apply_rank_dropout=False)
                     delta = term_delta(term, base.weight.shape)
                     merged = merged_weight(base.weight.data, [term], [delta], base.weight.dtype)
-                else:
-                    merged = add_delta_into(base.weight.data, self._delta(adapter, scale))
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(
-                    f"NaNs detected in the merged weights of '{self.module_name}'; adapter {adapter} is broken"
-                )
-            _store(base.weight, merged)
+                    if safe_merge and not torch.isfinite(merged).all():
+                        raise ValueError(f"NaNs detected in the merged weights of {where}; the adapter is broken")
+                    self._unmerged_weights[adapter] = base.weight.data.clone()
+                    _store(base.weight, merged)
             self._merged_scale[adapter] = scale
             self.merged_adapters.append(adapter)
 
@@ -328,8 +340,9 @@ class LycoLayer(nn.Module, BaseTunerLayer):
             if adapter in self._unmerged_weights:
                 base.weight.data = self._unmerged_weights.pop(adapter)
             elif adapter in self._available_adapters:
+                where = f"'{self.module_name}' (adapter {adapter})"
                 with torch.no_grad():
-                    _store(base.weight, add_delta_into(base.weight.data, self._delta(adapter, scale), sign=-1))
+                    base_weight(base).merge(base, self._delta(adapter, scale), sign=-1, where=where, safe=False)
 
     def __repr__(self) -> str:
         return f"{type(self).__module__.split('.')[-2]}.{super().__repr__()}"
