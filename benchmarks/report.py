@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
+
+from peft_lyco.convert.io import write_atomically
 
 # targets of issue 6 (ratios from one run)
 STEP_VS_FASTER_PEER = 0.70
@@ -20,16 +20,8 @@ MB = 1024 * 1024
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename (umask permissions)."""
+    write_atomically(path, lambda temp: Path(temp).write_text(text))
 
 
 def _ms(seconds: Optional[float]) -> str:

@@ -34,15 +34,19 @@ from lyco_train.export import AdapterWriter
 from lyco_train.loop import make_accelerator, place_frozen, prepare_training, weight_dtype
 from lyco_train.memory import apply_memory_options, store_weights_in_fp8
 from lyco_train.metadata import RunInfo
-from lyco_train.network import inject
+from lyco_train.network_weights import NetworkWeightsError, add_network
 from lyco_train.objectives import (
     SIGMA_SAMPLING,
+    WEIGHTING_SCHEMES,
+    flow_loss_weights,
     flow_noisy_input,
     flow_target,
+    huber_thresholds,
+    input_perturbation,
+    per_sample_loss,
     sample_generators,
     sample_noise,
     sample_sigmas,
-    weighted_mse,
 )
 from lyco_train.runner import Hooks, Trainer
 from lyco_train.sampling import SamplePrompt, render_samples
@@ -81,12 +85,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--t5_max_token_length", type=int, default=512)
     flow = parser.add_argument_group("rectified flow")
     flow.add_argument("--timestep_sampling", choices=SIGMA_SAMPLING, default="sigmoid")
-    flow.add_argument("--sigmoid_scale", type=float, default=1.0)
-    flow.add_argument("--discrete_flow_shift", type=float, default=1.0, help="used by --timestep_sampling shift")
+    flow.add_argument("--sigmoid_scale", type=float, default=1.0, help="sigmoid, shift, flux_shift")
+    flow.add_argument(
+        "--discrete_flow_shift", type=float, default=1.0, help="the shift of --timestep_sampling shift and sigma"
+    )
+    flow.add_argument(
+        "--weighting_scheme", choices=WEIGHTING_SCHEMES, default="uniform",
+        help="loss weights (sigma_sqrt, cosmap) or the density of --timestep_sampling sigma (logit_normal, mode)",
+    )  # fmt: skip
+    flow.add_argument("--logit_mean", type=float, default=0.0, help="--weighting_scheme logit_normal")
+    flow.add_argument("--logit_std", type=float, default=1.0, help="--weighting_scheme logit_normal")
+    flow.add_argument("--mode_scale", type=float, default=1.29, help="--weighting_scheme mode")
+    model.add_argument(
+        "--blocks_to_swap", type=int, help="keep N DiT blocks' frozen weights on the CPU, moved in for each use"
+    )
     options.add_data_args(parser)
     options.add_network_args(parser, default_name="anima_lokr")
     options.add_optimization_args(parser)
     options.add_output_args(parser)
+    options.add_continuation_args(parser)
+    options.add_loss_args(parser, ddpm=False)
     return options.parse_training_args(
         parser,
         argv,
@@ -231,11 +249,21 @@ def main(argv: list[str] | None = None) -> Result:
     models = load_models(args, dtype)
     place_frozen(accelerator, models.vae, (models.dit, models.text_encoder))
 
-    # the adapter: the DiT (and its LLM adapter with train_llm_adapter=True); Qwen3 unless --network_train_unet_only
-    trained = {"transformer": models.dit}
-    if not args.network_train_unet_only:
-        trained["text_encoder"] = models.text_encoder
-    inject(args, trained)
+    # the adapter: the DiT (and its LLM adapter with train_llm_adapter=True) unless --network_train_text_encoder_only,
+    # Qwen3 unless --network_train_unet_only; --network_weights starts it from a file
+    components = {"transformer": models.dit, "text_encoder": models.text_encoder}
+    trained = {
+        name: model
+        for name, model in components.items()
+        if not (args.network_train_unet_only if name == "text_encoder" else args.network_train_text_encoder_only)
+    }
+    trained = add_network(args, "anima", components, trained, log=accelerator.print)
+    if args.blocks_to_swap:
+        if args.blocks_to_swap > len(models.dit.blocks):
+            raise options.UsageError(
+                f"--blocks_to_swap {args.blocks_to_swap}: the DiT has {len(models.dit.blocks)} blocks"
+            )
+        models.dit.enable_block_swap(args.blocks_to_swap, device)
     if args.gradient_checkpointing:
         models.dit.enable_gradient_checkpointing()
         if "text_encoder" in trained:
@@ -253,6 +281,8 @@ def main(argv: list[str] | None = None) -> Result:
     )  # fmt: skip
 
     training = prepare_training(args, accelerator, records, buckets, trained)
+    if args.blocks_to_swap:
+        models.dit.block_swap.offload()  # after every placement: the swapped blocks' frozen weights go to the CPU
     modules = training.models
 
     def loss(batch: dict, draw: FixedDraw | None = None) -> torch.Tensor:
@@ -272,16 +302,30 @@ def main(argv: list[str] | None = None) -> Result:
             sigmas = sample_sigmas(
                 args.timestep_sampling, generators, device,
                 sigmoid_scale=args.sigmoid_scale, shift=args.discrete_flow_shift,
+                weighting_scheme=args.weighting_scheme, logit_mean=args.logit_mean, logit_std=args.logit_std,
+                mode_scale=args.mode_scale, image_seq_len=(latents.shape[-2] // 2) * (latents.shape[-1] // 2),
             )  # fmt: skip
-        prediction = modules["transformer"](
-            flow_noisy_input(latents, noise, sigmas).to(dtype),
+        input_noise = noise
+        if args.ip_noise_gamma:
+            input_noise = input_perturbation(
+                noise, generators, args.ip_noise_gamma, args.ip_noise_gamma_random_strength
+            )
+        prediction = modules.get("transformer", models.dit)(
+            flow_noisy_input(latents, input_noise, sigmas).to(dtype),
             sigmas.to(dtype),
             text["prompt_embeds"].to(dtype),
             target_input_ids=text["t5_input_ids"],
             target_attention_mask=text["t5_attention_mask"],
             source_attention_mask=text["attention_mask"],
         )
-        return weighted_mse(prediction, flow_target(latents, noise), batch["loss_weights"].to(device))
+        huber_c = None
+        if options.huber_losses(args):
+            noise_to_signal = sigmas / (1.0 - sigmas).clamp_min(torch.finfo(torch.float32).tiny)
+            huber_c = huber_thresholds(args.huber_schedule, args.huber_c, args.huber_scale, sigmas, noise_to_signal)
+        weights = batch["loss_weights"].to(device) * flow_loss_weights(args.weighting_scheme, sigmas)
+        return per_sample_loss(
+            prediction, flow_target(latents, noise), weights, loss_type=args.loss_type, huber_c=huber_c
+        )
 
     def render(prompt: SamplePrompt):
         return models.pipeline()(
@@ -294,7 +338,10 @@ def main(argv: list[str] | None = None) -> Result:
         "ss_timestep_sampling": args.timestep_sampling,
         "ss_sigmoid_scale": args.sigmoid_scale,
         "ss_discrete_flow_shift": args.discrete_flow_shift,
-        "ss_weighting_scheme": "uniform",
+        "ss_weighting_scheme": args.weighting_scheme,
+        "ss_logit_mean": args.logit_mean,
+        "ss_logit_std": args.logit_std,
+        "ss_mode_scale": args.mode_scale,
     }
     hooks = Hooks(
         loss=loss,
@@ -314,5 +361,5 @@ def main(argv: list[str] | None = None) -> Result:
 if __name__ == "__main__":
     try:
         main()
-    except (options.UsageError, DataError) as err:
+    except (options.UsageError, DataError, NetworkWeightsError) as err:
         sys.exit(f"error: {err}")

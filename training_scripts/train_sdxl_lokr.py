@@ -29,18 +29,23 @@ from lyco_train.batches import BatchBuilder, TrainingData, training_images
 from lyco_train.cache import build_latent_cache, build_text_cache
 from lyco_train.data import DataError
 from lyco_train.export import AdapterWriter
+from lyco_train.long_prompts import MAX_TOKEN_LENGTHS, chunked_token_ids, join_chunk_states
 from lyco_train.loop import make_accelerator, place_frozen, prepare_training
 from lyco_train.memory import apply_memory_options, store_weights_in_fp8
 from lyco_train.metadata import RunInfo
-from lyco_train.network import inject
+from lyco_train.network_weights import NetworkWeightsError, add_network
 from lyco_train.objectives import (
+    ddpm_noise_to_signal,
     ddpm_target,
+    huber_thresholds,
+    input_perturbation,
     min_snr_weights,
+    multires_noise,
+    per_sample_loss,
     sample_generators,
     sample_noise,
     sample_timesteps,
     sdxl_time_ids,
-    weighted_mse,
 )
 from lyco_train.runner import Hooks, Trainer
 from lyco_train.sampling import SamplePrompt, render_samples
@@ -78,10 +83,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--variant", help="e.g. fp16")
     model.add_argument("--v_parameterization", action="store_true", help="train v-prediction instead of epsilon")
     model.add_argument("--min_snr_gamma", type=float, help="Min-SNR-γ loss weighting, e.g. 5")
+    model.add_argument(
+        "--clip_skip", type=int, help="use the text encoders' hidden state -N (default 2: SDXL's penultimate layer)"
+    )
+    model.add_argument(
+        "--max_token_length", type=int, choices=MAX_TOKEN_LENGTHS, help="caption tokens: 75 (default), 150 or 225"
+    )
     options.add_data_args(parser)
     options.add_network_args(parser, default_name="sdxl_lokr")
     options.add_optimization_args(parser)
     options.add_output_args(parser)
+    options.add_continuation_args(parser)
+    options.add_loss_args(parser, ddpm=True)
     return options.parse_training_args(
         parser, argv, tiny_defaults=tiny_defaults("sdxl"), pixel_multiple=8, required_with_model=("train_data_dir",)
     )
@@ -109,19 +122,27 @@ def load_pipeline(args: argparse.Namespace) -> StableDiffusionXLPipeline:
     return pipe
 
 
-def encode_captions(pipe: StableDiffusionXLPipeline, captions: list[str], encoders: tuple) -> dict[str, torch.Tensor]:
-    """SDXL conditioning as the pipeline builds it: both encoders' penultimate states, and TE2's pooled output.
+def encode_captions(
+    pipe: StableDiffusionXLPipeline,
+    captions: list[str],
+    encoders: tuple,
+    *,
+    clip_skip: int = 2,
+    max_token_length: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """SDXL conditioning as sd-scripts builds it: both encoders' hidden states ``-clip_skip`` (2: the penultimate
+    layer SDXL uses), over ``max_token_length / 75`` chunks of 75 tokens, and TE2's pooled output of the first chunk.
 
     ``encoders`` are the two text encoders to call (the accelerate-prepared ones when they are trained).
     """
     states = []
     for tokenizer, encoder in zip((pipe.tokenizer, pipe.tokenizer_2), encoders):
-        ids = tokenizer(
-            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(pipe.unet.device)
-        output = encoder(ids, output_hidden_states=True)
-        states.append(output.hidden_states[-2])
-    return {"prompt_embeds": torch.cat(states, dim=-1), "pooled": output.text_embeds}
+        ids = chunked_token_ids(tokenizer, captions, max_token_length).to(pipe.unet.device)
+        batch, chunks, length = ids.shape
+        output = encoder(ids.reshape(batch * chunks, length), output_hidden_states=True)
+        states.append(join_chunk_states(output.hidden_states[-clip_skip], chunks))
+    pooled = output.text_embeds.reshape(batch, chunks, -1)[:, 0]
+    return {"prompt_embeds": torch.cat(states, dim=-1), "pooled": pooled}
 
 
 def encode_images(vae, pixels: torch.Tensor) -> torch.Tensor:
@@ -207,11 +228,15 @@ def main(argv: list[str] | None = None) -> Result:
         pipe.scheduler.config, prediction_type="v_prediction" if args.v_parameterization else "epsilon"
     )
 
-    # the adapter: the UNet always, both text encoders unless --network_train_unet_only
-    trained = {"unet": pipe.unet}
-    if not args.network_train_unet_only:
-        trained.update({name: getattr(pipe, name) for name in TEXT_ENCODERS})
-    inject(args, trained)
+    # the adapter: the UNet unless --network_train_text_encoder_only, both text encoders unless
+    # --network_train_unet_only; --network_weights starts it from a file
+    components = {"unet": pipe.unet, **{name: getattr(pipe, name) for name in TEXT_ENCODERS}}
+    trained = {
+        name: model
+        for name, model in components.items()
+        if not (args.network_train_unet_only if name in TEXT_ENCODERS else args.network_train_text_encoder_only)
+    }
+    trained = add_network(args, "sdxl", components, trained, log=accelerator.print)
     if args.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
         for name in TEXT_ENCODERS:
@@ -219,14 +244,20 @@ def main(argv: list[str] | None = None) -> Result:
                 trained[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     apply_memory_options(args, (pipe.unet, pipe.text_encoder, pipe.text_encoder_2), trained, pipe.unet, dtype)
 
+    text_options = {"clip_skip": args.clip_skip or 2, "max_token_length": args.max_token_length}
+    if args.clip_skip is not None:
+        layers = min(pipe.text_encoder.config.num_hidden_layers, pipe.text_encoder_2.config.num_hidden_layers)
+        if args.clip_skip > layers:
+            raise options.UsageError(f"--clip_skip {args.clip_skip}: the text encoders have {layers} layers")
+
     # caches of frozen outputs, filled once before training
     latent_cache = build_latent_cache(
         args, accelerator, data.all_records, buckets + data.validation_buckets, tag=f"sdxl:{run.model_name}:{args.vae}",
         encode=lambda pixels: encode_images(pipe.vae, pixels),
     )  # fmt: skip
     text_cache = build_text_cache(
-        args, accelerator, data.all_records, tag=f"sdxl:{run.model_name}",
-        encode=lambda captions: encode_captions(pipe, captions, (pipe.text_encoder, pipe.text_encoder_2)),
+        args, accelerator, data.all_records, tag=f"sdxl:{run.model_name}:{args.clip_skip}:{args.max_token_length}",
+        encode=lambda captions: encode_captions(pipe, captions, (pipe.text_encoder, pipe.text_encoder_2), **text_options),
     )  # fmt: skip
 
     training = prepare_training(args, accelerator, records, buckets, trained)
@@ -241,7 +272,7 @@ def main(argv: list[str] | None = None) -> Result:
             text = text_cache.get(batch["captions"])
         else:
             encoders = tuple(models.get(name, getattr(pipe, name)) for name in TEXT_ENCODERS)
-            text = encode_captions(pipe, batch["captions"], encoders)
+            text = encode_captions(pipe, batch["captions"], encoders, **text_options)
         num_timesteps = noise_scheduler.config.num_train_timesteps
         generators = draw.generators if draw else sample_generators(batch["noise_seeds"])
         noise = sample_noise(latents, generators, args.noise_offset)
@@ -249,9 +280,17 @@ def main(argv: list[str] | None = None) -> Result:
             timesteps = draw.timesteps(num_timesteps, device)
         else:
             timesteps = sample_timesteps(num_timesteps, generators, device)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        if args.multires_noise_iterations:
+            noise = multires_noise(noise, generators, args.multires_noise_iterations, args.multires_noise_discount)
+        if args.ip_noise_gamma:
+            noisy = noise_scheduler.add_noise(
+                latents, input_perturbation(noise, generators, args.ip_noise_gamma, args.ip_noise_gamma_random_strength),
+                timesteps,
+            )  # fmt: skip
+        else:
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"]).to(device)
-        prediction = models["unet"](
+        prediction = models.get("unet", pipe.unet)(
             noisy.to(dtype),
             timesteps,
             text["prompt_embeds"].to(device, dtype),
@@ -261,16 +300,28 @@ def main(argv: list[str] | None = None) -> Result:
         weights = batch["loss_weights"].to(device)
         if args.min_snr_gamma:
             weights = weights * min_snr_weights(noise_scheduler, timesteps, args.min_snr_gamma)
-        return weighted_mse(prediction, target, weights)
+        huber_c = None
+        if options.huber_losses(args):
+            huber_c = huber_thresholds(
+                args.huber_schedule, args.huber_c, args.huber_scale, timesteps.float() / num_timesteps,
+                ddpm_noise_to_signal(noise_scheduler, timesteps),
+            )  # fmt: skip
+        return per_sample_loss(prediction, target, weights, loss_type=args.loss_type, huber_c=huber_c)
 
     def render(prompt: SamplePrompt):
         return generate(
             pipe, prompt.prompt, negative_prompt=prompt.negative, width=prompt.width, height=prompt.height,
             num_inference_steps=prompt.steps, guidance_scale=prompt.guidance,
+            clip_skip=text_options["clip_skip"] - 2,  # diffusers' SDXL pipeline counts from the penultimate layer
             generator=torch.Generator(device).manual_seed(prompt.seed),
         )[0]  # fmt: skip
 
-    objective = {"ss_v_parameterization": args.v_parameterization, "ss_min_snr_gamma": args.min_snr_gamma}
+    objective = {
+        "ss_v_parameterization": args.v_parameterization,
+        "ss_min_snr_gamma": args.min_snr_gamma,
+        "ss_clip_skip": args.clip_skip,
+        "ss_max_token_length": args.max_token_length,
+    }
     hooks = Hooks(
         loss=loss,
         save=AdapterWriter(args, run, accelerator, training, records, buckets, objective),
@@ -289,5 +340,5 @@ def main(argv: list[str] | None = None) -> Result:
 if __name__ == "__main__":
     try:
         main()
-    except (options.UsageError, DataError) as err:
+    except (options.UsageError, DataError, NetworkWeightsError) as err:
         sys.exit(f"error: {err}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from ..functional import ALGORITHMS
 from ..tuners import LoHaConfig, LoKrConfig, LycoConfig, LycoLayer
 from ..tuners.options import layer_geometry, resolve_layer_spec
 from ..tuners.targets import exact_pattern_key, exact_target_modules, unwrap
+from .adapter_metadata import adapter_configs, config_alpha
 from .builtin import builtin_layer_module, is_builtin_layer
 from .modules import (
     FILE_PARAMS,
@@ -37,13 +39,23 @@ from .modules import (
     kohya_tensors,
     read_module,
 )
-from .names import ModelNames, NameResolver, detect_model_type, model_names, model_type_of, split_key
+from .names import (
+    ModelNames,
+    NameResolver,
+    detect_model_type,
+    foreign_family_tags,
+    model_names,
+    model_type_of,
+    split_key,
+)
 
 logger = logging.getLogger(__name__)
 
 ALGO_CONFIGS = {"loha": LoHaConfig, "lokr": LoKrConfig}
 NETWORK_MODULES = {"loha": "networks.loha", "lokr": "networks.lokr", "lora": "networks.lora"}
 # A1111 applies CLIP-bigG attention projections only through its fused MultiheadAttention: all four or none.
+# what sd-scripts, LyCORIS, ComfyUI and A1111 all read as adapter weights
+FILE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 COMPLETE_SETS = {("sdxl", "text_encoder_2"): (r"^(.*\.self_attn)\.(q_proj|k_proj|v_proj|out_proj)$", 4)}
 
 
@@ -113,13 +125,26 @@ def kohya_to_peft(
     """
     groups, unknown = _group_keys(state_dict)
     scheme = model_names(model_type or detect_model_type(groups, metadata))
+    foreign = foreign_family_tags(metadata, scheme.model_type)
+    if foreign:
+        warnings.warn(
+            f"the file is tagged {', '.join(foreign)}, another model family than {scheme.model_type}; it is loaded "
+            "because its module names fit, but it was trained for a different base model",
+            UserWarning,
+            stacklevel=2,
+        )
     models = component_models(scheme, model)
     resolver = NameResolver(scheme, models)
     preferred_factor = _metadata_factor(metadata)
     wd_on_output_hint = _metadata_wd_on_output(metadata)
+    configs = adapter_configs(metadata)
+    _refuse_unscaled_peft_file(groups, configs)
+    denoiser = scheme.components[0].name
     modules, unmatched, errors, owners = [], [], [], {}
     for name, params in groups.items():
         target = resolver.resolve(name)
+        if target is None and None in configs:  # a model-level save (save_lora_adapter): the denoiser's own paths
+            target = resolver.resolve(f"{denoiser}.{name}")
         if target is None:
             unmatched.append(name)
             continue
@@ -132,6 +157,11 @@ def kohya_to_peft(
             layer = resolver.layers(component).get(path)
             geometry = Geometry(*layer_geometry(layer, path)) if layer is not None else None
             hint = None if geometry else resolver.kernel_hint(component, path)
+            config = configs.get(component, configs.get(None))
+            if config is not None and "alpha" not in params:
+                kernel = geometry.kernel if geometry else (hint or ())
+                alpha = config_alpha(config, path, any(k != 1 for k in kernel))
+                params = params if alpha is None else {**params, "alpha": torch.tensor(alpha)}
             module = read_module(params, component, path, geometry, hint, preferred_factor, wd_on_output_hint)
         except (ValueError, TypeError) as err:  # ModuleError, or a layout/geometry check naming the problem
             errors.append(f"{name} ({component} '{path}'): {err}")
@@ -146,6 +176,24 @@ def kohya_to_peft(
         by_component.setdefault(module.component, []).append(module)
     components = {name: build_component(name, found, models.get(name)) for name, found in by_component.items()}
     return KohyaConversion(scheme.model_type, components, dict(metadata or {}))
+
+
+def _refuse_unscaled_peft_file(groups: Mapping[str, Mapping[str, torch.Tensor]], configs: Mapping) -> None:
+    """Refuse LoHa/LoKr tensors under PEFT module paths with neither alpha tensors nor the adapter config.
+
+    That is what diffusers' ``save_lora_weights`` writes for a LoHa/LoKr adapter unless given its config: read with
+    kohya's "no alpha means alpha = rank" rule, its output would be off by the adapter's whole scale.
+    """
+    lyco = [name for name, params in groups.items() if algo_of(params) in ("loha", "lokr")]
+    if configs or not lyco or any("alpha" in params for params in groups.values()):
+        return
+    if all("." in name for name in lyco):
+        raise LycoFileError(
+            f"the file holds LoHa/LoKr tensors under PEFT module paths ({lyco[0]}, ...) but no alpha and no adapter "
+            f"config ('lora_adapter_metadata'), so their scale is unknown. It was probably written by diffusers' "
+            "save_lora_weights without unet_lora_adapter_metadata=...peft_config[name].to_dict(); write LoHa/LoKr "
+            "adapters with peft_lyco.convert.peft_to_kohya + save_kohya (or pass the adapter metadata)."
+        )
 
 
 def _group_keys(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
@@ -321,27 +369,40 @@ def peft_to_kohya(
     consumer resolves) or the diffusers layout; ``naming="comfy"`` writes what ComfyUI reads (SGM names for SDXL;
     ``diffusion_model.<path>`` and ``text_encoders.qwen3_06b.transformer.model.<path>`` for Anima, whose
     ``lora_te_`` names ComfyUI ignores); text-encoder names always carry ``text_model_``. Tensors keep their
-    dtype unless ``dtype`` is given (one dtype per module). Tucker LoKr is rebuilt to a full 4-D ``lokr_w2`` unless
+    dtype unless ``dtype`` is given (one dtype per module: ``torch.float32``, ``float16`` or ``bfloat16``; a value that
+    overflows it raises naming the module). Tucker LoKr is rebuilt to a full 4-D ``lokr_w2`` unless
     ``lokr_tucker``. With ``strict``, layouts some consumer would silently drop (a partial CLIP-bigG q/k/v/out set)
     raise instead of warning.
     """
+    if dtype is not None and dtype not in FILE_DTYPES:
+        raise ValueError(
+            f"cannot write dtype {dtype}: kohya files hold float32, float16 or bfloat16 tensors (what sd-scripts, "
+            "LyCORIS, ComfyUI and A1111 read); pass one of those or None to keep the adapter's dtype"
+        )
     scheme, modules, configs = _collect(components, adapter_name, model_type)
     resolver = NameResolver(
         scheme, {} if isinstance(components, KohyaConversion) else component_models(scheme, components)
     )
     _check_complete_sets(scheme, modules, strict)
     state_dict: dict[str, torch.Tensor] = {}
-    written = []
+    written, overflow = [], []
     for module in sorted(modules, key=lambda m: (m.component, m.path)):
         name = resolver.kohya_name(module.component, module.path, naming)
         tensors, alpha = kohya_tensors(module, lokr_tucker)
         target = dtype or _common_dtype(tensors.values())
         for param, tensor in tensors.items():
             state_dict[f"{name}.{param}"] = tensor.detach().to(device="cpu", dtype=target).contiguous()
+            if not torch.isfinite(state_dict[f"{name}.{param}"].abs().amax()):
+                overflow.append(f"{name}.{param} ({module.component} '{module.path}')")
         alpha_tensor = torch.tensor(alpha, dtype=target)
         # a rank of 100000 overflows fp16: keep that (ignored, both-full) alpha in fp32 rather than write inf
         state_dict[f"{name}.alpha"] = alpha_tensor if torch.isfinite(alpha_tensor) else torch.tensor(alpha)
         written.append((module.algo, module.rank, alpha))
+    if overflow:
+        raise ValueError(
+            "NaN or infinite values after conversion to the file dtype (the adapter diverged, or its values exceed "
+            f"{dtype or 'its dtype'}; try dtype=torch.bfloat16 or torch.float32):\n  " + "\n  ".join(overflow)
+        )
     tucker = any(key.endswith((".hada_t1", ".lokr_t2")) for key in state_dict)
     dora_axes = [m.wd_on_output for m in modules if m.dora_scale is not None]
     return dict(sorted(state_dict.items())), _file_metadata(

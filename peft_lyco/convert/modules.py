@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..functional import LOHA, LOHA_PARAMS, LOKR, LOKR_PARAMS, LoHaLayout, LoKrLayout, rebuild_tucker
+from ..functional import LOHA, LOHA_PARAMS, LOKR, LOKR_PARAMS, LoHaLayout, LoKrLayout, delta_weight, rebuild_tucker
 from ..functional.dora import magnitude_shape
 from ..functional.lokr import lokr_w1
 
@@ -25,6 +25,9 @@ REFUSED_PARAMS = {
     "bias": "adapter biases are not supported",
 }
 FILE_PARAMS = (*LOHA_PARAMS, *LOKR_PARAMS, *LORA_PARAMS, "alpha", "dora_scale", *REFUSED_PARAMS)
+# A scaled ΔW entry beyond sqrt(float32 max) overflows to inf as soon as a norm or attention squares the layer's
+# output, so the pipeline outputs NaN: such a module (e.g. alpha 1e30) is refused at load.
+MAX_SCALED_DELTA = math.sqrt(torch.finfo(torch.float32).max)
 
 Layout = LoHaLayout | LoKrLayout
 
@@ -112,6 +115,7 @@ def read_module(
     refused = [f"{name}: {REFUSED_PARAMS[name]}" for name in params if name in REFUSED_PARAMS]
     if refused:
         raise ModuleError("; ".join(refused))
+    peaks = {}
     for name, tensor in params.items():
         if not torch.is_floating_point(tensor):
             raise ModuleError(f"{name} has dtype {tensor.dtype}; adapter tensors must be floating point")
@@ -123,7 +127,8 @@ def read_module(
             continue
         if tensor.dim() < 2 or tensor.numel() == 0:
             raise ModuleError(f"{name} must be a non-empty matrix or conv kernel, got shape {tuple(tensor.shape)}")
-        if not torch.isfinite(tensor.abs().amax()):  # one reduction: NaN and inf propagate (5x faster than .all())
+        peaks[name] = float(tensor.abs().amax())  # one reduction: NaN and inf propagate (5x faster than .all())
+        if not math.isfinite(peaks[name]):
             raise ModuleError(f"{name} contains NaN or infinite values")
     algo = algo_of(params)
     tensors = {name: tensor for name, tensor in params.items() if name not in ("alpha", "dora_scale")}
@@ -144,6 +149,7 @@ def read_module(
         module.wd_on_output, module.dora_scale = read_dora_scale(
             params["dora_scale"], module.geometry, wd_on_output_hint
         )
+    _check_scaled_delta(module, peaks)
     module.component, module.path = component, path
     return module
 
@@ -191,6 +197,29 @@ def _fits(shape: tuple[int, ...], expected: tuple[int, ...]) -> bool:
         return dims
 
     return strip(shape) == strip(expected)
+
+
+def _check_scaled_delta(module: ModuleAdapter, peaks: Mapping[str, float]) -> None:
+    """Refuse a module whose scaled ΔW has entries beyond ``MAX_SCALED_DELTA`` (or non-finite ones).
+
+    A cheap bound (each factor's largest entry times its largest dimension, which bounds every contraction) clears
+    ordinary modules without computing ΔW; only modules over the bound get their ΔW built and measured.
+    """
+    scale = abs(module.alpha / module.rank)
+    bound = scale * math.prod(peaks[name] * max(tensor.shape) for name, tensor in module.tensors.items())
+    if bound < MAX_SCALED_DELTA:
+        return
+    factors = {name: tensor.to(torch.float32) for name, tensor in module.tensors.items()}
+    if module.algo == "lora":
+        delta = (factors["lora_up.weight"].flatten(1) @ factors["lora_down.weight"].flatten(1)) * scale
+    else:
+        delta = delta_weight(factors, scale)
+    peak = float(delta.abs().amax())
+    if not peak < MAX_SCALED_DELTA:
+        raise ModuleError(
+            f"alpha {module.alpha:g} / rank {module.rank} makes ΔW reach {peak:.3g}; beyond {MAX_SCALED_DELTA:.3g} a "
+            "float32 forward overflows to inf/NaN (a corrupt alpha or diverged training)"
+        )
 
 
 def _alpha(tensor: torch.Tensor | None) -> float | None:

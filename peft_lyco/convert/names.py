@@ -429,6 +429,20 @@ _METADATA_TYPES = (("ss_base_model_version", r"^sdxl", "sdxl"), ("ss_base_model_
                    ("modelspec.architecture", r"^anima", "anima"))  # fmt: skip
 
 
+def foreign_family_tags(metadata: Mapping[str, str] | None, model_type: str) -> list[str]:
+    """``key=value`` of every model-family tag in ``metadata`` (``ss_base_model_version``, ``modelspec.architecture``)
+    that does not name ``model_type``: an SD1.5/SD3/Flux file whose module names happen to fit loads, but wrongly."""
+    foreign = []
+    for key in dict.fromkeys(key for key, _, _ in _METADATA_TYPES):
+        value = str((metadata or {}).get(key, "")).strip()
+        if not value:
+            continue
+        families = {found for k, pattern, found in _METADATA_TYPES if k == key and re.match(pattern, value)}
+        if model_type not in families:
+            foreign.append(f"{key}={value!r}")
+    return foreign
+
+
 def detect_model_type(module_names: Iterable[str], metadata: Mapping[str, str] | None = None) -> str:
     """Tell SDXL from Anima files by their metadata, else by their module names; raise if it stays ambiguous."""
     for key, pattern, model_type in _METADATA_TYPES:

@@ -12,6 +12,7 @@ from .delta import (
 from .factorization import (
     LoHaLayout,
     LoKrLayout,
+    check_alpha,
     check_factor,
     check_rank,
     factorization,
@@ -37,6 +38,7 @@ __all__ = [
     "add_delta",
     "add_delta_into",
     "algorithm_for",
+    "check_alpha",
     "check_factor",
     "check_rank",
     "delta_weight",

@@ -7,6 +7,7 @@ and infers files with it, and the full-matrix / decomposition decisions of LyCOR
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from math import prod
 from typing import Literal
@@ -54,6 +55,19 @@ def check_rank(rank: int, what: str = "rank") -> None:
     """Reject ranks that are not positive integers."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"{what} must be a positive integer, got {rank!r}")
+
+
+def check_alpha(alpha: float | None, what: str = "alpha") -> None:
+    """Reject alphas that are not finite real numbers (``None`` is allowed: it means alpha = rank).
+
+    An infinite or NaN alpha makes even a zero-initialised adapter output NaN (0 * inf), so it is refused up front.
+    """
+    if alpha is None:
+        return
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"{what} must be a finite number or None, got {alpha!r}")
+    if not math.isfinite(alpha):
+        raise ValueError(f"{what} must be a finite number, got {alpha!r}")
 
 
 def uses_tucker(kernel: Kernel, use_tucker: bool) -> bool:

@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence, Union
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
+from ..functional import check_alpha
 from ..tuners import LoHaConfig, LoHaLayer, LoKrConfig, LoKrLayer, LycoConfig
 from ..tuners.options import layer_geometry, resolve_layer_spec
 from ..tuners.targets import adaptable_layers, exact_pattern_key, exact_target_modules, unwrap
@@ -134,8 +135,9 @@ def _check_network_dim_alpha(network_dim: Any, network_alpha: Any) -> tuple[int,
     network_alpha = 1.0 if network_alpha is None else network_alpha
     if isinstance(network_dim, bool) or not isinstance(network_dim, int) or network_dim < 0:
         raise ValueError(f"network_dim must be an integer >= 0, got {network_dim!r}")
-    if isinstance(network_alpha, bool) or not isinstance(network_alpha, (int, float)) or not network_alpha >= 0:
-        raise ValueError(f"network_alpha must be a number >= 0, got {network_alpha!r}")
+    check_alpha(network_alpha, "network_alpha")
+    if network_alpha < 0:
+        raise ValueError(f"network_alpha must be a finite number >= 0, got {network_alpha!r}")
     return network_dim, float(network_alpha)
 
 

@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Optional, Union
 
 from peft.tuners.lycoris_utils import LycorisConfig
 
-from ..functional import check_factor, check_rank
+from ..functional import check_alpha, check_factor, check_rank
 
 INIT_CHOICES = (True, False, "lycoris", "peft")
 
@@ -124,6 +124,10 @@ class LycoConfig(LycorisConfig):
             check_rank(self.conv_r, f"{name}.conv_r")
         for key, rank in self.rank_pattern.items():
             check_rank(rank, f"{name}.rank_pattern[{key!r}]")
+        check_alpha(self.alpha, f"{name}.alpha")
+        check_alpha(self.conv_alpha, f"{name}.conv_alpha")
+        for key, alpha in self.alpha_pattern.items():
+            check_alpha(alpha, f"{name}.alpha_pattern[{key!r}]")
         for what in ("rank_dropout", "module_dropout", "dropout"):
             p = getattr(self, what)
             if not 0.0 <= p < 1.0:

@@ -9,6 +9,8 @@ from typing import Optional, Union
 
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 # The layer types LoHa/LoKr adapt (and that kohya files name).
 ADAPTABLE_LAYERS = (nn.Linear, nn.Conv2d)
@@ -63,3 +65,30 @@ def _suffix_clash(targets: set[str], names: Iterable[str]) -> bool:
         if any(".".join(parts[i:]) in targets for i in range(1, len(parts))):
             return True
     return False
+
+
+def all_linear_targets(model: nn.Module) -> set[str]:
+    """The module paths PEFT's ``target_modules="all-linear"`` selects in ``model``, found without touching it.
+
+    As PEFT: every ``nn.Linear`` and transformers ``Conv1D``, and tuner layers named ``*Linear*``, except a
+    transformers model's output embedding and the modules inside tuner layers. Checking these before injection is
+    what lets an unsupported one (``Conv1D``) be refused while the model is still unchanged.
+    """
+    found = {
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, Conv1D))
+        or (isinstance(module, BaseTunerLayer) and "Linear" in type(module).__name__)
+    }
+    if isinstance(model, PreTrainedModel) and model.get_output_embeddings() is not None:
+        head = model.get_output_embeddings()
+        found -= {name for name, module in model.named_modules() if module is head}
+    for prefix, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            found -= {f"{prefix}.{suffix}" for suffix, _ in module.named_modules() if suffix}
+    return found
+
+
+def is_all_linear(target_modules: object) -> bool:
+    """Whether ``target_modules`` is PEFT's ``"all-linear"`` shorthand (any letter case, as PEFT reads it)."""
+    return isinstance(target_modules, str) and target_modules.lower() == "all-linear"

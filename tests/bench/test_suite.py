@@ -3,6 +3,7 @@ speed targets belong to the benchmark's report, not to unit tests."""
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -83,3 +84,15 @@ def test_update_docs_replaces_only_the_marked_section(tmp_path):
     doc.write_text("no markers\n")
     with pytest.raises(ValueError, match="markers"):
         report.update_docs(doc, "x")
+
+
+def test_rewritten_docs_keep_ordinary_permissions(tmp_path):
+    """The docs page was rewritten through mkstemp and came back 0600 (unreadable to other accounts)."""
+    doc = tmp_path / "performance.md"
+    doc.write_text(f"{report.DOCS_START}\nold\n{report.DOCS_END}\n")
+    old = os.umask(0o022)
+    try:
+        report.update_docs(doc, "new\n")
+    finally:
+        os.umask(old)
+    assert doc.stat().st_mode & 0o777 == 0o644

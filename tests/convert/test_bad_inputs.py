@@ -74,6 +74,10 @@ DAMAGE = {
     "alpha-inf": (lambda sd: sd.update({f"{PROJ_IN}.alpha": torch.tensor(float("inf"))}), "alpha is inf"),
     "dora-1d": (lambda sd: sd.update({f"{PROJ_IN}.dora_scale": torch.ones(64)}), "does not say its axis"),
     "dora-shape": (lambda sd: sd.update({f"{PROJ_IN}.dora_scale": torch.ones(64, 2)}), "fits neither axis"),
+    "alpha-huge": (  # finite, but the scaled ΔW makes the UNet output NaN (issue 9.6)
+        lambda sd: sd.update({f"{PROJ_IN}.alpha": torch.tensor(1e30)}),
+        rf"{PROJ_IN} .*alpha 1e\+30 / rank 4 makes ΔW reach",
+    ),
     "scale": (lambda sd: sd.update({f"{PROJ_IN}.scale": torch.ones(())}), "'scale' tensor"),
     "orphan-alpha": (_orphan_alpha, "lora_unet_conv_out.*no adapter tensors"),
     "duplicate": (lambda sd: sd.update({"lora_unet_out_2.hada_w1_a": sd[f"{CONV_IN}.hada_w1_a"]}), "already adapted"),
@@ -156,3 +160,29 @@ def test_degenerate_tensors_are_named(loha, pipe):
     with pytest.raises(LycoFileError, match=r"(?s)invalid modules \(2\).*must be a non-empty matrix") as err:
         convert(loha, pipe)
     assert PROJ_IN in str(err.value) and CONV_IN in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"ss_base_model_version": "sd_v1"},
+        {"ss_base_model_version": "flux1"},
+        {"modelspec.architecture": "stable-diffusion-v1/lora"},
+    ],
+)
+def test_a_file_tagged_for_another_model_family_warns(loha, pipe, metadata):
+    """An SD1.5/Flux-tagged file whose names happen to fit loaded silently (issue 9.11)."""
+    with pytest.warns(UserWarning, match=f"{next(iter(metadata.values()))}.*sdxl"):
+        convert(loha, pipe, metadata=metadata)
+
+
+def test_files_tagged_for_the_same_family_load_quietly(loha, pipe, recwarn):
+    convert(
+        loha,
+        pipe,
+        metadata={
+            "ss_base_model_version": "sdxl_base_v1-0",
+            "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+        },
+    )
+    assert not [w for w in recwarn if "model family" in str(w.message)]

@@ -211,3 +211,28 @@ def test_unwritable_adapters_are_named():
     ia3 = get_peft_model(copy.deepcopy(pipe.unet), peft.IA3Config(target_modules=["proj_in"], feedforward_modules=[]))
     with pytest.raises(ValueError, match="proj_in.*peft.tuners.ia3"):
         peft_to_kohya({"unet": ia3})
+
+
+def test_only_float_dtypes_consumers_read_are_written():
+    """int8 wrote zeros and float8 crashed: only float32/float16/bfloat16 are accepted (issue 9.9)."""
+    conversion = kohya_to_peft(lycoris_case(**VARIANTS["lokr-f4"])[0])
+    for dtype in (torch.int8, torch.float8_e4m3fn, torch.float64, torch.complex64):
+        with pytest.raises(ValueError, match=r"dtype.*float32, float16 or bfloat16"):
+            peft_to_kohya(conversion, dtype=dtype)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        written, _ = peft_to_kohya(conversion, dtype=dtype)
+        factors = {k: v for k, v in written.items() if not k.endswith(".alpha")}
+        assert {t.dtype for t in factors.values()} == {dtype}
+
+
+def test_values_that_overflow_the_file_dtype_are_refused_naming_the_module():
+    """A factor of 1e5 becomes inf in float16: refused, naming the module, instead of an unloadable file."""
+    state_dict = dict(lycoris_case(**VARIANTS["lokr-f4"])[0])
+    key = next(k for k in state_dict if k.startswith("lora_unet_") and k.endswith(".lokr_w1"))
+    state_dict[key] = state_dict[key] * 0 + 1e5
+    conversion = kohya_to_peft(state_dict)
+    path = next(m.path for m in conversion["unet"].modules if m.name == key.split(".")[0])
+    with pytest.raises(ValueError, match=r"float16(.|\n)*lokr_w1 \(unet '" + re.escape(path)):
+        peft_to_kohya(conversion, dtype=torch.float16)
+    written, _ = peft_to_kohya(conversion, dtype=torch.bfloat16)
+    assert all(torch.isfinite(t).all() for t in written.values())

@@ -109,10 +109,11 @@ def test_from_single_file_bad_files(source, tmp_path, change, message):
 
 
 def test_from_single_file_refuses_pickles_and_truncated_files(source, tmp_path):
-    pickled = tmp_path / "dit.ckpt"
-    torch.save(source.state_dict(), pickled)
-    with pytest.raises(ValueError, match="only .safetensors"):
-        AnimaDiT.from_single_file(pickled, CONFIG)
+    for name in ("dit.ckpt", "dit.safetensors.pt", "disguised.safetensors"):
+        pickled = tmp_path / name
+        torch.save(source.state_dict(), pickled)
+        with pytest.raises(ValueError, match=f"{name} is a torch zip checkpoint.*never unpickles"):
+            AnimaDiT.from_single_file(pickled, CONFIG)
     path = saved(tmp_path, source.state_dict())
     truncated = tmp_path / "cut.safetensors"
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -120,6 +121,15 @@ def test_from_single_file_refuses_pickles_and_truncated_files(source, tmp_path):
         AnimaDiT.from_single_file(truncated, CONFIG)
     with pytest.raises(FileNotFoundError):
         AnimaDiT.from_single_file(tmp_path / "absent.safetensors", CONFIG)
+
+
+@pytest.mark.parametrize("name", ["dit.sft", "dit.SAFETENSORS", "dit"])
+def test_from_single_file_reads_safetensors_content_whatever_its_name(source, tmp_path, name):
+    """Checkpoints were routed by suffix: a .sft download was refused as a pickle."""
+    path = saved(tmp_path, source.state_dict(), name)
+    model = AnimaDiT.from_single_file(path, CONFIG)
+    assert model.state_dict().keys() == source.state_dict().keys()
+    assert all(torch.equal(value, source.state_dict()[key]) for key, value in model.state_dict().items())
 
 
 def test_load_state_dict_accepts_prefix_reports_and_leaves_model_untouched_on_error(source):

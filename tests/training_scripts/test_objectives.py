@@ -17,7 +17,7 @@ from lyco_train.objectives import (
     sample_sigmas,
     sample_timesteps,
     sdxl_time_ids,
-    weighted_mse,
+    per_sample_loss,
 )
 from lyco_train.runner import step_loss
 from lyco_train.sampling import SamplePrompt, parse_prompt_line
@@ -108,11 +108,11 @@ def test_flow_matching_interpolation_and_target():
     assert torch.allclose(derivative, flow_target(x0, eps), atol=1e-3)
 
 
-def test_weighted_mse():
+def test_per_sample_l2_loss():
     prediction, target = torch.zeros(2, 3), torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]])
-    assert weighted_mse(prediction, target).tolist() == [1.0, 4.0]
-    assert weighted_mse(prediction, target, torch.tensor([1.0, 0.5])).tolist() == [1.0, 2.0]
-    assert step_loss(weighted_mse(prediction, target), torch.tensor([0.5, 0.5], dtype=torch.float64)) == 2.5
+    assert per_sample_loss(prediction, target).tolist() == [1.0, 4.0]
+    assert per_sample_loss(prediction, target, torch.tensor([1.0, 0.5])).tolist() == [1.0, 2.0]
+    assert step_loss(per_sample_loss(prediction, target), torch.tensor([0.5, 0.5], dtype=torch.float64)) == 2.5
 
 
 @pytest.mark.parametrize(

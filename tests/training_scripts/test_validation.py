@@ -84,16 +84,16 @@ validation_split = 0.25
 def _record_losses(monkeypatch, module):
     """Wrap the trainer's per-sample loss: keep (per-sample squared error, weights, result) of every training call."""
     calls = []
-    original = module.weighted_mse
+    original = module.per_sample_loss
 
-    def recording(prediction, target, weights=None):
-        result = original(prediction, target, weights)
+    def recording(prediction, target, weights=None, **kwargs):
+        result = original(prediction, target, weights, **kwargs)
         if torch.is_grad_enabled():
             per_sample = (prediction.double() - target.double()).pow(2).flatten(1).mean(dim=1)
             calls.append((per_sample.detach(), weights.detach().double(), result.detach().double()))
         return result
 
-    monkeypatch.setattr(module, "weighted_mse", recording)
+    monkeypatch.setattr(module, "per_sample_loss", recording)
     return calls
 
 

@@ -11,13 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from peft_lyco.convert import load_kohya
 from peft_lyco.presets import NetworkArgsError, parse_network_args
 
 from .dataset_config import DatasetConfigError, dataset_problems, resolve_datasets
+from .objectives import HUBER_SCHEDULES, LOSS_TYPES
 from .state import saved_seed
 
 NETWORK_MODULES = {"networks.lokr": "lokr", "networks.loha": "loha"}
 OPTIMIZERS = ("AdamW", "AdamW8bit")
+BNB_OPTIMIZERS = ("AdamW8bit",)
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
@@ -27,6 +31,14 @@ SWITCH = argparse.BooleanOptionalAction
 
 class UsageError(ValueError):
     """An option (or combination of options) that cannot work; raised before any heavy work starts."""
+
+
+def optimizer_name(value: str) -> str:
+    """``--optimizer_type`` in any letter case, as sd-scripts accepts it (``adamw8bit`` -> ``AdamW8bit``)."""
+    by_lower = {name.lower(): name for name in OPTIMIZERS}
+    if value.lower() not in by_lower:
+        raise argparse.ArgumentTypeError(f"unknown optimizer {value!r}; choose from {', '.join(OPTIMIZERS)}")
+    return by_lower[value.lower()]
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -124,7 +136,9 @@ def add_network_args(parser: argparse.ArgumentParser, *, default_name: str) -> N
 
 def add_optimization_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("optimization")
-    group.add_argument("--optimizer_type", choices=OPTIMIZERS, default="AdamW")
+    group.add_argument(
+        "--optimizer_type", type=optimizer_name, default="AdamW", help=f"{', '.join(OPTIMIZERS)} (any letter case)"
+    )
     group.add_argument("--optimizer_args", nargs="*", default=[], help="'key=value' optimizer keyword arguments")
     group.add_argument("--lr_scheduler", choices=SCHEDULERS, default="constant")
     group.add_argument("--lr_warmup_steps", type=float, default=0, help="steps, or a fraction (< 1) of all steps")
@@ -184,6 +198,48 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sample_at_first", action="store_true")
 
 
+def add_continuation_args(parser: argparse.ArgumentParser) -> None:
+    """Continuing from a file, keeping only recent saves, which parts train, max-norm (sd-scripts names)."""
+    group = parser.add_argument_group("continuing and keeping runs")
+    group.add_argument("--network_weights", help="start from this kohya/LyCORIS LoHa/LoKr .safetensors (bit-exact)")
+    group.add_argument(
+        "--dim_from_weights",
+        action="store_true",
+        help="build the network from --network_weights (modules, ranks, alphas)",
+    )
+    group.add_argument("--save_last_n_epochs", type=int, help="keep only the last N epoch saves")
+    group.add_argument("--save_last_n_epochs_state", type=int, help="the same for state folders (default: the above)")
+    group.add_argument("--save_last_n_steps", type=int, help="keep only the step saves of the last N steps")
+    group.add_argument("--save_last_n_steps_state", type=int, help="the same for state folders (default: the above)")
+    group.add_argument(
+        "--network_train_text_encoder_only", action="store_true", help="train the text encoder adapter(s) only"
+    )
+    group.add_argument(
+        "--scale_weight_norms", type=float, help="max-norm: after each step scale every module's ΔW to norm <= this"
+    )
+
+
+def add_loss_args(parser: argparse.ArgumentParser, *, ddpm: bool) -> None:
+    """Loss type (Huber schedules) and noise options (sd-scripts names); multires noise only for DDPM (SDXL)."""
+    group = parser.add_argument_group("loss and noise")
+    group.add_argument("--loss_type", choices=LOSS_TYPES, default="l2")
+    group.add_argument("--huber_schedule", choices=HUBER_SCHEDULES, default="snr", help="huber/smooth_l1 threshold")
+    group.add_argument("--huber_c", type=float, default=0.1, help="Huber threshold c (decay of the schedules)")
+    group.add_argument("--huber_scale", type=float, default=1.0, help="Huber threshold scale (constant, exponential)")
+    group.add_argument("--ip_noise_gamma", type=float, help="input perturbation noise strength, e.g. 0.1")
+    group.add_argument(
+        "--ip_noise_gamma_random_strength", action="store_true", help="strength uniform in [0, --ip_noise_gamma)"
+    )
+    if ddpm:
+        group.add_argument("--multires_noise_iterations", type=int, help="pyramid noise levels, e.g. 6-10")
+        group.add_argument("--multires_noise_discount", type=float, default=0.3, help="weight decay per level")
+
+
+def huber_losses(args: argparse.Namespace) -> bool:
+    """Whether the loss needs per-sample Huber thresholds."""
+    return args.loss_type in ("huber", "smooth_l1")
+
+
 def _dynamo_backends() -> list[str]:
     import torch._dynamo
 
@@ -237,6 +293,10 @@ def check_args(args: argparse.Namespace, *, pixel_multiple: int) -> None:
     ):
         need(getattr(args, option) >= 1, f"--{option} must be at least 1, got {getattr(args, option)}")
     for option in (
+        "save_last_n_epochs",
+        "save_last_n_epochs_state",
+        "save_last_n_steps",
+        "save_last_n_steps_state",
         "max_train_epochs",
         "save_every_n_steps",
         "save_every_n_epochs",
@@ -249,6 +309,15 @@ def check_args(args: argparse.Namespace, *, pixel_multiple: int) -> None:
         value = getattr(args, option)
         need(value is None or value >= 1, f"--{option} must be at least 1, got {value}")
     need(args.max_data_loader_n_workers >= 0, "--max_data_loader_n_workers must be >= 0")
+    check_continuation(args, need)
+    need(args.huber_c > 0, f"--huber_c must be > 0, got {args.huber_c}")
+    need(args.ip_noise_gamma is None or args.ip_noise_gamma >= 0, "--ip_noise_gamma must be >= 0")
+    skip = getattr(args, "clip_skip", None)
+    need(skip is None or skip >= 1, f"--clip_skip must be at least 1, got {skip}")
+    swap = getattr(args, "blocks_to_swap", None)
+    need(swap is None or swap >= 0, f"--blocks_to_swap must be >= 0, got {swap}")
+    iterations = getattr(args, "multires_noise_iterations", None)
+    need(iterations is None or iterations >= 0, f"--multires_noise_iterations must be >= 0, got {iterations}")
     need(
         not args.cache_text_encoder_outputs or args.network_train_unet_only,
         "--cache_text_encoder_outputs needs frozen text encoders: add --network_train_unet_only",
@@ -266,10 +335,11 @@ def check_args(args: argparse.Namespace, *, pixel_multiple: int) -> None:
         f"--dynamo_backend {args.dynamo_backend!r} is not a torch.compile backend here; "
         f"choose from {', '.join(_dynamo_backends())}",
     )
-    if args.optimizer_type == "AdamW8bit":
+    if args.optimizer_type in BNB_OPTIMIZERS:
         need(
             importlib.util.find_spec("bitsandbytes") is not None,
-            "--optimizer_type AdamW8bit needs bitsandbytes: pip install bitsandbytes (or use --optimizer_type AdamW)",
+            f"--optimizer_type {args.optimizer_type} needs bitsandbytes: pip install 'peft_lyco[bnb]' "
+            "(or pip install bitsandbytes), or use --optimizer_type AdamW",
         )
     if args.log_with in ("tensorboard", "all"):
         need(
@@ -298,6 +368,55 @@ def check_args(args: argparse.Namespace, *, pixel_multiple: int) -> None:
         problems.append(f"--network_args: {err}")
     if problems:
         raise UsageError("cannot start training:\n  " + "\n  ".join(problems))
+
+
+def check_continuation(args: argparse.Namespace, need) -> None:
+    """The ``add_continuation_args`` options: combinations that cannot work and a --network_weights file that is
+    missing or not a safetensors file, found before any model loads."""
+    for option, every in (
+        ("save_last_n_epochs", "save_every_n_epochs"),
+        ("save_last_n_epochs_state", "save_every_n_epochs"),
+        ("save_last_n_steps", "save_every_n_steps"),
+        ("save_last_n_steps_state", "save_every_n_steps"),
+    ):
+        need(getattr(args, option) is None or getattr(args, every), f"--{option} needs --{every}")
+    for option in ("save_last_n_epochs_state", "save_last_n_steps_state"):
+        need(getattr(args, option) is None or args.save_state, f"--{option} needs --save_state")
+    need(
+        not (args.network_train_unet_only and args.network_train_text_encoder_only),
+        "--network_train_unet_only and --network_train_text_encoder_only exclude each other; choose one",
+    )
+    need(
+        not (args.network_train_text_encoder_only and args.cache_text_encoder_outputs),
+        "--network_train_text_encoder_only trains the text encoders: drop --cache_text_encoder_outputs",
+    )
+    need(
+        args.scale_weight_norms is None or args.scale_weight_norms > 0,
+        f"--scale_weight_norms must be > 0, got {args.scale_weight_norms}",
+    )
+    dora = any(
+        key.strip() == "dora_wd" and value.strip().lower() in ("true", "1")
+        for key, _, value in (item.partition("=") for item in args.network_args)
+    )
+    need(
+        not (args.scale_weight_norms and dora),
+        "--scale_weight_norms scales ΔW, which DoRA (dora_wd=True) renormalises: use one of them",
+    )
+    need(not args.dim_from_weights or bool(args.network_weights), "--dim_from_weights needs --network_weights")
+    if args.network_weights:
+        path = Path(args.network_weights)
+        if not path.is_file():
+            need(False, f"--network_weights file '{path}' does not exist")
+        elif path.suffix != ".safetensors":
+            need(
+                False,
+                f"--network_weights '{path}' is not a .safetensors file (pickled .ckpt/.pt files are never loaded)",
+            )
+        else:
+            try:
+                load_kohya(path)  # a truncated or corrupt file is reported before any model loads
+            except ValueError as err:
+                need(False, f"--network_weights: {err}")
 
 
 def use_dataset_config(args: argparse.Namespace) -> None:

@@ -16,6 +16,8 @@ import torch
 
 from .batches import BatchBuilder, epoch_loader
 from .loop import GradientSteps, Training, current_lrs, progress_bar, start_trackers, trainable_parameters
+from .max_norm import MaxNormReport, apply_max_norm
+from .pruning import Retention, prune
 from .state import Position, load_state, run_fingerprint, save_state, state_folder_name
 from .validation import Validator
 
@@ -72,6 +74,8 @@ class Trainer:
         self.fingerprint = run_fingerprint(args, training.data.batches_per_epoch)
         self.gradients = GradientSteps(accelerator, self.models.values(), args.gradient_accumulation_steps)
         self.history = History()
+        self.retention = Retention.from_args(args)
+        self.max_norm: MaxNormReport | None = None
         self.last_validation: Optional[float] = None
 
     # ------------------------------------------------------------------------------------------------- state
@@ -83,7 +87,9 @@ class Trainer:
         )
         return position
 
-    def _save(self, position: Position, *, stem: str, state_name: str) -> None:
+    def _save(self, position: Position, *, stem: str, state_name: str, periodic: tuple | None = None) -> None:
+        """Write the adapter files (and state); ``periodic`` = (kind, number, every) of a periodic save, after which
+        ``--save_last_n_*`` removes the saves that fall out of the kept window."""
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             self.history.saved += self.hooks.save(stem, position)
@@ -91,6 +97,13 @@ class Trainer:
             folder = Path(self.args.output_dir) / state_name
             save_state(folder, self.accelerator, self.training, position, self.fingerprint)
             self.history.saved.append(folder)
+        if periodic is not None and self.accelerator.is_main_process:
+            kind, number, every = periodic
+            removed = prune(
+                Path(self.args.output_dir), self.args.output_name, self.retention, kind=kind, number=number, every=every
+            )
+            self.history.saved = [path for path in self.history.saved if path not in removed]
+        self.accelerator.wait_for_everyone()
 
     def _sample(self, step: int) -> None:
         if self.hooks.sample is not None and self.args.sample_prompts and self.accelerator.is_main_process:
@@ -122,6 +135,9 @@ class Trainer:
         shown["lr"] = f"{next(iter(current_lrs(self.optimizer).values())):.2e}"
         if self.last_validation is not None:
             shown["val_loss"] = f"{self.last_validation:.4f}"
+        if self.max_norm is not None:  # sd-scripts' names
+            shown["Keys Scaled"] = self.max_norm.keys_scaled
+            shown["Average key norm"] = f"{self.max_norm.mean_norm:.4g}"
         bar.set_postfix(shown)
 
     # -------------------------------------------------------------------------------------------------- loop
@@ -131,6 +147,9 @@ class Trainer:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.args.scale_weight_norms:
+            models = [self.accelerator.unwrap_model(model) for model in self.models.values()]
+            self.max_norm = apply_max_norm(models, self.args.scale_weight_norms)
 
     def _after_step(self, position: Position, loss: float, bar) -> None:
         args = self.args
@@ -138,12 +157,16 @@ class Trainer:
         lrs = current_lrs(self.optimizer)
         bar.update(1)
         self._show(bar)
-        self.accelerator.log({"loss": loss, **{f"lr/{name}": lr for name, lr in lrs.items()}}, step=position.step)
+        logs = {"loss": loss, **{f"lr/{name}": lr for name, lr in lrs.items()}}
+        if self.max_norm is not None:
+            logs.update(self.max_norm.logs())
+        self.accelerator.log(logs, step=position.step)
         if position.step < self.steps.total_steps and _save_due(args.save_every_n_steps, position.step):
             self._save(
                 position,
                 stem=f"{args.output_name}-step{position.step:08d}",
                 state_name=state_folder_name(args.output_name, step=position.step),
+                periodic=("step", position.step, args.save_every_n_steps),
             )
         if _save_due(args.sample_every_n_steps, position.step):
             self._sample(position.step)
@@ -157,6 +180,7 @@ class Trainer:
                 position,
                 stem=f"{args.output_name}-{epoch:06d}",
                 state_name=state_folder_name(args.output_name, epoch=epoch),
+                periodic=("epoch", epoch, args.save_every_n_epochs),
             )
         if _save_due(args.sample_every_n_epochs, epoch):
             self._sample(position.step)

@@ -7,8 +7,10 @@ Forward semantics follow the released model (see docs/anima.md).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from dataclasses import asdict
 from typing import Optional, Union
 
 import torch
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..block_swap import BlockSwap
 from .config import AnimaConfig, rope_axis_dims
 from .layers import RMSNorm, init_weights, qk_norm_attention
 from .llm_adapter import LLMAdapter
@@ -224,6 +227,24 @@ logger = logging.getLogger(__name__)
 OPTIONAL_BUFFERS = ("pos_embedder.seq", "pos_embedder.dim_spatial_range", "pos_embedder.dim_temporal_range")
 
 
+CONFIG_METADATA_KEY = "anima_config"
+
+
+def config_in_file(path: Union[str, os.PathLike]) -> Optional[AnimaConfig]:
+    """The ``AnimaConfig`` a checkpoint carries as JSON under the ``anima_config`` metadata key (files of other sizes
+    than the released model, e.g. tiny test models, written with ``config_metadata``); None when it carries none."""
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt") as handle:
+        text = (handle.metadata() or {}).get(CONFIG_METADATA_KEY)
+    return AnimaConfig(**json.loads(text)) if text else None
+
+
+def config_metadata(config: AnimaConfig) -> dict[str, str]:
+    """Safetensors metadata that makes ``AnimaDiT.from_single_file`` build this config."""
+    return {CONFIG_METADATA_KEY: json.dumps(asdict(config))}
+
+
 class AnimaDiT(nn.Module):
     """Anima's diffusion transformer; ``forward(x, σ, context, ...)`` predicts the flow velocity ``ε − x0``.
 
@@ -259,6 +280,7 @@ class AnimaDiT(nn.Module):
         patch_values = config.patch_spatial**2 * config.patch_temporal * config.out_channels
         self.final_layer = FinalLayer(dim, patch_values, config.adaln_lora_dim)
         self.gradient_checkpointing = False
+        self.block_swap: Optional[BlockSwap] = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -291,6 +313,7 @@ class AnimaDiT(nn.Module):
         """
         what = os.fspath(path)
         state_dict = strip_prefix(read_safetensors(path, device), "net.")
+        config = config or config_in_file(path)
         if any(key.startswith(("transformer_blocks.", "patch_embed.")) for key in state_dict):
             raise ValueError(
                 f"{what}: diffusers CosmosTransformer3DModel layout; AnimaDiT reads the original single-file layout "
@@ -327,6 +350,12 @@ class AnimaDiT(nn.Module):
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block in backward (training memory for compute)."""
         self.gradient_checkpointing = enabled
+
+    def enable_block_swap(self, count: int, device: Union[str, torch.device]) -> BlockSwap:
+        """Keep the frozen weights of the last ``count`` blocks on the CPU, brought to ``device`` only while each runs
+        (see ``peft_lyco.models.block_swap``); call ``.offload()`` on the result once the model is placed."""
+        self.block_swap = BlockSwap(self.blocks, count, device)
+        return self.block_swap
 
     # --------------------------------------------------------------------------------------------------- forward
     def adapt_context(
@@ -385,8 +414,10 @@ class AnimaDiT(nn.Module):
         features, adaln_lora = self.t_embedder(timesteps)
         emb = self.t_embedding_norm(features)
         context = context.to(dtype)
-        for block in self.blocks:
-            if self.gradient_checkpointing and self.training:
+        for index, block in enumerate(self.blocks):
+            if self.block_swap is not None and self.block_swap.swaps(index):
+                x = self.block_swap.run(index, block, x, emb, context, angles, adaln_lora)
+            elif self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, emb, context, angles, adaln_lora, use_reentrant=False)
             else:
                 x = block(x, emb, context, angles, adaln_lora)

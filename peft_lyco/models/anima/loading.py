@@ -1,7 +1,7 @@
 """Checked loading of single-file safetensors checkpoints: prefixes stripped, keys and shapes validated up front.
 
 Every check runs before any tensor is copied into the model, so a bad file leaves the model exactly as it was.
-Only ``.safetensors`` is read (never pickle).
+Only safetensors content is read, whatever the file is called (pickles are refused unopened).
 """
 
 from __future__ import annotations
@@ -23,15 +23,14 @@ class LoadReport(NamedTuple):
 
 
 def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """All tensors of a ``.safetensors`` file; other formats and unreadable files raise a ``ValueError`` naming it."""
+    """All tensors of a safetensors file (any name: ``.sft`` too); pickles and unreadable files raise a
+    ``ValueError`` naming it, a missing one ``FileNotFoundError``."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = os.fspath(path)
-    if not path.endswith(".safetensors"):
-        raise ValueError(f"{path}: only .safetensors checkpoints are read (pickled .ckpt/.pt/.bin files are refused)")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    from ...convert.io import check_safetensors
+
+    path = os.fspath(check_safetensors(path))
     try:
         return load_file(path, device=str(device))
     except (SafetensorError, OSError, ValueError) as err:
