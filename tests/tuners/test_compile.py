@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from benchmarks.modes import adapted_net, max_relative_error, net_input, store_bases_in, training_step
+from benchmarks.modes import adapted_net, max_relative_error, net_input, relative_error, store_bases_in, training_step
 
 TOLERANCE = 1e-5
 
@@ -50,6 +50,14 @@ def test_no_graph_breaks(algorithm, width):
 def test_fullgraph_compile_matches_eager(algorithm, width, training):
     net = adapted_net(algorithm, width=width).train(training)
     _compiled_matches_eager(net, net_input(width), "aot_eager")
+
+
+def test_fullgraph_compile_of_no_grad_inference_matches_eager():
+    net = adapted_net("lokr", width=8).eval()
+    x = net_input(8)
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert relative_error(compiled(x), net(x)) <= TOLERANCE
 
 
 class _Tokens(torch.nn.Module):
