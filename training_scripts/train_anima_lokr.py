@@ -23,22 +23,23 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from accelerate.utils import set_seed
 from lyco_train import args as options
-from lyco_train.batches import BatchBuilder, training_images
+from lyco_train.batches import BatchBuilder, TrainingData, training_images
 from lyco_train.cache import build_latent_cache, build_text_cache
 from lyco_train.data import DataError
 from lyco_train.export import AdapterWriter
 from lyco_train.loop import make_accelerator, place_frozen, prepare_training, weight_dtype
+from lyco_train.memory import apply_memory_options, store_weights_in_fp8
 from lyco_train.metadata import RunInfo
 from lyco_train.network import inject
 from lyco_train.objectives import (
     SIGMA_SAMPLING,
     flow_noisy_input,
     flow_target,
+    sample_generators,
     sample_noise,
     sample_sigmas,
     weighted_mse,
@@ -46,6 +47,7 @@ from lyco_train.objectives import (
 from lyco_train.runner import Hooks, Trainer
 from lyco_train.sampling import SamplePrompt, render_samples
 from lyco_train.tiny import TINY_SEED, report_reload, tiny_defaults, use_one_cpu_thread
+from lyco_train.validation import FixedDraw, make_validator
 
 import peft_lyco  # noqa: F401  (registers LYCO_LOHA / LYCO_LOKR with PEFT)
 from peft_lyco.models.anima import AnimaComponents, encode_images
@@ -60,10 +62,12 @@ class Result:
     losses: list[float]
     files: list[Path]
     final: Path
+    validation: list[tuple[int, str, float]]
+    data: TrainingData
 
 
 # ---------------------------------------------------------------------------------------------------- arguments
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", help="Anima DiT .safetensors (none: tiny CPU demo)")
@@ -93,7 +97,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------------------ models
-def load_vae(path: str, subfolder: Optional[str], dtype: torch.dtype):
+def load_vae(path: str, subfolder: str | None, dtype: torch.dtype):
     """The Qwen-Image VAE from a single file (original Wan layout, as Anima ships it) or a diffusers folder/hub id."""
     from diffusers import AutoencoderKLQwenImage
 
@@ -183,6 +187,9 @@ def check_reload(args: argparse.Namespace, path: Path, trained: AnimaComponents,
             adapter.config, targets[component], adapter_name="trained", state_dict=adapter.state_dict
         )
         set_peft_model_state_dict(targets[component], adapter.state_dict, adapter_name="trained")
+    if args.fp8_base:  # the same rounded base as the trained model, so the comparison sees the adapter only
+        for model in (fresh.dit, fresh.text_encoder, base.dit, base.text_encoder):
+            store_weights_in_fp8(model.requires_grad_(False), torch.float32)
 
     def render(models: AnimaComponents):
         return (
@@ -209,13 +216,14 @@ def check_reload(args: argparse.Namespace, path: Path, trained: AnimaComponents,
 
 
 # -------------------------------------------------------------------------------------------------------- main
-def main(argv: Optional[list[str]] = None) -> Result:
+def main(argv: list[str] | None = None) -> Result:
     args = parse_args(argv)
     tiny = args.pretrained_model_name_or_path is None
     accelerator = make_accelerator(args)
     if tiny:
         use_one_cpu_thread()
-    records, buckets = training_images(args, accelerator, tiny_model="Anima" if tiny else None)
+    data = training_images(args, accelerator, tiny_model="Anima" if tiny else None)
+    records, buckets = data.records, data.buckets
 
     set_seed(args.seed, device_specific=True)
     run = RunInfo(str(uuid.uuid4()), time.time(), args.pretrained_model_name_or_path or "tiny-random-anima", "anima")
@@ -232,21 +240,22 @@ def main(argv: Optional[list[str]] = None) -> Result:
         models.dit.enable_gradient_checkpointing()
         if "text_encoder" in trained:
             models.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_memory_options(args, (models.dit, models.text_encoder), trained, models.dit, dtype)
 
     # caches of frozen outputs, filled once before training
     latent_cache = build_latent_cache(
-        args, accelerator, records, buckets, tag=f"anima:{args.vae}",
+        args, accelerator, data.all_records, buckets + data.validation_buckets, tag=f"anima:{args.vae}",
         encode=lambda pixels: encode_images(models.vae, pixels),
     )  # fmt: skip
     text_cache = build_text_cache(
-        args, accelerator, records, tag=f"anima:{args.qwen3}:{models.max_length}:{models.t5_max_length}",
+        args, accelerator, data.all_records, tag=f"anima:{args.qwen3}:{models.max_length}:{models.t5_max_length}",
         encode=lambda captions: encode_captions(models, captions, models.text_encoder),
     )  # fmt: skip
 
     training = prepare_training(args, accelerator, records, buckets, trained)
-    modules, generator = training.models, training.generator
+    modules = training.models
 
-    def loss(batch: dict) -> torch.Tensor:
+    def loss(batch: dict, draw: FixedDraw | None = None) -> torch.Tensor:
         if "latents" in batch:
             latents = batch["latents"].to(device, torch.float32)
         else:
@@ -255,11 +264,15 @@ def main(argv: Optional[list[str]] = None) -> Result:
             text = {k: v.to(device) for k, v in text_cache.get(batch["captions"]).items()}
         else:
             text = encode_captions(models, batch["captions"], modules.get("text_encoder", models.text_encoder))
-        noise = sample_noise(latents, generator)
-        sigmas = sample_sigmas(
-            latents.shape[0], args.timestep_sampling, generator, device,
-            sigmoid_scale=args.sigmoid_scale, shift=args.discrete_flow_shift,
-        )  # fmt: skip
+        generators = draw.generators if draw else sample_generators(batch["noise_seeds"])
+        noise = sample_noise(latents, generators)
+        if draw:
+            sigmas = draw.sigmas(device)
+        else:
+            sigmas = sample_sigmas(
+                args.timestep_sampling, generators, device,
+                sigmoid_scale=args.sigmoid_scale, shift=args.discrete_flow_shift,
+            )  # fmt: skip
         prediction = modules["transformer"](
             flow_noisy_input(latents, noise, sigmas).to(dtype),
             sigmas.to(dtype),
@@ -268,7 +281,7 @@ def main(argv: Optional[list[str]] = None) -> Result:
             target_attention_mask=text["t5_attention_mask"],
             source_attention_mask=text["attention_mask"],
         )
-        return weighted_mse(prediction, flow_target(latents, noise))
+        return weighted_mse(prediction, flow_target(latents, noise), batch["loss_weights"].to(device))
 
     def render(prompt: SamplePrompt):
         return models.pipeline()(
@@ -288,11 +301,14 @@ def main(argv: Optional[list[str]] = None) -> Result:
         save=AdapterWriter(args, run, accelerator, training, records, buckets, objective),
         sample=lambda step: render_samples(args, accelerator, step, render, SamplePrompt(prompt="", guidance=3.5)),
     )
-    trainer = Trainer(args, accelerator, training, BatchBuilder(records, buckets, latent_cache), hooks)
+    trainer = Trainer(
+        args, accelerator, training, BatchBuilder(records, buckets, latent_cache, args.prior_loss_weight), hooks,
+        validator=make_validator(args, accelerator, data, latent_cache, loss),
+    )  # fmt: skip
     history = trainer.run("train_anima_lokr", summary=f"{len(records)} images, {training.data.image_count()} per epoch")
     if tiny and accelerator.is_main_process:
         check_reload(args, history.final, models, prompt=records[0].caption)
-    return Result(args, models, history.losses, history.saved, history.final)
+    return Result(args, models, history.losses, history.saved, history.final, history.validation, data)
 
 
 if __name__ == "__main__":

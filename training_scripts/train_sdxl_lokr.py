@@ -20,22 +20,23 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 from lyco_train import args as options
-from lyco_train.batches import BatchBuilder, training_images
+from lyco_train.batches import BatchBuilder, TrainingData, training_images
 from lyco_train.cache import build_latent_cache, build_text_cache
 from lyco_train.data import DataError
 from lyco_train.export import AdapterWriter
 from lyco_train.loop import make_accelerator, place_frozen, prepare_training
+from lyco_train.memory import apply_memory_options, store_weights_in_fp8
 from lyco_train.metadata import RunInfo
 from lyco_train.network import inject
 from lyco_train.objectives import (
     ddpm_target,
     min_snr_weights,
+    sample_generators,
     sample_noise,
     sample_timesteps,
     sdxl_time_ids,
@@ -44,6 +45,7 @@ from lyco_train.objectives import (
 from lyco_train.runner import Hooks, Trainer
 from lyco_train.sampling import SamplePrompt, render_samples
 from lyco_train.tiny import TINY_SEED, report_reload, tiny_defaults, use_one_cpu_thread
+from lyco_train.validation import FixedDraw, make_validator
 
 import peft_lyco  # noqa: F401  (registers LYCO_LOHA / LYCO_LOKR with PEFT)
 
@@ -59,10 +61,12 @@ class Result:
     losses: list[float]
     files: list[Path]
     final: Path
+    validation: list[tuple[int, str, float]]
+    data: TrainingData
 
 
 # ---------------------------------------------------------------------------------------------------- arguments
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -127,48 +131,72 @@ def encode_images(vae, pixels: torch.Tensor) -> torch.Tensor:
     return latents * vae.config.scaling_factor
 
 
-def check_reload(args: argparse.Namespace, path: Path, trained: StableDiffusionXLPipeline, prompt: str) -> None:
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] from latents, decoded by the float32 VAE outside any autocast (SDXL's VAE overflows in
+    fp16; the pipeline itself would hand fp16 latents to the float32 VAE under fp16 mixed precision)."""
+    with torch.autocast(latents.device.type, enabled=False), torch.no_grad():
+        return vae.decode(latents.to(vae.device, torch.float32) / vae.config.scaling_factor).sample
+
+
+def generate(pipe: StableDiffusionXLPipeline, prompt: str, output_type: str = "pil", **kwargs):
+    """``pipe(prompt, ...)`` that works in every precision the trainer runs: the denoising loop in the caller's
+    autocast, the decode in float32."""
+    latents = pipe(prompt, output_type="latent", **kwargs).images
+    return pipe.image_processor.postprocess(decode_latents(pipe.vae, latents), output_type=output_type)
+
+
+def check_reload(
+    args: argparse.Namespace, path: Path, trained: StableDiffusionXLPipeline, prompt: str, autocast
+) -> None:
     """The embedded default's last step: load the saved file into a fresh tiny pipeline as a user would
-    (``enable_lyco`` + ``load_lora_weights``) and compare its images with the base and the in-memory model."""
+    (``enable_lyco`` + ``load_lora_weights``) and compare its images with the base and the in-memory model (rendered
+    under the run's ``autocast``: its frozen weights are in the mixed-precision dtype)."""
     from peft_lyco.diffusers import enable_lyco
     from peft_lyco.models.tiny_sdxl import tiny_sdxl_pipeline
 
     fresh = tiny_sdxl_pipeline(seed=TINY_SEED)
     enable_lyco(fresh)
     fresh.load_lora_weights(str(path), adapter_name="trained")
+    if args.fp8_base:  # the same rounded base as the trained model, so the comparison sees the adapter only
+        for model in (fresh.unet, fresh.text_encoder, fresh.text_encoder_2):
+            store_weights_in_fp8(model.requires_grad_(False), torch.float32)
 
     def render(pipe: StableDiffusionXLPipeline):
-        return pipe(
+        return generate(
+            pipe,
             prompt,
+            output_type="np",
             width=64,
             height=64,
             num_inference_steps=4,
             guidance_scale=3.0,
-            output_type="np",
             generator=torch.Generator().manual_seed(0),
-        ).images
+        )
 
     reloaded = render(fresh)
     fresh.disable_lora()
     base = render(fresh)
+    with autocast:
+        in_memory = render(trained)
     report_reload(
         path,
         reloaded,
         base,
-        render(trained),
+        in_memory,
         "enable_lyco(pipe) + pipe.load_lora_weights",
         tolerance=1e-4 if args.save_precision == "float" and args.mixed_precision == "no" else 5e-2,
     )
 
 
 # -------------------------------------------------------------------------------------------------------- main
-def main(argv: Optional[list[str]] = None) -> Result:
+def main(argv: list[str] | None = None) -> Result:
     args = parse_args(argv)
     tiny = args.pretrained_model_name_or_path is None
     accelerator = make_accelerator(args, unused_parameters=not args.network_train_unet_only)
     if tiny:
         use_one_cpu_thread()
-    records, buckets = training_images(args, accelerator, tiny_model="SDXL" if tiny else None)
+    data = training_images(args, accelerator, tiny_model="SDXL" if tiny else None)
+    records, buckets = data.records, data.buckets
 
     set_seed(args.seed, device_specific=True)
     run = RunInfo(str(uuid.uuid4()), time.time(), args.pretrained_model_name_or_path or "tiny-random-sdxl", "sdxl")
@@ -189,21 +217,22 @@ def main(argv: Optional[list[str]] = None) -> Result:
         for name in TEXT_ENCODERS:
             if name in trained:
                 trained[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_memory_options(args, (pipe.unet, pipe.text_encoder, pipe.text_encoder_2), trained, pipe.unet, dtype)
 
     # caches of frozen outputs, filled once before training
     latent_cache = build_latent_cache(
-        args, accelerator, records, buckets, tag=f"sdxl:{run.model_name}:{args.vae}",
+        args, accelerator, data.all_records, buckets + data.validation_buckets, tag=f"sdxl:{run.model_name}:{args.vae}",
         encode=lambda pixels: encode_images(pipe.vae, pixels),
     )  # fmt: skip
     text_cache = build_text_cache(
-        args, accelerator, records, tag=f"sdxl:{run.model_name}",
+        args, accelerator, data.all_records, tag=f"sdxl:{run.model_name}",
         encode=lambda captions: encode_captions(pipe, captions, (pipe.text_encoder, pipe.text_encoder_2)),
     )  # fmt: skip
 
     training = prepare_training(args, accelerator, records, buckets, trained)
-    models, generator = training.models, training.generator
+    models = training.models
 
-    def loss(batch: dict) -> torch.Tensor:
+    def loss(batch: dict, draw: FixedDraw | None = None) -> torch.Tensor:
         if "latents" in batch:
             latents = batch["latents"].to(device, torch.float32)
         else:
@@ -213,8 +242,13 @@ def main(argv: Optional[list[str]] = None) -> Result:
         else:
             encoders = tuple(models.get(name, getattr(pipe, name)) for name in TEXT_ENCODERS)
             text = encode_captions(pipe, batch["captions"], encoders)
-        noise = sample_noise(latents, generator, args.noise_offset)
-        timesteps = sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator, device)
+        num_timesteps = noise_scheduler.config.num_train_timesteps
+        generators = draw.generators if draw else sample_generators(batch["noise_seeds"])
+        noise = sample_noise(latents, generators, args.noise_offset)
+        if draw:
+            timesteps = draw.timesteps(num_timesteps, device)
+        else:
+            timesteps = sample_timesteps(num_timesteps, generators, device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"]).to(device)
         prediction = models["unet"](
@@ -224,15 +258,17 @@ def main(argv: Optional[list[str]] = None) -> Result:
             added_cond_kwargs={"text_embeds": text["pooled"].to(device, dtype), "time_ids": time_ids.to(dtype)},
         ).sample
         target = ddpm_target(noise_scheduler, latents, noise, timesteps)
-        weights = min_snr_weights(noise_scheduler, timesteps, args.min_snr_gamma) if args.min_snr_gamma else None
+        weights = batch["loss_weights"].to(device)
+        if args.min_snr_gamma:
+            weights = weights * min_snr_weights(noise_scheduler, timesteps, args.min_snr_gamma)
         return weighted_mse(prediction, target, weights)
 
     def render(prompt: SamplePrompt):
-        return pipe(
-            prompt.prompt, negative_prompt=prompt.negative, width=prompt.width, height=prompt.height,
+        return generate(
+            pipe, prompt.prompt, negative_prompt=prompt.negative, width=prompt.width, height=prompt.height,
             num_inference_steps=prompt.steps, guidance_scale=prompt.guidance,
             generator=torch.Generator(device).manual_seed(prompt.seed),
-        ).images[0]  # fmt: skip
+        )[0]  # fmt: skip
 
     objective = {"ss_v_parameterization": args.v_parameterization, "ss_min_snr_gamma": args.min_snr_gamma}
     hooks = Hooks(
@@ -240,11 +276,14 @@ def main(argv: Optional[list[str]] = None) -> Result:
         save=AdapterWriter(args, run, accelerator, training, records, buckets, objective),
         sample=lambda step: render_samples(args, accelerator, step, render, SamplePrompt(prompt="")),
     )
-    trainer = Trainer(args, accelerator, training, BatchBuilder(records, buckets, latent_cache), hooks)
+    trainer = Trainer(
+        args, accelerator, training, BatchBuilder(records, buckets, latent_cache, args.prior_loss_weight), hooks,
+        validator=make_validator(args, accelerator, data, latent_cache, loss),
+    )  # fmt: skip
     history = trainer.run("train_sdxl_lokr", summary=f"{len(records)} images, {training.data.image_count()} per epoch")
     if tiny and accelerator.is_main_process:
-        check_reload(args, history.final, pipe, prompt=records[0].caption)
-    return Result(args, pipe, history.losses, history.saved, history.final)
+        check_reload(args, history.final, pipe, prompt=records[0].caption, autocast=accelerator.autocast())
+    return Result(args, pipe, history.losses, history.saved, history.final, history.validation, data)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ def load_kohya(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     with open(path, "rb") as handle:
         head = handle.read(9)
     for magic, kind in PICKLE_MAGICS.items():
-        if head.startswith(magic):
+        # a safetensors file starts with its header size (8 bytes) and then "{"; that size may begin with 0x80
+        if head.startswith(magic) and head[8:9] != b"{":
             raise ValueError(
                 f"{path} is {kind}, not safetensors; peft_lyco never unpickles files. "
                 "Convert it to .safetensors with a tool you trust first."

@@ -27,6 +27,7 @@ from ..functional import ALGORITHMS
 from ..tuners import LoHaConfig, LoKrConfig, LycoConfig, LycoLayer
 from ..tuners.options import layer_geometry, resolve_layer_spec
 from ..tuners.targets import exact_pattern_key, exact_target_modules, unwrap
+from .builtin import builtin_layer_module, is_builtin_layer
 from .modules import (
     FILE_PARAMS,
     Geometry,
@@ -387,6 +388,8 @@ def _layer_module(layer, adapter: str, component: str, path: str, geometry: Geom
             "lora_up.weight": layer.lora_B[adapter].weight.detach(),
         }
         return ModuleAdapter(component, path, "lora", tensors, rank, float(alpha), geometry)
+    if is_builtin_layer(layer):  # PEFT's own LoHa/LoKr: scale folded so kohya readers give PEFT's ΔW
+        return builtin_layer_module(layer, adapter, component, path) if adapter in layer._available_adapters else None
     if any(adapter in getattr(layer, name, {}) for name in layer.adapter_layer_names):
         raise ValueError(f"{type(layer).__module__}.{type(layer).__name__} layers cannot be written as kohya modules")
     return None

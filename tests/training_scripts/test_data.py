@@ -1,11 +1,13 @@
 """Dataset scan, bucketing, epoch plans and caches of the trainers' shared helpers."""
 
+import colorsys
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from lyco_train.batches import BatchBuilder, EpochPlan
+from lyco_train.batches import BatchBuilder, EpochPlan, Sample
 from lyco_train.buckets import (
     BucketSettings,
     assign_buckets,
@@ -15,7 +17,8 @@ from lyco_train.buckets import (
     fit_image,
 )
 from lyco_train.cache import LatentCache, TextCache
-from lyco_train.data import DataError, scan_dataset
+from lyco_train.captions import CaptionRules
+from lyco_train.data import DataError, Subset, scan_dataset
 from lyco_train.synthetic import make_shapes_dataset
 from PIL import Image
 
@@ -40,7 +43,7 @@ def test_scan_reads_captions_repeats_and_sizes(tmp_path):
     assert by_name["loose.png"].size == (40, 24)
     assert by_name["p.jpg"].repeats == 1
     shapes = [r for r in records if r.path.parent == folder]
-    assert len(shapes) == 6 and all(r.repeats == 3 and r.subset == "shapes" for r in shapes)
+    assert len(shapes) == 6 and all(r.repeats == 3 and r.subset.name == "shapes" for r in shapes)
     assert shapes[2].size == (48, 32)  # every third synthetic image is landscape
 
 
@@ -57,8 +60,12 @@ def test_scan_reads_captions_repeats_and_sizes(tmp_path):
             "cannot be read (corrupt or truncated)",
         ),
         (lambda root: (root / "0_none").mkdir(), "asks for 0 repeats"),
+        (
+            lambda root: (_image(root / "c.png"), (root / "c.txt").write_bytes(b"caf\xe9 latin-1")),
+            "1 caption file(s) cannot be read as UTF-8 text:\n.*c.txt: UnicodeDecodeError",
+        ),
     ],
-    ids=["empty", "no-caption", "corrupt", "zero-repeats"],
+    ids=["empty", "no-caption", "corrupt", "zero-repeats", "not-utf8"],
 )
 def test_scan_rejects_bad_folders_with_clear_messages(tmp_path, setup, message):
     setup(tmp_path)
@@ -118,16 +125,17 @@ def test_fit_geometry_crop_and_flip_conditioning():
     assert torch.equal(mirrored, pixels.flip(-1))
 
 
-def _records(tmp_path, count=6):
+def _records(tmp_path, count=6, **settings):
+    """The shapes dataset with ``settings`` (``Subset`` fields, ``batch_size`` included) for every subset."""
     make_shapes_dataset(tmp_path, count=count, size=32, repeats=2)
-    return scan_dataset(tmp_path)
+    return scan_dataset(tmp_path, template=Subset(tmp_path, **settings))
 
 
 def test_epoch_plan_is_deterministic_complete_and_bucketed(tmp_path):
-    records = _records(tmp_path)
+    records = _records(tmp_path, batch_size=2, flip_aug=True, captions=CaptionRules(dropout_rate=0.5))
     settings = BucketSettings(resolution=(32, 32), enable=True, min_reso=16, max_reso=64, step=16)
     buckets = assign_buckets([r.size for r in records], settings)
-    plan = EpochPlan(records, buckets, batch_size=2, seed=3, flip_aug=True, caption_dropout_rate=0.5)
+    plan = EpochPlan(records, buckets, seed=3)
     first, again, other = plan.batches(0), plan.batches(0), plan.batches(1)
     assert first == again and first != other
     assert sorted(s.record for batch in first for s in batch) == sorted(
@@ -138,14 +146,40 @@ def test_epoch_plan_is_deterministic_complete_and_bucketed(tmp_path):
     samples = [s for batch in first + other for s in batch]
     assert any(s.flip for s in samples) and not all(s.flip for s in samples)
     assert any(s.drop_caption for s in samples) and not all(s.drop_caption for s in samples)
-    shards = [
-        EpochPlan(records, buckets, batch_size=2, seed=3, num_processes=2, process_index=i).batches(0) for i in (0, 1)
-    ]
+    shards = [EpochPlan(records, buckets, seed=3, num_processes=2, process_index=i).batches(0) for i in (0, 1)]
     assert len(shards[0]) == len(shards[1]) and not set(map(str, shards[0])) & set(map(str, shards[1]))
 
 
+@pytest.mark.parametrize("processes, batch_size", [(2, 1), (2, 2), (3, 1), (4, 1), (5, 2)])
+def test_processes_split_the_same_global_batches_with_shares_that_average_to_the_mean(tmp_path, processes, batch_size):
+    """k processes × batch b see exactly the samples (with the same noise seeds) one process sees with batch k·b, in
+    the same order, and the shares make the process average of each process's weighted sum the global batch mean."""
+    options = {"count": 7, "flip_aug": True, "captions": CaptionRules(dropout_rate=0.3)}
+    records = _records(tmp_path, batch_size=batch_size, **options)  # 14 samples over 2 buckets: uneven batches
+    one_process = _records(tmp_path, batch_size=batch_size * processes, **options)
+    buckets = [(32, 32) if i % 3 else (48, 32) for i in range(len(records))]
+    single = EpochPlan(one_process, buckets, seed=5)
+    shards = [EpochPlan(records, buckets, seed=5, num_processes=processes, process_index=i) for i in range(processes)]
+    for epoch in (0, 1):
+        whole = single.batches(epoch)
+        parts = [shard.batches(epoch) for shard in shards]
+        assert all(len(p) == len(whole) == single.batches_per_epoch == shards[0].batches_per_epoch for p in parts)
+        for b, batch in enumerate(whole):
+            real = [s for part in parts for s in part[b] if s.share > 0]
+            fillers = [s for part in parts for s in part[b] if s.share == 0]
+            assert [replace(s, share=0) for s in real] == [replace(s, share=0) for s in batch]
+            assert len(fillers) == max(0, processes - len(batch)) and all(len(part[b]) >= 1 for part in parts)
+            losses = {s.noise_seed: float(s.noise_seed % 97) for s in batch}  # any per-sample loss
+            mean = sum(losses.values()) / len(batch)
+            assert sum(s.share * losses[s.noise_seed] for s in batch) == pytest.approx(mean)
+            averaged = sum(sum(s.share * losses[s.noise_seed] for s in part[b]) for part in parts) / processes
+            assert averaged == pytest.approx(mean)
+    seeds = [s.noise_seed for batch in single.batches(0) + single.batches(1) for s in batch]
+    assert len(set(seeds)) == len(seeds)
+
+
 def test_batch_builder_uses_latent_cache_and_drops_captions(tmp_path):
-    records = _records(tmp_path, count=3)
+    records = _records(tmp_path, count=3, batch_size=3, flip_aug=True)
     buckets = [(32, 32)] * len(records)
     cache = LatentCache("test", tmp_path / "cache")
     calls = []
@@ -157,7 +191,7 @@ def test_batch_builder_uses_latent_cache_and_drops_captions(tmp_path):
     jobs = [(r, b, flip) for r, b in zip(records, buckets) for flip in (False, True)]
     assert cache.fill(jobs, encode, batch_size=4, show_progress=False) == 6 and calls == [4, 2]
     assert cache.fill(jobs, encode, batch_size=4, show_progress=False) == 0  # reused from disk
-    plan = EpochPlan(records, buckets, batch_size=3, seed=0, flip_aug=True, caption_dropout_rate=0.0)
+    plan = EpochPlan(records, buckets, seed=0)
     batch = BatchBuilder(records, buckets, cache)(plan.batches(0)[0])
     sample = plan.batches(0)[0][0]
     geometry = fit_geometry(records[sample.record].size, (32, 32), crop_offset=None, flip=sample.flip)
@@ -182,3 +216,77 @@ def test_text_cache_encodes_each_caption_once(tmp_path):
     assert cache.fill(["ab"], batch_size=2, show_progress=False) == 0 and seen == ["ab", "", "xyz"]
     got = cache.get(["xyz", ""])["embeds"]
     assert got.shape == (2, 2, 3) and got[0, 0, 0] == 3 and got[1, 0, 0] == 0
+
+
+def test_caption_file_first_line_and_class_tokens(tmp_path):
+    _image(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("  first line \nsecond line\n")
+    _image(tmp_path / "b.png")
+    records = scan_dataset(tmp_path, template=Subset(tmp_path, class_tokens="sks"))
+    assert [r.caption for r in records] == ["first line", "sks"]
+    wildcard = Subset(tmp_path, class_tokens="sks", captions=CaptionRules(wildcard=True))
+    assert scan_dataset(tmp_path / ".", template=wildcard)[0].caption == "first line\nsecond line"  # every line
+
+
+def test_color_aug_rate_kinds_ranges_and_pixels(tmp_path):
+    from lyco_train.augment import COLOR_AUG_PROBABILITY, apply_color_change
+
+    records = _records(tmp_path, count=3, batch_size=1, color_aug=True)
+    plan = EpochPlan(records, [(32, 32)] * len(records), seed=4)
+    samples = [s for epoch in range(400) for batch in plan.batches(epoch) for s in batch]
+    changes = [s.color for s in samples if s.color is not None]
+    n, p = len(samples), COLOR_AUG_PROBABILITY
+    assert abs(len(changes) / n - p) < 5 * math.sqrt(p * (1 - p) / n)  # 2400 showings, five binomial sd
+    hues = [a for kind, a in changes if kind == "hue"]
+    gammas = [a for kind, a in changes if kind == "gamma"]
+    assert abs(len(hues) / len(changes) - 0.5) < 5 * math.sqrt(0.25 / len(changes))
+    assert all(-16 <= a <= 16 for a in hues) and all(0.95 <= g <= 1.05 for g in gammas)
+    assert plan.batches(7) == EpochPlan(records, [(32, 32)] * len(records), seed=4).batches(7)
+
+    image = Image.fromarray(np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3))
+    gamma = np.asarray(apply_color_change(image, ("gamma", 1.03)))
+    assert np.array_equal(gamma, np.clip(np.asarray(image, dtype=np.float64) ** 1.03, 0, 255).astype(np.uint8))
+    red = Image.new("RGB", (4, 4), (200, 30, 30))  # hue 0 degrees
+    for shift in (16.0, -9.0):
+        r, g, b = (v / 255 for v in apply_color_change(red, ("hue", shift)).getpixel((0, 0)))
+        hue = colorsys.rgb_to_hsv(r, g, b)[0] * 360
+        assert abs((hue - shift + 180) % 360 - 180) < 2.5  # 8-bit hue steps are 1.4 degrees, plus RGB rounding
+    coloured = next(s for s in samples if s.color is not None and not s.flip)
+    plain = BatchBuilder(records, [(32, 32)] * len(records))
+    assert not torch.equal(plain([coloured])["pixels"], plain([Sample(coloured.record, False, None, False)])["pixels"])
+
+
+def test_regularisation_folders_and_loss_weights(tmp_path):
+    from argparse import Namespace
+
+    from lyco_train.batches import load_training_data
+    from lyco_train.dataset_config import datasets_from_args
+
+    make_shapes_dataset(tmp_path / "train", count=4, size=32, repeats=2)
+    make_shapes_dataset(tmp_path / "reg", count=3, size=32, repeats=1)
+    args = Namespace(train_data_dir=str(tmp_path / "train"), reg_data_dir=str(tmp_path / "reg"), train_batch_size=4)
+    data = load_training_data(datasets_from_args(args), seed=0, where="test")
+    regs = [r for r in data.records if r.subset.is_reg]
+    assert len(regs) == 3 and sum(r.repeats for r in regs) == 8  # balanced to the 4 x 2 training showings
+    plan = EpochPlan(data.records, data.buckets, seed=0)
+    build = BatchBuilder(data.records, data.buckets, prior_loss_weight=0.3)
+    for batch in plan.batches(0):
+        weights = build(batch)["loss_weights"].tolist()
+        assert weights == pytest.approx([0.3 if data.records[s.record].subset.is_reg else 1.0 for s in batch])
+
+
+def test_only_the_main_process_writes_the_tiny_dataset(tmp_path):
+    """Other processes of a multi-process tiny run used to write the dataset again while the main process read it
+    (UnidentifiedImageError on a half-written PNG); now they only point at the main process's files."""
+    from argparse import Namespace
+
+    from lyco_train.tiny import prepare_tiny_data
+
+    main = Namespace(output_dir=str(tmp_path), train_data_dir=None, sample_prompts=None)
+    prepare_tiny_data(main)
+    files = sorted(p for p in (tmp_path / "data").rglob("*") if p.is_file())
+    stamps = [p.stat().st_mtime_ns for p in files]
+    other = Namespace(output_dir=str(tmp_path), train_data_dir=None, sample_prompts=None)
+    prepare_tiny_data(other, write=False)
+    assert vars(other) == vars(main)
+    assert [p.stat().st_mtime_ns for p in files] == stamps and len(files) == 12 * 2 + 1

@@ -12,11 +12,14 @@ from lyco_train.objectives import (
     flow_noisy_input,
     flow_target,
     min_snr_weights,
+    sample_generators,
     sample_noise,
     sample_sigmas,
+    sample_timesteps,
     sdxl_time_ids,
     weighted_mse,
 )
+from lyco_train.runner import step_loss
 from lyco_train.sampling import SamplePrompt, parse_prompt_line
 from lyco_train.state import _optimizer_from_files, _optimizer_to_files, _rng_restore, _rng_snapshot
 
@@ -47,13 +50,29 @@ def test_v_prediction_target_and_min_snr_weights_match_formulas():
 
 def test_noise_offset_adds_one_constant_per_channel():
     latents = torch.zeros(2, 3, 4, 4)
-    plain = sample_noise(latents, torch.Generator().manual_seed(1))
-    shifted = sample_noise(latents, torch.Generator().manual_seed(1), offset=0.1)
+    seeds = torch.tensor([11, 12])
+    plain = sample_noise(latents, sample_generators(seeds))
+    shifted = sample_noise(latents, sample_generators(seeds), offset=0.1)
     difference = shifted - plain
     assert torch.allclose(difference, difference[:, :, :1, :1].expand_as(difference))
-    generator = torch.Generator().manual_seed(1)
-    torch.randn((2, 3, 4, 4), generator=generator)
-    assert torch.allclose(difference[:, :, 0, 0], 0.1 * torch.randn((2, 3, 1, 1), generator=generator)[:, :, 0, 0])
+    for row, seed in enumerate(seeds.tolist()):  # each sample: its noise, then its offset, from its own generator
+        generator = torch.Generator().manual_seed(seed)
+        assert torch.equal(plain[row], torch.randn((3, 4, 4), generator=generator))
+        assert torch.allclose(difference[row, :, 0, 0], 0.1 * torch.randn((3, 1, 1), generator=generator)[:, 0, 0])
+
+
+def test_each_sample_draws_from_its_own_seed_whatever_the_batch():
+    """The property multi-process equality rests on: a sample's noise and timestep depend on its seed only, not on
+    which other samples share its batch."""
+    latents, seeds = torch.zeros(4, 2, 3, 3), torch.tensor([5, 6, 7, 8])
+    together = sample_generators(seeds)
+    noise, steps = sample_noise(latents, together, 0.05), sample_timesteps(1000, together, torch.device("cpu"))
+    for halves in (slice(0, 1), slice(1, 3), slice(3, 4)):
+        apart = sample_generators(seeds[halves])
+        assert torch.equal(sample_noise(latents[halves], apart, 0.05), noise[halves])
+        assert torch.equal(sample_timesteps(1000, apart, torch.device("cpu")), steps[halves])
+    sigmas = sample_sigmas("sigmoid", sample_generators(seeds), torch.device("cpu"))
+    assert torch.equal(sample_sigmas("sigmoid", sample_generators(seeds[2:]), torch.device("cpu")), sigmas[2:])
 
 
 def test_sdxl_time_ids_order():
@@ -62,18 +81,19 @@ def test_sdxl_time_ids_order():
 
 
 def test_sigma_sampling_modes():
-    n = 20000
-    draws = torch.randn(n, generator=torch.Generator().manual_seed(7))
-    sigmoid = sample_sigmas(n, "sigmoid", torch.Generator().manual_seed(7), torch.device("cpu"), sigmoid_scale=1.5)
+    n, cpu = 4000, torch.device("cpu")
+    seeds = torch.arange(n)
+    draws = torch.stack([torch.randn((), generator=torch.Generator().manual_seed(i)) for i in range(n)])
+    sigmoid = sample_sigmas("sigmoid", sample_generators(seeds), cpu, sigmoid_scale=1.5)
     assert torch.allclose(sigmoid, torch.sigmoid(1.5 * draws))
-    shifted = sample_sigmas(n, "shift", torch.Generator().manual_seed(7), torch.device("cpu"), shift=3.0)
+    shifted = sample_sigmas("shift", sample_generators(seeds), cpu, shift=3.0)
     base = torch.sigmoid(draws)
     assert torch.allclose(shifted, 3 * base / (1 + 2 * base))
     assert shifted.mean() > base.mean() + 0.1  # shift > 1 moves σ towards noise
-    uniform = sample_sigmas(n, "uniform", torch.Generator().manual_seed(7), torch.device("cpu"))
-    assert 0 <= uniform.min() and uniform.max() < 1 and abs(uniform.mean().item() - 0.5) < 0.01
+    uniform = sample_sigmas("uniform", sample_generators(seeds), cpu)
+    assert 0 <= uniform.min() and uniform.max() < 1 and abs(uniform.mean().item() - 0.5) < 0.02
     with pytest.raises(ValueError, match="unknown sigma sampling 'logit'"):
-        sample_sigmas(2, "logit", torch.Generator(), torch.device("cpu"))
+        sample_sigmas("logit", sample_generators(seeds[:2]), cpu)
 
 
 def test_flow_matching_interpolation_and_target():
@@ -90,8 +110,9 @@ def test_flow_matching_interpolation_and_target():
 
 def test_weighted_mse():
     prediction, target = torch.zeros(2, 3), torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]])
-    assert weighted_mse(prediction, target).item() == pytest.approx(2.5)
-    assert weighted_mse(prediction, target, torch.tensor([1.0, 0.5])).item() == pytest.approx(1.5)
+    assert weighted_mse(prediction, target).tolist() == [1.0, 4.0]
+    assert weighted_mse(prediction, target, torch.tensor([1.0, 0.5])).tolist() == [1.0, 2.0]
+    assert step_loss(weighted_mse(prediction, target), torch.tensor([0.5, 0.5], dtype=torch.float64)) == 2.5
 
 
 @pytest.mark.parametrize(
@@ -145,13 +166,12 @@ def test_optimizer_state_round_trips_exactly_through_files():
 
 
 def test_rng_snapshot_restores_every_generator():
-    generator = torch.Generator().manual_seed(3)
-    info, tensors = _rng_snapshot(generator)
+    info, tensors = _rng_snapshot()
     import json
 
     info = json.loads(json.dumps(info))
-    first = (torch.rand(3), torch.rand(2, generator=generator), np.random.rand(2), random.random())
-    _rng_restore(info, tensors, generator)
-    second = (torch.rand(3), torch.rand(2, generator=generator), np.random.rand(2), random.random())
-    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
-    assert np.array_equal(first[2], second[2]) and first[3] == second[3]
+    first = (torch.rand(3), np.random.rand(2), random.random())
+    _rng_restore(info, tensors)
+    second = (torch.rand(3), np.random.rand(2), random.random())
+    assert torch.equal(first[0], second[0])
+    assert np.array_equal(first[1], second[1]) and first[2] == second[2]

@@ -51,10 +51,10 @@ def test_loss_finite_and_decreasing_on_a_fixed_batch(tmp_path, monkeypatch):
     monkeypatch.setattr(
         trainer,
         "sample_noise",
-        lambda latents, generator, offset=0.0: torch.randn(latents.shape, generator=torch.Generator().manual_seed(0)),
+        lambda latents, generators, offset=0.0: torch.randn(latents.shape, generator=torch.Generator().manual_seed(0)),
     )
     monkeypatch.setattr(
-        trainer, "sample_sigmas", lambda batch, mode, generator, device, **kw: torch.full((batch,), 0.5)
+        trainer, "sample_sigmas", lambda mode, generators, device, **kw: torch.full((len(generators),), 0.5)
     )
     result = run(
         tmp_path,

@@ -50,9 +50,9 @@ def test_loss_finite_and_decreasing_on_a_fixed_batch(tmp_path, monkeypatch):
     monkeypatch.setattr(
         trainer,
         "sample_noise",
-        lambda latents, generator, offset=0.0: torch.randn(latents.shape, generator=torch.Generator().manual_seed(0)),
+        lambda latents, generators, offset=0.0: torch.randn(latents.shape, generator=torch.Generator().manual_seed(0)),
     )
-    monkeypatch.setattr(trainer, "sample_timesteps", lambda batch, n, generator, device: torch.full((batch,), 400))
+    monkeypatch.setattr(trainer, "sample_timesteps", lambda n, generators, device: torch.full((len(generators),), 400))
     result = run(
         tmp_path,
         "--max_train_steps",

@@ -6,12 +6,14 @@ import argparse
 import ast
 import importlib.util
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from peft_lyco.presets import NetworkArgsError, parse_network_args
 
-from .buckets import BucketSettings, check_divisible, parse_resolution
+from .dataset_config import DatasetConfigError, dataset_problems, resolve_datasets
 from .state import saved_seed
 
 NETWORK_MODULES = {"networks.lokr": "lokr", "networks.loha": "loha"}
@@ -50,8 +52,57 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--cache_text_encoder_outputs", action=SWITCH, default=False, help="needs frozen text encoders")
     group.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true")
-    group.add_argument("--cache_dir", help="where disk caches go (default: <train_data_dir>/.lyco_cache)")
+    group.add_argument(
+        "--cache_dir", help="where disk caches go (default: .lyco_cache in --train_data_dir or beside --dataset_config)"
+    )
     group.add_argument("--vae_batch_size", type=int, default=1)
+    add_dataset_args(parser)
+
+
+def add_dataset_args(parser: argparse.ArgumentParser) -> None:
+    """sd-scripts' dataset TOML, regularisation images, tag-caption rules, colour augmentation, validation loss."""
+    group = parser.add_argument_group("dataset config, regularisation, tag captions")
+    group.add_argument(
+        "--dataset_config",
+        help="sd-scripts dataset .toml ([general], [[datasets]], [[datasets.subsets]]); replaces --train_data_dir",
+    )
+    group.add_argument("--reg_data_dir", help="regularisation images, laid out like --train_data_dir")
+    group.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularisation images")
+    group.add_argument("--shuffle_caption", action="store_true", help="shuffle the caption's tags at every showing")
+    group.add_argument("--caption_separator", default=",", help="what separates tags in a caption")
+    group.add_argument("--keep_tokens", type=int, default=0, help="the first N tags stay first (not shuffled/dropped)")
+    group.add_argument(
+        "--keep_tokens_separator",
+        default="",
+        help="tags before this marker stay fixed (a second marker starts fixed trailing tags); overrides --keep_tokens",
+    )
+    group.add_argument(
+        "--caption_tag_dropout_rate", type=float, default=0.0, help="probability of dropping each non-kept tag"
+    )
+    group.add_argument(
+        "--secondary_separator", help="joins tags that move and drop together; becomes --caption_separator afterwards"
+    )
+    group.add_argument(
+        "--enable_wildcard", action="store_true", help="a random line of multi-line captions, {a|b} picks one option"
+    )
+    group.add_argument(
+        "--caption_dropout_every_n_epochs", type=int, default=0, help="train every N-th epoch on empty captions"
+    )
+    group.add_argument("--caption_prefix", help="text put before every caption")
+    group.add_argument("--caption_suffix", help="text put after every caption")
+    group.add_argument("--color_aug", action="store_true", help="weak colour augmentation (hue or gamma)")
+    validation = parser.add_argument_group("validation loss")
+    validation.add_argument(
+        "--validation_split", type=float, default=0.0, help="share of each subset's images held out for validation"
+    )
+    validation.add_argument(
+        "--validation_seed", type=int, help="seed of the held-out choice and of the validation noise (default --seed)"
+    )
+    validation.add_argument("--validate_every_n_steps", type=int, help="also validate every N steps")
+    validation.add_argument(
+        "--validate_every_n_epochs", type=int, help="validate every N epochs (default: every epoch with a split)"
+    )
+    validation.add_argument("--max_validation_steps", type=int, help="at most N validation batches each time")
 
 
 def add_network_args(parser: argparse.ArgumentParser, *, default_name: str) -> None:
@@ -84,9 +135,27 @@ def add_optimization_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gradient_accumulation_steps", type=int, default=1)
     group.add_argument("--gradient_checkpointing", action="store_true")
     group.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no")
+    add_memory_args(group)
     group.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
     group.add_argument("--seed", type=int, help="default: a random seed, printed and saved in the metadata")
     group.add_argument("--noise_offset", type=float, default=0.0)
+
+
+def add_memory_args(group: argparse._ArgumentGroup) -> None:
+    """Precision, storage and compiler options for large models on small GPUs (sd-scripts names)."""
+    group.add_argument(
+        "--full_bf16",
+        action="store_true",
+        help="adapter weights, gradients and optimizer states in bf16 (saves memory)",
+    )
+    group.add_argument(
+        "--fp8_base",
+        action="store_true",
+        help="store the frozen UNet/DiT and text encoders' Linear/Conv weights in float8_e4m3fn; compute in the "
+        "mixed-precision dtype (each weight is upcast per call)",
+    )
+    group.add_argument("--torch_compile", action="store_true", help="torch.compile the UNet/DiT")
+    group.add_argument("--dynamo_backend", default="inductor", help="torch.compile backend for --torch_compile")
 
 
 def add_output_args(parser: argparse.ArgumentParser) -> None:
@@ -108,6 +177,12 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sample_at_first", action="store_true")
 
 
+def _dynamo_backends() -> list[str]:
+    import torch._dynamo
+
+    return sorted(torch._dynamo.list_backends(exclude_tags=()))
+
+
 def parse_key_values(items: list[str], option: str) -> dict[str, Any]:
     """``["a=1", "b=[1,2]", "c=text"]`` -> {"a": 1, "b": [1, 2], "c": "text"} (Python literals, else strings)."""
     parsed = {}
@@ -120,18 +195,6 @@ def parse_key_values(items: list[str], option: str) -> dict[str, Any]:
         except (ValueError, SyntaxError):
             parsed[key.strip()] = value.strip()
     return parsed
-
-
-def bucket_settings(args: argparse.Namespace) -> BucketSettings:
-    """The bucketing options as one value (resolution already parsed)."""
-    return BucketSettings(
-        resolution=parse_resolution(args.resolution),
-        enable=args.enable_bucket,
-        min_reso=args.min_bucket_reso,
-        max_reso=args.max_bucket_reso,
-        step=args.bucket_reso_steps,
-        no_upscale=args.bucket_no_upscale,
-    )
 
 
 def normalise(args: argparse.Namespace) -> argparse.Namespace:
@@ -154,8 +217,9 @@ def check_args(args: argparse.Namespace, *, pixel_multiple: int) -> None:
             problems.append(message)
 
     try:
-        check_divisible(bucket_settings(args), pixel_multiple)
-    except ValueError as err:
+        datasets = resolve_datasets(args, list_folders=False)
+        problems += dataset_problems(datasets, args, pixel_multiple=pixel_multiple)
+    except (DatasetConfigError, ValueError) as err:
         problems.append(str(err))
     for option in (
         "train_batch_size",
@@ -171,21 +235,29 @@ def check_args(args: argparse.Namespace, *, pixel_multiple: int) -> None:
         "save_every_n_epochs",
         "sample_every_n_steps",
         "sample_every_n_epochs",
+        "validate_every_n_steps",
+        "validate_every_n_epochs",
+        "max_validation_steps",
     ):
         value = getattr(args, option)
         need(value is None or value >= 1, f"--{option} must be at least 1, got {value}")
-    need(
-        0.0 <= args.caption_dropout_rate < 1.0,
-        f"--caption_dropout_rate must be in [0, 1), got {args.caption_dropout_rate}",
-    )
     need(args.max_data_loader_n_workers >= 0, "--max_data_loader_n_workers must be >= 0")
-    need(
-        not (args.cache_latents and args.random_crop),
-        "--cache_latents cannot be combined with --random_crop (a cached latent has one fixed crop); drop one of them",
-    )
     need(
         not args.cache_text_encoder_outputs or args.network_train_unet_only,
         "--cache_text_encoder_outputs needs frozen text encoders: add --network_train_unet_only",
+    )
+    need(
+        not args.full_bf16 or args.mixed_precision == "bf16",
+        "--full_bf16 needs --mixed_precision bf16 (the adapter is trained in bf16 under bf16 autocast)",
+    )
+    need(
+        not args.fp8_base or hasattr(torch, "float8_e4m3fn"),
+        f"--fp8_base needs torch with float8 dtypes (>= 2.1), found {torch.__version__}",
+    )
+    need(
+        not args.torch_compile or args.dynamo_backend in _dynamo_backends(),
+        f"--dynamo_backend {args.dynamo_backend!r} is not a torch.compile backend here; "
+        f"choose from {', '.join(_dynamo_backends())}",
     )
     if args.optimizer_type == "AdamW8bit":
         need(
@@ -221,6 +293,26 @@ def check_args(args: argparse.Namespace, *, pixel_multiple: int) -> None:
         raise UsageError("cannot start training:\n  " + "\n  ".join(problems))
 
 
+def use_dataset_config(args: argparse.Namespace) -> None:
+    """Keep the resolved ``--dataset_config`` datasets on ``args`` (``args.dataset_specs``) and mirror the first
+    dataset's values into the matching options, which the saved metadata reports. As in sd-scripts,
+    ``--train_data_dir`` and ``--reg_data_dir`` are ignored, with a warning."""
+    ignored = [f"--{name}" for name in ("train_data_dir", "reg_data_dir") if getattr(args, name)]
+    if ignored:
+        warnings.warn(
+            f"{', '.join(ignored)} ignored: --dataset_config '{args.dataset_config}' lists the images", stacklevel=2
+        )
+        args.train_data_dir = args.reg_data_dir = None
+    args.dataset_specs = resolve_datasets(args)
+    first = args.dataset_specs[0]
+    width, height = first.buckets.resolution
+    args.resolution = f"{width},{height}"
+    args.enable_bucket, args.bucket_no_upscale = first.buckets.enable, first.buckets.no_upscale
+    args.min_bucket_reso, args.max_bucket_reso = first.buckets.min_reso, first.buckets.max_reso
+    args.bucket_reso_steps, args.train_batch_size = first.buckets.step, first.batch_size
+    args.validation_split = first.validation_split
+
+
 def parse_training_args(
     parser: argparse.ArgumentParser,
     argv: list[str] | None,
@@ -235,11 +327,17 @@ def parse_training_args(
     if args.pretrained_model_name_or_path is None:
         parser.set_defaults(**tiny_defaults)
         args = parser.parse_args(argv)
-    args.resolution = args.resolution or "1024"
     normalise(args)
     check_args(args, pixel_multiple=pixel_multiple)
+    if args.dataset_config:
+        use_dataset_config(args)
+    args.resolution = args.resolution or "1024"
     if args.pretrained_model_name_or_path is not None:
-        missing = [f"--{name}" for name in required_with_model if getattr(args, name) is None]
+        missing = [
+            f"--{name}"
+            for name in required_with_model
+            if getattr(args, name) is None and not (name == "train_data_dir" and args.dataset_config)
+        ]
         if missing:
             raise UsageError(f"cannot start training:\n  {', '.join(missing)} required with a real model")
     if args.seed is None:

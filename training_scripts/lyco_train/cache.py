@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .buckets import fit_geometry, fit_image
+from .captions import process_caption
 from .data import ImageRecord
 
 
@@ -62,10 +63,13 @@ def _digest(*parts: object) -> str:
     return hashlib.sha1("\x1f".join(map(str, parts)).encode("utf-8")).hexdigest()
 
 
-def latent_jobs(records: list[ImageRecord], buckets: list[tuple[int, int]], flip_aug: bool) -> list[tuple]:
-    """Every (record, bucket, flip) a run can ask for: both orientations when flipping."""
-    flips = (False, True) if flip_aug else (False,)
-    return [(record, bucket, flip) for record, bucket in zip(records, buckets) for flip in flips]
+def latent_jobs(records: list[ImageRecord], buckets: list[tuple[int, int]]) -> list[tuple]:
+    """Every (record, bucket, flip) a run can ask for: both orientations of images whose subset flips."""
+    return [
+        (record, bucket, flip)
+        for record, bucket in zip(records, buckets)
+        for flip in ((False, True) if record.subset.flip_aug else (False,))
+    ]
 
 
 class LatentCache:
@@ -142,7 +146,11 @@ class TextCache:
 
 
 def _cache_dir(args) -> Path:
-    return Path(args.cache_dir or Path(args.train_data_dir) / ".lyco_cache")
+    """``--cache_dir``, else ``.lyco_cache`` beside the images (or beside the ``--dataset_config`` file)."""
+    if args.cache_dir:
+        return Path(args.cache_dir)
+    base = Path(args.train_data_dir) if args.train_data_dir else Path(args.dataset_config).parent
+    return base / ".lyco_cache"
 
 
 def build_latent_cache(args, accelerator, records, buckets, *, tag: str, encode) -> Optional[LatentCache]:
@@ -152,15 +160,14 @@ def build_latent_cache(args, accelerator, records, buckets, *, tag: str, encode)
         return None
     cache = LatentCache(tag, _cache_dir(args) if args.cache_latents_to_disk else None)
     with accelerator.main_process_first():
-        cache.fill(
-            latent_jobs(records, buckets, args.flip_aug), encode, args.vae_batch_size, accelerator.is_local_main_process
-        )
+        cache.fill(latent_jobs(records, buckets), encode, args.vae_batch_size, accelerator.is_local_main_process)
     return cache
 
 
 def build_text_cache(args, accelerator, records, *, tag: str, encode) -> Optional[TextCache]:
-    """With ``--cache_text_encoder_outputs``: every caption and the empty one (caption dropout) encoded once under
-    the run's autocast; None otherwise."""
+    """With ``--cache_text_encoder_outputs``: every caption (as its subset's fixed rules write it) and the empty one
+    (caption dropout) encoded once under the run's autocast; None otherwise. Shuffling and tag dropout are refused
+    with this option before the run starts."""
     if not args.cache_text_encoder_outputs:
         return None
 
@@ -170,5 +177,6 @@ def build_text_cache(args, accelerator, records, *, tag: str, encode) -> Optiona
 
     cache = TextCache(tag, frozen, _cache_dir(args) if args.cache_text_encoder_outputs_to_disk else None)
     with accelerator.main_process_first():
-        cache.fill([r.caption for r in records] + [""], args.train_batch_size, accelerator.is_local_main_process)
+        captions = [process_caption(r.caption, r.subset.captions.fixed()) for r in records]
+        cache.fill(captions + [""], args.train_batch_size, accelerator.is_local_main_process)
     return cache

@@ -10,11 +10,11 @@ from typing import Any, Iterable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from .args import parse_key_values
+from .args import UsageError, parse_key_values
 from .batches import EpochPlan
 from .network import optimizer_groups
 
@@ -27,12 +27,55 @@ def make_accelerator(args: argparse.Namespace, *, unused_parameters: bool = Fals
     syncs at epoch ends), not by accelerate.
     """
     log_with = None if not args.log_with else (["tensorboard", "wandb"] if args.log_with == "all" else [args.log_with])
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=args.logging_dir),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused_parameters)],
     )
+    check_distributed_setup(accelerator, args)
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        _cpu_fp16_autocast_and_scaler(accelerator)
+    return accelerator
+
+
+def check_distributed_setup(accelerator: Accelerator, args: argparse.Namespace) -> None:
+    """Refuse, before any model loads, the ``accelerate launch`` setups whose result the trainers could not save.
+
+    FSDP shards the adapter's parameters (DTensors) across processes, and the writers read whole tensors from the
+    modules: a run would fail at its first save. DeepSpeed (ZeRO-1/2 keep parameters whole, so the adapter saves) wraps
+    exactly one model, steps its own gradient accumulation, and partitions the optimizer state per process.
+    """
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        raise UsageError(
+            "FSDP is not supported by these trainers (the adapter would be sharded and could not be saved): use "
+            "multi-GPU DDP (distributed_type: MULTI_GPU) or DeepSpeed ZeRO-2 with --network_train_unet_only; "
+            "--fp8_base and --gradient_checkpointing cut the replicated base's memory instead"
+        )
+    if kind == DistributedType.DEEPSPEED:
+        problems = []
+        if not args.network_train_unet_only:
+            problems.append("--network_train_unet_only (DeepSpeed trains one model; the text encoders stay frozen)")
+        if args.gradient_accumulation_steps != 1:
+            problems.append(
+                "--gradient_accumulation_steps 1 and gradient_accumulation_steps: 1 in the DeepSpeed config "
+                "(raise --train_batch_size instead)"
+            )
+        if args.save_state or args.resume:
+            problems.append("no --save_state/--resume (ZeRO partitions the optimizer state per process)")
+        if problems:
+            raise UsageError("with DeepSpeed, use " + "; ".join(problems))
+
+
+def _cpu_fp16_autocast_and_scaler(accelerator: Accelerator) -> None:
+    """accelerate turns fp16 mixed precision into nothing on CPU (no autocast, no loss scaling), so an fp16 run there
+    used to compute in a mix of fp16 weights and fp32 adapters without either. torch has both on CPU: switch on
+    accelerate's own native-AMP path with a CPU ``GradScaler``, so ``accelerator.autocast``, ``backward``,
+    ``clip_grad_norm_`` and the prepared optimizer scale, unscale and skip steps exactly as on a GPU. Must run before
+    ``accelerator.prepare``."""
+    accelerator.native_amp = True
+    accelerator.scaler = torch.amp.GradScaler("cpu")
 
 
 def start_trackers(accelerator: Accelerator, args: argparse.Namespace, default_name: str) -> None:
@@ -145,14 +188,13 @@ def trainable_parameters(*models: torch.nn.Module) -> list[torch.nn.Parameter]:
 @dataclass
 class Training:
     """Everything the loop steps: the data plan, the step plan, the (accelerate-prepared) trained models by
-    component, optimizer, lr schedule and the noise generator."""
+    component, optimizer and lr schedule."""
 
     data: EpochPlan
     steps: StepPlan
     models: dict[str, torch.nn.Module]
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
-    generator: torch.Generator
 
 
 def prepare_training(
@@ -163,15 +205,11 @@ def prepare_training(
     trained: dict[str, torch.nn.Module],
 ) -> Training:
     """Plan epochs and steps, build optimizer (sd-scripts lr groups) and lr schedule, let accelerate wrap the models
-    (DDP under ``accelerate launch``), and seed a per-process noise generator."""
+    (DDP under ``accelerate launch``)."""
     data = EpochPlan(
         records,
         buckets,
-        batch_size=args.train_batch_size,
         seed=args.seed,
-        flip_aug=args.flip_aug,
-        random_crop=args.random_crop,
-        caption_dropout_rate=args.caption_dropout_rate,
         num_processes=accelerator.num_processes,
         process_index=accelerator.process_index,
     )
@@ -181,5 +219,4 @@ def prepare_training(
     optimizer = make_optimizer(args, optimizer_groups(args, trained))
     lr_scheduler = make_scheduler(args, optimizer, steps.total_steps)
     prepared = accelerator.prepare(*trained.values(), optimizer)
-    generator = torch.Generator(accelerator.device).manual_seed(args.seed + 1_000_003 * accelerator.process_index)
-    return Training(data, steps, dict(zip(trained, prepared[:-1])), prepared[-1], lr_scheduler, generator)
+    return Training(data, steps, dict(zip(trained, prepared[:-1])), prepared[-1], lr_scheduler)

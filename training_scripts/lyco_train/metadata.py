@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from .data import ImageRecord
+from .data import ImageRecord, count_images
 from .state import Position
 
 FAMILIES = {
@@ -60,7 +60,8 @@ def _dataset_keys(records: list[ImageRecord], buckets: list[tuple[int, int]]) ->
         "ss_dataset_dirs": dirs,
         "ss_tag_frequency": {name: dict(counter) for name, counter in tags.items()},
         "ss_bucket_info": bucket_info,
-        "ss_num_train_images": sum(r.repeats for r in records),
+        "ss_num_train_images": count_images(records, regularisation=False),
+        "ss_num_reg_images": count_images(records, regularisation=True),
     }
 
 
@@ -109,7 +110,6 @@ def training_metadata(
                 if args.network_train_unet_only
                 else (args.text_encoder_lr or args.learning_rate),
                 "ss_network_dropout": None,
-                "ss_num_reg_images": 0,
                 "ss_num_batches_per_epoch": batches_per_epoch,
                 "ss_num_epochs": num_epochs,
                 "ss_max_train_steps": total_steps,
@@ -125,6 +125,8 @@ def training_metadata(
                 + (f"({','.join(args.optimizer_args)})" if args.optimizer_args else ""),
                 "ss_max_grad_norm": args.max_grad_norm,
                 "ss_mixed_precision": args.mixed_precision,
+                "ss_full_bf16": args.full_bf16,
+                "ss_fp8_base": args.fp8_base,
                 "ss_seed": args.seed,
                 "ss_loss_type": "l2",
                 "ss_noise_offset": args.noise_offset or None,
@@ -137,6 +139,14 @@ def training_metadata(
                 "ss_flip_aug": args.flip_aug,
                 "ss_random_crop": args.random_crop,
                 "ss_caption_dropout_rate": args.caption_dropout_rate,
+                "ss_caption_tag_dropout_rate": args.caption_tag_dropout_rate,
+                "ss_shuffle_caption": args.shuffle_caption,
+                "ss_keep_tokens": args.keep_tokens,
+                "ss_keep_tokens_separator": args.keep_tokens_separator,
+                "ss_color_aug": args.color_aug,
+                "ss_prior_loss_weight": args.prior_loss_weight,
+                "ss_validation_split": args.validation_split,
+                "ss_validation_seed": args.validation_seed,
                 "ss_training_comment": args.training_comment,
                 **_dataset_keys(records, buckets),
                 **objective,

@@ -1,6 +1,9 @@
 """Training objectives: SDXL's DDPM noise prediction (epsilon or v) and Anima's rectified flow.
 
-All randomness comes from an explicit ``torch.Generator`` so a resumed run draws exactly the same noise.
+Every sample draws its noise and timestep/σ from a generator of its own, seeded by the data plan from (run seed,
+epoch, global batch, position in the batch): a resumed run draws exactly the same noise, and one process with a global
+batch of n draws what n/k samples on each of k processes draw. Each sample's generator is used in a fixed order:
+noise, then the noise offset, then the timestep/σ.
 """
 
 from __future__ import annotations
@@ -10,15 +13,22 @@ import torch
 SIGMA_SAMPLING = ("sigmoid", "uniform", "shift")
 
 
-def _randn(shape: tuple[int, ...], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32).to(like.device)
+def sample_generators(seeds: torch.Tensor) -> list[torch.Generator]:
+    """One CPU generator per sample, seeded with the batch's ``noise_seeds`` (CPU draws: the same on every device)."""
+    return [torch.Generator().manual_seed(int(seed)) for seed in seeds.tolist()]
 
 
-def sample_noise(latents: torch.Tensor, generator: torch.Generator, offset: float = 0.0) -> torch.Tensor:
+def _per_sample(draw, generators: list[torch.Generator], device: torch.device) -> torch.Tensor:
+    return torch.stack([draw(generator) for generator in generators]).to(device)
+
+
+def sample_noise(latents: torch.Tensor, generators: list[torch.Generator], offset: float = 0.0) -> torch.Tensor:
     """Gaussian noise like ``latents`` (float32), plus ``offset`` times a per-sample, per-channel constant."""
-    noise = _randn(tuple(latents.shape), generator, latents)
+    shape = tuple(latents.shape[1:])
+    noise = _per_sample(lambda g: torch.randn(shape, generator=g), generators, latents.device)
     if offset:
-        noise = noise + offset * _randn(tuple(latents.shape[:2]) + (1,) * (latents.dim() - 2), generator, latents)
+        channels = (latents.shape[1],) + (1,) * (latents.dim() - 2)
+        noise = noise + offset * _per_sample(lambda g: torch.randn(channels, generator=g), generators, latents.device)
     return noise
 
 
@@ -30,12 +40,9 @@ def sdxl_time_ids(
     return torch.cat([original_sizes, crop_top_lefts, target_sizes], dim=1).float()
 
 
-def sample_timesteps(
-    batch: int, num_train_timesteps: int, generator: torch.Generator, device: torch.device
-) -> torch.Tensor:
-    """Uniform integer DDPM timesteps in [0, num_train_timesteps)."""
-    steps = torch.randint(0, num_train_timesteps, (batch,), generator=generator, device=generator.device)
-    return steps.to(device)
+def sample_timesteps(num_train_timesteps: int, generators: list[torch.Generator], device: torch.device) -> torch.Tensor:
+    """Uniform integer DDPM timesteps in [0, num_train_timesteps), one per sample."""
+    return _per_sample(lambda g: torch.randint(0, num_train_timesteps, (), generator=g), generators, device)
 
 
 def ddpm_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -60,9 +67,8 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
 
 # ----------------------------------------------------------------------------------------------- rectified flow
 def sample_sigmas(
-    batch: int,
     mode: str,
-    generator: torch.Generator,
+    generators: list[torch.Generator],
     device: torch.device,
     *,
     sigmoid_scale: float = 1.0,
@@ -71,14 +77,14 @@ def sample_sigmas(
     """σ in (0, 1) per sample: ``sigmoid`` = sigmoid(scale·N(0,1)), ``uniform`` = U(0,1), ``shift`` = the sigmoid
     draw moved by the discrete flow shift s: σ·s / (1 + (s − 1)·σ)."""
     if mode == "uniform":
-        sigmas = torch.rand((batch,), generator=generator, device=generator.device)
+        sigmas = _per_sample(lambda g: torch.rand((), generator=g), generators, device)
     elif mode in ("sigmoid", "shift"):
-        sigmas = torch.sigmoid(sigmoid_scale * torch.randn((batch,), generator=generator, device=generator.device))
+        sigmas = torch.sigmoid(sigmoid_scale * _per_sample(lambda g: torch.randn((), generator=g), generators, device))
         if mode == "shift":
             sigmas = sigmas * shift / (1.0 + (shift - 1.0) * sigmas)
     else:
         raise ValueError(f"unknown sigma sampling {mode!r}; choose from {SIGMA_SAMPLING}")
-    return sigmas.to(device)
+    return sigmas
 
 
 def flow_noisy_input(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
@@ -93,8 +99,9 @@ def flow_target(latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean squared error in float32, each sample's mean optionally multiplied by its weight, then averaged."""
+    """Each sample's mean squared error in float32, optionally multiplied by its weight: shape (batch,). The runner
+    combines them with the samples' loss shares into the step's loss."""
     per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
     if weights is not None:
         per_sample = per_sample * weights
-    return per_sample.mean()
+    return per_sample

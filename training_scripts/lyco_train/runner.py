@@ -17,26 +17,37 @@ import torch
 from .batches import BatchBuilder, epoch_loader
 from .loop import GradientSteps, Training, current_lrs, progress_bar, start_trackers, trainable_parameters
 from .state import Position, load_state, run_fingerprint, save_state, state_folder_name
+from .validation import Validator
 
 
 @dataclass
 class Hooks:
-    """Model-specific callbacks: ``loss(batch)``; ``save(stem, position)`` writes adapter files named ``stem``;
-    ``sample(step)`` renders ``--sample_prompts`` (None when not sampling); both return the paths written."""
+    """Model-specific callbacks: ``loss(batch, draw=None)`` gives each sample's loss (shape (batch,)), drawing its noise
+    from ``batch["noise_seeds"]`` (or from ``draw``, a ``validation.FixedDraw`` with fixed noise generators and noise
+    level, during validation); ``save(stem, position)`` writes adapter files named ``stem``; ``sample(step)`` renders
+    ``--sample_prompts`` (None when not sampling); both return the paths written."""
 
-    loss: Callable[[dict], torch.Tensor]
+    loss: Callable[..., torch.Tensor]
     save: Callable[[str, Position], list[Path]]
     sample: Optional[Callable[[int], list[Path]]] = None
 
 
 @dataclass
 class History:
-    """What happened: the loss of every optimizer step, the files written, where training stopped."""
+    """What happened: the loss of every optimizer step, the validation losses as (step, "step" or "epoch", loss),
+    the files written, where training stopped."""
 
     losses: list[float] = field(default_factory=list)
+    validation: list[tuple[int, str, float]] = field(default_factory=list)
     saved: list[Path] = field(default_factory=list)
     position: Optional[Position] = None
     final: Optional[Path] = None
+
+
+def step_loss(per_sample: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
+    """This process's part of a global batch's loss: the samples' losses weighted by their shares (which sum to the
+    number of processes over the whole global batch, so the process average DDP/FSDP take is the batch mean)."""
+    return (per_sample.float() * shares.to(per_sample.device, torch.float32)).sum()
 
 
 def _save_due(every: Optional[int], count: int) -> bool:
@@ -46,13 +57,22 @@ def _save_due(every: Optional[int], count: int) -> bool:
 class Trainer:
     """Runs the loop of one ``Training`` (models, optimizer, schedule, data and step plans) on one accelerator."""
 
-    def __init__(self, args: argparse.Namespace, accelerator, training: Training, build: BatchBuilder, hooks: Hooks):
-        self.args, self.accelerator, self.training = args, accelerator, training
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        accelerator,
+        training: Training,
+        build: BatchBuilder,
+        hooks: Hooks,
+        validator: Optional[Validator] = None,
+    ):
+        self.args, self.accelerator, self.training, self.validator = args, accelerator, training, validator
         self.models, self.optimizer, self.lr_scheduler = training.models, training.optimizer, training.lr_scheduler
         self.data, self.steps, self.build, self.hooks = training.data, training.steps, build, hooks
         self.fingerprint = run_fingerprint(args, training.data.batches_per_epoch)
         self.gradients = GradientSteps(accelerator, self.models.values(), args.gradient_accumulation_steps)
         self.history = History()
+        self.last_validation: Optional[float] = None
 
     # ------------------------------------------------------------------------------------------------- state
     def resume(self, folder: str) -> Position:
@@ -81,6 +101,29 @@ class Trainer:
                 model.train()
         self.accelerator.wait_for_everyone()
 
+    def _validate(self, position: Position, kind: str, bar) -> None:
+        """Validation loss of the current adapter, logged as sd-scripts names it and shown on the progress bar."""
+        value = self.validator(self.models.values())
+        recent = self.history.losses[-self.steps.steps_per_epoch :]
+        divergence = value - sum(recent) / len(recent) if recent else 0.0
+        self.history.validation.append((position.step, kind, value))
+        self.accelerator.log(
+            {f"loss/validation/{kind}_average": value, f"loss/validation/{kind}_divergence": divergence},
+            step=position.step,
+        )
+        self.last_validation = value
+        self._show(bar)
+
+    def _show(self, bar) -> None:
+        """Progress-bar postfix: the last step's loss and learning rate, and the last validation loss."""
+        shown = {}
+        if self.history.losses:
+            shown["loss"] = f"{self.history.losses[-1]:.4f}"
+        shown["lr"] = f"{next(iter(current_lrs(self.optimizer).values())):.2e}"
+        if self.last_validation is not None:
+            shown["val_loss"] = f"{self.last_validation:.4f}"
+        bar.set_postfix(shown)
+
     # -------------------------------------------------------------------------------------------------- loop
     def _optimizer_step(self) -> None:
         if self.args.max_grad_norm:
@@ -94,7 +137,7 @@ class Trainer:
         self.history.losses.append(loss)
         lrs = current_lrs(self.optimizer)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{next(iter(lrs.values())):.2e}")
+        self._show(bar)
         self.accelerator.log({"loss": loss, **{f"lr/{name}": lr for name, lr in lrs.items()}}, step=position.step)
         if position.step < self.steps.total_steps and _save_due(args.save_every_n_steps, position.step):
             self._save(
@@ -104,8 +147,10 @@ class Trainer:
             )
         if _save_due(args.sample_every_n_steps, position.step):
             self._sample(position.step)
+        if self.validator and _save_due(args.validate_every_n_steps, position.step):
+            self._validate(position, "step", bar)
 
-    def _after_epoch(self, position: Position) -> None:
+    def _after_epoch(self, position: Position, bar) -> None:
         args, epoch = self.args, position.epoch
         if position.step < self.steps.total_steps and _save_due(args.save_every_n_epochs, epoch):
             self._save(
@@ -115,6 +160,8 @@ class Trainer:
             )
         if _save_due(args.sample_every_n_epochs, epoch):
             self._sample(position.step)
+        if self.validator and (args.validate_every_n_epochs is None or _save_due(args.validate_every_n_epochs, epoch)):
+            self._validate(position, "epoch", bar)
 
     def run(self, tracker_name: str, summary: str = "") -> History:
         """Open the trackers, resume if ``--resume`` says so, train to the planned number of steps, save the final
@@ -142,8 +189,8 @@ class Trainer:
                 group = self.gradients.group_size(batch_index, per_epoch)
                 with self.gradients.context(sync):
                     with accelerator.autocast():
-                        loss = self.hooks.loss(batch)
-                    value = loss.detach().float().item()
+                        loss = step_loss(self.hooks.loss(batch), batch["shares"])
+                    value = accelerator.reduce(loss.detach().float(), "mean").item()
                     if not math.isfinite(value):
                         raise FloatingPointError(
                             f"loss became {value} at step {step + 1} (epoch {epoch + 1}, batch "
@@ -162,7 +209,7 @@ class Trainer:
                 if step >= steps.total_steps:
                     break
             if position.batch == 0 and position.epoch == epoch + 1:
-                self._after_epoch(position)
+                self._after_epoch(position, bar)
             if step >= steps.total_steps:
                 break
         bar.close()

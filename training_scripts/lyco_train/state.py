@@ -67,8 +67,8 @@ def _optimizer_from_files(structure: dict, tensors: dict[str, torch.Tensor]) -> 
     return state
 
 
-def _rng_snapshot(generator: torch.Generator) -> tuple[dict, dict[str, torch.Tensor]]:
-    tensors = {"torch_cpu": torch.get_rng_state(), "noise_generator": generator.get_state()}
+def _rng_snapshot() -> tuple[dict, dict[str, torch.Tensor]]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for index, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"torch_cuda_{index}"] = state
@@ -82,9 +82,8 @@ def _rng_snapshot(generator: torch.Generator) -> tuple[dict, dict[str, torch.Ten
     return info, tensors
 
 
-def _rng_restore(info: dict, tensors: dict[str, torch.Tensor], generator: torch.Generator) -> None:
+def _rng_restore(info: dict, tensors: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(tensors["torch_cpu"])
-    generator.set_state(tensors["noise_generator"])
     cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
@@ -113,7 +112,7 @@ def save_state(folder: Path, accelerator, training, position: Position, fingerpr
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    rng_info, rng_tensors = _rng_snapshot(training.generator)
+    rng_info, rng_tensors = _rng_snapshot()
     atomic_save(
         rng_tensors, partial / f"rng_{accelerator.process_index}.safetensors", metadata={"info": json.dumps(rng_info)}
     )
@@ -175,7 +174,7 @@ def load_state(folder: Path, accelerator, training, fingerprint: dict[str, Any])
     rng_tensors = load_file(rng_path)
     with safe_open(rng_path, "pt") as handle:
         rng_info = json.loads(handle.metadata()["info"])
-    _rng_restore(rng_info, rng_tensors, training.generator)
+    _rng_restore(rng_info, rng_tensors)
     return Position(**state["position"])
 
 

@@ -24,6 +24,11 @@ def _draw_shape(
         draw.polygon([((left + right) // 2, top), (right, bottom), (left, bottom)], fill=colour)
 
 
+def shapes_folder(root: str | Path, repeats: int = 2) -> Path:
+    """Where ``make_shapes_dataset(root, repeats=...)`` puts its images."""
+    return Path(root) / f"{repeats}_shapes"
+
+
 def make_shapes_dataset(root: str | Path, *, count: int = 12, size: int = 64, repeats: int = 2, seed: int = 0) -> Path:
     """Write ``count`` images with ``.txt`` captions into ``root/<repeats>_shapes`` (sd-scripts layout); return it.
 
@@ -31,7 +36,7 @@ def make_shapes_dataset(root: str | Path, *, count: int = 12, size: int = 64, re
     same names are overwritten, so the folder always holds exactly this dataset.
     """
     rng = np.random.default_rng(seed)
-    folder = Path(root) / f"{repeats}_shapes"
+    folder = shapes_folder(root, repeats)
     folder.mkdir(parents=True, exist_ok=True)
     for index in range(count):
         colour = list(COLOURS)[index % len(COLOURS)]

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .synthetic import make_shapes_dataset
+from .synthetic import make_shapes_dataset, shapes_folder
 
 TINY_SEED = 0
 
@@ -55,13 +55,18 @@ def use_one_cpu_thread() -> None:
         torch.set_num_threads(1)
 
 
-def prepare_tiny_data(args) -> None:
-    """Without ``--train_data_dir``: generate the coloured-shapes dataset (and sample prompts) in the output folder."""
+def prepare_tiny_data(args, *, write: bool = True) -> None:
+    """Without ``--train_data_dir``: generate the coloured-shapes dataset (and sample prompts) in the output folder.
+
+    ``write=False`` (every process but the main one of a multi-process run) only points ``args`` at what the main
+    process wrote: writing again would replace files while the main process reads them."""
     data = Path(args.output_dir) / "data"
-    if args.train_data_dir is None:
-        args.train_data_dir = str(make_shapes_dataset(data, size=64).parent)
+    if args.train_data_dir is None and not getattr(args, "dataset_config", None):
+        folder = make_shapes_dataset(data, size=64) if write else shapes_folder(data)
+        args.train_data_dir = str(folder.parent)
     if args.sample_prompts is None:
-        args.sample_prompts = str(write_tiny_prompts(data / "prompts.txt", 64))
+        prompts = data / "prompts.txt"
+        args.sample_prompts = str(write_tiny_prompts(prompts, 64) if write else prompts)
 
 
 def write_tiny_prompts(path: Path, size: int) -> Path:

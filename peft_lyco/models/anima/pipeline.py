@@ -86,7 +86,8 @@ class AnimaPipeline:
             raise ValueError(f"height and width must be multiples of {2 * VAE_SCALE}, got {height}x{width}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        param = next(self.dit.parameters())
+        # the compute dtype: float8 parameters are storage only (a base stored in fp8 is read in a wider dtype)
+        param = next(p for p in self.dit.parameters() if p.element_size() > 1)
         cond = self.context(self.encode_prompt(prompts))
         uncond = self.context(self.encode_prompt(negatives)) if guidance_scale != 1.0 else None
         shape = (len(prompts), self.dit.config.in_channels, height // VAE_SCALE, width // VAE_SCALE)
