@@ -27,6 +27,7 @@ def save_adapter(
     metadata: dict[str, str],
     precision: str = "float",
     peft_folders: bool = False,
+    naming: str = "sgm",
 ) -> list[Path]:
     """``<output_dir>/<stem>.safetensors`` in kohya format, plus ``<output_dir>/<stem>_peft/<component>/`` folders
     when asked; returns the paths written.
@@ -36,7 +37,12 @@ def save_adapter(
     """
     converted = {k: v for k, v in metadata.items() if k not in CONVERTER_KEYS}
     state_dict, file_metadata = peft_to_kohya(
-        components, adapter_name=ADAPTER_NAME, model_type=model_type, dtype=PRECISIONS[precision], metadata=converted
+        components,
+        adapter_name=ADAPTER_NAME,
+        model_type=model_type,
+        dtype=PRECISIONS[precision],
+        metadata=converted,
+        naming=naming,
     )
     if "ss_network_args" in metadata:
         merged = {**json.loads(metadata["ss_network_args"]), **json.loads(file_metadata.get("ss_network_args", "{}"))}
@@ -83,4 +89,5 @@ class AdapterWriter:
             metadata=metadata,
             precision=args.save_precision,
             peft_folders=args.save_peft_adapter,
+            naming=getattr(args, "save_naming", "sgm"),
         )
