@@ -37,6 +37,7 @@ if str(ROOT) not in sys.path:  # run as a script: make the checkout's packages i
 
 import peft
 import torch
+import torch._inductor.config as inductor_config
 
 from benchmarks import cases as case_lists
 from benchmarks import measure, modes, report
@@ -301,9 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     backend = args.backend or ("inductor" if device.startswith("cuda") else "aot_eager")
-    torch._inductor.config.fallback_random = True  # compiled rank dropout draws what eager draws
     start = time.perf_counter()
-    with _quiet():
+    with _quiet(), inductor_config.patch(fallback_random=True):  # compiled rank dropout draws as eager does
         with _exact_cuda_math():
             rows = precision_rows(
                 device,

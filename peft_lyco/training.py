@@ -14,8 +14,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .presets.architectures import detect_architecture
-from .tuners.targets import unwrap
 from .presets.network_args import parse_network_args
+from .tuners.targets import unwrap
 
 # sd-scripts' LoRA+ rule: "lora_up", "hada_w2_a" or "lokr_w1" in the name (so lokr_w1_a/_b too); PEFT LoRA: lora_B
 PLUS_PARAMS = frozenset({"hada_w2_a", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lora_up", "lora_B"})

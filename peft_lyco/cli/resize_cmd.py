@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from ..convert.modules import ModuleAdapter
 from ..functional import lokr_layout
 from ..functional.approximate import lokr_factors
-from ..functional.tucker import rebuild_tucker
+from ..functional.lokr import lokr_w1, lokr_w2
 from .adapters import DTYPES, Adapter, make_module, module_delta, module_scale, read_adapter, write_kohya
 from .extract_cmd import compute_device, fit_module, print_errors
 
@@ -39,13 +39,7 @@ def resize_module(
         if new_rank >= module.rank and not layout.both_full:
             return module, 0.0
         t = {name: tensor.double() for name, tensor in module.tensors.items()}
-        w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
-        if "lokr_w2" in t:
-            w2 = t["lokr_w2"]
-        elif "lokr_t2" in t:
-            w2 = rebuild_tucker(t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"])
-        else:
-            w2 = t["lokr_w2_a"] @ t["lokr_w2_b"]
+        w1, w2 = lokr_w1(t), lokr_w2(t)
         new_layout = lokr_layout(g.out_features, g.in_features, g.kernel, new_rank, **module.options, warn=False)
         if (new_layout.out_l, new_layout.in_m) != (layout.out_l, layout.in_m):
             raise ValueError(f"{module.name}: the LoKr split changes at rank {new_rank}")

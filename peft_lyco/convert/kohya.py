@@ -136,6 +136,7 @@ def kohya_to_peft(
     models = component_models(scheme, model)
     resolver = NameResolver(scheme, models)
     preferred_factor = _metadata_factor(metadata)
+    wd_on_output_hint = _metadata_wd_on_output(metadata)
     configs = adapter_configs(metadata)
     _refuse_unscaled_peft_file(groups, configs)
     denoiser = scheme.components[0].name
@@ -161,7 +162,7 @@ def kohya_to_peft(
                 kernel = geometry.kernel if geometry else (hint or ())
                 alpha = config_alpha(config, path, any(k != 1 for k in kernel))
                 params = params if alpha is None else {**params, "alpha": torch.tensor(alpha)}
-            module = read_module(params, component, path, geometry, hint, preferred_factor)
+            module = read_module(params, component, path, geometry, hint, preferred_factor, wd_on_output_hint)
         except (ValueError, TypeError) as err:  # ModuleError, or a layout/geometry check naming the problem
             errors.append(f"{name} ({component} '{path}'): {err}")
             continue
@@ -240,6 +241,18 @@ def _metadata_factor(metadata: Mapping[str, str] | None) -> int | None:
         return None
 
 
+def _metadata_wd_on_output(metadata: Mapping[str, str] | None) -> bool | None:
+    """DoRA's axis from sd-scripts' ``ss_network_args`` (``dora_wd``, ``wd_on_output``; LyCORIS' default is the output
+    axis), or ``None`` when the file does not record DoRA."""
+    try:
+        args = json.loads((metadata or {}).get("ss_network_args", "{}"))
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(args, dict) or str(args.get("dora_wd", "false")).lower() != "true":
+        return None
+    return str(args.get("wd_on_output", "true")).lower() == "true"
+
+
 def component_models(scheme: ModelNames, model: Any) -> dict[str, nn.Module]:
     """Component name -> model from a pipeline, a mapping, or the denoiser alone (``None``: no models)."""
     if model is None:
@@ -297,14 +310,17 @@ def _peft_part(algo: str, modules: list[ModuleAdapter], module_names: list[str] 
         }
         return PeftPart(config, state_dict)
     defaults = _shared_options(modules)
+    dora = dict(_most_common([tuple(sorted(m.dora_options.items())) for m in modules]))
     option_pattern = {
-        exact_pattern_key(m.path): m.options
+        exact_pattern_key(m.path): {**m.options, **m.dora_options}
         for m in modules
         if ALGORITHMS[algo].layout(*m.geometry.shape, m.rank, defaults, warn=False) != m.layout
+        or m.dora_options != dora
     }
-    config = ALGO_CONFIGS[algo](r=rank, alpha=alpha, option_pattern=option_pattern, **defaults, **patterns)
+    config = ALGO_CONFIGS[algo](r=rank, alpha=alpha, option_pattern=option_pattern, **defaults, **dora, **patterns)
     _verify(config, algo, modules)
     state_dict = {f"{m.path}.{param}": tensor for m in modules for param, tensor in m.tensors.items()}
+    state_dict.update({f"{m.path}.dora_scale": m.dora_scale for m in modules if m.dora_scale is not None})
     return PeftPart(config, state_dict)
 
 
@@ -324,10 +340,12 @@ def _verify(config: LycoConfig, algo: str, modules: list[ModuleAdapter]) -> None
             else nn.Linear(g.in_features, g.out_features, device="meta")
         )
         spec = resolve_layer_spec(config, m.path, stand_in)
-        if (spec.rank, spec.alpha, ALGORITHMS[algo].layout(*g.shape, spec.rank, spec.options)) != (
+        dora = {name: bool(spec.options.get(name)) for name in m.dora_options}
+        if (spec.rank, spec.alpha, ALGORITHMS[algo].layout(*g.shape, spec.rank, spec.options), dora) != (
             m.rank,
             m.alpha,
             m.layout,
+            m.dora_options,
         ):
             raise RuntimeError(f"internal error: the {algo} config does not reproduce module '{m.path}'")
 
@@ -348,7 +366,9 @@ def peft_to_kohya(
 
     ``components``: a pipeline, a mapping component -> model (with LoHa/LoKr/LoRA layers injected), the denoiser
     alone, or a ``KohyaConversion``. UNet names use the SGM layout (``naming="sgm"``, what sd-scripts writes and every
-    consumer resolves) or the diffusers layout; text-encoder names always carry ``text_model_``. Tensors keep their
+    consumer resolves) or the diffusers layout; ``naming="comfy"`` writes what ComfyUI reads (SGM names for SDXL;
+    ``diffusion_model.<path>`` and ``text_encoders.qwen3_06b.transformer.model.<path>`` for Anima, whose
+    ``lora_te_`` names ComfyUI ignores); text-encoder names always carry ``text_model_``. Tensors keep their
     dtype unless ``dtype`` is given (one dtype per module: ``torch.float32``, ``float16`` or ``bfloat16``; a value that
     overflows it raises naming the module). Tucker LoKr is rebuilt to a full 4-D ``lokr_w2`` unless
     ``lokr_tucker``. With ``strict``, layouts some consumer would silently drop (a partial CLIP-bigG q/k/v/out set)
@@ -384,7 +404,10 @@ def peft_to_kohya(
             f"{dtype or 'its dtype'}; try dtype=torch.bfloat16 or torch.float32):\n  " + "\n  ".join(overflow)
         )
     tucker = any(key.endswith((".hada_t1", ".lokr_t2")) for key in state_dict)
-    return dict(sorted(state_dict.items())), _file_metadata(scheme, written, configs, metadata, strict, tucker)
+    dora_axes = [m.wd_on_output for m in modules if m.dora_scale is not None]
+    return dict(sorted(state_dict.items())), _file_metadata(
+        scheme, written, configs, metadata, strict, tucker, dora_axes
+    )
 
 
 def _collect(components: Any, adapter_name: str, model_type: str | None):
@@ -432,10 +455,16 @@ def _layer_module(layer, adapter: str, component: str, path: str, geometry: Geom
     if isinstance(layer, LycoLayer):
         if adapter not in layer.layouts:
             return None
-        tensors = {name: tensor.detach() for name, tensor in layer.adapter_parameters(adapter).items()}
-        algo = layer.algorithm.name
-        layout = layer.layouts[adapter]
-        return ModuleAdapter(component, path, algo, tensors, layer.r[adapter], layer.alpha[adapter], geometry, layout)
+        tensors = layer.kohya_tensors(adapter)
+        dora_scale = tensors.pop("dora_scale", None)
+        layout, rank, alpha = layer.layouts[adapter], layer.r[adapter], layer.alpha[adapter]
+        if layer.rs_lora[adapter]:  # readers scale by alpha / r: store the alpha that gives the trained scale
+            alpha = layer.base_scale[adapter] * rank
+            if getattr(layout, "both_full", False):  # readers use scale 1 here: bake LyCORIS' r / sqrt(r) into w1
+                tensors["lokr_w1"] = tensors["lokr_w1"] * layer.base_scale[adapter]
+        module = ModuleAdapter(component, path, layer.algorithm.name, tensors, rank, alpha, geometry, layout)
+        module.dora_scale, module.wd_on_output = dora_scale, layer.wd_on_output[adapter]
+        return module
     if isinstance(layer, LoraLayer):
         if adapter not in layer.lora_A:
             return None
@@ -487,12 +516,19 @@ def _check_complete_sets(scheme: ModelNames, modules: list[ModuleAdapter], stric
 
 
 def _file_metadata(
-    scheme: ModelNames, written, configs, extra: Mapping[str, str] | None, strict: bool, tucker: bool
+    scheme: ModelNames,
+    written,
+    configs,
+    extra: Mapping[str, str] | None,
+    strict: bool,
+    tucker: bool,
+    dora_axes: list[bool] = (),
 ) -> dict[str, str]:
     """sd-scripts' network metadata (module, dim, alpha, args, base model version) plus the caller's entries.
 
     ``ss_network_args`` holds the algorithm(s) and the adapter config's layout options, with ``use_tucker`` saying
-    whether the file itself has Tucker factors (Tucker LoKr is rebuilt to full ``lokr_w2`` by default).
+    whether the file itself has Tucker factors (Tucker LoKr is rebuilt to full ``lokr_w2`` by default), and
+    ``dora_wd``/``wd_on_output`` when modules carry ``dora_scale`` (the most common axis; the shapes say each one's).
     """
     algos = sorted({algo for algo, _, _ in written})
     args: dict[str, str] = {"algo": "+".join(algos)}
@@ -500,6 +536,9 @@ def _file_metadata(
     if lyco is not None:
         args.update({name: str(getattr(lyco, name)) for name in type(lyco).layout_options})
         args["use_tucker"] = str(tucker)
+    if dora_axes:
+        args["dora_wd"] = "True"
+        args["wd_on_output"] = str(_most_common(list(dora_axes)))
     metadata = {
         "ss_network_module": NETWORK_MODULES[algos[0]] if len(algos) == 1 else "lycoris.kohya",
         "ss_network_dim": str(_most_common([rank for _, rank, _ in written])),

@@ -14,18 +14,17 @@ from typing import Any
 import torch
 
 from ..functional import LOHA, LOHA_PARAMS, LOKR, LOKR_PARAMS, LoHaLayout, LoKrLayout, delta_weight, rebuild_tucker
+from ..functional.dora import magnitude_shape
 from ..functional.lokr import lokr_w1
 
 LORA_PARAMS = ("lora_down.weight", "lora_up.weight")
 REFUSED_PARAMS = {
-    "dora_scale": "DoRA (weight-decomposed LyCORIS, dora_wd) is not supported yet; its dora_scale cannot be applied "
-    "by PEFT LoHa/LoKr layers, so the file is refused rather than loaded wrongly",
     "lora_mid.weight": "LoCon with a Tucker core (lora_mid) is not supported",
     "lokr_t1": "lokr_t1 is never written by LyCORIS or sd-scripts",
     "scale": "a 'scale' tensor overrides alpha in A1111 only; its meaning is ambiguous",
     "bias": "adapter biases are not supported",
 }
-FILE_PARAMS = (*LOHA_PARAMS, *LOKR_PARAMS, *LORA_PARAMS, "alpha", *REFUSED_PARAMS)
+FILE_PARAMS = (*LOHA_PARAMS, *LOKR_PARAMS, *LORA_PARAMS, "alpha", "dora_scale", *REFUSED_PARAMS)
 # A scaled ΔW entry beyond sqrt(float32 max) overflows to inf as soon as a norm or attention squares the layer's
 # output, so the pipeline outputs NaN: such a module (e.g. alpha 1e30) is refused at load.
 MAX_SCALED_DELTA = math.sqrt(torch.finfo(torch.float32).max)
@@ -78,6 +77,13 @@ class ModuleAdapter:
     options: dict[str, Any] = field(default_factory=dict)
     candidates: tuple[dict[str, Any], ...] = ()
     name: str = ""
+    dora_scale: torch.Tensor | None = None  # DoRA magnitude, in the shape our layers hold it
+    wd_on_output: bool | None = None  # DoRA's axis (None: no DoRA)
+
+    @property
+    def dora_options(self) -> dict[str, bool]:
+        """The module's DoRA options as config fields (``weight_decompose``, ``wd_on_output``)."""
+        return {"weight_decompose": self.dora_scale is not None, "wd_on_output": self.wd_on_output is not False}
 
 
 # ------------------------------------------------------------------------------------------------------- reading
@@ -99,10 +105,12 @@ def read_module(
     geometry: Geometry | None,
     kernel_hint: tuple[int, ...] | None = None,
     preferred_factor: int | None = None,
+    wd_on_output_hint: bool | None = None,
 ) -> ModuleAdapter:
     """Infer one module from its file tensors; ``geometry`` is the target layer's (``None``: inferred from the tensors).
 
-    Raises ``ModuleError`` with a message that names the problem; the caller adds the module name.
+    ``wd_on_output_hint`` (from the file's ``ss_network_args``) resolves the axis of a ``dora_scale`` whose shape does
+    not say it. Raises ``ModuleError`` with a message that names the problem; the caller adds the module name.
     """
     refused = [f"{name}: {REFUSED_PARAMS[name]}" for name in params if name in REFUSED_PARAMS]
     if refused:
@@ -113,13 +121,17 @@ def read_module(
             raise ModuleError(f"{name} has dtype {tensor.dtype}; adapter tensors must be floating point")
         if name == "alpha":
             continue
+        if name == "dora_scale":
+            if tensor.numel() == 0 or not torch.isfinite(tensor.abs().amax()):
+                raise ModuleError(f"dora_scale must be a non-empty finite tensor, got shape {tuple(tensor.shape)}")
+            continue
         if tensor.dim() < 2 or tensor.numel() == 0:
             raise ModuleError(f"{name} must be a non-empty matrix or conv kernel, got shape {tuple(tensor.shape)}")
         peaks[name] = float(tensor.abs().amax())  # one reduction: NaN and inf propagate (5x faster than .all())
         if not math.isfinite(peaks[name]):
             raise ModuleError(f"{name} contains NaN or infinite values")
     algo = algo_of(params)
-    tensors = {name: tensor for name, tensor in params.items() if name != "alpha"}
+    tensors = {name: tensor for name, tensor in params.items() if name not in ("alpha", "dora_scale")}
     alpha = _alpha(params.get("alpha"))
     if algo == "loha":
         module = _read_loha(tensors, alpha, geometry, kernel_hint)
@@ -131,9 +143,60 @@ def read_module(
         raise ModuleError(f"no adapter tensors, only {sorted(params)}")
     if not math.isfinite(module.alpha):
         raise ModuleError(f"alpha is {module.alpha}; only LoKr modules with both halves full may carry any alpha")
+    if "dora_scale" in params:
+        if algo == "lora":
+            raise ModuleError("dora_scale on a plain LoRA module is not supported (PEFT's LoRA DoRA uses another axis)")
+        module.wd_on_output, module.dora_scale = read_dora_scale(
+            params["dora_scale"], module.geometry, wd_on_output_hint
+        )
     _check_scaled_delta(module, peaks)
     module.component, module.path = component, path
     return module
+
+
+def read_dora_scale(tensor: torch.Tensor, geometry: Geometry, hint: bool | None) -> tuple[bool, torch.Tensor]:
+    """``(on_output, magnitude)`` of a file's ``dora_scale`` on a layer: the axis follows from the shape (``(out, 1,
+    …)`` per output row, ``(1, in, …)`` per input column); a 1-D or otherwise ambiguous tensor takes ``hint`` (the
+    file's ``ss_network_args``) and is refused without one. The magnitude comes back in our layers' shape."""
+    weight_shape = (geometry.out_features, geometry.in_features, *geometry.kernel)
+    shapes = {axis: magnitude_shape(weight_shape, axis) for axis in (True, False)}
+    if tensor.dim() >= 2:
+        fits = [axis for axis, shape in shapes.items() if _fits(tuple(tensor.shape), shape)]
+    else:
+        fits = [axis for axis, shape in shapes.items() if tensor.numel() == math.prod(shape)]
+    if not fits:
+        raise ModuleError(
+            f"dora_scale has shape {tuple(tensor.shape)}, which fits neither axis of a {geometry.describe()} layer "
+            f"(expected {shapes[True]} per output row or {shapes[False]} per input column)"
+        )
+    if len(fits) == 1 and tensor.dim() >= 2:
+        axis = fits[0]
+    elif hint is None:
+        raise ModuleError(
+            f"dora_scale of shape {tuple(tensor.shape)} does not say its axis on a {geometry.describe()} layer and the "
+            "file's ss_network_args has no dora_wd/wd_on_output to tell it; refusing to guess (a wrong axis decodes "
+            "to noise)"
+        )
+    elif hint not in fits:
+        raise ModuleError(
+            f"dora_scale has shape {tuple(tensor.shape)}, but ss_network_args says wd_on_output={hint}, which needs "
+            f"{shapes[hint]}"
+        )
+    else:
+        axis = hint
+    return axis, tensor.reshape(shapes[axis])
+
+
+def _fits(shape: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+    """``shape`` equals ``expected`` up to trailing size-1 dims (2-D magnitudes of 1x1 convs)."""
+
+    def strip(dims):
+        dims = tuple(dims)
+        while len(dims) > 2 and dims[-1] == 1:
+            dims = dims[:-1]
+        return dims
+
+    return strip(shape) == strip(expected)
 
 
 def _check_scaled_delta(module: ModuleAdapter, peaks: Mapping[str, float]) -> None:
@@ -368,7 +431,14 @@ def kohya_tensors(module: ModuleAdapter, lokr_tucker: bool = False) -> tuple[dic
         w1 = lokr_w1({name: tensor.to(compute) for name, tensor in t.items()})
         dtype = t["lokr_t2"].dtype
         baked = (w1 * (module.alpha / module.rank)).to(dtype)
-        return {"lokr_w1": baked, "lokr_w2": w2.contiguous().to(dtype)}, float(module.rank)
+        return _with_dora({"lokr_w1": baked, "lokr_w2": w2.contiguous().to(dtype)}, module), float(module.rank)
     if module.algo == "lokr" and layout.both_full:
-        return dict(module.tensors), float(module.rank)
-    return dict(module.tensors), float(module.alpha)
+        return _with_dora(dict(module.tensors), module), float(module.rank)
+    return _with_dora(dict(module.tensors), module), float(module.alpha)
+
+
+def _with_dora(tensors: dict[str, torch.Tensor], module: ModuleAdapter) -> dict[str, torch.Tensor]:
+    """The module's tensors plus its ``dora_scale`` (LyCORIS' shapes: ``(out, 1, …)`` or ``(1, in, …)``)."""
+    if module.dora_scale is not None:
+        tensors["dora_scale"] = module.dora_scale
+    return tensors

@@ -232,6 +232,9 @@ class ComponentNames:
     layout: Callable[[], str]
     kernel_hints: tuple[tuple[str, tuple[int, ...]], ...] = ()
     attributes: tuple[str, ...] = ()
+    # naming="comfy": ComfyUI's own dotted prefix (module names stay dotted); None writes kohya names in the
+    # write_style "comfy" maps to
+    comfy_prefix: str | None = None
 
 
 @dataclass(frozen=True)
@@ -343,7 +346,7 @@ SDXL = ModelNames(
             read_prefixes=("lora_unet_", "lycoris_"),
             dotted_prefixes=("unet.", "diffusion_model.", "model.diffusion_model."),
             styles=_unet_styles,
-            write_style={"sgm": "sgm", "diffusers": "diffusers"},
+            write_style={"sgm": "sgm", "diffusers": "diffusers", "comfy": "sgm"},  # ComfyUI reads SGM names
             tokens=_UNET_TOKENS,
             layout=lambda: "diffusers",
             kernel_hints=(
@@ -357,7 +360,7 @@ SDXL = ModelNames(
             read_prefixes=("lora_te1_", "lora_te_"),
             dotted_prefixes=("text_encoder.", "text_encoders.clip_l.transformer."),
             styles=_clip_styles,
-            write_style={"sgm": "text_model", "diffusers": "text_model"},
+            write_style={"sgm": "text_model", "diffusers": "text_model", "comfy": "text_model"},
             tokens=_CLIP_TOKENS,
             layout=lambda: _clip_layout("CLIPTextModel"),
         ),
@@ -367,7 +370,7 @@ SDXL = ModelNames(
             read_prefixes=("lora_te2_",),
             dotted_prefixes=("text_encoder_2.", "text_encoders.clip_g.transformer."),
             styles=_clip_styles,
-            write_style={"sgm": "text_model", "diffusers": "text_model"},
+            write_style={"sgm": "text_model", "diffusers": "text_model", "comfy": "text_model"},
             tokens=_CLIP_TOKENS,
             layout=lambda: _clip_layout("CLIPTextModelWithProjection"),
         ),
@@ -387,10 +390,11 @@ ANIMA = ModelNames(
             read_prefixes=("lora_unet_", "lycoris_"),
             dotted_prefixes=("transformer.", "diffusion_model.", "net."),
             styles=_identity_styles,
-            write_style={"sgm": "identity", "diffusers": "identity"},
+            write_style={"sgm": "identity", "diffusers": "identity", "comfy": "identity"},
             tokens=_ANIMA_DIT_TOKENS,
             layout=lambda: "identity",
             attributes=("transformer", "dit"),  # peft_lyco.models.anima.AnimaPipeline keeps it as .dit
+            comfy_prefix="diffusion_model.",
         ),
         ComponentNames(
             name="text_encoder",
@@ -398,9 +402,10 @@ ANIMA = ModelNames(
             read_prefixes=("lora_te_",),
             dotted_prefixes=("text_encoder.", "text_encoders.qwen3_06b.transformer.model."),
             styles=_identity_styles,
-            write_style={"sgm": "identity", "diffusers": "identity"},
+            write_style={"sgm": "identity", "diffusers": "identity", "comfy": "identity"},
             tokens=_QWEN3_TOKENS,
             layout=lambda: "identity",
+            comfy_prefix="text_encoders.qwen3_06b.transformer.model.",
         ),
     ),
     detect=r"^(lora_unet_(blocks|llm_adapter|x_embedder|t_embedder|final_layer)_|lora_te_layers_|"
@@ -555,7 +560,11 @@ class NameResolver:
         return (component.name, path) if path else None
 
     def kohya_name(self, component_name: str, path: str, naming: str = "sgm") -> str:
-        """The kohya module name the writer uses for module ``path`` of a component (``naming``: sgm or diffusers)."""
+        """The module name the writer uses for module ``path`` of a component.
+
+        ``naming``: ``"sgm"`` or ``"diffusers"`` (kohya names, the UNet in that layout), or ``"comfy"``: what ComfyUI
+        reads, i.e. SGM kohya names for SDXL and ComfyUI's dotted names for Anima (``diffusion_model.<DiT path>``,
+        ``text_encoders.qwen3_06b.transformer.model.<Qwen3 path>``)."""
         component = self.scheme.component(component_name)
         if naming not in component.write_style:
             raise ValueError(f"naming must be one of {sorted(component.write_style)}, got {naming!r}")
@@ -564,6 +573,8 @@ class NameResolver:
         styled = styles[component.write_style[naming]].to_style(canonical) if canonical is not None else None
         if styled is None:
             raise ValueError(f"{component_name} module '{path}' has no {naming} name")
+        if naming == "comfy" and component.comfy_prefix is not None:
+            return component.comfy_prefix + styled
         return component.write_prefix + flatten(styled)
 
     def kernel_hint(self, component_name: str, path: str) -> tuple[int, ...] | None:

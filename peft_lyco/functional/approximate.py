@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .factorization import LoKrLayout
-from .tucker import rebuild_tucker
+from .lokr import lokr_w1, lokr_w2
 
 
 @dataclass(frozen=True)
@@ -156,14 +156,7 @@ def fit_lokr(delta: torch.Tensor, layout: LoKrLayout) -> FittedFactors:
 
 
 def _lokr_rebuild(tensors: dict[str, torch.Tensor], layout: LoKrLayout) -> torch.Tensor:
-    w1 = tensors["lokr_w1"] if "lokr_w1" in tensors else tensors["lokr_w1_a"] @ tensors["lokr_w1_b"]
-    if "lokr_w2" in tensors:
-        w2 = tensors["lokr_w2"]
-    elif "lokr_t2" in tensors:
-        w2 = rebuild_tucker(tensors["lokr_t2"], tensors["lokr_w2_a"], tensors["lokr_w2_b"])
-    else:
-        w2 = tensors["lokr_w2_a"] @ tensors["lokr_w2_b"]
-    return torch.kron(w1, w2.reshape(layout.out_k, -1))
+    return torch.kron(lokr_w1(tensors), lokr_w2(tensors).reshape(layout.out_k, -1))
 
 
 def _balance(first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

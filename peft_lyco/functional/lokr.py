@@ -140,6 +140,15 @@ def lokr_w1(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return params["lokr_w1"] if "lokr_w1" in params else params["lokr_w1_a"] @ params["lokr_w1_b"]
 
 
+def lokr_w2(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The right Kronecker half: ``lokr_w2``, the Tucker rebuild of ``lokr_t2``, or ``lokr_w2_a @ lokr_w2_b``."""
+    if "lokr_w2" in params:
+        return params["lokr_w2"]
+    if "lokr_t2" in params:
+        return rebuild_tucker(params["lokr_t2"], params["lokr_w2_a"], params["lokr_w2_b"])
+    return params["lokr_w2_a"] @ params["lokr_w2_b"]
+
+
 def _w1_shape(params: Mapping[str, torch.Tensor]) -> tuple[int, int]:
     if "lokr_w1" in params:
         return tuple(params["lokr_w1"].shape)

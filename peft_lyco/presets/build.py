@@ -22,8 +22,7 @@ from torch import nn
 from ..functional import check_alpha
 from ..tuners import LoHaConfig, LoHaLayer, LoKrConfig, LoKrLayer, LycoConfig
 from ..tuners.options import layer_geometry, resolve_layer_spec
-from ..tuners.targets import exact_pattern_key, exact_target_modules
-from ..tuners.targets import adaptable_layers, unwrap
+from ..tuners.targets import adaptable_layers, exact_pattern_key, exact_target_modules, unwrap
 from .architectures import detect_architecture
 from .network_args import NetworkArgs, NetworkArgsError, parse_network_args
 
@@ -194,6 +193,11 @@ def _make_config(config_cls, plan, args: NetworkArgs, network_dim, network_alpha
         "use_tucker": args.use_tucker,
         "rank_dropout": args.rank_dropout,
         "module_dropout": args.module_dropout,
+        "dropout": args.dropout or 0.0,
+        "weight_decompose": args.dora_wd,
+        "wd_on_output": args.wd_on_output,
+        "use_scalar": args.use_scalar,
+        "rs_lora": args.rs_lora,
         "target_modules": [path for path, _, _, _ in plan],
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,

@@ -45,6 +45,10 @@ class NetworkArgs:
     decompose_both: Optional[bool] = None
     full_matrix: Optional[bool] = None
     unbalanced_factorization: Optional[bool] = None
+    dora_wd: bool = False
+    wd_on_output: bool = True
+    use_scalar: bool = False
+    rs_lora: bool = False
 
     def training_options(self) -> dict[str, Any]:
         """The options that belong to ``peft_lyco.training.param_groups`` (regex lrs and LoRA+ ratios)."""
@@ -197,15 +201,10 @@ def _pairs(check: Callable[[Any], Any]) -> Callable[[Any], Pairs]:
 
 
 def _neuron_dropout(value: Any) -> Optional[float]:
+    """Plain dropout (``--network_dropout`` or ``dropout=``): drops input features of the ΔW branch in training."""
     if value is None or value == "None":
         return None
-    value = _probability(value)
-    if value:
-        raise ValueError(
-            "neuron dropout is not implemented (sd-scripts' LoHa/LoKr store it but never apply it); "
-            "use rank_dropout or module_dropout"
-        )
-    return value
+    return _probability(value)
 
 
 @dataclass(frozen=True)
@@ -239,13 +238,13 @@ OPTIONS: dict[str, _Option] = {
     "decompose_both": _Option(_bool_from_text, _boolean),
     "full_matrix": _Option(_bool_from_text, _boolean),
     "unbalanced_factorization": _Option(_bool_from_text, _boolean),
+    "dora_wd": _Option(_bool_from_text, _boolean),
+    "wd_on_output": _Option(_bool_from_text, _boolean),
+    "use_scalar": _Option(_bool_from_text, _boolean),
+    "rs_lora": _Option(_bool_from_text, _boolean),
 }
 
 UNSUPPORTED = {
-    "dora_wd": "DoRA is not implemented for peft_lyco LoHa/LoKr",
-    "wd_on_output": "DoRA is not implemented for peft_lyco LoHa/LoKr",
-    "rs_lora": "rank-stabilised scaling is not implemented (its saved alpha cannot reproduce full-matrix LoKr)",
-    "use_scalar": "use_scalar is not implemented",
     "bypass_mode": "bypass mode is not implemented",
     "preset": "presets are chosen from the model's architecture; use exclude_patterns/include_patterns",
     "algo": "pass the algorithm as build_config's first argument ('loha' or 'lokr')",

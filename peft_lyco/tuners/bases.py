@@ -20,10 +20,7 @@ import torch
 from torch import nn
 
 from ..functional.base_op import BaseOp
-
-FLOAT8_DTYPES = tuple(
-    getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-)
+from ..functional.delta import FLOAT8_DTYPES
 
 
 class BaseWeight:

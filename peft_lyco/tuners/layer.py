@@ -17,8 +17,8 @@ from torch import nn
 from ..compat import conv_mode_padding
 from ..functional import Algorithm, DeltaTerm, rank_dropout_mask
 from ..functional.adapted import adapted_op, merged_weight, term_delta
-from ..functional.dora import WeightDecompose, initial_magnitude, magnitude_shape
 from ..functional.base_op import BaseOp, Conv2dOp, LinearOp
+from ..functional.dora import WeightDecompose, initial_magnitude, magnitude_shape
 from .bases import base_weight
 from .config import LycoConfig
 from .options import LayerSpec, layer_geometry

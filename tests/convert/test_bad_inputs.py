@@ -72,11 +72,12 @@ DAMAGE = {
     ),
     "alpha-vector": (lambda sd: sd.update({f"{PROJ_IN}.alpha": torch.ones(2)}), "alpha must hold one value"),
     "alpha-inf": (lambda sd: sd.update({f"{PROJ_IN}.alpha": torch.tensor(float("inf"))}), "alpha is inf"),
+    "dora-1d": (lambda sd: sd.update({f"{PROJ_IN}.dora_scale": torch.ones(64)}), "does not say its axis"),
+    "dora-shape": (lambda sd: sd.update({f"{PROJ_IN}.dora_scale": torch.ones(64, 2)}), "fits neither axis"),
     "alpha-huge": (  # finite, but the scaled ΔW makes the UNet output NaN (issue 9.6)
         lambda sd: sd.update({f"{PROJ_IN}.alpha": torch.tensor(1e30)}),
         rf"{PROJ_IN} .*alpha 1e\+30 / rank 4 makes ΔW reach",
     ),
-    "dora": (lambda sd: sd.update({f"{PROJ_IN}.dora_scale": torch.ones(64, 1)}), "DoRA .* not supported"),
     "scale": (lambda sd: sd.update({f"{PROJ_IN}.scale": torch.ones(())}), "'scale' tensor"),
     "orphan-alpha": (_orphan_alpha, "lora_unet_conv_out.*no adapter tensors"),
     "duplicate": (lambda sd: sd.update({"lora_unet_out_2.hada_w1_a": sd[f"{CONV_IN}.hada_w1_a"]}), "already adapted"),
@@ -135,9 +136,12 @@ def test_a_file_for_another_model_is_refused(loha, pipe):
         convert({}, pipe, model_type="sdxl")
 
 
-def test_dora_files_from_lycoris_are_refused_naming_modules(pipe):
-    state_dict = lycoris_case(algo="loha", dora_wd=True)[0]
-    with pytest.raises(LycoFileError, match=r"(?s)invalid modules \(243\).*DoRA") as err:
+def test_1d_dora_scale_from_lycoris_files_is_refused_naming_every_module(pipe):
+    state_dict = {
+        k: v.flatten() if k.endswith(".dora_scale") else v
+        for k, v in lycoris_case(algo="loha", dora_wd=True)[0].items()
+    }
+    with pytest.raises(LycoFileError, match=r"(?s)invalid modules \(243\).*does not say its axis") as err:
         convert(state_dict, pipe)
     assert PROJ_IN in str(err.value)
 

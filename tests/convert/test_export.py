@@ -53,7 +53,8 @@ def check_writer_rules(state_dict, metadata, lokr_tucker=False):
             assert not DIFFUSERS_UNET_WORDS.search(name), f"{name} is not an SGM name"
         assert params["alpha"].dim() == 0, name
         family = "hada" if "hada_w1_a" in params else ("lora" if "lora_down.weight" in params else "lokr")
-        factors = set(params) - {"alpha"}
+        factors = set(params) - {"alpha", "dora_scale"}
+        assert "dora_scale" not in params or params["dora_scale"].dim() >= 2, f"{name}: 1-D dora_scale"  # never 1-D
         allowed = FACTORS[family] + (
             [{*s, "lokr_t2"} for s in FACTORS["lokr"] if "lokr_w2_a" in s] if lokr_tucker else []
         )

@@ -136,8 +136,9 @@ def test_writer_names_follow_sd_scripts_on_the_tiny_pipeline():
     )
     for path in dict(adaptable_layers(pipe.unet)):  # the tiny UNet has two levels; the same rules hold
         assert diffusers_path_of_sgm_name(resolver.kohya_name("unet", path), pipe.unet.config) == path
+    assert resolver.kohya_name("unet", "conv_in", "comfy") == resolver.kohya_name("unet", "conv_in")  # ComfyUI: SGM
     with pytest.raises(ValueError, match="naming"):
-        resolver.kohya_name("unet", "conv_in", "comfy")
+        resolver.kohya_name("unet", "conv_in", "a1111")
 
 
 def test_names_of_no_module_resolve_to_nothing(real_sdxl):

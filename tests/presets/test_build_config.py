@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model, inject_adapter_in_model
 from presets_models import tiny_sdxl
 from torch import nn
 from transformers import Qwen3Config, Qwen3Model
@@ -267,3 +267,22 @@ def test_qwen3_text_encoder_preset():
             "mlp.down_proj",
         )
     }
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_lycoris_options_from_network_args(algo):
+    """sd-scripts' dora_wd / wd_on_output / use_scalar / rs_lora / dropout reach the config and the layers."""
+    model = nn.Sequential(nn.Linear(16, 16))
+    args = ["dora_wd=True", "wd_on_output=False", "use_scalar=True", "rs_lora=True"]
+    config = build_config(algo, model, network_dim=4, network_alpha=2, network_args=args, target_modules=["0"])
+    assert (config.weight_decompose, config.wd_on_output, config.use_scalar, config.rs_lora) == (
+        True,
+        False,
+        True,
+        True,
+    )
+    layer = inject_adapter_in_model(config, model)[0]
+    assert layer.dora_scale["default"].shape == (1, 16) and layer.scalar["default"].item() == 0.0
+    assert layer.scaling["default"] == (4 if algo == "lokr" and layer.layouts["default"].both_full else 2) / 2
+    dropped = build_config(algo, nn.Sequential(nn.Linear(16, 16)), network_dim=4, network_args=["dropout=0.25"], target_modules=["0"])  # fmt: skip
+    assert dropped.dropout == 0.25

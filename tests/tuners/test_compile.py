@@ -9,9 +9,10 @@ fullgraph, forward and backward); the slow ones also generate code with inductor
 
 import pytest
 import torch
+import torch._inductor.config as inductor_config
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from benchmarks.modes import adapted_net, max_relative_error, net_input, store_bases_in, training_step
+from benchmarks.modes import adapted_net, max_relative_error, net_input, relative_error, store_bases_in, training_step
 
 TOLERANCE = 1e-5
 
@@ -50,6 +51,14 @@ def test_no_graph_breaks(algorithm, width):
 def test_fullgraph_compile_matches_eager(algorithm, width, training):
     net = adapted_net(algorithm, width=width).train(training)
     _compiled_matches_eager(net, net_input(width), "aot_eager")
+
+
+def test_fullgraph_compile_of_no_grad_inference_matches_eager():
+    net = adapted_net("lokr", width=8).eval()
+    x = net_input(8)
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert relative_error(compiled(x), net(x)) <= TOLERANCE
 
 
 class _Tokens(torch.nn.Module):
@@ -95,19 +104,18 @@ def test_fullgraph_compile_under_autocast_with_a_float8_base():
 @pytest.mark.parametrize("width", [1, 8])
 @pytest.mark.parametrize("algorithm", ["loha", "lokr"])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_fullgraph_compile_matrix(backend, algorithm, width, training, monkeypatch):
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # rank dropout draws as eager does
+def test_fullgraph_compile_matrix(backend, algorithm, width, training):
     net = adapted_net(algorithm, width=width).train(training)
     assert _graph_breaks(net, net_input(width)) == (0, [])
     torch._dynamo.reset()
-    _compiled_matches_eager(net, net_input(width), backend)
+    with inductor_config.patch(fallback_random=True):  # rank dropout draws as eager does
+        _compiled_matches_eager(net, net_input(width), backend)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("algorithm", ["loha", "lokr"])
-def test_inductor_on_cuda_under_autocast_with_a_float8_base(algorithm, monkeypatch):
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+def test_inductor_on_cuda_under_autocast_with_a_float8_base(algorithm):
     net = adapted_net(algorithm, width=8).cuda()
     store_bases_in(net, torch.float8_e4m3fn)
 
@@ -117,6 +125,7 @@ def test_inductor_on_cuda_under_autocast_with_a_float8_base(algorithm, monkeypat
 
     x = net_input(8, device="cuda")
     eager = training_step(net, forward, x)
-    ours = training_step(net, torch.compile(forward, fullgraph=True), x)
+    with inductor_config.patch(fallback_random=True):
+        ours = training_step(net, torch.compile(forward, fullgraph=True), x)
     error, where = max_relative_error(ours, eager)
     assert error <= 2e-2, (error, where)

@@ -26,25 +26,26 @@ MODES = {
     "loha-conv-flat": (lambda: nn.Conv2d(6, 8, 3, padding=1), LoHaConfig, {}, LohaModule, {}),
     "loha-conv-1x1": (lambda: nn.Conv2d(6, 8, 1), LoHaConfig, {}, LohaModule, {}),
     "loha-conv-tucker": (lambda: nn.Conv2d(6, 8, 3, padding=1), LoHaConfig, {"use_tucker": True}, LohaModule, {"use_tucker": True}),
-    "lokr-linear": (lambda: nn.Linear(16, 12), LoKrConfig, {"factor": 4}, LokrModule, {"factor": 4}),
-    "lokr-linear-decompose-both": (
-        lambda: nn.Linear(16, 24),
-        LoKrConfig,
-        {"factor": 8, "decompose_both": True},
-        LokrModule,
-        {"factor": 8, "decompose_both": True},
-    ),
-    "lokr-linear-full-matrix": (lambda: nn.Linear(16, 12), LoKrConfig, {"factor": 4, "full_matrix": True}, LokrModule, {"factor": 4, "full_matrix": True}),
-    "lokr-conv-flat": (lambda: nn.Conv2d(8, 8, 3, padding=1), LoKrConfig, {"factor": 2}, LokrModule, {"factor": 2}),
-    "lokr-conv-tucker": (
-        lambda: nn.Conv2d(8, 8, 3, padding=1),
-        LoKrConfig,
-        {"factor": 2, "use_tucker": True},
-        LokrModule,
-        {"factor": 2, "use_tucker": True},
-    ),
-    "lokr-conv-full": (lambda: nn.Conv2d(8, 8, 3, padding=1), LoKrConfig, {"factor": 2, "full_matrix": True}, LokrModule, {"factor": 2, "full_matrix": True}),
+    "lokr-linear": (lambda: nn.Linear(32, 24), LoKrConfig, {"factor": 4}, LokrModule, {"factor": 4}),
+    "lokr-linear-decompose-both": (lambda: nn.Linear(32, 64), LoKrConfig, {"factor": 8, "decompose_both": True}, LokrModule, {"factor": 8, "decompose_both": True}),
+    "lokr-linear-full-matrix": (lambda: nn.Linear(32, 24), LoKrConfig, {"factor": 4, "full_matrix": True}, LokrModule, {"factor": 4, "full_matrix": True}),
+    "lokr-conv-flat": (lambda: nn.Conv2d(16, 16, 3, padding=1), LoKrConfig, {"factor": 2}, LokrModule, {"factor": 2}),
+    "lokr-conv-tucker": (lambda: nn.Conv2d(16, 16, 3, padding=1), LoKrConfig, {"factor": 2, "use_tucker": True}, LokrModule, {"factor": 2, "use_tucker": True}),
+    "lokr-conv-full": (lambda: nn.Conv2d(16, 16, 3, padding=1), LoKrConfig, {"factor": 2, "full_matrix": True}, LokrModule, {"factor": 2, "full_matrix": True}),
 }  # fmt: skip
+# the layout each mode must get (so a size change cannot silently turn a mode into the full-matrix fallback)
+EXPECTED = {
+    "loha-linear": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
+    "loha-conv-flat": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
+    "loha-conv-1x1": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
+    "loha-conv-tucker": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
+    "lokr-linear": ("lokr_w1", "lokr_w2_a", "lokr_w2_b"),
+    "lokr-linear-decompose-both": ("lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"),
+    "lokr-linear-full-matrix": ("lokr_w1", "lokr_w2"),
+    "lokr-conv-flat": ("lokr_w1", "lokr_w2_a", "lokr_w2_b"),
+    "lokr-conv-tucker": ("lokr_w1", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
+    "lokr-conv-full": ("lokr_w1", "lokr_w2"),
+}
 RANK, ALPHA = 2, 1.5
 
 
@@ -70,6 +71,7 @@ def _pair(mode, *, dora=None, use_scalar=False, rs_lora=False, multiplier=1.0):
         **theirs_opts,
     ).double()
     ours.set_scale("default", multiplier)
+    assert set(ours.factor_parameters("default")) == set(EXPECTED[mode]), mode
     params = ours.adapter_parameters("default")
     their_params = dict(theirs.named_parameters())
     assert set(params) == set(their_params), (sorted(params), sorted(their_params))
@@ -96,11 +98,10 @@ def _run(module, params, x):
 
 
 def _input(mode):
-    return (
-        torch.randn(2, 6 if "loha-conv" in mode else 8, 5, 5, dtype=torch.float64)
-        if "conv" in mode
-        else (torch.randn(3, 12 if "loha" in mode else 16, dtype=torch.float64))
-    )
+    base = MODES[mode][0]()
+    if isinstance(base, nn.Conv2d):
+        return torch.randn(2, base.in_channels, 5, 5, dtype=torch.float64)
+    return torch.randn(3, base.in_features, dtype=torch.float64)
 
 
 def parity(mode, **options):

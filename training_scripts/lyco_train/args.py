@@ -178,6 +178,13 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--save_every_n_steps", type=int)
     group.add_argument("--save_every_n_epochs", type=int)
     group.add_argument("--save_precision", choices=("float", "fp16", "bf16"), default="float")
+    group.add_argument(
+        "--save_naming",
+        choices=("sgm", "diffusers", "comfy"),
+        default="sgm",
+        help="module names of the saved file: sgm (sd-scripts, default), diffusers, or comfy (what ComfyUI reads: SGM "
+        "names for SDXL; diffusion_model./text_encoders.qwen3_06b.transformer.model. names for Anima)",
+    )
     group.add_argument("--save_peft_adapter", action="store_true", help="also write PEFT adapter folders")
     group.add_argument("--no_metadata", action="store_true", help="only the essential ss_* metadata")
     group.add_argument("--training_comment", help="stored as ss_training_comment")

@@ -27,6 +27,7 @@ def save_adapter(
     metadata: dict[str, str],
     precision: str = "float",
     peft_folders: bool = False,
+    naming: str = "sgm",
 ) -> list[Path]:
     """``<output_dir>/<stem>.safetensors`` in kohya format, plus ``<output_dir>/<stem>_peft/<component>/`` folders
     when asked; returns the paths written.
@@ -38,7 +39,12 @@ def save_adapter(
     """
     converted = {k: v for k, v in metadata.items() if k not in CONVERTER_KEYS}
     state_dict, file_metadata = peft_to_kohya(
-        components, adapter_name=ADAPTER_NAME, model_type=model_type, dtype=torch.float32, metadata=converted
+        components,
+        adapter_name=ADAPTER_NAME,
+        model_type=model_type,
+        dtype=torch.float32,
+        metadata=converted,
+        naming=naming,
     )
     dtype = PRECISIONS[precision]
     too_large = [key for key, value in state_dict.items() if value.abs().max() > torch.finfo(dtype).max]
@@ -50,7 +56,12 @@ def save_adapter(
         )
     elif dtype != torch.float32:
         state_dict, file_metadata = peft_to_kohya(
-            components, adapter_name=ADAPTER_NAME, model_type=model_type, dtype=dtype, metadata=converted
+            components,
+            adapter_name=ADAPTER_NAME,
+            model_type=model_type,
+            dtype=dtype,
+            metadata=converted,
+            naming=naming,
         )
     if "ss_network_args" in metadata:
         merged = {**json.loads(metadata["ss_network_args"]), **json.loads(file_metadata.get("ss_network_args", "{}"))}
@@ -97,4 +108,5 @@ class AdapterWriter:
             metadata=metadata,
             precision=args.save_precision,
             peft_folders=args.save_peft_adapter,
+            naming=getattr(args, "save_naming", "sgm"),
         )
