@@ -48,8 +48,9 @@ from lyco_train.objectives import (
     sample_noise,
     sample_sigmas,
 )
-from lyco_train.runner import Hooks, Trainer
+from lyco_train.runner import Hooks, Trainer, check_resume_fits
 from lyco_train.sampling import SamplePrompt, render_samples
+from lyco_train.state import StateError
 from lyco_train.tiny import TINY_SEED, report_reload, tiny_defaults, use_one_cpu_thread
 from lyco_train.validation import FixedDraw, make_validator
 
@@ -111,6 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         tiny_defaults=tiny_defaults("anima"),
         pixel_multiple=16,
         required_with_model=("train_data_dir", "qwen3", "vae"),
+        input_files=("pretrained_model_name_or_path", "llm_adapter_path"),
+        files_or_hub_ids=("qwen3", "vae"),
     )
 
 
@@ -242,6 +245,13 @@ def main(argv: list[str] | None = None) -> Result:
         use_one_cpu_thread()
     data = training_images(args, accelerator, tiny_model="Anima" if tiny else None)
     records, buckets = data.records, data.buckets
+    check_resume_fits(
+        args,
+        accelerator,
+        records,
+        buckets,
+        components=("transformer",) if args.network_train_unet_only else ("transformer", "text_encoder"),
+    )
 
     set_seed(args.seed, device_specific=True)
     run = RunInfo(str(uuid.uuid4()), time.time(), args.pretrained_model_name_or_path or "tiny-random-anima", "anima")
@@ -361,5 +371,5 @@ def main(argv: list[str] | None = None) -> Result:
 if __name__ == "__main__":
     try:
         main()
-    except (options.UsageError, DataError, NetworkWeightsError) as err:
+    except (options.UsageError, DataError, NetworkWeightsError, StateError) as err:
         sys.exit(f"error: {err}")

@@ -47,8 +47,9 @@ from lyco_train.objectives import (
     sample_timesteps,
     sdxl_time_ids,
 )
-from lyco_train.runner import Hooks, Trainer
+from lyco_train.runner import Hooks, Trainer, check_resume_fits
 from lyco_train.sampling import SamplePrompt, render_samples
+from lyco_train.state import StateError
 from lyco_train.tiny import TINY_SEED, report_reload, tiny_defaults, use_one_cpu_thread
 from lyco_train.validation import FixedDraw, make_validator
 
@@ -96,7 +97,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     options.add_continuation_args(parser)
     options.add_loss_args(parser, ddpm=True)
     return options.parse_training_args(
-        parser, argv, tiny_defaults=tiny_defaults("sdxl"), pixel_multiple=8, required_with_model=("train_data_dir",)
+        parser,
+        argv,
+        tiny_defaults=tiny_defaults("sdxl"),
+        pixel_multiple=8,
+        required_with_model=("train_data_dir",),
+        files_or_hub_ids=("pretrained_model_name_or_path", "vae"),
     )
 
 
@@ -218,6 +224,13 @@ def main(argv: list[str] | None = None) -> Result:
         use_one_cpu_thread()
     data = training_images(args, accelerator, tiny_model="SDXL" if tiny else None)
     records, buckets = data.records, data.buckets
+    check_resume_fits(
+        args,
+        accelerator,
+        records,
+        buckets,
+        components=("unet",) if args.network_train_unet_only else ("unet", *TEXT_ENCODERS),
+    )
 
     set_seed(args.seed, device_specific=True)
     run = RunInfo(str(uuid.uuid4()), time.time(), args.pretrained_model_name_or_path or "tiny-random-sdxl", "sdxl")
@@ -340,5 +353,5 @@ def main(argv: list[str] | None = None) -> Result:
 if __name__ == "__main__":
     try:
         main()
-    except (options.UsageError, DataError, NetworkWeightsError) as err:
+    except (options.UsageError, DataError, NetworkWeightsError, StateError) as err:
         sys.exit(f"error: {err}")

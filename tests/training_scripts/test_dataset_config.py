@@ -19,7 +19,8 @@ def _write(path: Path, text: str) -> Path:
 
 def _parse(*argv: str):
     """Parse as a real run would (a model path, so the embedded default's values stay out); nothing is loaded."""
-    return trainer.parse_args(["--pretrained_model_name_or_path", "model.safetensors", "--output_dir", "out", *argv])
+    # a hub id: parsing never downloads it (a local path would have to exist)
+    return trainer.parse_args(["--pretrained_model_name_or_path", "org/sdxl-model", "--output_dir", "out", *argv])
 
 
 def test_typos_wrong_types_and_unimplemented_keys_are_reported_together_with_the_file(tmp_path):

@@ -21,7 +21,7 @@ from lyco_train.objectives import (
 )
 from lyco_train.runner import step_loss
 from lyco_train.sampling import SamplePrompt, parse_prompt_line
-from lyco_train.state import _optimizer_from_files, _optimizer_to_files, _rng_restore, _rng_snapshot
+from lyco_train.state import _optimizer_from_files, _optimizer_to_files, _rng_restore, rng_snapshot
 
 
 def _scheduler(kind):
@@ -166,7 +166,7 @@ def test_optimizer_state_round_trips_exactly_through_files():
 
 
 def test_rng_snapshot_restores_every_generator():
-    info, tensors = _rng_snapshot()
+    info, tensors = rng_snapshot()
     import json
 
     info = json.loads(json.dumps(info))

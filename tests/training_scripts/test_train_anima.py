@@ -7,6 +7,7 @@ import torch
 import train_anima_lokr as trainer
 from lyco_train.args import UsageError
 from lyco_train.data import DataError
+from lyco_train.state import state_files
 from lyco_train.synthetic import make_shapes_dataset
 from peft import inject_adapter_in_model, set_peft_model_state_dict
 from safetensors.torch import load_file
@@ -143,9 +144,9 @@ def test_resume_continues_from_the_exact_step(tmp_path):
     state = tmp_path / "straight" / "tiny_anima_lokr-step00000003-state"
     resumed = run(tmp_path, *common, "--resume", str(state), name="resumed")
     assert resumed.losses == straight.losses[3:]
-    for file in ("adapter.safetensors", "optimizer.safetensors"):
-        a = load_file(tmp_path / "straight" / "tiny_anima_lokr-state" / file)
-        b = load_file(tmp_path / "resumed" / "tiny_anima_lokr-state" / file)
+    for file in ("adapter", "optimizer"):
+        a = load_file(state_files(tmp_path / "straight" / "tiny_anima_lokr-state")[file])
+        b = load_file(state_files(tmp_path / "resumed" / "tiny_anima_lokr-state")[file])
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     position = json.loads((state / "training_state.json").read_text())["position"]
     # 3 batches per epoch (two 64x64 batches, one landscape), accumulation 2: steps end at batches 2, 3 (epoch end), 5

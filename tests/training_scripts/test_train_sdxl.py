@@ -8,6 +8,7 @@ import torch
 import train_sdxl_lokr as trainer
 from lyco_train.args import UsageError
 from lyco_train.data import DataError
+from lyco_train.state import state_files
 from lyco_train.synthetic import make_shapes_dataset
 from peft import PeftModel, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors import safe_open
@@ -154,15 +155,15 @@ def test_resume_continues_from_the_exact_step(tmp_path):
     state = tmp_path / "straight" / "tiny_sdxl_lokr-step00000002-state"
     resumed = run(tmp_path, *common, "--resume", str(state), name="resumed")
     assert resumed.losses == straight.losses[2:]
-    for file in ("adapter.safetensors", "optimizer.safetensors"):
+    for file in ("adapter", "optimizer"):
         a, b = (
-            load_file(tmp_path / "straight" / "tiny_sdxl_lokr-state" / file),
-            load_file(tmp_path / "resumed" / "tiny_sdxl_lokr-state" / file),
+            load_file(state_files(tmp_path / "straight" / "tiny_sdxl_lokr-state")[file]),
+            load_file(state_files(tmp_path / "resumed" / "tiny_sdxl_lokr-state")[file]),
         )
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     saved = json.loads((tmp_path / "resumed" / "tiny_sdxl_lokr-state" / "training_state.json").read_text())
     assert saved["position"]["step"] == 4 and saved["scheduler"]["last_epoch"] == 4
-    assert any(k.endswith("exp_avg_sq") for k in load_file(state / "optimizer.safetensors"))
+    assert any(k.endswith("exp_avg_sq") for k in load_file(state_files(state)["optimizer"]))
     with pytest.raises(ValueError, match="network_dim: saved 2, now 3"):
         run(tmp_path, *common, "--resume", str(state), "--network_dim", "3", name="changed")
 

@@ -12,6 +12,7 @@ import train_sdxl_lokr as sdxl_trainer
 from accelerate import Accelerator
 from lyco_train.batches import Sample
 from lyco_train.buckets import fit_geometry, fit_image
+from lyco_train.state import state_files
 from lyco_train.synthetic import make_shapes_dataset
 from lyco_train.validation import VALIDATION_POINTS, FixedDraw, Validator, validation_noise_seed
 from PIL import Image
@@ -220,6 +221,6 @@ def test_anima_resume_is_exact_with_shuffled_thinned_captions_colour_changes_and
     assert resumed.losses == straight.losses[2:]
     assert resumed.validation == [entry for entry in straight.validation if entry[0] > 2]
     a, b = (
-        load_file(tmp_path / run / "tiny_anima_lokr-state" / "adapter.safetensors") for run in ("straight", "resumed")
+        load_file(state_files(tmp_path / run / "tiny_anima_lokr-state")["adapter"]) for run in ("straight", "resumed")
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

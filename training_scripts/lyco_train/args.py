@@ -17,6 +17,7 @@ from peft_lyco.presets import NetworkArgsError, parse_network_args
 
 from .dataset_config import DatasetConfigError, dataset_problems, resolve_datasets
 from .objectives import HUBER_SCHEDULES, LOSS_TYPES
+from .preflight import path_problems
 from .state import saved_seed
 
 NETWORK_MODULES = {"networks.lokr": "lokr", "networks.loha": "loha"}
@@ -271,9 +272,28 @@ def normalise(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def check_args(args: argparse.Namespace, *, pixel_multiple: int) -> None:
-    """Every check that needs no model: raise ``UsageError`` naming the option and the fix."""
+def check_args(
+    args: argparse.Namespace,
+    *,
+    pixel_multiple: int,
+    required_with_model: tuple[str, ...] = (),
+    input_files: tuple[str, ...] = (),
+    files_or_hub_ids: tuple[str, ...] = (),
+) -> None:
+    """Every check that needs no model, paths and files included (``preflight.path_problems``): raise
+    ``UsageError`` naming every problem, its option and the fix."""
     problems = []
+    if args.pretrained_model_name_or_path is not None:
+        missing = [
+            f"--{name}"
+            for name in required_with_model
+            if getattr(args, name) is None and not (name == "train_data_dir" and args.dataset_config)
+        ]
+        if missing:
+            problems.append(f"{', '.join(missing)} required with a real model")
+    problems += path_problems(
+        args, pixel_multiple=pixel_multiple, input_files=input_files, files_or_hub_ids=files_or_hub_ids
+    )
 
     def need(condition: bool, message: str) -> None:
         if not condition:
@@ -351,13 +371,6 @@ def check_args(args: argparse.Namespace, *, pixel_multiple: int) -> None:
             importlib.util.find_spec("wandb") is not None, f"--log_with {args.log_with} needs wandb: pip install wandb"
         )
     need(not args.log_with or bool(args.logging_dir), "--log_with needs --logging_dir")
-    if args.sample_prompts:
-        need(Path(args.sample_prompts).is_file(), f"--sample_prompts file '{args.sample_prompts}' does not exist")
-    if args.resume:
-        need(
-            Path(args.resume, "training_state.json").is_file(),
-            f"--resume '{args.resume}' is not a state folder written by --save_state (no training_state.json)",
-        )
     try:
         parse_key_values(args.optimizer_args, "--optimizer_args")
     except UsageError as err:
@@ -446,26 +459,28 @@ def parse_training_args(
     tiny_defaults: dict[str, Any],
     pixel_multiple: int,
     required_with_model: tuple[str, ...],
+    input_files: tuple[str, ...] = (),
+    files_or_hub_ids: tuple[str, ...] = (),
 ) -> argparse.Namespace:
     """Parse, apply the embedded default's values when no model is given, and run every check that needs no model
-    (``--network_args`` included), so bad input fails before anything heavy starts."""
+    (``--network_args``, writable folders, prompt file, state folder, ``input_files`` and local ``files_or_hub_ids``
+    included), so bad input fails before anything heavy starts."""
     args = parser.parse_args(argv)
     if args.pretrained_model_name_or_path is None:
         parser.set_defaults(**tiny_defaults)
         args = parser.parse_args(argv)
     normalise(args)
-    check_args(args, pixel_multiple=pixel_multiple)
+    args.pixel_multiple = pixel_multiple  # sample sizes are checked against it whenever the prompt file is read
+    check_args(
+        args,
+        pixel_multiple=pixel_multiple,
+        required_with_model=required_with_model,
+        input_files=input_files,
+        files_or_hub_ids=files_or_hub_ids,
+    )
     if args.dataset_config:
         use_dataset_config(args)
     args.resolution = args.resolution or "1024"
-    if args.pretrained_model_name_or_path is not None:
-        missing = [
-            f"--{name}"
-            for name in required_with_model
-            if getattr(args, name) is None and not (name == "train_data_dir" and args.dataset_config)
-        ]
-        if missing:
-            raise UsageError(f"cannot start training:\n  {', '.join(missing)} required with a real model")
     if args.seed is None:
         args.seed = saved_seed(args.resume) if args.resume else random.SystemRandom().randrange(2**31)
     return args

@@ -8,31 +8,18 @@ bucket or model never reads a stale entry.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .buckets import fit_geometry, fit_image
 from .captions import process_caption
 from .data import ImageRecord
-
-
-def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None) -> None:
-    """Write a safetensors file through a temporary file in the same folder, so readers never see a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+from .files import save_tensors
 
 
 class _Store:
@@ -46,17 +33,32 @@ class _Store:
         return self.folder / f"{key}.safetensors"
 
     def __contains__(self, key: str) -> bool:
-        return key in self.memory if self.folder is None else self._path(key).is_file()
+        """Whether ``key`` has a usable entry; a damaged file (say, from a crash of the disk) counts as missing, so
+        filling the cache writes it again."""
+        if self.folder is None:
+            return key in self.memory
+        try:
+            with safe_open(str(self._path(key)), framework="pt"):
+                return True
+        except Exception:  # a missing file or safetensors' own error for a damaged one
+            return False
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         tensors = {name: t.detach().to("cpu") for name, t in tensors.items()}
         if self.folder is None:
             self.memory[key] = tensors
         else:
-            atomic_save(tensors, self._path(key))
+            save_tensors(self._path(key), tensors)
 
     def get(self, key: str) -> dict[str, torch.Tensor]:
-        return self.memory[key] if self.folder is None else load_file(self._path(key))
+        if self.folder is None:
+            return self.memory[key]
+        try:
+            return load_file(self._path(key))
+        except Exception as err:  # safetensors raises its own error type for every kind of damage
+            raise OSError(
+                f"cache file '{self._path(key)}' cannot be read ({err}); delete it and start again to re-encode it"
+            ) from err
 
 
 def _digest(*parts: object) -> str:

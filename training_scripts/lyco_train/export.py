@@ -34,16 +34,35 @@ def save_adapter(
 
     The converter's network keys (``ss_network_module/dim/alpha``, and the layout options in ``ss_network_args``,
     which loaders read back) take precedence; the user's raw ``--network_args`` are merged into ``ss_network_args``.
+    Values beyond the range of ``precision`` (float16 ends at 65504) make the file float32, with a warning, rather
+    than inf.
     """
     converted = {k: v for k, v in metadata.items() if k not in CONVERTER_KEYS}
     state_dict, file_metadata = peft_to_kohya(
         components,
         adapter_name=ADAPTER_NAME,
         model_type=model_type,
-        dtype=PRECISIONS[precision],
+        dtype=torch.float32,
         metadata=converted,
         naming=naming,
     )
+    dtype = PRECISIONS[precision]
+    too_large = [key for key, value in state_dict.items() if value.abs().max() > torch.finfo(dtype).max]
+    if too_large:
+        # a save must never be lost to the file dtype: inf in the file would make it useless
+        print(
+            f"warning: {len(too_large)} tensor(s) exceed the range of --save_precision {precision} (e.g. "
+            f"{too_large[0]}); '{stem}.safetensors' is saved in float32 instead"
+        )
+    elif dtype != torch.float32:
+        state_dict, file_metadata = peft_to_kohya(
+            components,
+            adapter_name=ADAPTER_NAME,
+            model_type=model_type,
+            dtype=dtype,
+            metadata=converted,
+            naming=naming,
+        )
     if "ss_network_args" in metadata:
         merged = {**json.loads(metadata["ss_network_args"]), **json.loads(file_metadata.get("ss_network_args", "{}"))}
         file_metadata["ss_network_args"] = json.dumps(merged)

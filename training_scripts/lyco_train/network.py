@@ -4,17 +4,18 @@ optimizer's parameter groups, and the files an adapter is saved as (kohya ``.saf
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import inject_adapter_in_model
-from peft.utils import get_peft_model_state_dict
+from peft.utils import CONFIG_NAME, get_peft_model_state_dict
 
 from peft_lyco.presets import build_config, parse_network_args
 from peft_lyco.training import param_groups
 
-from .cache import atomic_save
+from .files import save_tensors, write_text
 
 ADAPTER_NAME = "default"
 
@@ -53,10 +54,12 @@ def save_peft_folder(folder: Path, module: torch.nn.Module) -> None:
     """A PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) that
     ``PeftModel.from_pretrained(<base component>, folder)`` loads after ``import peft_lyco``."""
     state = get_peft_model_state_dict(module, adapter_name=ADAPTER_NAME)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_save(
-        {f"base_model.model.{key}": value for key, value in state.items()},
+    save_tensors(
         folder / "adapter_model.safetensors",
+        {f"base_model.model.{key}": value for key, value in state.items()},
         metadata={"format": "pt"},
     )
-    module.peft_config[ADAPTER_NAME].save_pretrained(str(folder))
+    # the config as PeftConfig.save_pretrained writes it, but atomically (a kill never leaves half a JSON file)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.config.", suffix=".tmp") as scratch:
+        module.peft_config[ADAPTER_NAME].save_pretrained(scratch)
+        write_text(folder / CONFIG_NAME, (Path(scratch) / CONFIG_NAME).read_text(encoding="utf-8"))

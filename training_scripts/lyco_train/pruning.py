@@ -11,9 +11,10 @@ after the newer save was written completely. The final ``<output_name>.safetenso
 from __future__ import annotations
 
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from .files import remove_folder
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def _numbered(output_dir: Path, output_name: str, kind: str, state: bool) -> dic
 
 def _remove(path: Path) -> None:
     if path.is_dir():
-        shutil.rmtree(path)
+        remove_folder(path)  # a state folder must never be left half deleted
     else:
         path.unlink()
 

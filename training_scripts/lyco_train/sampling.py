@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+
+from .files import save_image
 
 OPTION_FIELDS = {"n": "negative", "w": "width", "h": "height", "d": "seed", "s": "steps", "l": "guidance"}
 
@@ -30,39 +33,60 @@ def parse_prompt_line(line: str, defaults: SamplePrompt) -> SamplePrompt:
     for option in options:
         key, _, value = option.strip().partition(" ")
         if key not in OPTION_FIELDS:
-            raise ValueError(f"unknown sample prompt option --{key} in {line!r}; use --n --w --h --d --s --l")
+            raise ValueError(f"unknown sample prompt option --{key}; use --n --w --h --d --s --l")
         field = OPTION_FIELDS[key]
         cast = {"negative": str, "guidance": float}.get(field, int)
         try:
             values[field] = cast(value.strip())
         except ValueError:
-            raise ValueError(
-                f"sample prompt option --{key} needs a number, got {value.strip()!r} in {line!r}"
-            ) from None
+            raise ValueError(f"option --{key} needs a number, got {value.strip()!r}") from None
     return replace(defaults, **values)
 
 
-def read_sample_prompts(path: str | Path, defaults: SamplePrompt) -> list[SamplePrompt]:
-    """Every non-empty, non-comment line of the file as a ``SamplePrompt``."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    prompts = [parse_prompt_line(line.strip(), defaults) for line in lines if line.strip() and not line.startswith("#")]
+def check_prompt(prompt: SamplePrompt, pixel_multiple: int) -> None:
+    """Raise ``ValueError`` for what the pipeline would refuse only when it renders: sizes, steps, guidance."""
+    for key, side in (("w", prompt.width), ("h", prompt.height)):
+        if side < pixel_multiple or side % pixel_multiple:
+            raise ValueError(f"--{key} {side}: image sides must be a positive multiple of {pixel_multiple}")
+    if prompt.steps < 1:
+        raise ValueError(f"--s {prompt.steps}: at least 1 sampling step")
+    if not math.isfinite(prompt.guidance):
+        raise ValueError(f"--l {prompt.guidance}: the guidance scale must be a finite number")
+
+
+def read_sample_prompts(path: str | Path, defaults: SamplePrompt, pixel_multiple: int = 8) -> list[SamplePrompt]:
+    """Every non-empty, non-comment line of the file as a checked ``SamplePrompt``; ``ValueError`` naming the file
+    and line of the first bad one."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--sample_prompts file '{path}' is not UTF-8 text: {err}") from err
+    except OSError as err:
+        raise ValueError(f"cannot read --sample_prompts file '{path}': {err.strerror or err}") from err
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            prompt = parse_prompt_line(line.strip(), defaults)
+            check_prompt(prompt, pixel_multiple)
+        except ValueError as err:
+            raise ValueError(f"--sample_prompts file '{path}', line {number} ({line.strip()!r}): {err}") from None
+        prompts.append(prompt)
     if not prompts:
         raise ValueError(f"--sample_prompts file '{path}' has no prompts")
     return prompts
 
 
 def save_sample(image, output_dir: str | Path, output_name: str, step: int, index: int) -> Path:
-    """Save a PIL image as ``<output_dir>/sample/<output_name>_<step>_<index>.png``; return the path."""
-    path = Path(output_dir) / "sample" / f"{output_name}_{step:06d}_{index:02d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return path
+    """Save a PIL image as ``<output_dir>/sample/<output_name>_<step>_<index>.png`` (atomically); return the path."""
+    return save_image(image, Path(output_dir) / "sample" / f"{output_name}_{step:06d}_{index:02d}.png")
 
 
 def render_samples(args, accelerator, step: int, render, defaults: SamplePrompt) -> list[Path]:
     """Render every ``--sample_prompts`` line with ``render(prompt) -> PIL image`` and save it; return the paths."""
     written = []
-    for index, prompt in enumerate(read_sample_prompts(args.sample_prompts, defaults)):
+    for index, prompt in enumerate(read_sample_prompts(args.sample_prompts, defaults, args.pixel_multiple)):
         with torch.no_grad(), accelerator.autocast():
             image = render(prompt)
         written.append(save_sample(image, args.output_dir, args.output_name, step, index))
