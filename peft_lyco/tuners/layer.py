@@ -271,16 +271,24 @@ class LycoLayer(nn.Module, BaseTunerLayer):
                 padding = (totals[0] // 2, totals[1] // 2)
         return Conv2dOp(tuple(base.stride), tuple(padding), tuple(base.dilation), base.groups), x
 
+    def _base_only(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base layer's output alone (adapters disabled, merged or none active), through its weight kind so that a
+        float8-stored base (which ``nn.Linear``/``nn.Conv2d`` cannot run) is upcast for this call only."""
+        base = self.get_base_layer()
+        if self.base_layer is not base:
+            return self.base_layer(x, *args, **kwargs)
+        return base_weight(base).base_output(base, x, *self._op_and_input(x))
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+            return self._base_only(x, *args, **kwargs)
         if self.merged:
-            return self.base_layer(x, *args, **kwargs)
+            return self._base_only(x, *args, **kwargs)
         active = self._active_terms()
         if not active:
-            return self.base_layer(x, *args, **kwargs)
+            return self._base_only(x, *args, **kwargs)
         base = self.get_base_layer()
         op, prepared = self._op_and_input(x)
         dropouts = {self.dropout[name] if self.training else 0.0 for name, _ in active}

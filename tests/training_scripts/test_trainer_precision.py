@@ -1,6 +1,7 @@
 """Every --mixed_precision / storage option end to end on the tiny models (train, sample, save, reload), and one
 optimizer step's gradient in each precision against the float32 run."""
 
+import copy
 import functools
 import json
 
@@ -261,3 +262,40 @@ def test_precisions_end_to_end_on_cuda(tmp_path, model, options):
     """The tiny runs on the GPU (the trainers pick CUDA when present): train, sample, save, reload check."""
     result = run(tmp_path, model, *options, "--max_train_steps", "2", "--sample_every_n_steps", "2")
     assert all(torch.isfinite(torch.tensor(result.losses))) and result.final.is_file()
+
+
+def test_fp8_base_hands_adapted_bases_to_the_op_in_float8():
+    """``--fp8_base``: an adapted layer's base stays a plain float8 weight, so the fused op upcasts it inside each call
+    and autograd keeps no upcast copy of it; other layers read theirs through the upcasting parametrization. The
+    output is the float32 network holding the same float8-rounded weights."""
+    from lyco_train.memory import store_weights_in_fp8
+    from peft import inject_adapter_in_model
+    from torch.nn.utils import parametrize
+
+    from peft_lyco import LoKrConfig
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)).requires_grad_(False)
+    model = inject_adapter_in_model(LoKrConfig(r=2, alpha=1.0, target_modules=["0"], init_weights=False), model)
+    reference = copy.deepcopy(model)
+    assert store_weights_in_fp8(model, torch.float32) == 2
+    adapted_base, plain = model[0].get_base_layer(), model[1]
+    assert adapted_base.weight.dtype == torch.float8_e4m3fn and not parametrize.is_parametrized(adapted_base, "weight")
+    assert parametrize.is_parametrized(plain, "weight")
+    assert plain.parametrizations.weight.original.dtype == torch.float8_e4m3fn
+    for ours, theirs in ((adapted_base, reference[0].get_base_layer()), (plain, reference[1])):
+        theirs.weight.data = theirs.weight.data.to(torch.float8_e4m3fn).float()
+
+    saved = []
+
+    def pack(tensor):
+        saved.append((tensor.dtype, tensor.numel()))
+        return tensor
+
+    x = torch.randn(3, 8, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = model(x)
+    out.sum().backward()
+    assert (torch.float32, plain.weight.numel()) in saved  # the hook sees the parametrized layer's upcast copy
+    assert (torch.float32, adapted_base.weight.numel()) not in saved  # but none of the adapted base
+    torch.testing.assert_close(out, reference(x), rtol=1e-5, atol=1e-6)

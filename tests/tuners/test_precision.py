@@ -142,3 +142,34 @@ def test_merging_into_float8_warns_and_rounds_the_sum(algorithm):
     with pytest.warns(UserWarning, match="does not restore the original bits"):
         layer.unmerge()
     assert weight.dtype == torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("path", ["disabled", "merged", "none-active"])
+@pytest.mark.parametrize("algorithm", ["loha", "lokr"])
+def test_float8_base_alone_is_upcast_per_call(algorithm, path):
+    """With the adapters disabled, merged or none active, a float8 base runs as the float32 layer holding the same
+    rounded values (``nn.Linear``/``nn.Conv2d`` cannot run a float8 weight themselves)."""
+    net = adapted_net(algorithm, adapters=("a",), rank_dropout=0.0).eval()
+    store_bases_in(net, torch.float8_e4m3fn)
+    plain = copy.deepcopy(net)
+    store_bases_in(plain, torch.float32)  # the float8-rounded values, stored in float32
+    layers, plain_layers = list(adapted_layers(net)), list(adapted_layers(plain))
+    x = net_input()
+    if path == "merged":
+        with pytest.warns(UserWarning, match="rounds W"):
+            for layer in layers:
+                layer.merge()
+        for layer in plain_layers:
+            layer.merge()
+            weight = layer.get_base_layer().weight
+            weight.data = weight.data.to(torch.float8_e4m3fn).float()  # the same rounding of W + ΔW
+    else:
+        for group in (layers, plain_layers):
+            for layer in group:
+                if path == "disabled":
+                    layer.enable_adapters(False)
+                else:
+                    layer.set_adapter([])
+    with torch.no_grad():
+        ours, expected = net(x), plain(x)
+    assert ours.dtype == torch.float32 and torch.allclose(ours, expected, rtol=1e-5, atol=1e-6)

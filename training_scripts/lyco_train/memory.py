@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from peft_lyco import LycoLayer
+
 FP8_STORAGE = torch.float8_e4m3fn
 WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -24,10 +26,14 @@ class UpcastOnUse(nn.Module):
 
 
 def store_weights_in_fp8(model: nn.Module, compute_dtype: torch.dtype, storage: torch.dtype = FP8_STORAGE) -> int:
-    """Store every frozen Linear/Conv weight of ``model`` in ``storage`` (float8), read back as ``compute_dtype`` on
-    each use, the way sd-scripts' ``--fp8_base`` halves a bf16 base. Adapted layers' base weights included; biases,
-    norms and embeddings keep ``compute_dtype`` (they are small, and float8 lookups/norms are not supported).
-    Returns the number of weights converted."""
+    """Store every frozen Linear/Conv weight of ``model`` in ``storage`` (float8), the way sd-scripts' ``--fp8_base``
+    halves a bf16 base. Biases, norms and embeddings keep ``compute_dtype`` (they are small, and float8 lookups/norms
+    are not supported). Returns the number of weights converted.
+
+    Base layers of LoHa/LoKr adapters keep the plain float8 weight: the adapted op upcasts it inside each call and
+    saves only the float8 weight for backward. Every other layer reads its weight as ``compute_dtype`` through a
+    parametrization, whose upcast copy autograd keeps for backward where the layer's input needs a gradient."""
+    adapted_bases = {id(layer.get_base_layer()) for layer in model.modules() if isinstance(layer, LycoLayer)}
     converted = 0
     for module in model.modules():
         if not isinstance(module, WEIGHT_LAYERS) or parametrize.is_parametrized(module, "weight"):
@@ -36,7 +42,8 @@ def store_weights_in_fp8(model: nn.Module, compute_dtype: torch.dtype, storage: 
         if weight.requires_grad or not weight.is_floating_point():
             continue
         module.weight = nn.Parameter(weight.detach().to(storage), requires_grad=False)
-        parametrize.register_parametrization(module, "weight", UpcastOnUse(compute_dtype), unsafe=True)
+        if id(module) not in adapted_bases:
+            parametrize.register_parametrization(module, "weight", UpcastOnUse(compute_dtype), unsafe=True)
         converted += 1
     return converted
 
