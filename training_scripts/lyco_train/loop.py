@@ -185,6 +185,17 @@ def trainable_parameters(*models: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for model in models for p in model.parameters() if p.requires_grad]
 
 
+def epoch_plan(args: argparse.Namespace, accelerator: Accelerator, records: list, buckets: list) -> EpochPlan:
+    """The run's epoch plan: its images and buckets, split over this run's processes, drawn from ``--seed``."""
+    return EpochPlan(
+        records,
+        buckets,
+        seed=args.seed,
+        num_processes=accelerator.num_processes,
+        process_index=accelerator.process_index,
+    )
+
+
 @dataclass
 class Training:
     """Everything the loop steps: the data plan, the step plan, the (accelerate-prepared) trained models by
@@ -206,13 +217,7 @@ def prepare_training(
 ) -> Training:
     """Plan epochs and steps, build optimizer (sd-scripts lr groups) and lr schedule, let accelerate wrap the models
     (DDP under ``accelerate launch``)."""
-    data = EpochPlan(
-        records,
-        buckets,
-        seed=args.seed,
-        num_processes=accelerator.num_processes,
-        process_index=accelerator.process_index,
-    )
+    data = epoch_plan(args, accelerator, records, buckets)
     steps = plan_steps(
         data.batches_per_epoch, args.gradient_accumulation_steps, args.max_train_steps, args.max_train_epochs
     )

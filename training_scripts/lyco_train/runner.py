@@ -18,10 +18,18 @@ from typing import Callable, Optional
 import torch
 
 from .args import UsageError
-from .batches import BatchBuilder, EpochPlan, epoch_loader
+from .batches import BatchBuilder, epoch_loader
 from .files import remove_leftovers
 from .interrupt import StopRequest
-from .loop import GradientSteps, Training, current_lrs, progress_bar, start_trackers, trainable_parameters
+from .loop import (
+    GradientSteps,
+    Training,
+    current_lrs,
+    epoch_plan,
+    progress_bar,
+    start_trackers,
+    trainable_parameters,
+)
 from .max_norm import MaxNormReport, apply_max_norm
 from .pruning import Retention, prune
 from .state import (
@@ -73,13 +81,7 @@ def check_resume_fits(args, accelerator, records: list, buckets: list, component
     differences."""
     if not args.resume:
         return
-    plan = EpochPlan(
-        records,
-        buckets,
-        seed=args.seed,
-        num_processes=accelerator.num_processes,
-        process_index=accelerator.process_index,
-    )
+    plan = epoch_plan(args, accelerator, records, buckets)
     try:
         state = read_state(args.resume)
         check_same_run(
