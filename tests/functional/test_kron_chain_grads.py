@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from peft_lyco.functional import lokr_layout
-from peft_lyco.functional.lokr import LOKR, _ORDERS, _cheapest_order, _kron_halves, _search_order
+from peft_lyco.functional.lokr import _ORDERS, LOKR, _cheapest_order, _kron_halves, _search_order
 
 LAYOUTS = {
     "w1-full-w2-lowrank": lokr_layout(16, 24, (), 2, factor=4),
