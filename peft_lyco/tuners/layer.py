@@ -232,7 +232,7 @@ class LycoLayer(nn.Module, BaseTunerLayer):
         """The active adapters for this call (name, term), honouring module dropout and rank dropout in training."""
         terms = []
         for adapter in self.active_adapters:
-            if adapter not in self.layouts:  # not an adapter of this layer
+            if adapter not in self._available_adapters:
                 continue
             if (
                 self.training
