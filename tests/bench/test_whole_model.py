@@ -139,6 +139,8 @@ def test_held_for_backward_counts_activations_once_without_parameters_and_inputs
 def test_select_cases_resizes_and_filters():
     cases = whole_model.select_cases(None, quick=False, tokens=256, precisions=["bf16"])
     assert cases and all(case.tokens == 256 and case.side == 16 and case.precision == "bf16" for case in cases)
+    every = whole_model.select_cases(None, quick=False, tokens=None, precisions=None, every=True)
+    assert {"anima-block-4096", "sdxl-attn1280-32-bf16-full"} <= {case.name for case in every}
     with pytest.raises(ValueError, match="unknown whole-model case"):
         whole_model.select_cases(["nope"], quick=False, tokens=None, precisions=None)
     with pytest.raises(ValueError, match="square"):
