@@ -21,8 +21,9 @@ from torch import nn
 
 
 def is_sharded(accelerator) -> bool:
-    """Whether ``accelerate launch`` runs this process under FSDP."""
-    return accelerator.distributed_type == DistributedType.FSDP
+    """Whether ``accelerate launch`` runs this process under FSDP (a stand-in without ``distributed_type``, as tests
+    pass for one process, is not sharded)."""
+    return getattr(accelerator, "distributed_type", None) == DistributedType.FSDP
 
 
 def trainable_tensors(models: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
