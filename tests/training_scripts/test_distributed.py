@@ -142,6 +142,27 @@ def test_setups_whose_result_could_not_be_saved_are_refused_at_start(accelerator
     check_distributed_setup(_accelerator("FSDP"), _options(save_state=True, gradient_accumulation_steps=4))
 
 
+def test_deepspeed_gets_the_micro_batch_the_trainers_cannot_pass_as_a_dataloader():
+    """An accelerate-config DeepSpeed setup leaves ``train_micro_batch_size_per_gpu`` "auto", which accelerate's
+    ``prepare`` resolves only from a DataLoader (and otherwise refuses to start); the trainers pass none, so they set it
+    to ``--train_batch_size``. A value the user's DeepSpeed config sets is kept."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+    from lyco_train.loop import fill_deepspeed_batch_size
+
+    plugin = DeepSpeedPlugin(zero_stage=2, gradient_accumulation_steps=1, gradient_clipping=1.0)
+    assert plugin.is_auto("train_micro_batch_size_per_gpu")  # what makes accelerate's prepare stop
+    accelerator = SimpleNamespace(
+        distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=plugin)
+    )
+    fill_deepspeed_batch_size(accelerator, SimpleNamespace(train_batch_size=3))
+    assert not plugin.is_auto("train_micro_batch_size_per_gpu")
+    assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 3
+    fill_deepspeed_batch_size(accelerator, SimpleNamespace(train_batch_size=5))
+    assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 3
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("deepspeed") is None,

@@ -81,6 +81,19 @@ def check_distributed_setup(accelerator: Accelerator, args: argparse.Namespace) 
             raise UsageError("with DeepSpeed, use " + "; ".join(problems))
 
 
+def fill_deepspeed_batch_size(accelerator: Accelerator, args: argparse.Namespace) -> None:
+    """Under DeepSpeed: tell it the per-process micro-batch (``--train_batch_size``) when its config leaves it "auto".
+
+    accelerate fills "auto" from the batch size of a DataLoader passed to ``prepare``, and the trainers build their
+    batches themselves, so ``prepare`` would stop with "requires you to pass at least one of training or evaluation
+    dataloaders". Must run before ``accelerator.prepare``."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin.is_auto("train_micro_batch_size_per_gpu"):
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
+
+
 def _cpu_fp16_autocast_and_scaler(accelerator: Accelerator) -> None:
     """accelerate turns fp16 mixed precision into nothing on CPU (no autocast, no loss scaling), so an fp16 run there
     used to compute in a mix of fp16 weights and fp32 adapters without either. torch has both on CPU: switch on
@@ -237,5 +250,6 @@ def prepare_training(
     optimizer = make_optimizer(args, optimizer_groups(args, trained))
     lr_scheduler = make_scheduler(args, optimizer, steps.total_steps)
     same_adapter_everywhere(accelerator, trained)
+    fill_deepspeed_batch_size(accelerator, args)
     prepared = accelerator.prepare(*trained.values(), optimizer)
     return Training(data, steps, dict(zip(trained, prepared[:-1])), prepared[-1], lr_scheduler)
