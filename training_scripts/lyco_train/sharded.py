@@ -13,7 +13,8 @@ Without FSDP every function here is the plain single-process operation, so calle
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from accelerate.utils import DistributedType
