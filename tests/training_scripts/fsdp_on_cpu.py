@@ -33,6 +33,8 @@ class CpuFsdp2Accelerator(Accelerator):
             state_dict_type="FULL_STATE_DICT",
             activation_checkpointing=os.environ.get("FSDP_ON_CPU_AC") == "1",
         )
+        if self.mixed_precision != "no":  # as AcceleratorState does for an FSDP launch
+            plugin.set_mixed_precision(self.mixed_precision)
         AcceleratorState._shared_state["fsdp_plugin"] = plugin
         AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP

@@ -1,10 +1,10 @@
 """FSDP (fsdp_version 2) in the trainers, on CPU: 2 gloo processes.
 
 The fast test runs torch's ``fully_shard`` directly around the trainers' save/load helpers (``lyco_train.sharded``) on a
-small LoKr-adapted model and checks every gathered tensor against the same training done unsharded in one process. The
+small Kronecker-adapted model and checks every gathered tensor against the same training done unsharded in one process. The
 slow tests run the trainer scripts under accelerate's own FSDP2 preparation (``fsdp_on_cpu.py``: accelerate 1.15 never
 selects FSDP on CPU, so it switches a CPU launch's state to FSDP2) and compare with a single-process run. The launch
-with a real FSDP config file needs CUDA (``benchmarks/gpu_check.py --fsdp`` runs it; a CUDA test below).
+with a real FSDP config file needs CUDA: ``pytest -m cuda tests/training_scripts/test_fsdp.py`` on a GPU machine.
 """
 
 import copy
