@@ -1,10 +1,11 @@
-"""FSDP (fsdp_version 2) in the trainers, on CPU: 2 gloo processes.
+"""FSDP (fsdp_version 2) in the trainers, on CPU over gloo.
 
-The fast test runs torch's ``fully_shard`` directly around the trainers' save/load helpers (``lyco_train.sharded``) on a
-small Kronecker-adapted model and checks every gathered tensor against the same training done unsharded in one process. The
-slow tests run the trainer scripts under accelerate's own FSDP2 preparation (``fsdp_on_cpu.py``: accelerate 1.15 never
-selects FSDP on CPU, so it switches a CPU launch's state to FSDP2) and compare with a single-process run. The launch
-with a real FSDP config file needs CUDA: ``pytest -m cuda tests/training_scripts/test_fsdp.py`` on a GPU machine.
+The helper tests run torch's ``fully_shard`` directly around the trainers' save/load helpers (``lyco_train.sharded``)
+on a small Kronecker-adapted model and check every gathered tensor against the same training done unsharded in one
+process (fast: this process as a world of one; slow: 2 processes). The slow trainer test runs the Anima trainer under
+accelerate's own FSDP2 preparation (``fsdp_on_cpu.py``: accelerate 1.15 never selects FSDP on CPU, so it switches a
+CPU launch's state to FSDP2) and compares with a single-process run. The launch with a real FSDP config file needs
+CUDA: ``pytest -m cuda tests/training_scripts/test_fsdp.py`` on a GPU machine.
 """
 
 import copy
@@ -210,9 +211,9 @@ def _launch_fsdp_on_cpu(config: Path, trainer: str, out: Path, *options: str) ->
 @pytest.mark.slow
 def test_fsdp_trainer_equals_one_process_and_resumes_exactly(tmp_path):
     """The Anima trainer under accelerate's FSDP2 preparation (DiT blocks wrapped, FULL_SHARD over 2 CPU processes,
-    batch 1 each, gradient accumulation 2, clipping at the default 1.0) writes the adapter a single process writes
-    with batch 2 (≤ 1e-6), once, with PEFT folders and samples; resuming its step-2 state under FSDP ends in the
-    same adapter, optimizer and RNG files, bit for bit."""
+    batch 1 each, gradient accumulation 2, clipping to 0.01 so it acts on every step) writes the adapter a single
+    process writes with batch 2 (≤ 1e-6), once, with PEFT folders and samples; resuming its step-2 state under FSDP
+    ends in the same adapter, optimizer and RNG files, bit for bit."""
     import train_anima_lokr as anima_trainer
     from lyco_train.state import state_files
     from lyco_train.synthetic import make_shapes_dataset
@@ -224,7 +225,7 @@ def test_fsdp_trainer_equals_one_process_and_resumes_exactly(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square --w 64 --h 64 --s 2 --d 1\n", encoding="utf-8")
     common = ["--train_data_dir", str(data), "--max_train_steps", "4", "--save_every_n_steps", "2", "--save_state",
-              "--flip_aug", "--learning_rate", "2e-3", "--gradient_accumulation_steps", "2",
+              "--flip_aug", "--learning_rate", "2e-3", "--gradient_accumulation_steps", "2", "--max_grad_norm", "0.01",
               "--network_train_unet_only", "--save_peft_adapter", "--sample_prompts", str(prompts),
               "--sample_every_n_steps", "4"]  # fmt: skip
     config = accelerate_config(tmp_path)
