@@ -251,6 +251,26 @@ def test_fsdp_trainer_equals_one_process_and_resumes_exactly(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file
 
 
+@pytest.mark.slow
+def test_fsdp_fp16_run_clips_and_saves(tmp_path):
+    """fp16 mixed precision under FSDP (GradScaler) with clipping on every step: accelerate's ``clip_grad_norm_`` for
+    the adapter's parameters unscaled twice and stopped the run ("unscale_() has already been called"); the trainers
+    unscale once. The run finishes and its adapter is finite."""
+    from lyco_train.synthetic import make_shapes_dataset
+    from safetensors.torch import load_file
+    from test_distributed import accelerate_config
+
+    data = tmp_path / "data"
+    make_shapes_dataset(data, count=4, size=64, repeats=1)
+    config = accelerate_config(tmp_path, extra="")
+    config.write_text(config.read_text().replace("mixed_precision: 'no'", "mixed_precision: fp16"), encoding="utf-8")
+    _launch_fsdp_on_cpu(config, "train_anima_lokr.py", tmp_path / "fp16", "--train_data_dir", str(data),
+                        "--max_train_steps", "2", "--train_batch_size", "1", "--network_train_unet_only",
+                        "--mixed_precision", "fp16", "--max_grad_norm", "0.01", "--sample_every_n_steps", "1000")  # fmt: skip
+    adapter = load_file(tmp_path / "fp16" / "tiny_anima_lokr.safetensors")
+    assert adapter and all(torch.isfinite(value).all() for value in adapter.values())
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate runs its FSDP plugin only on accelerator devices")
 def test_fsdp_recipe_trains_saves_once_and_resumes_on_cuda(tmp_path):

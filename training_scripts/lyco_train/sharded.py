@@ -195,9 +195,10 @@ def whole_model(accelerator, models: dict[str, nn.Module]) -> Iterator[None]:
 def clip_gradients(accelerator, parameters: list[nn.Parameter], max_norm: float) -> None:
     """Clip the trained parameters' gradients to a total norm of ``max_norm``.
 
-    accelerate's ``clip_grad_norm_`` under FSDP clips only when given all of a model's parameters (it silently does
-    nothing for a subset, such as the adapter of a frozen base); torch's own clip computes the norm of sharded
-    gradients across processes, so under FSDP the gradients are unscaled and clipped by torch directly."""
+    Under FSDP, accelerate 1.15's ``clip_grad_norm_`` given a subset of a model's parameters (the adapter of a frozen
+    base) unscales the gradients twice, so an fp16 run stops at its first clip with GradScaler's "unscale_() has
+    already been called"; here they are unscaled once and clipped by torch, whose norm of sharded (``DTensor``)
+    gradients spans all processes."""
     if not is_sharded(accelerator):
         accelerator.clip_grad_norm_(parameters, max_norm)
         return
