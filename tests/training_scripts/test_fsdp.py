@@ -131,6 +131,7 @@ def _fsdp_helpers_worker(rank: int, world: int, port: int, out: str) -> None:
             if rank == 0:
                 with torch.no_grad():
                     results["forward"] = (model(batches[2]) - reference(batches[2])).abs().max().item()
+        assert all(isinstance(p, DTensor) for p in model.parameters())  # resharded, frozen base included
         # resume: a fresh sharded model loads the saved whole tensors; one more step on both sides
         saved_adapter = trainable_tensors({"m": reference})
         saved_state = copy.deepcopy(reference_optimizer.state_dict())
