@@ -103,7 +103,7 @@ def _options(**overrides):
 
     return Namespace(
         **{"network_train_unet_only": True, "gradient_accumulation_steps": 1, "save_state": False, "resume": None,
-           "scale_weight_norms": None, "fp8_base": False}
+           "scale_weight_norms": None, "fp8_base": False, "optimizer_type": "AdamW"}
         | overrides
     )  # fmt: skip
 
@@ -125,6 +125,7 @@ def _accelerator(kind: str, fsdp_version: int = 2, activation_checkpointing: boo
         (_accelerator("FSDP"), {"network_train_unet_only": False}, "--network_train_unet_only"),
         (_accelerator("FSDP"), {"scale_weight_norms": 1.0}, "no --scale_weight_norms"),
         (_accelerator("FSDP"), {"fp8_base": True}, "no --fp8_base"),
+        (_accelerator("FSDP"), {"optimizer_type": "AdamW8bit"}, "--optimizer_type AdamW "),
         (_accelerator("DEEPSPEED"), {"network_train_unet_only": False}, "--network_train_unet_only"),
         (_accelerator("DEEPSPEED"), {"gradient_accumulation_steps": 4}, "gradient_accumulation_steps: 1"),
         (_accelerator("DEEPSPEED"), {"save_state": True}, "no --save_state/--resume"),

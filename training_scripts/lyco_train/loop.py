@@ -64,6 +64,8 @@ def check_distributed_setup(accelerator: Accelerator, args: argparse.Namespace) 
             problems.append("no --scale_weight_norms (it reads whole ΔW between steps)")
         if getattr(args, "fp8_base", False):
             problems.append("no --fp8_base (FSDP2 all-gathers the frozen base in the compute dtype)")
+        if getattr(args, "optimizer_type", "AdamW") == "AdamW8bit":
+            problems.append("--optimizer_type AdamW (bitsandbytes' 8-bit step has no sharded-tensor support)")
         if problems:
             raise UsageError("with FSDP, use " + "; ".join(problems))
     if kind == DistributedType.DEEPSPEED:
