@@ -63,7 +63,7 @@ def check_distributed_setup(accelerator: Accelerator, args: argparse.Namespace) 
         if getattr(args, "scale_weight_norms", None):
             problems.append("no --scale_weight_norms (it reads whole ΔW between steps)")
         if getattr(args, "fp8_base", False):
-            problems.append("no --fp8_base (FSDP2 all-gathers the frozen base in the compute dtype)")
+            problems.append("no --fp8_base (not verified with FSDP, which all-gathers the base cast to bf16/fp16)")
         if getattr(args, "optimizer_type", "AdamW") == "AdamW8bit":
             problems.append("--optimizer_type AdamW (bitsandbytes' 8-bit step has no sharded-tensor support)")
         if problems:
