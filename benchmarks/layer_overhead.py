@@ -3,6 +3,7 @@ where the per-call Python overhead and the backward's ΔW rebuild show, at small
 
     python benchmarks/layer_overhead.py                       # the default sizes, 3 repeats of 60 paired rounds
     python benchmarks/layer_overhead.py --sizes 320x77 --profile lokr   # also cProfile ours' LoKr step
+    python benchmarks/layer_overhead.py --routes      # also each ∂L/∂x route forced: checks the cost model's pick
 
 Each repeat builds the layers afresh and reports, per implementation, the median over rounds of the per-round ratio
 to PEFT LoRA's step (``measure.paired_ratio``); the spread is the range of those medians over the repeats.
@@ -31,6 +32,7 @@ from torch import nn
 import peft_lyco
 from benchmarks import measure
 from peft_lyco import LoHaConfig, LoKrConfig
+from peft_lyco.functional import structured
 
 DEFAULT_SIZES = ("320x77", "1280x256", "1280x1024")
 
@@ -74,6 +76,21 @@ def _step(model: nn.Module, x: torch.Tensor, grad: torch.Tensor):
     return reset, step
 
 
+def _forced(run, rebuild_macs: int):
+    """``run`` with the cost model's rebuild cost set to ``rebuild_macs`` for its duration (0: always rebuild)."""
+    reset, step = run
+
+    def forced() -> None:
+        saved = structured.REBUILD_MACS_PER_WEIGHT
+        structured.REBUILD_MACS_PER_WEIGHT = rebuild_macs
+        try:
+            step()
+        finally:
+            structured.REBUILD_MACS_PER_WEIGHT = saved
+
+    return reset, forced
+
+
 def run_size(width: int, tokens: int, args: argparse.Namespace) -> dict[str, list[float]]:
     """Per implementation, the paired median ratio to LoRA of each repeat."""
     ratios: dict[str, list[float]] = {"lokr": [], "loha": [], "lora_ms": []}
@@ -82,9 +99,14 @@ def run_size(width: int, tokens: int, args: argparse.Namespace) -> dict[str, lis
         x = torch.randn(args.batch, tokens, width, requires_grad=True)
         grad = torch.randn(args.batch, tokens, width)
         runs = {name: _step(model, x, grad) for name, model in models.items()}
+        if args.routes:  # each adapter's ∂L/∂x forced through its route, then through the rebuilt weight
+            for name in ("lokr", "loha"):
+                runs[f"{name}-routed"] = _forced(runs[name], 10**12)
+                runs[f"{name}-rebuilt"] = _forced(runs[name], 0)
         times = measure.interleaved(runs, args.warmup, args.rounds, "cpu")
-        for name in ("lokr", "loha"):
-            ratios[name].append(measure.paired_ratio(times[name], times["lora"]))
+        for name in runs:
+            if name != "lora":
+                ratios.setdefault(name, []).append(measure.paired_ratio(times[name], times["lora"]))
         ratios["lora_ms"].append(1e3 * measure.median(times["lora"]))
     return ratios
 
@@ -117,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--routes", action="store_true", help="also time each adapter with ∂L/∂x forced routed / rebuilt (cost model)"
+    )
     parser.add_argument("--profile", choices=("lora", "lokr", "loha"), help="print a cProfile of this step too")
     args = parser.parse_args(argv)
     if args.threads:
@@ -134,6 +159,9 @@ def main(argv: list[str] | None = None) -> None:
             return f"{middle} ({fmt.format(min(values))}–{fmt.format(max(values))})"
 
         print(f"| {size} | {cell(ratios['lora_ms'], '{:.2f}')} | {cell(ratios['lokr'])} | {cell(ratios['loha'])} |")
+        for name in sorted(set(ratios) - {"lora_ms", "lokr", "loha"}):
+            cells = [cell(ratios[name]), ""] if name.startswith("lokr") else ["", cell(ratios[name])]
+            print(f"| {size} {name.split('-')[1]} ∂L/∂x | | {cells[0]} | {cells[1]} |")
         if args.profile:
             print(profile(width, tokens, args.profile, args))
 
