@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from ..functional import DeltaTerm
 from ..functional.adapted import compute_dtype, inference_weight
@@ -88,6 +89,7 @@ class _InferenceCache:
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self._entries: weakref.WeakKeyDictionary[LycoLayer, _Entry] = weakref.WeakKeyDictionary()
+        self.only: weakref.WeakSet[nn.Module] | None = None  # when set, only these layers are cached
         self._hits = self._misses = self._over_budget = 0
 
     def used(self) -> int:
@@ -122,6 +124,8 @@ class _InferenceCache:
         """``inference_weight(x, weight, terms, shape)``, kept or reused; ``None`` where the cache does not apply
         (then the caller runs ``adapted_op`` as usual)."""
         if torch.compiler.is_compiling() or self.budget <= 0 or torch.is_grad_enabled() or layer.training:
+            return None
+        if self.only is not None and layer not in self.only:
             return None
         terms = [term for _, term in active]
         if any(term.row_mask is not None for term in terms):
@@ -206,17 +210,24 @@ def inference_cache_info() -> CacheInfo:
 
 
 @contextmanager
-def inference_cache(budget: int) -> Iterator[None]:
+def inference_cache(budget: int, *modules: nn.Module) -> Iterator[None]:
     """Cache unmerged adapted layers' ``W + ΣΔW`` for calls without gradients inside the block, within ``budget``
     bytes; on exit every entry is freed and the previous budget restored.
 
-    Example: ``with torch.no_grad(), peft_lyco.inference_cache(4 << 30): images = pipe(prompt).images``
+    Args:
+        budget: bytes the cached weights may hold across all layers (0: nothing is cached).
+        modules: when given, only the adapted layers inside these modules are cached, e.g. a pipeline's denoiser,
+            which runs every step, and not its text encoders, which run once per prompt.
+
+    Example: ``with torch.no_grad(), peft_lyco.inference_cache(4 << 30, pipe.unet): images = pipe(prompt).images``
     """
-    previous = _CACHE.budget
+    previous, previous_only = _CACHE.budget, _CACHE.only
     _CACHE.clear()
     set_inference_cache_budget(budget)
+    if modules:
+        _CACHE.only = weakref.WeakSet(layer for module in modules for layer in module.modules())
     try:
         yield
     finally:
         _CACHE.clear()
-        _CACHE.budget = previous
+        _CACHE.budget, _CACHE.only = previous, previous_only

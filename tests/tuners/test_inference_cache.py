@@ -321,3 +321,15 @@ def test_context_manager_sets_the_budget_and_frees_on_exit():
     assert inference_cache_info() == inference_cache_info().__class__(0, 0, 0, 0, 0, 0)
     with pytest.raises(ValueError, match="bytes"):
         set_inference_cache_budget(-1)
+
+
+def test_context_manager_limited_to_some_modules():
+    inside, outside = _two_layers(), _two_layers()
+    with peft_lyco.inference_cache(BUDGET, inside[1]):
+        _run(inside, torch.randn(2, 32))
+        _run(outside, torch.randn(2, 32))
+        info = inference_cache_info()
+        assert (info.entries, info.misses) == (1, 1)
+    set_inference_cache_budget(BUDGET)
+    _run(outside, torch.randn(2, 32))
+    assert inference_cache_info().entries == 2  # the restriction ended with the block

@@ -1,0 +1,158 @@
+"""Sampling-style repeated no-grad calls of one adapted layer: ours with and without the inference cache against PEFT
+LoRA unmerged (same rank) and the frozen base, at the token counts a 1024² SDXL sample runs (77 text tokens for the
+cross-attention keys/values, 1024 and 4096 latent tokens), batch 2 (classifier-free guidance).
+
+Every round calls each implementation once, in a rotating order (``measure.interleaved``); the first rounds are
+dropped (the cache's first call builds its entry). Ratios are medians of per-round ratios; ``--repeat`` runs the whole
+measurement again and the table gives the median ratio over repeats with its spread (min–max).
+
+    PYTHONPATH=. python -m benchmarks.inference_cache --quick        # about 1 minute on 2 CPU cores
+    PYTHONPATH=. python -m benchmarks.inference_cache --repeat 3     # the table in docs/performance.md
+
+"Ours, uncached" runs the layer in training mode under ``no_grad`` (training mode bypasses the cache; with no dropout
+configured it is the same no-grad op the layer ran before the cache existed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+from dataclasses import dataclass
+
+import peft
+import torch
+from torch import nn
+
+import peft_lyco
+from peft_lyco import LoHaConfig, LoKrConfig
+from peft_lyco.tuners.inference_cache import inference_cache, inference_cache_info
+
+from . import measure
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    in_features: int
+    out_features: int
+    tokens: int
+
+
+SHAPES = [
+    Shape("xattn-k 2048→1280, 77 tok", 2048, 1280, 77),
+    Shape("attn 1280, 77 tok", 1280, 1280, 77),
+    Shape("attn 1280, 1024 tok", 1280, 1280, 1024),
+    Shape("attn 640, 4096 tok", 640, 640, 4096),
+    Shape("attn 1280, 4096 tok", 1280, 1280, 4096),
+]
+QUICK_SHAPES = [SHAPES[1], SHAPES[2], SHAPES[3]]
+
+
+class _Holder(nn.Module):
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def _implementations(shape: Shape, algo: str, dtype: torch.dtype) -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    base = nn.Linear(shape.in_features, shape.out_features).to(dtype).requires_grad_(False)
+    common = {"r": 16, "alpha": 16, "init_weights": False, "target_modules": ["layer"]}
+    config = LoHaConfig(**common) if algo == "loha" else LoKrConfig(factor=8, **common)
+    ours = peft.inject_adapter_in_model(config, _Holder(copy.deepcopy(base))).requires_grad_(False)
+    uncached = copy.deepcopy(ours)
+    lora = peft.get_peft_model(
+        _Holder(copy.deepcopy(base)), peft.LoraConfig(r=16, lora_alpha=16, target_modules=["layer"])
+    ).requires_grad_(False)
+    return {
+        "base": base.eval(),
+        "lora": lora.eval(),
+        "ours uncached": uncached.train(),  # training mode: the cache is bypassed
+        "ours cached": ours.eval(),
+    }
+
+
+def measure_shape(shape: Shape, algo: str, dtype: torch.dtype, warmup: int, reps: int) -> dict[str, float]:
+    """Per-round-median ratios of one interleaved run, and the cache's bytes for the layer."""
+    impls = _implementations(shape, algo, dtype)
+    x = torch.randn(2, shape.tokens, shape.in_features, dtype=dtype)
+
+    def call(module: nn.Module):
+        def run() -> None:
+            with torch.no_grad():
+                module(x)
+
+        return (lambda: None, run)
+
+    with inference_cache(1 << 40):
+        with torch.no_grad():  # the cached output is the uncached one, bit for bit
+            assert torch.equal(impls["ours cached"](x), impls["ours uncached"](x))
+        times = measure.interleaved({n: call(m) for n, m in impls.items()}, warmup, reps, "cpu")
+        held = inference_cache_info().used
+    ratio = measure.paired_ratio
+    return {
+        "uncached/lora": ratio(times["ours uncached"], times["lora"]),
+        "cached/lora": ratio(times["ours cached"], times["lora"]),
+        "uncached/base": ratio(times["ours uncached"], times["base"]),
+        "cached/base": ratio(times["ours cached"], times["base"]),
+        "lora/base": ratio(times["lora"], times["base"]),
+        "base_ms": 1e3 * measure.median(times["base"]),
+        "cache_mb": held / 2**20,
+    }
+
+
+def _cell(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}×"
+    return f"{statistics.median(values):.2f}× ({min(values):.2f}–{max(values):.2f})"
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="three shapes, LoKr, float32, few rounds")
+    parser.add_argument("--repeat", type=int, default=1, help="run each measurement this many times (spread)")
+    parser.add_argument("--algos", nargs="*", default=["lokr", "loha"])
+    parser.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
+    args = parser.parse_args(argv)
+    peft_lyco.register()
+    shapes, algos, dtypes = SHAPES, args.algos, args.dtypes
+    warmup, reps = 2, 9
+    if args.quick:
+        shapes, algos, dtypes, warmup, reps = QUICK_SHAPES, ["lokr"], ["float32"], 1, 5
+    keys = ["uncached/lora", "cached/lora", "uncached/base", "cached/base", "lora/base"]
+    header = (
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of per-round ratios, "
+        f"{reps} rounds after {warmup} warm-up, median (min–max) over {args.repeat} repeat(s)"
+    )
+    lines = [
+        header,
+        "",
+        "| layer | algo | dtype | base ms | cache MB | " + " | ".join(keys) + " |",
+        "|---|---|---|---|---|" + "---|" * len(keys),
+    ]
+    for dtype_name in dtypes:
+        for algo in algos:
+            for shape in shapes:
+                runs = [
+                    measure_shape(shape, algo, getattr(torch, dtype_name), warmup, reps) for _ in range(args.repeat)
+                ]
+                cells = [_cell([run[k] for run in runs]) for k in keys]
+                base_ms = statistics.median(run["base_ms"] for run in runs)
+                lines.append(
+                    f"| {shape.name} | {algo} | {dtype_name} | {base_ms:.1f} | {runs[0]['cache_mb']:.1f} | "
+                    + " | ".join(cells)
+                    + " |"
+                )
+                print(lines[-1], flush=True)
+    table = "\n".join(lines)
+    print()
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()
