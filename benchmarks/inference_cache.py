@@ -58,9 +58,9 @@ class _Holder(nn.Module):
         return self.layer(x)
 
 
-def _implementations(shape: Shape, algo: str, dtype: torch.dtype) -> dict[str, nn.Module]:
+def _implementations(shape: Shape, algo: str, dtype: torch.dtype, device: str) -> dict[str, nn.Module]:
     torch.manual_seed(0)
-    base = nn.Linear(shape.in_features, shape.out_features).to(dtype).requires_grad_(False)
+    base = nn.Linear(shape.in_features, shape.out_features).to(device=device, dtype=dtype).requires_grad_(False)
     common = {"r": 16, "alpha": 16, "init_weights": False, "target_modules": ["layer"]}
     config = LoHaConfig(**common) if algo == "loha" else LoKrConfig(factor=8, **common)
     ours = peft.inject_adapter_in_model(config, _Holder(copy.deepcopy(base))).requires_grad_(False)
@@ -76,22 +76,37 @@ def _implementations(shape: Shape, algo: str, dtype: torch.dtype) -> dict[str, n
     }
 
 
-def measure_shape(shape: Shape, algo: str, dtype: torch.dtype, warmup: int, reps: int) -> dict[str, float]:
-    """Per-round-median ratios of one interleaved run, and the cache's bytes for the layer."""
-    impls = _implementations(shape, algo, dtype)
-    x = torch.randn(2, shape.tokens, shape.in_features, dtype=dtype)
+def measure_shape(
+    shape: Shape,
+    algo: str,
+    dtype: torch.dtype,
+    warmup: int,
+    reps: int,
+    device: str = "cpu",
+    autocast: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Per-round-median ratios of one interleaved run, median milliseconds, the cache's bytes for the layer, and
+    whether the cached output equals the uncached one bit for bit (``identical``, 1.0 or 0.0)."""
+    impls = _implementations(shape, algo, dtype, device)
+    x = torch.randn(2, shape.tokens, shape.in_features, dtype=dtype, device=device)
+    device_type = device.split(":")[0]
 
     def call(module: nn.Module):
         def run() -> None:
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(device_type, dtype=autocast, enabled=autocast is not None):
                 module(x)
 
         return (lambda: None, run)
 
+    def output(name: str) -> torch.Tensor:
+        with torch.no_grad(), torch.autocast(device_type, dtype=autocast, enabled=autocast is not None):
+            return impls[name](x)
+
     with inference_cache(1 << 40):
-        with torch.no_grad():  # the cached output is the uncached one, bit for bit
-            assert torch.equal(impls["ours cached"](x), impls["ours uncached"](x))
-        times = measure.interleaved({n: call(m) for n, m in impls.items()}, warmup, reps, "cpu")
+        identical = torch.equal(output("ours cached"), output("ours uncached")) and torch.equal(
+            output("ours cached"), output("ours uncached")
+        )
+        times = measure.interleaved({n: call(m) for n, m in impls.items()}, warmup, reps, device)
         held = inference_cache_info().used
     ratio = measure.paired_ratio
     return {
@@ -100,8 +115,10 @@ def measure_shape(shape: Shape, algo: str, dtype: torch.dtype, warmup: int, reps
         "uncached/base": ratio(times["ours uncached"], times["base"]),
         "cached/base": ratio(times["ours cached"], times["base"]),
         "lora/base": ratio(times["lora"], times["base"]),
+        **{f"{name} ms": 1e3 * measure.median(t) for name, t in times.items()},
         "base_ms": 1e3 * measure.median(times["base"]),
         "cache_mb": held / 2**20,
+        "identical": float(identical),
     }
 
 
@@ -117,7 +134,14 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--repeat", type=int, default=1, help="run each measurement this many times (spread)")
     parser.add_argument("--algos", nargs="*", default=["lokr", "loha"])
     parser.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared machine two threads wait on each other in every small op)",
+    )
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     peft_lyco.register()
     shapes, algos, dtypes = SHAPES, args.algos, args.dtypes
     warmup, reps = 2, 9
@@ -140,6 +164,8 @@ def main(argv: list[str] | None = None) -> str:
                 runs = [
                     measure_shape(shape, algo, getattr(torch, dtype_name), warmup, reps) for _ in range(args.repeat)
                 ]
+                if not all(run["identical"] for run in runs):
+                    raise AssertionError(f"{shape.name} {algo} {dtype_name}: cached output differs from uncached")
                 cells = [_cell([run[k] for run in runs]) for k in keys]
                 base_ms = statistics.median(run["base_ms"] for run in runs)
                 lines.append(
