@@ -333,3 +333,15 @@ def test_context_manager_limited_to_some_modules():
     set_inference_cache_budget(BUDGET)
     _run(outside, torch.randn(2, 32))
     assert inference_cache_info().entries == 2  # the restriction ended with the block
+
+
+def test_float8_base_and_inference_mode_are_cached_exactly():
+    model = _model(copy.deepcopy(LINEAR))
+    weight = model.layer.get_base_layer().weight
+    weight.data = weight.data.to(torch.float8_e4m3fn)
+    expected = _uncached(model, X_LINEAR)
+    with torch.inference_mode():
+        first, second = model(X_LINEAR), model(X_LINEAR)
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert (inference_cache_info().misses, inference_cache_info().hits) == (1, 1)
+    assert torch.equal(_run(model, X_LINEAR), expected)  # the entry built in inference mode serves no_grad calls
