@@ -83,6 +83,17 @@ def _tensor_state(tensors: Sequence[torch.Tensor]) -> tuple:
     return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
 
 
+def _sources(layer: LycoLayer, name: str, term: DeltaTerm) -> list[torch.Tensor]:
+    """The layer's tensors the term's ΔW is built from: its factors (the layer's own parameters) and DoRA magnitude;
+    with ``use_scalar`` the term holds a per-call product, so the stored factors and the scalar instead."""
+    if name in layer.scalar:
+        return list(layer.adapter_parameters(name).values())
+    tensors = list(term.params.values())
+    if term.decompose is not None:
+        tensors.append(term.decompose.magnitude)
+    return tensors
+
+
 class _InferenceCache:
     """The process-wide store: one entry per layer (weakly keyed), a byte budget, counters."""
 
@@ -131,8 +142,8 @@ class _InferenceCache:
         if any(term.row_mask is not None for term in terms):
             return None
         tensors = [] if weight is None else [weight]
-        for name, _ in active:
-            tensors.extend(layer.adapter_parameters(name).values())
+        for name, term in active:
+            tensors.extend(_sources(layer, name, term))
         try:
             state = _tensor_state(tensors)
         except RuntimeError:  # inference-mode tensors keep no version counter: nothing to key on
