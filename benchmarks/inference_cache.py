@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--repeat", type=int, default=1, help="run each measurement this many times (spread)")
     parser.add_argument("--algos", nargs="*", default=["lokr", "loha"])
     parser.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
+    parser.add_argument("--tokens", nargs="*", type=int, help="only the shapes with these token counts")
     parser.add_argument(
         "--threads",
         type=int,
@@ -147,6 +148,8 @@ def main(argv: list[str] | None = None) -> str:
     warmup, reps = 2, 9
     if args.quick:
         shapes, algos, dtypes, warmup, reps = QUICK_SHAPES, ["lokr"], ["float32"], 1, 5
+    if args.tokens:
+        shapes = [shape for shape in shapes if shape.tokens in args.tokens]
     keys = ["uncached/lora", "cached/lora", "uncached/base", "cached/base", "lora/base"]
     header = (
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of per-round ratios, "
