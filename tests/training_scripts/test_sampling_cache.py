@@ -74,3 +74,28 @@ def test_default_budget_is_a_quarter_of_free_memory():
     with open("/proc/meminfo") as meminfo:
         available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
     assert abs(sample_cache_budget(None, torch.device("cpu")) - available // 4) < 64 * 2**20
+
+
+def test_anima_trainer_samples_with_the_cache_and_frees_it(tmp_path, monkeypatch):
+    import train_anima_lokr as anima_trainer
+    from lyco_train import sampling
+    from lyco_train.synthetic import make_shapes_dataset
+
+    seen = []
+    save = sampling.save_sample
+
+    def save_and_record(image, *args):
+        seen.append(inference_cache_info())
+        return save(image, *args)
+
+    monkeypatch.setattr(sampling, "save_sample", save_and_record)
+    make_shapes_dataset(tmp_path / "data", count=1, size=64, repeats=1)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle --w 32 --h 32 --s 3 --d 1\n", encoding="utf-8")
+    anima_trainer.main(
+        ["--train_data_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"), "--sample_prompts",
+         str(prompts), "--max_train_steps", "1", "--sample_every_n_steps", "1", "--sample_cache_mb", "64"]
+    )  # fmt: skip
+    (info,) = seen
+    assert info.budget == 64 * 2**20 and info.entries > 0 and info.hits >= 2 * info.misses
+    assert inference_cache_info().entries == 0 and inference_cache_info().budget == 0
