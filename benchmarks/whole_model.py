@@ -4,7 +4,8 @@ peft_lyco LoKr/LoHa, PEFT's built-in LoKr/LoHa and lycoris-lora, measured in one
     python benchmarks/whole_model.py                          # every default case, fp32 and bf16
     python benchmarks/whole_model.py --cases sdxl-attn1280-32 --impls lora ours-lokr ours-loha
     python benchmarks/whole_model.py --tokens 256 --reps 3    # smaller token counts / fewer rounds
-    python benchmarks/whole_model.py --device cuda            # on a GPU (peak = torch.cuda.max_memory_allocated)
+    python benchmarks/whole_model.py --device cuda --all      # on a GPU (peak = torch.cuda.max_memory_allocated),
+                                                              # with the 4096-token Anima and full-bf16 cases
     python benchmarks/whole_model.py --sample-only            # only the sampling (no-grad denoiser calls) part
 
 Per case, training: the step time (forward + backward of the slice, input requiring grad) of every implementation
@@ -36,7 +37,7 @@ import torch
 
 from benchmarks import measure
 from benchmarks.slice_impls import LIBRARIES, Adapted, build_implementations, forward_fn, implementation_names
-from benchmarks.slices import FULL, PRECISIONS, QUICK, Slice, SliceCase, build_slice, known_cases
+from benchmarks.slices import EXTRA, FULL, PRECISIONS, QUICK, Slice, SliceCase, build_slice, known_cases
 from peft_lyco import inference_cache
 
 REFERENCE = "lora"
@@ -57,7 +58,7 @@ class WholeSettings:
     sample: bool = True
 
 
-FULL_SETTINGS = WholeSettings("full", warmup=1, reps=5, sample_steps=20, sample_warmup=1, sample_reps=3)
+FULL_SETTINGS = WholeSettings("full", warmup=1, reps=4, sample_steps=20, sample_warmup=0, sample_reps=2)
 QUICK_SETTINGS = WholeSettings("quick", warmup=0, reps=2, sample_steps=2, sample_warmup=0, sample_reps=1)
 
 
@@ -258,11 +259,19 @@ def _names(case: SliceCase, impls: list[str] | None) -> list[str]:
 
 
 def select_cases(
-    names: list[str] | None, *, quick: bool, tokens: int | None, precisions: list[str] | None
+    names: list[str] | None,
+    *,
+    quick: bool,
+    tokens: int | None,
+    precisions: list[str] | None,
+    every: bool = False,
 ) -> list[SliceCase]:
-    """The cases named (default: the full or quick list), resized to ``tokens`` and filtered by precision."""
+    """The cases named (default: the full or quick list; ``every``: the full list and the extra cases), resized to
+    ``tokens`` and filtered by precision."""
     known = known_cases()
-    if names:
+    if every:
+        cases = FULL + EXTRA
+    elif names:
         unknown = sorted(set(names) - set(known))
         if unknown:
             raise ValueError(f"unknown whole-model case(s) {unknown}; known: {sorted(known)}")
@@ -285,7 +294,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, prefix: str = "") -> None:
     )
     parser.add_argument(f"--{p}tokens", type=int, help="latent tokens (ResNet: pixels) of every case; a square number")
     parser.add_argument(f"--{p}precision", nargs="*", choices=PRECISIONS, help="only cases in these precisions")
-    parser.add_argument(f"--{p}reps", type=int, help="timed rounds (default 5; quick 3)")
+    parser.add_argument(f"--{p}reps", type=int, help="timed rounds (default 4; quick 2)")
     parser.add_argument(f"--{p}sample-steps", type=int, help="no-grad calls per sampling run (default 20)")
 
 
@@ -308,6 +317,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="one tiny-width smoke case, few rounds")
+    parser.add_argument(
+        "--all", action="store_true", help="the default cases and the extra ones (4096-token Anima, bf16-full)"
+    )
     parser.add_argument("--train-only", action="store_true", help="skip the sampling part")
     parser.add_argument("--sample-only", action="store_true", help="skip the training-step part")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -317,7 +329,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.train_only and args.sample_only:
         parser.error("--train-only and --sample-only exclude each other")
     try:
-        cases = select_cases(args.cases, quick=args.quick, tokens=args.tokens, precisions=args.precision)
+        cases = select_cases(
+            args.cases, quick=args.quick, tokens=args.tokens, precisions=args.precision, every=args.all
+        )
     except ValueError as error:
         parser.error(str(error))
     settings = replace(settings_from(args, args.quick), train=not args.sample_only, sample=not args.train_only)
