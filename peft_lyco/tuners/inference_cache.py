@@ -101,6 +101,7 @@ class _InferenceCache:
         self.budget = budget
         self._entries: weakref.WeakKeyDictionary[LycoLayer, _Entry] = weakref.WeakKeyDictionary()
         self.only: weakref.WeakSet[nn.Module] | None = None  # when set, only these layers are cached
+        self.max_rows: int | None = None  # when set, only calls with at most this many input rows are cached
         self._hits = self._misses = self._over_budget = 0
 
     def used(self) -> int:
@@ -137,6 +138,11 @@ class _InferenceCache:
         if torch.compiler.is_compiling() or self.budget <= 0 or torch.is_grad_enabled() or layer.training:
             return None
         if self.only is not None and layer not in self.only:
+            return None
+        if (
+            self.max_rows is not None
+            and x.numel() // (x.shape[1] if layer.kernel_size else x.shape[-1]) > self.max_rows
+        ):
             return None
         terms = [term for _, term in active]
         if any(term.row_mask is not None for term in terms):
@@ -221,7 +227,7 @@ def inference_cache_info() -> CacheInfo:
 
 
 @contextmanager
-def inference_cache(budget: int, *modules: nn.Module) -> Iterator[None]:
+def inference_cache(budget: int, *modules: nn.Module, max_rows: int | None = None) -> Iterator[None]:
     """Cache unmerged adapted layers' ``W + ΣΔW`` for calls without gradients inside the block, within ``budget``
     bytes; on exit every entry is freed and the previous budget restored.
 
@@ -229,16 +235,22 @@ def inference_cache(budget: int, *modules: nn.Module) -> Iterator[None]:
         budget: bytes the cached weights may hold across all layers (0: nothing is cached).
         modules: when given, only the adapted layers inside these modules are cached, e.g. a pipeline's denoiser,
             which runs every step, and not its text encoders, which run once per prompt.
+        max_rows: when given, only calls whose input has at most this many rows (batch × tokens; batch × pixels for
+            a convolution) are cached: where rebuilding the weight costs most next to the product (e.g. SDXL's
+            cross-attention keys/values on 2 × 77 text tokens), for a fraction of the memory.
 
     Example: ``with torch.no_grad(), peft_lyco.inference_cache(4 << 30, pipe.unet): images = pipe(prompt).images``
     """
-    previous, previous_only = _CACHE.budget, _CACHE.only
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"max_rows must be at least 1 (or None for every call), got {max_rows}")
+    previous = _CACHE.budget, _CACHE.only, _CACHE.max_rows
     _CACHE.clear()
     set_inference_cache_budget(budget)
     if modules:
         _CACHE.only = weakref.WeakSet(layer for module in modules for layer in module.modules())
+    _CACHE.max_rows = max_rows
     try:
         yield
     finally:
         _CACHE.clear()
-        _CACHE.budget, _CACHE.only = previous, previous_only
+        _CACHE.budget, _CACHE.only, _CACHE.max_rows = previous

@@ -345,3 +345,20 @@ def test_float8_base_and_inference_mode_are_cached_exactly():
     assert torch.equal(first, expected) and torch.equal(second, expected)
     assert (inference_cache_info().misses, inference_cache_info().hits) == (1, 1)
     assert torch.equal(_run(model, X_LINEAR), expected)  # the entry built in inference mode serves no_grad calls
+
+
+@pytest.mark.parametrize(
+    "base, small, large", [(LINEAR, X_LINEAR, torch.randn(4, 5, 32)), (CONV, X_CONV, torch.randn(3, 16, 6, 6))]
+)
+def test_max_rows_caches_only_calls_with_few_input_rows(base, small, large):
+    model = _model(copy.deepcopy(base))
+    rows = small.numel() // (small.shape[1] if small.dim() == 4 else small.shape[-1])  # 15 tokens, 72 pixels
+    with peft_lyco.inference_cache(BUDGET, max_rows=rows):
+        _run(model, large)
+        assert inference_cache_info().misses == 0  # more rows than max_rows: not cached
+        out = [_run(model, small) for _ in range(2)]
+        assert (inference_cache_info().misses, inference_cache_info().hits) == (1, 1)
+        assert torch.equal(out[1], _fresh(model, small))
+    with pytest.raises(ValueError, match="max_rows"):
+        with peft_lyco.inference_cache(BUDGET, max_rows=0):
+            pass
