@@ -362,3 +362,28 @@ def test_max_rows_caches_only_calls_with_few_input_rows(base, small, large):
     with pytest.raises(ValueError, match="max_rows"):
         with peft_lyco.inference_cache(BUDGET, max_rows=0):
             pass
+
+
+def test_a_layer_that_is_gone_frees_its_entry():
+    import gc
+
+    net = _two_layers()
+    _run(net, torch.randn(2, 32))
+    assert inference_cache_info().entries == 2
+    del net
+    gc.collect()
+    assert inference_cache_info().entries == 0 and inference_cache_info().used == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_autocast_cached_outputs_are_bit_identical():
+    model = _model(copy.deepcopy(LINEAR)).cuda()
+    model.layer.get_base_layer().to(torch.bfloat16)
+    x = X_LINEAR.cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        expected = _uncached(model, x)
+        cached = [_run(model, x) for _ in range(2)]
+    assert all(torch.equal(c, expected) for c in cached) and inference_cache_info().hits == 1
+    model.cpu()  # a device change: a fresh entry on the new device
+    assert torch.equal(_run(model, X_LINEAR.to(torch.bfloat16)), _fresh(model, X_LINEAR.to(torch.bfloat16)))
