@@ -359,9 +359,8 @@ def test_max_rows_caches_only_calls_with_few_input_rows(base, small, large):
         out = [_run(model, small) for _ in range(2)]
         assert (inference_cache_info().misses, inference_cache_info().hits) == (1, 1)
         assert torch.equal(out[1], _fresh(model, small))
-    with pytest.raises(ValueError, match="max_rows"):
-        with peft_lyco.inference_cache(BUDGET, max_rows=0):
-            pass
+    with pytest.raises(ValueError, match="max_rows"), peft_lyco.inference_cache(BUDGET, max_rows=0):
+        pass
 
 
 def test_a_layer_that_is_gone_frees_its_entry():
