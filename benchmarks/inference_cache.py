@@ -8,6 +8,7 @@ measurement again and the table gives the median ratio over repeats with its spr
 
     PYTHONPATH=. python -m benchmarks.inference_cache --quick        # about 1 minute on 2 CPU cores
     PYTHONPATH=. python -m benchmarks.inference_cache --repeat 3     # the table in docs/performance.md
+    PYTHONPATH=. python -m benchmarks.inference_cache --slice sdxl-attn1280-32 --slice-tokens 256   # a whole slice
 
 "Ours, uncached" runs the layer in training mode under ``no_grad`` (training mode bypasses the cache; with no dropout
 configured it is the same no-grad op the layer ran before the cache existed).
@@ -16,6 +17,7 @@ configured it is the same no-grad op the layer ran before the cache existed).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 from dataclasses import dataclass
@@ -122,6 +124,63 @@ def measure_shape(
     }
 
 
+def slice_sampling(case_name: str, tokens: int | None, steps: int, reps: int, max_rows: int) -> str:
+    """A whole-model slice (``benchmarks.slices``) sampled ``steps`` times per run after an in-place touch of every
+    factor: base, PEFT LoRA, and ours uncached, cached, and cached with ``max_rows``; per-round ratios to LoRA and the
+    bytes the cache held."""
+    from benchmarks.slice_impls import build_implementations, forward_fn
+    from benchmarks.slices import build_slice, known_cases
+
+    case = known_cases()[case_name]
+    case = case.with_tokens(tokens) if tokens else case
+    piece = build_slice(case, "cpu")
+    built = build_implementations(piece, ["base", "lora", *(f"ours-{algo}" for algo in case.algos)])
+    held: dict[str, int] = {}
+
+    for item in built.values():
+        item.module.eval()
+
+    def run_of(name: str, item, budget: int = 0, rows: int | None = None):
+        forward = forward_fn(piece, item)
+
+        def reset() -> None:
+            with torch.no_grad():
+                for tensor in item.trainable:
+                    tensor.mul_(1.0)  # an optimizer step: new versions, the cache rebuilds on the first call
+
+        def run() -> None:
+            cache = inference_cache(budget, max_rows=rows) if budget else contextlib.nullcontext()
+            with torch.no_grad(), cache:
+                for _ in range(steps):
+                    forward()
+                held[name] = inference_cache_info().used
+
+        return reset, run
+
+    runs = {"base": run_of("base", built["base"]), "lora": run_of("lora", built["lora"])}
+    for algo in case.algos:
+        item = built[f"ours-{algo}"]
+        runs[f"ours {algo}"] = run_of(f"ours {algo}", item)
+        runs[f"ours {algo} cached"] = run_of(f"ours {algo} cached", item, 1 << 40)
+        runs[f"ours {algo} cached, max_rows={max_rows}"] = run_of(
+            f"ours {algo} cached, max_rows={max_rows}", item, 1 << 40, max_rows
+        )
+    times = measure.interleaved(runs, 0, reps, "cpu")
+    lines = [
+        f"{case.name} at {case.tokens} tokens, {steps} no-grad calls per run, {reps} interleaved rounds",
+        "",
+        "| run | s per run | / LoRA | cache MiB |",
+        "|---|---|---|---|",
+    ]
+    for name, values in times.items():
+        ratios = [a / b for a, b in zip(values, times["lora"])]
+        lines.append(
+            f"| {name} | {statistics.median(values):.2f} | {_cell([statistics.median(ratios)])} "
+            f"({min(ratios):.2f}–{max(ratios):.2f}) | {held.get(name, 0) / 2**20:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def _cell(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}×"
@@ -141,8 +200,16 @@ def main(argv: list[str] | None = None) -> str:
         default=1,
         help="torch threads (default 1: on a shared machine two threads wait on each other in every small op)",
     )
+    parser.add_argument("--slice", help="instead: sample a whole-model slice (e.g. sdxl-attn1280-32)")
+    parser.add_argument("--slice-tokens", type=int, help="the slice's latent tokens (default: its own)")
+    parser.add_argument("--slice-steps", type=int, default=10, help="no-grad calls per sampling run")
+    parser.add_argument("--max-rows", type=int, default=77, help="the slice's max_rows variant")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.slice:
+        table = slice_sampling(args.slice, args.slice_tokens, args.slice_steps, max(args.repeat, 3), args.max_rows)
+        print(table)
+        return table
     peft_lyco.register()
     shapes, algos, dtypes = SHAPES, args.algos, args.dtypes
     warmup, reps = 2, 9
