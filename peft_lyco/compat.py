@@ -123,3 +123,21 @@ def conv_mode_padding(conv: nn.Conv2d) -> tuple[int, ...]:
     """The ``F.pad`` amounts ``nn.Conv2d`` uses for a ``padding_mode`` other than zeros
     (``_reversed_padding_repeated_twice``; torch computes it privately in ``_ConvNd.__init__``)."""
     return conv._reversed_padding_repeated_twice
+
+
+def parameter_dict_entries(owner: nn.Module, names: tuple[str, ...], key: str) -> dict[str, nn.Parameter]:
+    """``{name: owner.<name>[key]}`` for each ``nn.ParameterDict`` child ``name`` of ``owner`` that holds ``key``.
+
+    Read straight from ``nn.Module._modules`` and the dicts' ``_parameters`` (where ``ParameterDict`` registers its
+    entries): the public route (``getattr`` then ``in`` then ``[]``) goes through ``nn.Module.__getattr__`` three times
+    per name, which an adapted layer's every call paid for each of its algorithm's factor names. Same entries, same
+    objects, nothing cached."""
+    modules = owner._modules
+    found = {}
+    for name in names:
+        entries = modules.get(name)
+        if entries is not None:
+            entry = entries._parameters.get(key)
+            if entry is not None:
+                found[name] = entry
+    return found

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ..compat import conv_mode_padding
+from ..compat import conv_mode_padding, parameter_dict_entries
 from ..functional import Algorithm, DeltaTerm, rank_dropout_mask
 from ..functional.adapted import adapted_op, inference_forward, merged_weight, term_delta
 from ..functional.base_op import BaseOp, Conv2dOp, LinearOp
@@ -133,12 +133,8 @@ class LycoLayer(nn.Module, BaseTunerLayer):
         }
 
     def factor_parameters(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """The algorithm's factors of the adapter (no ``dora_scale``/``scalar``)."""
-        return {
-            name: getattr(self, name)[adapter_name]
-            for name in self.algorithm.param_names
-            if adapter_name in getattr(self, name)
-        }
+        """The algorithm's factors of the adapter (no ``dora_scale``/``scalar``), in ``param_names`` order."""
+        return parameter_dict_entries(self, self.algorithm.param_names, adapter_name)
 
     def kohya_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """The adapter's tensors as a kohya/LyCORIS file holds them (detached): ``use_scalar``'s multiplier folded into
@@ -219,14 +215,15 @@ class LycoLayer(nn.Module, BaseTunerLayer):
         ``scale`` is the adapter's scaling (own scale times user weight); a DoRA adapter applies its own scale to ΔW
         and the user weight as DoRA's multiplier, as LyCORIS does."""
         params = self.factor_parameters(adapter_name)
-        if adapter_name in self.scalar:  # LyCORIS use_scalar: ΔW is linear in this factor
+        extras = parameter_dict_entries(self, self.extra_param_names, adapter_name)
+        if "scalar" in extras:  # LyCORIS use_scalar: ΔW is linear in this factor
             name = self.algorithm.scalar_factor(params)
-            params[name] = params[name] * self.scalar[adapter_name]
+            params[name] = params[name] * extras["scalar"]
         decompose = None
-        if adapter_name in self.dora_scale:
+        if "dora_scale" in extras:
             own = self.base_scale[adapter_name]
             multiplier = scale / own if own else 0.0
-            decompose = WeightDecompose(self.dora_scale[adapter_name], self.wd_on_output[adapter_name], multiplier)
+            decompose = WeightDecompose(extras["dora_scale"], self.wd_on_output[adapter_name], multiplier)
             scale = own
         p = self.rank_dropout[adapter_name]
         mask = None
