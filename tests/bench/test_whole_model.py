@@ -152,7 +152,12 @@ def test_select_cases_resizes_and_filters():
 def tiny_run():
     settings = whole_model.WholeSettings("test", warmup=0, reps=2, sample_steps=2, sample_warmup=0, sample_reps=2)
     impls = ["ours-lokr", "ours-loha", "lycoris-loha"]  # every kind of implementation, not all eight (time)
-    return whole_model.run_whole_model([TINY[1]], settings, impls=impls, log=lambda line: None)
+    written = []  # what a long run writes after each case
+    result = whole_model.run_whole_model(
+        [TINY[1]], settings, impls=impls, log=lambda line: None, after_case=lambda r: written.append(len(r["train"]))
+    )
+    assert written == [1]
+    return result
 
 
 def test_run_reports_every_implementation_against_lora(tiny_run):
