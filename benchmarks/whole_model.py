@@ -233,9 +233,11 @@ def run_whole_model(
     device: str = "cpu",
     impls: list[str] | None = None,
     log: Callable[[str], None] = lambda line: print(line, flush=True),
+    after_case: Callable[[dict[str, Any]], None] = lambda partial: None,
 ) -> dict[str, Any]:
     """Every case's training and sampling measurements; ``impls`` restricts the implementations (``base`` and
-    ``lora`` are always kept, they are the references)."""
+    ``lora`` are always kept, they are the references). ``after_case`` gets the result so far after every case (a
+    long run writes it, so an interruption keeps what was measured)."""
     start = time.perf_counter()
     result: dict[str, Any] = {"settings": {**settings.__dict__}, "device": device, "train": [], "sample": []}
     for case in cases:
@@ -247,6 +249,8 @@ def run_whole_model(
             log(f"[whole-model sample] {case.name}")
             sample_names = [n for n in names if n in ("base", REFERENCE) or n.startswith("ours-")]
             result["sample"].append(sample_case(case, settings, device, sample_names))
+        result["seconds"] = time.perf_counter() - start
+        after_case(result)
     result["seconds"] = time.perf_counter() - start
     return result
 
@@ -337,14 +341,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = replace(settings_from(args, args.quick), train=not args.sample_only, sample=not args.train_only)
     command = "python benchmarks/whole_model.py " + " ".join(sys.argv[1:] if argv is None else argv)
     machine = _machine(args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def write(partial: dict[str, Any]) -> None:
+        machine["load_after"] = _load_average()
+        partial.update(command=command.strip(), machine=machine)
+        whole_model_report.write(partial, args.out)
+
     with _quiet():
-        result = run_whole_model(cases, settings, device=args.device, impls=args.impls)
-    machine["load_after"] = _load_average()
-    result.update(command=command.strip(), machine=machine)
+        result = run_whole_model(cases, settings, device=args.device, impls=args.impls, after_case=write)
+    write(result)
     table = whole_model_report.markdown(result)
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    whole_model_report.write(result, args.out)
     if args.update_docs:
         update_docs(ROOT / "docs" / "performance.md", table, whole_model_report.MARKERS)
     return result

@@ -218,7 +218,15 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [""] + _sample_lines(result.get("sample", []), settings)
     checks = _check_lines(result)
     if checks:
-        lines += ["", "Checks (same factors copied into the peers where their layouts agree):", "", *checks]
+        lines += [
+            "",
+            (
+                "Checks: ours' factors are copied into the peers where their layouts agree; in bf16 the peers' "
+                "`base(x) + op(x, ΔW)` rounds differently from ours' `op(x, W + ΔW)`, so differences there are rounding."
+            ),
+            "",
+            *checks,
+        ]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
