@@ -5,7 +5,7 @@
     python benchmarks/gpu_check.py --update-docs         # and put it into docs/performance.md
     python benchmarks/gpu_check.py --device cpu --smoke  # the same code paths at tiny sizes on CPU (tests run this)
 
-Three parts, one row each:
+Four parts, one row each:
 
 * precision: every LoHa/LoKr layer mode (``benchmarks.modes``) in fp32, autocast bf16/fp16, bf16/fp16 bases with
   fp32 adapters, full bf16 and float8-stored bases, eager and ``torch.compile(fullgraph=True)``: the worst relative
@@ -14,7 +14,9 @@ Three parts, one row each:
   graph breaks (must be 0);
 * parity: the LyCORIS parity cases against lycoris-lora on the device (output and factor gradients);
 * step: one real-width training step (SDXL shapes) of peft_lyco against PEFT LoRA/LoHa/LoKr, lycoris-lora and the
-  bare base layer: median time and ``torch.cuda.max_memory_allocated`` above the step's start.
+  bare base layer: median time and ``torch.cuda.max_memory_allocated`` above the step's start;
+* cache: repeated no-grad calls as sampling makes them, ours with and without the inference cache against PEFT LoRA
+  unmerged and the base (bf16 base, autocast bf16); fails when the cached output is not the uncached one bit for bit.
 
 Exits 0 when every row passes, 1 when one fails, 2 without CUDA (unless ``--device cpu``).
 """
@@ -40,6 +42,7 @@ import torch
 import torch._inductor.config as inductor_config
 
 from benchmarks import cases as case_lists
+from benchmarks import inference_cache as cache_bench
 from benchmarks import measure, modes, report
 from benchmarks.cases import Case
 from benchmarks.implementations import Built, build
@@ -50,6 +53,9 @@ BOUNDS = {torch.float32: 1e-5, torch.bfloat16: 0.08, torch.float16: 0.01}
 COMPILED_FP32_BOUND = 1e-4  # compiled code may sum in another order
 PARITY_BOUND = 1e-4
 DOCS_MARKERS = ("<!-- gpu-check:start -->", "<!-- gpu-check:end -->")
+# the inference cache rows: SDXL's cross-attention keys (77 text tokens) and attention at 1024 and 4096 latent tokens
+CACHE_SHAPES = [cache_bench.SHAPES[0], cache_bench.SHAPES[2], cache_bench.SHAPES[4]]
+SMOKE_CACHE_SHAPE = cache_bench.Shape("tiny 64, 8 tok", 64, 64, 8)
 
 
 @dataclass(frozen=True)
@@ -251,6 +257,26 @@ def step_rows(device: str, cases: list[Case], *, autocast: torch.dtype | None, w
     return rows
 
 
+# ------------------------------------------------------------------------------------------------- inference cache
+def cache_rows(device: str, shapes: list, *, dtype: torch.dtype, autocast: torch.dtype | None, reps: int) -> list[Row]:
+    """Repeated no-grad calls (sampling): ours with the inference cache and without, PEFT LoRA unmerged and the base;
+    the row fails when the cached output is not the uncached one bit for bit."""
+    rows = []
+    setting = f"{str(dtype).removeprefix('torch.')} base" + (
+        f", autocast {str(autocast).removeprefix('torch.')}" if autocast else ""
+    )
+    for shape in shapes:
+        for algo in ("lokr", "loha"):
+            result = cache_bench.measure_shape(shape, algo, dtype, 2, reps, device=device, autocast=autocast)
+            times = ", ".join(
+                f"{name.removesuffix(' ms')} {result[name]:.3f}" for name in result if name.endswith(" ms")
+            )
+            measured = f"{times} ms; cache {result['cache_mb']:.1f} MiB"
+            reference = f"cached/LoRA {result['cached/lora']:.2f}×, uncached/LoRA {result['uncached/lora']:.2f}×"
+            rows.append(Row("cache", f"{algo} {shape.name}", setting, measured, reference, bool(result["identical"])))
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------------------- table
 def markdown(rows: list[Row], header: str) -> str:
     lines = [header, "", "| part | case | setting | measured | reference | result |", "|---|---|---|---|---|---|"]
@@ -319,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
             step_cases = [dataclasses.replace(case, dtype="bfloat16") for case in case_lists.HEADLINE]
             autocast, warmup, reps = torch.bfloat16, 3, 10
         rows += step_rows(device, step_cases, autocast=autocast, warmup=warmup, reps=reps)
+        if args.smoke:
+            rows += cache_rows(device, [SMOKE_CACHE_SHAPE], dtype=torch.float32, autocast=None, reps=2)
+        else:
+            rows += cache_rows(device, CACHE_SHAPES, dtype=torch.bfloat16, autocast=torch.bfloat16, reps=20)
     failed = [row for row in rows if row.ok is False]
     command = "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv)
     header = (
