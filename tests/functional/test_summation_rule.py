@@ -13,79 +13,25 @@ import itertools
 import pytest
 import torch
 
+from benchmarks.modes import BITS, SUMMATION_DTYPES, differing_bits, summation_operands, summation_reference
 from peft_lyco.functional import add_delta, add_delta_into
-from peft_lyco.functional.delta import FLOAT8_DTYPES, summation_dtype
+from peft_lyco.functional.delta import FLOAT8_DTYPES
 
-F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
-FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
-BITS = {F64: torch.int64, F32: torch.int32, F16: torch.int16, BF16: torch.int16}
-
-
-def _reference(weight: torch.Tensor, delta: torch.Tensor, sign: int, dtype: torch.dtype) -> torch.Tensor:
-    """``W ± ΔW`` summed exactly (float64), rounded to the summation dtype, then to ``dtype``."""
-    exact = weight.double() + sign * delta.reshape(weight.shape).double()
-    return exact.to(summation_dtype(weight.dtype, delta.dtype)).to(dtype)
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 
 def _assert_same_bits(got: torch.Tensor, expected: torch.Tensor) -> None:
     assert got.dtype == expected.dtype and got.shape == expected.shape
-    nan = expected.isnan()
-    assert torch.equal(got.isnan(), nan)
-    bits = BITS[got.dtype]
-    differ = got.view(bits) != expected.view(bits)
-    assert not (differ & ~nan).any(), f"{int((differ & ~nan).sum())} elements differ, e.g. {got[differ & ~nan][:4]}"
-
-
-def _operands(weight_dtype: torch.dtype, delta_dtype: torch.dtype, n: int = 4099):
-    """Weights and deltas (odd length: vectorized kernels' tails) that stress both roundings of the rule."""
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(n, generator=g, dtype=F64) * torch.exp2(torch.randint(-20, 20, (n,), generator=g).double())
-    d = torch.randn(n, generator=g, dtype=F64) * torch.exp2(torch.randint(-40, 10, (n,), generator=g).double())
-    if weight_dtype in FLOAT8_DTYPES:
-        w = w.clamp(-200, 200)
-    w = w.to(weight_dtype)
-    # deltas that put the float32 sum exactly halfway between two values of the weight's half dtype (ties), or a
-    # hair beside it (where summing in the half dtype directly would round the other way)
-    if weight_dtype in (F16, BF16) and delta_dtype == F32:
-        ulp = {F16: 2.0**-10, BF16: 2.0**-7}[weight_dtype]
-        quarter = n // 4
-        base = w[:quarter].double()
-        step = base.abs().clamp_min(1e-3) * ulp
-        d[:quarter] = step / 2 * torch.tensor([1.0, 1.0 + 2**-20, 1.0 - 2**-20, 3.0]).repeat(quarter // 4 + 1)[:quarter]
-    specials = torch.tensor(
-        [0.0, -0.0, 0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, -1e-42, 6e-8, 60000.0, 3e38]
-    )
-    partners = torch.tensor([-0.0, 0.0, 0.0, -0.0, 1.0, float("inf"), 1.0, 1e-40, 1e-42, 6e-8, 60000.0, 3e38])
-    if weight_dtype not in FLOAT8_DTYPES:
-        w[-len(specials) :] = specials.to(weight_dtype)
-    d[-len(partners) :] = partners.double()
-    return w, d.to(delta_dtype)
-
-
-COMBOS = [
-    # (weight, delta, result): full half precision, half bases with float32 adapters (with and without autocast to
-    # the other half dtype), float32 bases under autocast, float64, float8 bases
-    (BF16, BF16, BF16),
-    (F16, F16, F16),
-    (BF16, F32, BF16),
-    (F16, F32, F16),
-    (BF16, BF16, F32),
-    (F32, F32, BF16),
-    (F32, BF16, BF16),
-    (F32, F16, F16),
-    (F32, F32, F32),
-    (F64, F32, F64),
-    (BF16, F16, BF16),
-    *[(fp8, delta, result) for fp8 in FP8 for delta, result in [(BF16, BF16), (F16, F16), (F32, BF16), (F32, F32)]],
-]
+    differ = differing_bits(got, expected)
+    assert differ == 0, f"{differ} elements differ"
 
 
 @pytest.mark.parametrize("reuse", [False, True])
 @pytest.mark.parametrize("sign", [1, -1])
-@pytest.mark.parametrize("weight_dtype, delta_dtype, dtype", COMBOS)
+@pytest.mark.parametrize("weight_dtype, delta_dtype, dtype", SUMMATION_DTYPES)
 def test_sum_is_the_float32_sum_rounded_once(weight_dtype, delta_dtype, dtype, sign, reuse):
-    weight, delta = _operands(weight_dtype, delta_dtype)
-    expected = _reference(weight, delta, sign, dtype)
+    weight, delta = summation_operands(weight_dtype, delta_dtype)
+    expected = summation_reference(weight, delta, sign, dtype)
     kept = weight.clone()
     if reuse:
         got = add_delta_into(weight, delta.clone(), sign, dtype=dtype)
@@ -103,7 +49,7 @@ def test_default_result_dtype_is_the_weights_and_shapes_follow_the_weight(weight
     delta = (torch.randn(6, 36) * 1e-2).to(delta_dtype)
     for got in (add_delta(weight, delta), add_delta_into(weight, delta.clone())):
         assert got.dtype == weight_dtype and got.shape == weight.shape
-        _assert_same_bits(got, _reference(weight, delta, 1, weight_dtype))
+        _assert_same_bits(got, summation_reference(weight, delta, 1, weight_dtype))
 
 
 @pytest.mark.parametrize("fp8", FLOAT8_DTYPES)
@@ -121,9 +67,9 @@ def test_every_float8_value_is_exact_in_fp16_and_bf16(fp8, half):
 def test_the_half_precision_shortcut_is_not_the_half_precision_sum():
     """A check that the tests above can fail: summing a bf16 weight and a float32 ΔW after rounding ΔW to bf16
     (one plausible cheaper scheme) gives other bits on the tie-breaking operands."""
-    weight, delta = _operands(BF16, F32)
+    weight, delta = summation_operands(BF16, F32)
     wrong = torch.add(weight, delta.to(BF16))
-    expected = _reference(weight, delta, 1, BF16)
+    expected = summation_reference(weight, delta, 1, BF16)
     differ = (wrong.view(torch.int16) != expected.view(torch.int16)) & ~expected.isnan()
     assert differ.sum() > 100
 
@@ -140,4 +86,4 @@ def test_sums_of_many_magnitudes_in_every_vector_lane(dtype):
     weight = values[pairs[:, 0]].to(dtype)
     delta = values[pairs[:, 1]].to(dtype)
     for sign in (1, -1):
-        _assert_same_bits(add_delta_into(weight, delta.clone(), sign), _reference(weight, delta, sign, dtype))
+        _assert_same_bits(add_delta_into(weight, delta.clone(), sign), summation_reference(weight, delta, sign, dtype))
