@@ -156,3 +156,19 @@ def test_the_spy_sees_a_diverging_rule(monkeypatch):
         for layer, used in zip(layers, spy.forward)
     ]
     assert any(differs)
+
+
+def test_safe_merge_catches_a_sum_that_overflows_the_half_dtype():
+    """The finite check sees the sum as it will be stored: an fp16 weight near 65504 plus ΔW overflows to inf in fp16
+    although the float32 sum is finite (the check used to look at the float32 sum and let inf through)."""
+    net = _net("loha", "fp16 base, fp32 adapters")
+    layer = next(adapted_layers(net))
+    weight = layer.get_base_layer().weight
+    with torch.no_grad():
+        weight[0].fill_(65000.0)
+        for tensor in layer.adapter_parameters("a").values():
+            tensor.fill_(30.0)
+    before = weight.data.clone()
+    with pytest.raises(ValueError, match="NaNs detected"):
+        layer.merge(safe_merge=True)
+    assert torch.equal(weight.data, before) and not layer.merged_adapters
