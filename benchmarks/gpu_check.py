@@ -13,6 +13,8 @@ Four parts, one row each:
   ``op(x, W + ΣΔW)`` makes in the same precision (the fused op may not be worse than twice that), and the number of
   graph breaks (must be 0);
 * parity: the LyCORIS parity cases against lycoris-lora on the device (output and factor gradients);
+* summation: ``W + ΔW`` (``add_delta``) on the device bit for bit against the rule computed on CPU, in every dtype
+  mix (the CUDA kernels take other shortcuts than the CPU ones), and merged vs unmerged outputs in fp16/bf16;
 * step: one real-width training step (SDXL shapes) of peft_lyco against PEFT LoRA/LoHa/LoKr, lycoris-lora and the
   bare base layer: median time and ``torch.cuda.max_memory_allocated`` above the step's start;
 * cache: repeated no-grad calls as sampling makes them, ours with and without the inference cache against PEFT LoRA
@@ -48,6 +50,7 @@ from benchmarks.cases import Case
 from benchmarks.implementations import Built, build
 from benchmarks.run import _quiet
 
+BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 # worst relative error allowed at all, by the dtype the products run in
 BOUNDS = {torch.float32: 1e-5, torch.bfloat16: 0.08, torch.float16: 0.01}
 COMPILED_FP32_BOUND = 1e-4  # compiled code may sum in another order
@@ -157,6 +160,66 @@ def precision_rows(device: str, *, width: int, precisions: list[Precision], back
 def _failed(part: str, case: str, setting: str, failure: Exception) -> Row:
     message = str(failure).strip().splitlines()[0][:120] if str(failure).strip() else ""
     return Row(part, case, setting, f"{type(failure).__name__}: {message}", "", False)
+
+
+# ------------------------------------------------------------------------------------------------------- summation
+def summation_rows(device: str) -> list[Row]:
+    """``W + ΔW`` on the device against the rule computed independently on CPU (float64, then the summation dtype,
+    then the result dtype) in every dtype mix, both signs, into a new buffer and inside ΔW's; then, per algorithm,
+    merged against unmerged outputs on the device in the half precisions (bit-identical)."""
+    from peft_lyco.functional import add_delta, add_delta_into
+
+    failures, checked = [], 0
+    for weight_dtype, delta_dtype, dtype in modes.SUMMATION_DTYPES:
+        weight, delta = modes.summation_operands(weight_dtype, delta_dtype)
+        weight, delta = weight.to(device), delta.to(device)
+        for sign in (1, -1):
+            expected = modes.summation_reference(weight, delta, sign, dtype)
+            for into in (False, True):
+                function = add_delta_into if into else add_delta
+                differ = modes.differing_bits(function(weight, delta.clone(), sign, dtype=dtype), expected)
+                checked += 1
+                if differ:
+                    failures.append(
+                        f"{weight_dtype}+{delta_dtype}->{dtype} sign {sign}{' into' if into else ''}: {differ}"
+                    )
+    rows = [
+        Row(
+            "summation",
+            "add_delta",
+            f"{len(modes.SUMMATION_DTYPES)} dtype mixes x 2 signs x (new buffer, inside ΔW)",
+            f"{checked - len(failures)} of {checked} bit-identical"
+            + (f"; {'; '.join(failures[:3])}" if failures else ""),
+            "float64 sum, rounded to the summation dtype, then to the result (on CPU)",
+            not failures,
+        )
+    ]
+    settings = {"full bf16": (BF16, BF16), "full fp16": (F16, F16), "bf16 base, fp32 adapters": (BF16, F32)}
+    for algorithm in ("loha", "lokr"):
+        found = []
+        for name, (weight_dtype, adapter_dtype) in settings.items():
+            net = modes.adapted_net(algorithm, adapters=("a",), rank_dropout=0.0).to(device=device, dtype=weight_dtype)
+            for layer in modes.adapted_layers(net):
+                for tensor in layer.adapter_parameters("a").values():
+                    tensor.data = tensor.data.to(adapter_dtype)
+            net.eval()
+            x = modes.net_input(dtype=weight_dtype, device=device)
+            with torch.no_grad():
+                unmerged = net(x)
+                for layer in modes.adapted_layers(net):
+                    layer.merge()
+                found.append((name, modes.differing_bits(net(x), unmerged.cpu())))
+        rows.append(
+            Row(
+                "summation",
+                algorithm,
+                "merged vs unmerged output, " + ", ".join(found_name for found_name, _ in found),
+                ", ".join(f"{differ} differ" for _, differ in found),
+                "bit-identical",
+                all(differ == 0 for _, differ in found),
+            )
+        )
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------------- parity
@@ -339,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
                 compiled=not args.no_compile,
             )
             rows += parity_rows(device, case_lists.TINY if args.smoke else case_lists.TINY + case_lists.HEADLINE)
+            rows += summation_rows(device)
         if args.smoke:
             step_cases, autocast, warmup, reps = case_lists.TINY[:1], None, 1, 2
         else:

@@ -86,7 +86,7 @@ def _merged_weight(
     to ``dtype``; without a base weight (bypass) just ΣΔW in ``dtype``."""
     if weight is None:
         return total.to(dtype)
-    return add_delta_into(weight, total).to(dtype) if owned else add_delta(weight, total, dtype=dtype)
+    return add_delta_into(weight, total, dtype=dtype) if owned else add_delta(weight, total, dtype=dtype)
 
 
 def merged_weight(
