@@ -177,9 +177,9 @@ def run_suite(
     device: str = "cpu",
     loading: bool = True,
     command: str = "",
-    whole_model_cases: Optional[list] = None,
-    whole_model_settings: Optional[whole_model.WholeSettings] = None,
-    whole_model_impls: Optional[list[str]] = None,
+    whole_model_cases: list | None = None,
+    whole_model_settings: whole_model.WholeSettings | None = None,
+    whole_model_impls: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run every case (peak memory first, then timings), then loading, then the whole-model slices; write JSON +
     markdown; return the result."""

@@ -19,6 +19,7 @@ and the frozen base. Writes ``whole_model.json`` and ``whole_model.md`` to ``--o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import statistics
 import sys
@@ -37,8 +38,10 @@ import torch
 from benchmarks import measure
 from benchmarks.slice_impls import LIBRARIES, Adapted, build_implementations, forward_fn, implementation_names
 from benchmarks.slices import EXTRA, FULL, PRECISIONS, QUICK, Slice, SliceCase, build_slice, known_cases
+from peft_lyco import inference_cache
 
 REFERENCE = "lora"
+CACHE_BUDGET = 1 << 40  # the "+cache" sampling runs cache every adapted layer of the slice
 
 
 @dataclass(frozen=True)
@@ -172,9 +175,12 @@ def train_case(case: SliceCase, settings: WholeSettings, device: str, names: lis
 
 
 # ------------------------------------------------------------------------------------------------------ sampling
-def _sampling_run(piece: Slice, item: Adapted, steps: int) -> tuple[Callable[[], None], Callable[[], None]]:
+def _sampling_run(
+    piece: Slice, item: Adapted, steps: int, cache_budget: int = 0
+) -> tuple[Callable[[], None], Callable[[], None]]:
     """(reset, run): reset touches every factor in place (an optimizer step: new tensor versions, same values);
-    run is ``steps`` no-grad forwards of the slice in eval mode."""
+    run is ``steps`` no-grad forwards of the slice in eval mode, inside ``peft_lyco.inference_cache(cache_budget)``
+    when a budget is given (as the trainers sample: built on the first call, freed after the last)."""
     forward = forward_fn(piece, item)
 
     def reset() -> None:
@@ -183,7 +189,7 @@ def _sampling_run(piece: Slice, item: Adapted, steps: int) -> tuple[Callable[[],
                 tensor.mul_(1.0)
 
     def run() -> None:
-        with torch.no_grad():
+        with torch.no_grad(), inference_cache(cache_budget) if cache_budget else contextlib.nullcontext():
             for _ in range(steps):
                 forward()
 
@@ -200,6 +206,8 @@ def sample_case(
     for item in built.values():
         item.module.eval()
     runs = {name: _sampling_run(piece, item, settings.sample_steps) for name, item in built.items()}
+    for name in [n for n in built if n.startswith("ours-")]:  # the same module with the inference cache on
+        runs[f"{name}+cache"] = _sampling_run(piece, built[name], settings.sample_steps, CACHE_BUDGET)
     times = measure.interleaved(runs, settings.sample_warmup, settings.sample_reps, device)
     entry: dict[str, Any] = {
         "case": case.as_dict(),
@@ -225,9 +233,11 @@ def run_whole_model(
     device: str = "cpu",
     impls: list[str] | None = None,
     log: Callable[[str], None] = lambda line: print(line, flush=True),
+    after_case: Callable[[dict[str, Any]], None] = lambda partial: None,
 ) -> dict[str, Any]:
     """Every case's training and sampling measurements; ``impls`` restricts the implementations (``base`` and
-    ``lora`` are always kept, they are the references)."""
+    ``lora`` are always kept, they are the references). ``after_case`` gets the result so far after every case (a
+    long run writes it, so an interruption keeps what was measured)."""
     start = time.perf_counter()
     result: dict[str, Any] = {"settings": {**settings.__dict__}, "device": device, "train": [], "sample": []}
     for case in cases:
@@ -239,6 +249,8 @@ def run_whole_model(
             log(f"[whole-model sample] {case.name}")
             sample_names = [n for n in names if n in ("base", REFERENCE) or n.startswith("ours-")]
             result["sample"].append(sample_case(case, settings, device, sample_names))
+        result["seconds"] = time.perf_counter() - start
+        after_case(result)
     result["seconds"] = time.perf_counter() - start
     return result
 
@@ -329,14 +341,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = replace(settings_from(args, args.quick), train=not args.sample_only, sample=not args.train_only)
     command = "python benchmarks/whole_model.py " + " ".join(sys.argv[1:] if argv is None else argv)
     machine = _machine(args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def write(partial: dict[str, Any]) -> None:
+        machine["load_after"] = _load_average()
+        partial.update(command=command.strip(), machine=machine)
+        whole_model_report.write(partial, args.out)
+
     with _quiet():
-        result = run_whole_model(cases, settings, device=args.device, impls=args.impls)
-    machine["load_after"] = _load_average()
-    result.update(command=command.strip(), machine=machine)
+        result = run_whole_model(cases, settings, device=args.device, impls=args.impls, after_case=write)
+    write(result)
     table = whole_model_report.markdown(result)
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    whole_model_report.write(result, args.out)
     if args.update_docs:
         update_docs(ROOT / "docs" / "performance.md", table, whole_model_report.MARKERS)
     return result

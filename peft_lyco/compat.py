@@ -139,3 +139,21 @@ def restore_fsdp2_reshard_settings(module: nn.Module, settings: tuple[bool, list
     module._get_fsdp_state()._auto_reshard_after_forward = automatic
     for group, mesh_info in groups:
         group.post_forward_mesh_info = mesh_info
+
+
+def parameter_dict_entries(owner: nn.Module, names: tuple[str, ...], key: str) -> dict[str, nn.Parameter]:
+    """``{name: owner.<name>[key]}`` for each ``nn.ParameterDict`` child ``name`` of ``owner`` that holds ``key``.
+
+    Read straight from ``nn.Module._modules`` and the dicts' ``_parameters`` (where ``ParameterDict`` registers its
+    entries): the public route (``getattr`` then ``in`` then ``[]``) goes through ``nn.Module.__getattr__`` three times
+    per name, which an adapted layer's every call paid for each of its algorithm's factor names. Same entries, same
+    objects, nothing cached."""
+    modules = owner._modules
+    found = {}
+    for name in names:
+        entries = modules.get(name)
+        if entries is not None:
+            entry = entries._parameters.get(key)
+            if entry is not None:
+                found[name] = entry
+    return found

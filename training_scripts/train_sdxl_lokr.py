@@ -339,7 +339,9 @@ def main(argv: list[str] | None = None) -> Result:
     hooks = Hooks(
         loss=loss,
         save=AdapterWriter(args, run, accelerator, training, records, buckets, objective),
-        sample=lambda step: render_samples(args, accelerator, step, render, SamplePrompt(prompt="")),
+        sample=lambda step: render_samples(
+            args, accelerator, step, render, SamplePrompt(prompt=""), denoiser=pipe.unet
+        ),
     )
     trainer = Trainer(
         args, accelerator, training, BatchBuilder(records, buckets, latent_cache, args.prior_loss_weight), hooks,

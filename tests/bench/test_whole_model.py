@@ -1,6 +1,7 @@
 """The whole-model benchmark's builders and report, on tiny slices (and real widths on the meta device). No timing
 is asserted: speed belongs to the benchmark's report."""
 
+import dataclasses
 import math
 
 import pytest
@@ -151,7 +152,12 @@ def test_select_cases_resizes_and_filters():
 def tiny_run():
     settings = whole_model.WholeSettings("test", warmup=0, reps=2, sample_steps=2, sample_warmup=0, sample_reps=2)
     impls = ["ours-lokr", "ours-loha", "lycoris-loha"]  # every kind of implementation, not all eight (time)
-    return whole_model.run_whole_model([TINY[1]], settings, impls=impls, log=lambda line: None)
+    written = []  # what a long run writes after each case
+    result = whole_model.run_whole_model(
+        [TINY[1]], settings, impls=impls, log=lambda line: None, after_case=lambda r: written.append(len(r["train"]))
+    )
+    assert written == [1]
+    return result
 
 
 def test_run_reports_every_implementation_against_lora(tiny_run):
@@ -166,7 +172,14 @@ def test_run_reports_every_implementation_against_lora(tiny_run):
             "min": min(rounds),
             "max": max(rounds),
         }
-    assert set(sample["run_seconds"]) == {"base", "lora", "ours-lokr", "ours-loha"}
+    assert set(sample["run_seconds"]) == {
+        "base",
+        "lora",
+        "ours-lokr",
+        "ours-loha",
+        "ours-lokr+cache",
+        "ours-loha+cache",
+    }
     assert all(math.isfinite(r["median"]) and r["median"] > 0 for r in sample["vs_lora"].values())
     assert set(train["output_difference"]) == {"lycoris-loha"} and train["output_difference"]["lycoris-loha"] < 1e-4
 
@@ -183,3 +196,15 @@ def test_markdown_has_every_table_and_update_docs_touches_only_its_markers(tiny_
     doc.write_text(f"intro\n{layer}middle\n{start}\nold\n{end}\noutro\n")
     report.update_docs(doc, table, whole_model_report.MARKERS)
     assert doc.read_text() == f"intro\n{layer}middle\n{start}\n{table}{end}\noutro\n"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_whole_model_runs_on_cuda_with_allocator_peaks():
+    settings = whole_model.WholeSettings("test", warmup=0, reps=1, sample_steps=1, sample_warmup=0, sample_reps=1)
+    bf16 = next(case for case in FULL if case.precision == "bf16" and case.kind == "sdxl-resnet")
+    cases = [TINY[0], dataclasses.replace(bf16, width=64, tokens=16)]
+    result = whole_model.run_whole_model(cases, settings, device="cuda", log=lambda line: None)
+    for train in result["train"]:
+        assert all(peak is not None and peak > 0 for peak in train["peak_bytes"].values())
+        assert all(math.isfinite(r["median"]) for r in train["step_vs_lora"].values())
