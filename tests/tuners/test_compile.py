@@ -236,16 +236,14 @@ def test_module_dropout_skip_frequency(compiled):
     assert abs(dropped_both - n * p_a * p_b) <= _binomial_bound(n, p_a * p_b), dropped_both
 
 
-@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
-@pytest.mark.parametrize("dora", [False, True], ids=["lokr", "dora"])
-def test_compiled_module_dropout_steps_match_float64(dora):
+def _compiled_steps_match_float64(dora: bool, device: str, backend: str) -> None:
     """fullgraph-compiled training steps: each step's output and gradients equal the float64 step with exactly the
     adapters it kept (a dropped adapter's gradients are zero, a dropped DoRA adapter leaves the base weight as it is),
     and every subset of kept adapters occurs."""
-    layer = _two_adapter_layer(0.5, 0.5, dora=dora)
-    x = torch.randn(4, 16)
+    layer = _two_adapter_layer(0.5, 0.5, dora=dora).to(device)
+    x = torch.randn(4, 16, device=device)
     references = _subset_references(layer, x)
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(layer, fullgraph=True, backend=backend)
     params = {n: p for n, p in layer.named_parameters() if p.requires_grad}
     seen = set()
     for seed in range(40):
@@ -255,8 +253,22 @@ def test_compiled_module_dropout_steps_match_float64(dora):
         reference_grads = references[kept][1]
         for name, grad in step.grads.items():
             assert relative_error(grad, reference_grads[name]) <= TOLERANCE, (kept, name)
-            if name in params and not any(f".{adapter}" in name for adapter in kept) and name != "input":
+            if name in params and not any(f".{adapter}" in name for adapter in kept):
                 assert torch.count_nonzero(grad) == 0, (kept, name)
         if len(seen) == 4:
             break
     assert len(seen) == 4, seen
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
+@pytest.mark.parametrize("dora", [False, True], ids=["lokr", "dora"])
+def test_compiled_module_dropout_steps_match_float64(dora):
+    _compiled_steps_match_float64(dora, "cpu", "aot_eager")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
+def test_inductor_module_dropout_steps_on_cuda_match_float64():
+    """The keep factor drawn by inductor's own generator on the GPU: still one of the float64 subsets per step."""
+    _compiled_steps_match_float64(True, "cuda", "inductor")
