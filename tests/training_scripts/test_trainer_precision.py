@@ -234,13 +234,14 @@ def test_torch_compile_first_step_gradient_equals_eager(tmp_path, tmp_path_facto
     assert error <= 1e-5
 
 
-# the options whose code runs inside the compiled denoiser; each ran with 0 graph breaks in one graph (aot_eager)
+# the options whose code runs inside the compiled denoiser (each traced in one graph, no break); --blocks_to_swap
+# keeps the swapped blocks out of the graph on purpose (torch.compiler.disable: each swap replaces weight storage)
 COMPILED_OPTIONS = [
     pytest.param("anima", ["--network_args", "module_dropout=0.1", "rank_dropout=0.1"], id="anima-dropouts"),
     pytest.param("anima", ["--network_args", "dora_wd=True", "module_dropout=0.1"], id="anima-dora"),
     pytest.param("anima", ["--algo", "loha", "--network_args", "use_scalar=True", "rs_lora=True"], id="anima-loha"),
-    pytest.param("anima", ["--gradient_checkpointing", "--blocks_to_swap", "1"], id="anima-checkpointing-swap"),
-    pytest.param("anima", ["--mixed_precision", "bf16", "--full_bf16", "--fp8_base"], id="anima-bf16-fp8"),
+    pytest.param("anima", ["--gradient_checkpointing", "--fp8_base"], id="anima-checkpointing-fp8"),
+    pytest.param("anima", ["--mixed_precision", "bf16", "--full_bf16"], id="anima-full_bf16"),
     pytest.param("sdxl", ["--network_args", "module_dropout=0.1", "rank_dropout=0.1", "conv_dim=2"], id="sdxl"),
 ]
 
