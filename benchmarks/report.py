@@ -116,6 +116,10 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {_x(r['ours/peft'])} | {_x(r['ours/lycoris'])} | {_x(i['ours/base'])} | {_x(i['peft/base'])} | {_x(i['lycoris/base'])} |"
         )
     lines += ["", *_loading_lines(result.get("loading")), "", *_notes(result)]
+    if result.get("whole_model"):
+        from .whole_model_report import markdown as whole_model_markdown
+
+        lines += ["", "### Whole-model slices", "", whole_model_markdown(result["whole_model"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 

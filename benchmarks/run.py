@@ -1,7 +1,8 @@
 """peft_lyco vs PEFT's built-in LoHa/LoKr vs lycoris-lora vs the frozen base layer, in one process, interleaved.
 
-    python benchmarks/run.py            # every case, real-size SDXL loading (about half an hour on 2 CPU cores)
-    python benchmarks/run.py --quick    # the issue's three cases and a tiny loading run (under two minutes)
+    python benchmarks/run.py            # every case, real-size SDXL loading, whole-model slices
+    python benchmarks/run.py --quick    # the issue's three cases, a tiny loading run, a tiny whole-model slice
+    python benchmarks/run.py --no-whole-model   # without the whole-model slices (benchmarks/whole_model.py)
 
 Writes ``results.json`` and ``results.md`` to ``--out`` (default ``benchmarks/results``); ``--update-docs`` also puts
 the tables into ``docs/performance.md``.
@@ -30,7 +31,7 @@ if str(ROOT) not in sys.path:  # run as a script: make the checkout's packages i
 import torch
 
 from benchmarks import cases as case_lists
-from benchmarks import measure, report
+from benchmarks import measure, report, whole_model, whole_model_report
 from benchmarks.cases import Case
 from benchmarks.implementations import IMPLS, build, output_differences
 from benchmarks.loading import run_loading
@@ -176,8 +177,12 @@ def run_suite(
     device: str = "cpu",
     loading: bool = True,
     command: str = "",
+    whole_model_cases: list | None = None,
+    whole_model_settings: whole_model.WholeSettings | None = None,
+    whole_model_impls: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Run every case (peak memory first, then timings), then loading; write JSON + markdown; return the result."""
+    """Run every case (peak memory first, then timings), then loading, then the whole-model slices; write JSON +
+    markdown; return the result."""
     start = time.perf_counter()
     result: dict[str, Any] = {"command": command, "settings": {**settings.__dict__}, "machine": _machine(device)}
     on_cpu = device == "cpu"
@@ -203,6 +208,10 @@ def run_suite(
     if loading:
         print("[bench] loading", flush=True)
         result["loading"] = run_loading(settings.loading_real_size, settings.loading_reps)
+    if whole_model_cases:
+        result["whole_model"] = whole_model.run_whole_model(
+            whole_model_cases, whole_model_settings, device=device, impls=whole_model_impls
+        )
     result["machine"]["load_after"] = _load_average()
     result["seconds"] = time.perf_counter() - start
     report.write(result, out_dir)
@@ -234,6 +243,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-loading", action="store_true", help="skip the SDXL loading/fuse part")
     parser.add_argument("--update-docs", action="store_true", help="write the tables into docs/performance.md")
+    parser.add_argument("--no-whole-model", action="store_true", help="skip the whole-model slices")
+    whole_model.add_arguments(parser, prefix="whole-model-")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
     known = {case.name: case for case in case_lists.FULL + case_lists.TINY}
@@ -244,15 +255,40 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         cases = [known[name] for name in args.cases]
     else:
         cases = case_lists.QUICK if args.quick else case_lists.FULL
+    whole_model_cases = []
+    if not args.no_whole_model:
+        try:
+            whole_model_cases = whole_model.select_cases(
+                args.whole_model_cases,
+                quick=args.quick,
+                tokens=args.whole_model_tokens,
+                precisions=args.whole_model_precision,
+            )
+        except ValueError as error:
+            parser.error(str(error))
     command = "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
     with _quiet():
         result = run_suite(
-            cases, settings, args.out, device=args.device, loading=not args.no_loading, command=command.strip()
+            cases,
+            settings,
+            args.out,
+            device=args.device,
+            loading=not args.no_loading,
+            command=command.strip(),
+            whole_model_cases=whole_model_cases,
+            whole_model_settings=whole_model.settings_from(args, args.quick, prefix="whole-model-"),
+            whole_model_impls=args.whole_model_impls,
         )
     table = report.markdown(result)
     print(table)
     if args.update_docs:
-        report.update_docs(ROOT / "docs" / "performance.md", table)
+        docs = ROOT / "docs" / "performance.md"
+        report.update_docs(docs, table)
+        if "whole_model" in result:
+            whole = whole_model_report.markdown(
+                {**result["whole_model"], "command": result["command"], "machine": result["machine"]}
+            )
+            report.update_docs(docs, whole, whole_model_report.MARKERS)
     return result
 
 

@@ -41,6 +41,14 @@ def test_quick_run_writes_json_and_markdown_with_every_ratio(quick_run):
         assert all(len(times) == 3 for times in entry["step_seconds_all"].values())
 
 
+def test_quick_run_includes_the_whole_model_smoke_case(quick_run):
+    result, out = quick_run
+    (train,) = result["whole_model"]["train"]
+    assert train["case"]["name"] == "tiny-sdxl-attn" and set(train["step_vs_lora"]) >= {"ours-lokr", "ours-loha"}
+    table = (out / "results.md").read_text()
+    assert "### Whole-model slices" in table and "| tiny-sdxl-attn |" in table
+
+
 def test_quick_run_checks_that_all_implementations_compute_the_same_layer(quick_run):
     result, _ = quick_run
     for entry in result["cases"]:
