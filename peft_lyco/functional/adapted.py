@@ -5,7 +5,8 @@ keeps the input, a reference to the weight and the small factors. Its forward is
 Its backward first plans, per adapter, the cheaper of two routes, then executes the plan:
 
 * dense: rebuild ``W + ΣΔW`` for ∂L/∂x and form ``G = ∂L/∂W`` once; each algorithm turns ``G`` into its factor
-  gradients reusing what it built for the rebuild (LoHa: its two products; LoKr: its Kronecker product's graph);
+  gradients reusing what it built for the rebuild (LoHa: its products' small factor pairs; LoKr: its Kronecker
+  product's graph);
 * structured (``structured.py``): the factor gradients, and where cheaper the adapter's share of ∂L/∂x, straight from
   the input and the output gradient through a product that never builds ΔW.
 
