@@ -16,7 +16,7 @@ input is kept in it (as autocast keeps its cast copy); gradients come back in ea
 in float8 is upcast inside the op for each call and never kept upcast. Backward runs outside forward's autocast, so
 where autocast cast the factors (float32 factors, bf16 autocast) the ΔW for the rebuilt weight is formed again under
 forward's autocast, bit for bit forward's, while the dense factor gradients keep products in the factors' own dtype
-(as accurate as plain autograd's; ΔW's products formed twice). Nothing in forward or backward breaks a
+(as accurate as plain autograd's) and are prepared after the base backward. Nothing in forward or backward breaks a
 ``torch.compile`` graph (the factor derivatives go through ``pullback``; an autocast context traces).
 """
 
