@@ -5,7 +5,7 @@
     python benchmarks/gpu_check.py --update-docs         # and put it into docs/performance.md
     python benchmarks/gpu_check.py --device cpu --smoke  # the same code paths at tiny sizes on CPU (tests run this)
 
-Three parts, one row each:
+Four parts, one row each:
 
 * precision: every LoHa/LoKr layer mode (``benchmarks.modes``) in fp32, autocast bf16/fp16, bf16/fp16 bases with
   fp32 adapters, full bf16 and float8-stored bases, eager and ``torch.compile(fullgraph=True)``: the worst relative
@@ -13,8 +13,12 @@ Three parts, one row each:
   ``op(x, W + ΣΔW)`` makes in the same precision (the fused op may not be worse than twice that), and the number of
   graph breaks (must be 0);
 * parity: the LyCORIS parity cases against lycoris-lora on the device (output and factor gradients);
+* summation: ``W + ΔW`` (``add_delta``) on the device bit for bit against the rule computed on CPU, in every dtype
+  mix (the CUDA kernels take other shortcuts than the CPU ones), and merged vs unmerged outputs in fp16/bf16;
 * step: one real-width training step (SDXL shapes) of peft_lyco against PEFT LoRA/LoHa/LoKr, lycoris-lora and the
-  bare base layer: median time and ``torch.cuda.max_memory_allocated`` above the step's start.
+  bare base layer: median time and ``torch.cuda.max_memory_allocated`` above the step's start;
+* cache: repeated no-grad calls as sampling makes them, ours with and without the inference cache against PEFT LoRA
+  unmerged and the base (bf16 base, autocast bf16); fails when the cached output is not the uncached one bit for bit.
 
 Exits 0 when every row passes, 1 when one fails, 2 without CUDA (unless ``--device cpu``).
 """
@@ -40,16 +44,21 @@ import torch
 import torch._inductor.config as inductor_config
 
 from benchmarks import cases as case_lists
+from benchmarks import inference_cache as cache_bench
 from benchmarks import measure, modes, report
 from benchmarks.cases import Case
 from benchmarks.implementations import Built, build
 from benchmarks.run import _quiet
 
+BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 # worst relative error allowed at all, by the dtype the products run in
 BOUNDS = {torch.float32: 1e-5, torch.bfloat16: 0.08, torch.float16: 0.01}
 COMPILED_FP32_BOUND = 1e-4  # compiled code may sum in another order
 PARITY_BOUND = 1e-4
 DOCS_MARKERS = ("<!-- gpu-check:start -->", "<!-- gpu-check:end -->")
+# the inference cache rows: SDXL's cross-attention keys (77 text tokens) and attention at 1024 and 4096 latent tokens
+CACHE_SHAPES = [cache_bench.SHAPES[0], cache_bench.SHAPES[2], cache_bench.SHAPES[4]]
+SMOKE_CACHE_SHAPE = cache_bench.Shape("tiny 64, 8 tok", 64, 64, 8)
 
 
 @dataclass(frozen=True)
@@ -153,6 +162,66 @@ def _failed(part: str, case: str, setting: str, failure: Exception) -> Row:
     return Row(part, case, setting, f"{type(failure).__name__}: {message}", "", False)
 
 
+# ------------------------------------------------------------------------------------------------------- summation
+def summation_rows(device: str) -> list[Row]:
+    """``W + ΔW`` on the device against the rule computed independently on CPU (float64, then the summation dtype,
+    then the result dtype) in every dtype mix, both signs, into a new buffer and inside ΔW's; then, per algorithm,
+    merged against unmerged outputs on the device in the half precisions (bit-identical)."""
+    from peft_lyco.functional import add_delta, add_delta_into
+
+    failures, checked = [], 0
+    for weight_dtype, delta_dtype, dtype in modes.SUMMATION_DTYPES:
+        weight, delta = modes.summation_operands(weight_dtype, delta_dtype)
+        weight, delta = weight.to(device), delta.to(device)
+        for sign in (1, -1):
+            expected = modes.summation_reference(weight, delta, sign, dtype)
+            for into in (False, True):
+                function = add_delta_into if into else add_delta
+                differ = modes.differing_bits(function(weight, delta.clone(), sign, dtype=dtype), expected)
+                checked += 1
+                if differ:
+                    failures.append(
+                        f"{weight_dtype}+{delta_dtype}->{dtype} sign {sign}{' into' if into else ''}: {differ}"
+                    )
+    rows = [
+        Row(
+            "summation",
+            "add_delta",
+            f"{len(modes.SUMMATION_DTYPES)} dtype mixes x 2 signs x (new buffer, inside ΔW)",
+            f"{checked - len(failures)} of {checked} bit-identical"
+            + (f"; {'; '.join(failures[:3])}" if failures else ""),
+            "float64 sum, rounded to the summation dtype, then to the result (on CPU)",
+            not failures,
+        )
+    ]
+    settings = {"full bf16": (BF16, BF16), "full fp16": (F16, F16), "bf16 base, fp32 adapters": (BF16, F32)}
+    for algorithm in ("loha", "lokr"):
+        found = []
+        for name, (weight_dtype, adapter_dtype) in settings.items():
+            net = modes.adapted_net(algorithm, adapters=("a",), rank_dropout=0.0).to(device=device, dtype=weight_dtype)
+            for layer in modes.adapted_layers(net):
+                for tensor in layer.adapter_parameters("a").values():
+                    tensor.data = tensor.data.to(adapter_dtype)
+            net.eval()
+            x = modes.net_input(dtype=weight_dtype, device=device)
+            with torch.no_grad():
+                unmerged = net(x)
+                for layer in modes.adapted_layers(net):
+                    layer.merge()
+                found.append((name, modes.differing_bits(net(x), unmerged.cpu())))
+        rows.append(
+            Row(
+                "summation",
+                algorithm,
+                "merged vs unmerged output, " + ", ".join(found_name for found_name, _ in found),
+                ", ".join(f"{differ} differ" for _, differ in found),
+                "bit-identical",
+                all(differ == 0 for _, differ in found),
+            )
+        )
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------------------- parity
 def _named_factors(item: Built) -> dict[str, torch.Tensor]:
     module = item.module
@@ -251,6 +320,26 @@ def step_rows(device: str, cases: list[Case], *, autocast: torch.dtype | None, w
     return rows
 
 
+# ------------------------------------------------------------------------------------------------- inference cache
+def cache_rows(device: str, shapes: list, *, dtype: torch.dtype, autocast: torch.dtype | None, reps: int) -> list[Row]:
+    """Repeated no-grad calls (sampling): ours with the inference cache and without, PEFT LoRA unmerged and the base;
+    the row fails when the cached output is not the uncached one bit for bit."""
+    rows = []
+    setting = f"{str(dtype).removeprefix('torch.')} base" + (
+        f", autocast {str(autocast).removeprefix('torch.')}" if autocast else ""
+    )
+    for shape in shapes:
+        for algo in ("lokr", "loha"):
+            result = cache_bench.measure_shape(shape, algo, dtype, 2, reps, device=device, autocast=autocast)
+            times = ", ".join(
+                f"{name.removesuffix(' ms')} {result[name]:.3f}" for name in result if name.endswith(" ms")
+            )
+            measured = f"{times} ms; cache {result['cache_mb']:.1f} MiB"
+            reference = f"cached/LoRA {result['cached/lora']:.2f}×, uncached/LoRA {result['uncached/lora']:.2f}×"
+            rows.append(Row("cache", f"{algo} {shape.name}", setting, measured, reference, bool(result["identical"])))
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------------------- table
 def markdown(rows: list[Row], header: str) -> str:
     lines = [header, "", "| part | case | setting | measured | reference | result |", "|---|---|---|---|---|---|"]
@@ -313,12 +402,17 @@ def main(argv: list[str] | None = None) -> int:
                 compiled=not args.no_compile,
             )
             rows += parity_rows(device, case_lists.TINY if args.smoke else case_lists.TINY + case_lists.HEADLINE)
+            rows += summation_rows(device)
         if args.smoke:
             step_cases, autocast, warmup, reps = case_lists.TINY[:1], None, 1, 2
         else:
             step_cases = [dataclasses.replace(case, dtype="bfloat16") for case in case_lists.HEADLINE]
             autocast, warmup, reps = torch.bfloat16, 3, 10
         rows += step_rows(device, step_cases, autocast=autocast, warmup=warmup, reps=reps)
+        if args.smoke:
+            rows += cache_rows(device, [SMOKE_CACHE_SHAPE], dtype=torch.float32, autocast=None, reps=2)
+        else:
+            rows += cache_rows(device, CACHE_SHAPES, dtype=torch.bfloat16, autocast=torch.bfloat16, reps=20)
     failed = [row for row in rows if row.ok is False]
     command = "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv)
     header = (

@@ -204,3 +204,76 @@ def max_relative_error(result: StepResult, reference: StepResult) -> tuple[float
             continue
         worst = max(worst, (relative_error(found, grad), name))
     return worst
+
+
+# ------------------------------------------------------------------------------------------- the summation rule
+F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+BITS = {F64: torch.int64, F32: torch.int32, F16: torch.int16, BF16: torch.int16}
+# (weight, ΔW, result) dtypes people meet: full half precision, half bases with float32 adapters (also under autocast
+# to the other half dtype), float32 bases under autocast, float64, float8 bases with half or float32 adapters
+SUMMATION_DTYPES = [
+    (BF16, BF16, BF16),
+    (F16, F16, F16),
+    (BF16, F32, BF16),
+    (F16, F32, F16),
+    (BF16, BF16, F32),
+    (F32, F32, BF16),
+    (F32, BF16, BF16),
+    (F32, F16, F16),
+    (F32, F32, F32),
+    (F64, F32, F64),
+    (BF16, F16, BF16),
+    *[
+        (fp8, delta, result)
+        for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2)
+        for delta, result in [(BF16, BF16), (F16, F16), (F32, BF16), (F32, F32)]
+    ],
+]
+
+
+def summation_operands(
+    weight_dtype: torch.dtype, delta_dtype: torch.dtype, n: int = 4099
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights and ΔW (on CPU; odd length for vectorized kernels' tails) that stress both roundings of the summation
+    rule: wide exponent ranges (float32 sums that are inexact), ΔW that puts the float32 sum exactly halfway between
+    two values of a half-precision weight's dtype or a hair beside it, subnormals, overflow, signed zeros, inf, NaN."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(n, generator=g, dtype=F64) * torch.exp2(torch.randint(-20, 20, (n,), generator=g).double())
+    d = torch.randn(n, generator=g, dtype=F64) * torch.exp2(torch.randint(-40, 10, (n,), generator=g).double())
+    if weight_dtype in FLOAT8_DTYPES:
+        w = w.clamp(-200, 200)
+    w = w.to(weight_dtype)
+    if weight_dtype in (F16, BF16) and delta_dtype == F32:
+        ulp = {F16: 2.0**-10, BF16: 2.0**-7}[weight_dtype]
+        quarter = n // 4
+        step = w[:quarter].double().abs().clamp_min(1e-3) * ulp
+        offsets = torch.tensor([1.0, 1.0 + 2**-20, 1.0 - 2**-20, 3.0], dtype=F64).repeat(quarter // 4 + 1)
+        d[:quarter] = step / 2 * offsets[:quarter]
+    specials = [0.0, -0.0, 0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, -1e-42, 6e-8, 60000.0, 3e38]
+    partners = [-0.0, 0.0, 0.0, -0.0, 1.0, float("inf"), 1.0, 1e-40, 1e-42, 6e-8, 60000.0, 3e38]
+    if weight_dtype not in FLOAT8_DTYPES:
+        w[-len(specials) :] = torch.tensor(specials).to(weight_dtype)
+    d[-len(partners) :] = torch.tensor(partners, dtype=F64)
+    return w, d.to(delta_dtype)
+
+
+def summation_reference(weight: torch.Tensor, delta: torch.Tensor, sign: int, dtype: torch.dtype) -> torch.Tensor:
+    """The rule's result computed independently (on CPU): ``W ± ΔW`` summed in float64, rounded to the summation dtype,
+    then to ``dtype``. Rounded to float32 this is the correctly rounded float32 sum (53 >= 2 * 24 + 2 bits: double
+    rounding through float64 is innocuous for addition)."""
+    from peft_lyco.functional.delta import summation_dtype
+
+    exact = weight.cpu().double() + sign * delta.cpu().reshape(weight.shape).double()
+    return exact.to(summation_dtype(weight.dtype, delta.dtype)).to(dtype)
+
+
+def differing_bits(got: torch.Tensor, expected: torch.Tensor) -> int:
+    """How many elements of ``got`` differ from ``expected`` in their bits (NaN matches any NaN); -1 on a dtype or
+    shape mismatch."""
+    got = got.cpu()
+    if got.dtype != expected.dtype or got.shape != expected.shape:
+        return -1
+    nan = expected.isnan()
+    bits = BITS[got.dtype]
+    differ = (got.view(bits) != expected.view(bits)) & ~nan
+    return int(differ.sum()) + int((got.isnan() != nan).sum())

@@ -19,6 +19,7 @@ and the frozen base. Writes ``whole_model.json`` and ``whole_model.md`` to ``--o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import statistics
 import sys
@@ -37,8 +38,10 @@ import torch
 from benchmarks import measure
 from benchmarks.slice_impls import LIBRARIES, Adapted, build_implementations, forward_fn, implementation_names
 from benchmarks.slices import EXTRA, FULL, PRECISIONS, QUICK, Slice, SliceCase, build_slice, known_cases
+from peft_lyco import inference_cache
 
 REFERENCE = "lora"
+CACHE_BUDGET = 1 << 40  # the "+cache" sampling runs cache every adapted layer of the slice
 
 
 @dataclass(frozen=True)
@@ -173,9 +176,12 @@ def train_case(case: SliceCase, settings: WholeSettings, device: str, names: lis
 
 
 # ------------------------------------------------------------------------------------------------------ sampling
-def _sampling_run(piece: Slice, item: Adapted, steps: int) -> tuple[Callable[[], None], Callable[[], None]]:
+def _sampling_run(
+    piece: Slice, item: Adapted, steps: int, cache_budget: int = 0
+) -> tuple[Callable[[], None], Callable[[], None]]:
     """(reset, run): reset touches every factor in place (an optimizer step: new tensor versions, same values);
-    run is ``steps`` no-grad forwards of the slice in eval mode."""
+    run is ``steps`` no-grad forwards of the slice in eval mode, inside ``peft_lyco.inference_cache(cache_budget)``
+    when a budget is given (as the trainers sample: built on the first call, freed after the last)."""
     forward = forward_fn(piece, item)
 
     def reset() -> None:
@@ -184,7 +190,7 @@ def _sampling_run(piece: Slice, item: Adapted, steps: int) -> tuple[Callable[[],
                 tensor.mul_(1.0)
 
     def run() -> None:
-        with torch.no_grad():
+        with torch.no_grad(), inference_cache(cache_budget) if cache_budget else contextlib.nullcontext():
             for _ in range(steps):
                 forward()
 
@@ -201,6 +207,8 @@ def sample_case(
     for item in built.values():
         item.module.eval()
     runs = {name: _sampling_run(piece, item, settings.sample_steps) for name, item in built.items()}
+    for name in [n for n in built if n.startswith("ours-")]:  # the same module with the inference cache on
+        runs[f"{name}+cache"] = _sampling_run(piece, built[name], settings.sample_steps, CACHE_BUDGET)
     times = measure.interleaved(runs, settings.sample_warmup, settings.sample_reps, device)
     entry: dict[str, Any] = {
         "case": case.as_dict(),

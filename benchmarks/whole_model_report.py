@@ -121,22 +121,31 @@ def _train_lines(entries: list[dict], settings: dict) -> list[str]:
 def _sample_lines(entries: list[dict], settings: dict) -> list[str]:
     if not entries:
         return []
-    algos = [a for a in ("lokr", "loha") if any(f"ours-{a}" in e["run_seconds"] for e in entries)]
-    head = " | ".join(f"ours {a.replace('lo', 'Lo').replace('kr', 'Kr').replace('ha', 'Ha')} / LoRA" for a in algos)
-    head_base = " | ".join(
-        f"ours {a.replace('lo', 'Lo').replace('kr', 'Kr').replace('ha', 'Ha')} / base" for a in algos
-    )
+    variants = [
+        name
+        for algo in ("lokr", "loha")
+        for name in (f"ours-{algo}", f"ours-{algo}+cache")
+        if any(name in e["run_seconds"] for e in entries)
+    ]
+
+    def label(name: str) -> str:
+        algo, _, cached = name.removeprefix("ours-").partition("+")
+        return "ours " + {"lokr": "LoKr", "loha": "LoHa"}[algo] + (" cached" if cached else "")
+
+    head = " | ".join(f"{label(n)} / LoRA" for n in variants)
+    head_base = " | ".join(f"{label(n)} / base" for n in variants)
     lines = [
         "#### Sampling: no-grad calls of the unmerged slice",
         "",
         (
             f"{settings['sample_steps']} no-grad forwards of the slice in eval mode (a sampler's denoiser calls), adapters "
             "unmerged, after an in-place touch of every factor (an optimizer step); seconds per run for the base, then "
-            f"median (min–max) of per-round ratios over {settings['sample_reps']} interleaved rounds."
+            f'median (min–max) of per-round ratios over {settings["sample_reps"]} interleaved rounds. "cached": the '
+            "same run inside `peft_lyco.inference_cache(...)` (W + ΣΔW built on the first call, reused by the others)."
         ),
         "",
         f"| case | base s | LoRA / base | {head} | {head_base} |",
-        "|---" * (3 + 2 * len(algos)) + "|",
+        "|---" * (3 + 2 * len(variants)) + "|",
     ]
     for entry in entries:
         vs_lora, vs_base = entry.get("vs_lora", {}), entry.get("vs_base", {})
@@ -146,9 +155,9 @@ def _sample_lines(entries: list[dict], settings: dict) -> list[str]:
 
         lines.append(
             f"| {_case_label(entry['case'])} | {entry['run_seconds']['base']:.2f} | {cell(vs_base.get('lora'))} | "
-            + " | ".join(cell(vs_lora.get(f"ours-{a}")) for a in algos)
+            + " | ".join(cell(vs_lora.get(n)) for n in variants)
             + " | "
-            + " | ".join(cell(vs_base.get(f"ours-{a}")) for a in algos)
+            + " | ".join(cell(vs_base.get(n)) for n in variants)
             + " |"
         )
     return lines

@@ -6,6 +6,12 @@ Importing this package registers ``LYCO_LOHA`` and ``LYCO_LOKR`` with PEFT (idem
 
 from ._registry import LYCO_LOHA, LYCO_LOKR, register_method
 from .tuners import LoHaConfig, LoHaLayer, LoHaModel, LoKrConfig, LoKrLayer, LoKrModel, LycoConfig, LycoLayer
+from .tuners.inference_cache import (
+    clear_inference_cache,
+    inference_cache,
+    inference_cache_info,
+    set_inference_cache_budget,
+)
 
 __version__ = "0.1.0"
 
@@ -33,4 +39,8 @@ __all__ = [
     "LycoConfig",
     "LycoLayer",
     "register",
+    "clear_inference_cache",
+    "inference_cache",
+    "inference_cache_info",
+    "set_inference_cache_budget",
 ]

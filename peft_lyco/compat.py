@@ -123,3 +123,37 @@ def conv_mode_padding(conv: nn.Conv2d) -> tuple[int, ...]:
     """The ``F.pad`` amounts ``nn.Conv2d`` uses for a ``padding_mode`` other than zeros
     (``_reversed_padding_repeated_twice``; torch computes it privately in ``_ConvNd.__init__``)."""
     return conv._reversed_padding_repeated_twice
+
+
+def fsdp2_reshard_settings(module: nn.Module) -> tuple[bool, list]:
+    """An FSDP2 module's reshard-after-forward setting, to restore after ``set_reshard_after_forward`` changed it for
+    a while (``FSDPModule`` has a setter but no getter: the setting lives in the private ``FSDPState
+    ._auto_reshard_after_forward`` and each ``FSDPParamGroup.post_forward_mesh_info``)."""
+    state = module._get_fsdp_state()
+    return state._auto_reshard_after_forward, [(g, g.post_forward_mesh_info) for g in state._fsdp_param_groups]
+
+
+def restore_fsdp2_reshard_settings(module: nn.Module, settings: tuple[bool, list]) -> None:
+    """Put back what ``fsdp2_reshard_settings`` read."""
+    automatic, groups = settings
+    module._get_fsdp_state()._auto_reshard_after_forward = automatic
+    for group, mesh_info in groups:
+        group.post_forward_mesh_info = mesh_info
+
+
+def parameter_dict_entries(owner: nn.Module, names: tuple[str, ...], key: str) -> dict[str, nn.Parameter]:
+    """``{name: owner.<name>[key]}`` for each ``nn.ParameterDict`` child ``name`` of ``owner`` that holds ``key``.
+
+    Read straight from ``nn.Module._modules`` and the dicts' ``_parameters`` (where ``ParameterDict`` registers its
+    entries): the public route (``getattr`` then ``in`` then ``[]``) goes through ``nn.Module.__getattr__`` three times
+    per name, which an adapted layer's every call paid for each of its algorithm's factor names. Same entries, same
+    objects, nothing cached."""
+    modules = owner._modules
+    found = {}
+    for name in names:
+        entries = modules.get(name)
+        if entries is not None:
+            entry = entries._parameters.get(key)
+            if entry is not None:
+                found[name] = entry
+    return found

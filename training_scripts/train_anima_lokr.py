@@ -50,6 +50,7 @@ from lyco_train.objectives import (
 )
 from lyco_train.runner import Hooks, Trainer, check_resume_fits
 from lyco_train.sampling import SamplePrompt, render_samples
+from lyco_train.sharded import whole_model
 from lyco_train.state import StateError
 from lyco_train.tiny import TINY_SEED, report_reload, tiny_defaults, use_one_cpu_thread
 from lyco_train.validation import FixedDraw, make_validator
@@ -356,15 +357,19 @@ def main(argv: list[str] | None = None) -> Result:
     hooks = Hooks(
         loss=loss,
         save=AdapterWriter(args, run, accelerator, training, records, buckets, objective),
-        sample=lambda step: render_samples(args, accelerator, step, render, SamplePrompt(prompt="", guidance=3.5)),
+        sample=lambda step: render_samples(
+            args, accelerator, step, render, SamplePrompt(prompt="", guidance=3.5), denoiser=models.dit
+        ),
     )
     trainer = Trainer(
         args, accelerator, training, BatchBuilder(records, buckets, latent_cache, args.prior_loss_weight), hooks,
         validator=make_validator(args, accelerator, data, latent_cache, loss),
     )  # fmt: skip
     history = trainer.run("train_anima_lokr", summary=f"{len(records)} images, {training.data.image_count()} per epoch")
-    if tiny and accelerator.is_main_process:
-        check_reload(args, history.final, models, prompt=records[0].caption)
+    if tiny:  # under FSDP every process gathers the whole model, the main process checks
+        with whole_model(accelerator, training.models):
+            if accelerator.is_main_process:
+                check_reload(args, history.final, models, prompt=records[0].caption)
     return Result(args, models, history.losses, history.saved, history.final, history.validation, data)
 
 

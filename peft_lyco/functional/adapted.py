@@ -5,7 +5,8 @@ keeps the input, a reference to the weight and the small factors. Its forward is
 Its backward first plans, per adapter, the cheaper of two routes, then executes the plan:
 
 * dense: rebuild ``W + ΣΔW`` for ∂L/∂x and form ``G = ∂L/∂W`` once; each algorithm turns ``G`` into its factor
-  gradients reusing what it built for the rebuild (LoHa: its two products; LoKr: its Kronecker product's graph);
+  gradients reusing what it built for the rebuild (LoHa: its products' small factor pairs; LoKr: its Kronecker
+  product's graph);
 * structured (``structured.py``): the factor gradients, and where cheaper the adapter's share of ∂L/∂x, straight from
   the input and the output gradient through a product that never builds ΔW.
 
@@ -37,6 +38,8 @@ __all__ = [
     "DeltaTerm",
     "adapted_op",
     "compute_dtype",
+    "inference_forward",
+    "inference_weight",
     "merged_weight",
     "structured_grads_pay_off",
     "sum_deltas",
@@ -84,7 +87,7 @@ def _merged_weight(
     to ``dtype``; without a base weight (bypass) just ΣΔW in ``dtype``."""
     if weight is None:
         return total.to(dtype)
-    return add_delta_into(weight, total).to(dtype) if owned else add_delta(weight, total, dtype=dtype)
+    return add_delta_into(weight, total, dtype=dtype) if owned else add_delta(weight, total, dtype=dtype)
 
 
 def merged_weight(
@@ -304,6 +307,21 @@ def _execute_decomposed(ctx: Any, plan: _BackwardPlan, x, weight, terms: list[De
     return grad_x, grad_w, found_grads
 
 
+def inference_weight(
+    x: torch.Tensor, weight: torch.Tensor | None, terms: Sequence[DeltaTerm], shape: torch.Size
+) -> torch.Tensor:
+    """The weight a call without gradients runs its op on: ``W + ΣΔW`` (``merged_weight``), or ΣΔW without a base
+    weight, in the call's compute dtype. ``inference_forward`` of it is ``adapted_op``'s no-grad result, bit for bit,
+    so a caller may keep it and reuse it while nothing it was built from changed."""
+    compute = compute_dtype(x, weight)
+    return merged_weight(weight, terms, [term_delta(t, shape) for t in terms], compute)
+
+
+def inference_forward(x: torch.Tensor, merged: torch.Tensor, bias: torch.Tensor | None, op: BaseOp) -> torch.Tensor:
+    """``op(x, merged, bias)`` in ``merged``'s dtype (the compute dtype ``inference_weight`` formed it in)."""
+    return op.forward(x.to(merged.dtype), merged, _cast(bias, merged.dtype))
+
+
 class _AdaptedOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x, weight, bias, op: BaseOp, shape, layouts, *tensors):
@@ -370,9 +388,7 @@ def adapted_op(
         )
     trainable = [x, weight, bias, *tensors, *magnitudes]
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in trainable if t is not None):
-        compute = compute_dtype(x, weight)
-        merged = merged_weight(weight, terms, [term_delta(t, shape) for t in terms], compute)
-        return op.forward(x.to(compute), merged, _cast(bias, compute))
+        return inference_forward(x, inference_weight(x, weight, terms, shape), bias, op)
     layouts = []
     for term in terms:
         decompose = None if term.decompose is None else (term.decompose.on_output, term.decompose.multiplier)

@@ -19,6 +19,9 @@ FLOAT8_DTYPES = tuple(
     getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
 )
 
+# fp16/bf16: elementwise arithmetic in these runs in float32 and rounds once (``_sum`` relies on it)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
 ALGORITHMS: dict[str, Algorithm] = {algorithm.name: algorithm for algorithm in (LOHA, LOKR)}
 
 
@@ -58,26 +61,52 @@ def summation_dtype(weight: torch.dtype, *others: torch.dtype) -> torch.dtype:
 def add_delta(
     weight: torch.Tensor, delta: torch.Tensor, sign: int = 1, *, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """``weight + sign * delta`` summed in at least float32 and cast once to ``dtype`` (default: the weight's).
+    """``weight + sign * delta`` summed in ``summation_dtype`` (at least float32) and rounded once to ``dtype``
+    (default: the weight's), as a new tensor.
 
-    fp16/bf16 weights are never summed in their own precision, so merging and the fused forward agree bit for bit.
+    This is the one summation rule of the package: the fused forward, the weight rebuilt in its backward, merging,
+    unmerging and conversion all sum through it, so merged and unmerged layers agree bit for bit. fp16/bf16 weights
+    are never summed in their own precision; how the two roundings are carried out is ``_sum``'s business.
     """
-    compute = summation_dtype(weight.dtype, delta.dtype)
-    delta = delta.reshape(weight.shape).to(compute)
-    total = weight.to(compute)
-    total = total + delta if sign > 0 else total - delta
-    return total.to(weight.dtype if dtype is None else dtype)
+    return _sum(weight, delta, sign, weight.dtype if dtype is None else dtype, reuse=False)
 
 
-def add_delta_into(weight: torch.Tensor, delta: torch.Tensor, sign: int = 1) -> torch.Tensor:
-    """``add_delta(weight, delta, sign)`` before its final cast, summed inside ``delta`` (a temporary the caller gives
-    up): the same bits in the summation dtype, without a second weight-sized buffer or an upcast copy of the weight.
+def add_delta_into(
+    weight: torch.Tensor, delta: torch.Tensor, sign: int = 1, *, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``add_delta(weight, delta, sign, dtype=dtype)``, bit for bit, summed inside ``delta`` where its dtype allows (a
+    temporary the caller gives up: its contents are undefined afterwards), without a second weight-sized buffer."""
+    return _sum(weight, delta, sign, weight.dtype if dtype is None else dtype, reuse=True)
+
+
+def _sum(weight: torch.Tensor, delta: torch.Tensor, sign: int, dtype: torch.dtype, *, reuse: bool) -> torch.Tensor:
+    """``(W.to(S) ± ΔW.to(S)).to(dtype)`` with ``S = summation_dtype(W, ΔW)``, in as few weight-sized passes as give
+    exactly those bits:
+
+    * one dtype throughout (``W``, ``ΔW`` and the result all fp16, all bf16, ...): one elementwise add in that dtype.
+      PyTorch computes fp16/bf16 elementwise arithmetic in float32 and rounds the result once, on CPU and CUDA alike,
+      which is the same two roundings as the float32 sum followed by the cast, with no float32 buffer and no casts;
+    * otherwise on CUDA: one add whose result is stored in ``dtype`` (the kernel upcasts each element, sums in ``S``
+      and rounds on store);
+    * otherwise (CPU): the sum in ``S`` (inside ``delta`` when it is in ``S``), then one cast. The CPU kernels would
+      upcast a mixed-dtype operand into a temporary anyway, and a result dtype other than ``S`` costs two more.
+
+    A float8 weight is first upcast for this call to ``delta``'s dtype where that is fp16/bf16 (exact: every float8
+    value is an fp16 and a bf16 value), else to ``S``.
     """
+    delta = delta.reshape(weight.shape)
     compute = summation_dtype(weight.dtype, delta.dtype)
-    delta = delta.reshape(weight.shape).to(compute)
-    if weight.dtype in FLOAT8_DTYPES:  # upcast for this call only
-        weight = weight.to(compute)
-    return torch.add(weight, delta, out=delta) if sign > 0 else torch.sub(weight, delta, out=delta)
+    if weight.dtype in FLOAT8_DTYPES:
+        weight = weight.to(delta.dtype if delta.dtype in HALF_DTYPES else compute)
+    add = torch.add if sign > 0 else torch.sub
+    if weight.dtype == delta.dtype == dtype:
+        return add(weight, delta, out=delta) if reuse else add(weight, delta)
+    if weight.is_cuda:
+        out = delta if reuse and delta.dtype == dtype else torch.empty_like(weight, dtype=dtype)
+        return add(weight, delta, out=out)
+    if reuse and delta.dtype == compute:
+        return add(weight, delta, out=delta).to(dtype)
+    return add(weight.to(compute), delta.to(compute)).to(dtype)
 
 
 def rank_dropout_mask(

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from .algorithm import Algorithm, DenseBackward, Pieces, graph_backward
 from .factorization import LoKrLayout, lokr_layout
-from .pullback import pullback
 from .structured import StructuredRoute
 from .term import DeltaTerm
 from .tucker import rebuild_tucker
@@ -62,16 +61,33 @@ def _kron_halves(params: Mapping[str, torch.Tensor]) -> Optional[tuple[list[torc
 
 
 def _cheapest_order(left: list[torch.Tensor], right: list[torch.Tensor]) -> tuple[tuple[str, ...], int]:
-    """Order of applying the left/right matrices (each chain keeps its own order) with the fewest MACs per token."""
+    """Order of applying the left/right matrices (each chain keeps its own order) with the fewest MACs per token.
+
+    A pure function of the shapes, asked for on every call of a layer: eager code looks it up in ``_ORDERS`` (the
+    search costs more than the small products themselves); traced code computes it, once per compilation."""
+    shapes = (tuple(tuple(m.shape) for m in left), tuple(tuple(m.shape) for m in right))
+    if torch.compiler.is_compiling():
+        return _search_order(*shapes)
+    found = _ORDERS.get(shapes)
+    if found is None:
+        found = _ORDERS[shapes] = _search_order(*shapes)
+    return found
+
+
+# (left shapes, right shapes) -> (order, MACs per token); bounded by the distinct factor shapes of a process's layers
+_ORDERS: dict[tuple[tuple[tuple[int, ...], ...], ...], tuple[tuple[str, ...], int]] = {}
+
+
+def _search_order(left: tuple[tuple[int, ...], ...], right: tuple[tuple[int, ...], ...]) -> tuple[tuple[str, ...], int]:
     best: tuple[tuple[str, ...], int] = ((), -1)
     count = len(left) + len(right)
     for left_slots in combinations(range(count), len(left)):
         order = tuple("left" if i in left_slots else "right" for i in range(count))
-        rows, cols = left[0].shape[1], right[0].shape[1]
+        rows, cols = left[0][1], right[0][1]
         chains = {"left": iter(left), "right": iter(right)}
         macs = 0
         for side in order:
-            out_dim = next(chains[side]).shape[0]
+            out_dim = next(chains[side])[0]
             macs += out_dim * rows * cols
             rows, cols = (out_dim, cols) if side == "left" else (rows, out_dim)
         if best[1] < 0 or macs < best[1]:
@@ -105,6 +121,60 @@ def lokr_linear_apply(x: torch.Tensor, params: Mapping[str, torch.Tensor], scale
             matrix = matrix * scale
         tokens = torch.matmul(matrix, tokens) if side == "left" else torch.matmul(tokens, matrix.T)
     return tokens.reshape(*x.shape[:-1], -1)
+
+
+def _chain_names(params: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """The factor names of ``_kron_halves``' left and right chains, in the same order."""
+    left = ["lokr_w1"] if "lokr_w1" in params else ["lokr_w1_b", "lokr_w1_a"]
+    right = ["lokr_w2"] if "lokr_w2" in params else ["lokr_w2_b", "lokr_w2_a"]
+    return left, right
+
+
+def _kron_chain_grads(
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    params: Mapping[str, torch.Tensor],
+    names: tuple[list[str], list[str]],
+    want: set[str],
+    scale: float,
+    input_grad: bool,
+) -> tuple[dict[str, torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients (in ``x``'s dtype) of the wanted factors of ``lokr_linear_apply(x, params, scale)`` against the
+    output gradient ``grad``, and with ``input_grad`` the gradient of ``x``: the chain's steps run forward keeping
+    each intermediate, then back, each step's two products by hand (no autograd graph, no nested engine run).
+
+    A left step ``T' = M·T`` (per token) gives ``∂M = Σ_tokens ∂T'·Tᵀ`` and ``∂T = Mᵀ·∂T'``; a right step
+    ``T' = T·Mᵀ`` gives ``∂M = ∂T'ᵀ·T`` over all rows at once and ``∂T = ∂T'·M``. The scale rides on the first step.
+    """
+    left_names, right_names = names
+    dtype = x.dtype
+    left = [params[name].to(dtype) for name in left_names]
+    right = [params[name].to(dtype) for name in right_names]
+    order, _ = _cheapest_order(left, right)
+    chains = {"left": iter(zip(left_names, left)), "right": iter(zip(right_names, right))}
+    steps = []  # (side, name, matrix as applied, its input)
+    tokens = x.reshape(-1, left[0].shape[1], right[0].shape[1])
+    for i, side in enumerate(order):
+        name, matrix = next(chains[side])
+        if i == 0 and scale != 1:
+            matrix = matrix * scale
+        steps.append((side, name, matrix, tokens))
+        tokens = torch.matmul(matrix, tokens) if side == "left" else torch.matmul(tokens, matrix.T)
+    # the earliest step whose input gradient is still needed
+    first = 0 if input_grad else next((i for i, step in enumerate(steps) if step[1] in want), len(steps))
+    found: dict[str, torch.Tensor] = {}
+    back = grad.reshape(tokens.shape)
+    for i in range(len(steps) - 1, first - 1, -1):
+        side, name, matrix, inp = steps[i]
+        if name in want:
+            if side == "left":
+                g = torch.matmul(back, inp.transpose(-2, -1)).sum(0)
+            else:
+                g = back.reshape(-1, back.shape[-1]).T @ inp.reshape(-1, inp.shape[-1])
+            found[name] = g.mul_(scale) if i == 0 and scale != 1 else g
+        if i > first or input_grad:
+            back = torch.matmul(matrix.T, back) if side == "left" else torch.matmul(back, matrix)
+    return found, back.reshape(x.shape) if input_grad else None
 
 
 def _pointwise(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
@@ -218,21 +288,19 @@ class LoKr(Algorithm):
         return lokr_conv_apply(x, params, scale, weight_shape, conv)
 
     def linear_grads(self, params, want, pieces: Pieces, scale, input_grad):
-        """The derivative of the Kronecker chain, chunk by chunk, the factor gradients summed."""
-        grads, grad_x = None, []
+        """The derivative of the Kronecker chain, written out step by step (``_kron_chain_grads``), chunk by chunk,
+        each factor's gradient summed in its own dtype."""
+        names = _chain_names(params)
+        grads: dict[str, torch.Tensor] = {}
+        grad_x = []
         for x, grad in pieces:
-
-            def chain(*primals: torch.Tensor, x: torch.Tensor = x) -> torch.Tensor:
-                inp = primals[0] if input_grad else x
-                factors = {**params, **dict(zip(want, primals[input_grad:]))}
-                return lokr_linear_apply(inp, {name: p.to(x.dtype) for name, p in factors.items()}, scale)
-
-            _, pull = pullback(chain, [x] * input_grad + [params[name] for name in want])
-            found = pull(grad)
+            found, share = _kron_chain_grads(x, grad, params, names, set(want), scale, input_grad)
             if input_grad:
-                grad_x.append(found[0])
-            grads = found[input_grad:] if grads is None else [a.add_(b) for a, b in zip(grads, found[input_grad:])]
-        return grads, grad_x
+                grad_x.append(share)
+            for name, value in found.items():
+                value = value.to(params[name].dtype)
+                grads[name] = grads[name].add_(value) if name in grads else value
+        return [grads[name] for name in want], grad_x
 
     def dense_backward(self, term: DeltaTerm, want: Sequence[str], shape: torch.Size) -> DenseBackward:
         """Autograd of the Kronecker product: its graph keeps only the two small halves."""

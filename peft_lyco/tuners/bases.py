@@ -40,12 +40,9 @@ class BaseWeight:
         finite before anything is stored."""
         from ..functional import add_delta_into
 
-        summed = add_delta_into(base.weight.data, delta, sign=sign)
+        summed = add_delta_into(base.weight.data, delta, sign=sign)  # in the weight's dtype
         _check_finite(summed, where, safe)
-        if summed.dtype == base.weight.dtype:
-            base.weight.data = summed
-        else:  # rounded into the weight's own storage (no second weight-sized buffer)
-            base.weight.data.copy_(summed)
+        base.weight.data = summed
 
 
 class Float8Weight(BaseWeight):

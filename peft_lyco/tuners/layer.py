@@ -14,13 +14,14 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ..compat import conv_mode_padding
+from ..compat import conv_mode_padding, parameter_dict_entries
 from ..functional import Algorithm, DeltaTerm, rank_dropout_mask
-from ..functional.adapted import adapted_op, merged_weight, term_delta
+from ..functional.adapted import adapted_op, inference_forward, merged_weight, term_delta
 from ..functional.base_op import BaseOp, Conv2dOp, LinearOp
 from ..functional.dora import WeightDecompose, initial_magnitude, magnitude_shape
 from .bases import base_weight
 from .config import LycoConfig
+from .inference_cache import cached_inference_weight, forget_layer
 from .options import LayerSpec, layer_geometry
 
 
@@ -118,6 +119,11 @@ class LycoLayer(nn.Module, BaseTunerLayer):
             if adapter_name in getattr(self, name):
                 del getattr(self, name)[adapter_name]
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        """PEFT's ``delete_adapter``, freeing the layer's cached inference weight first."""
+        forget_layer(self)
+        super().delete_adapter(adapter_name)
+
     def adapter_parameters(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """The adapter's tensors under their kohya names (``hada_w1_a``, ``lokr_w1``, ..., ``dora_scale``, ``scalar``)."""
         return {
@@ -127,12 +133,8 @@ class LycoLayer(nn.Module, BaseTunerLayer):
         }
 
     def factor_parameters(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """The algorithm's factors of the adapter (no ``dora_scale``/``scalar``)."""
-        return {
-            name: getattr(self, name)[adapter_name]
-            for name in self.algorithm.param_names
-            if adapter_name in getattr(self, name)
-        }
+        """The algorithm's factors of the adapter (no ``dora_scale``/``scalar``), in ``param_names`` order."""
+        return parameter_dict_entries(self, self.algorithm.param_names, adapter_name)
 
     def kohya_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """The adapter's tensors as a kohya/LyCORIS file holds them (detached): ``use_scalar``'s multiplier folded into
@@ -213,14 +215,15 @@ class LycoLayer(nn.Module, BaseTunerLayer):
         ``scale`` is the adapter's scaling (own scale times user weight); a DoRA adapter applies its own scale to ΔW
         and the user weight as DoRA's multiplier, as LyCORIS does."""
         params = self.factor_parameters(adapter_name)
-        if adapter_name in self.scalar:  # LyCORIS use_scalar: ΔW is linear in this factor
+        extras = parameter_dict_entries(self, self.extra_param_names, adapter_name)
+        if "scalar" in extras:  # LyCORIS use_scalar: ΔW is linear in this factor
             name = self.algorithm.scalar_factor(params)
-            params[name] = params[name] * self.scalar[adapter_name]
+            params[name] = params[name] * extras["scalar"]
         decompose = None
-        if adapter_name in self.dora_scale:
+        if "dora_scale" in extras:
             own = self.base_scale[adapter_name]
             multiplier = scale / own if own else 0.0
-            decompose = WeightDecompose(self.dora_scale[adapter_name], self.wd_on_output[adapter_name], multiplier)
+            decompose = WeightDecompose(extras["dora_scale"], self.wd_on_output[adapter_name], multiplier)
             scale = own
         p = self.rank_dropout[adapter_name]
         mask = None
@@ -296,7 +299,7 @@ class LycoLayer(nn.Module, BaseTunerLayer):
         if self.base_layer is base:
             kind.check_trainable(base.weight, f"module '{self.module_name}'")
         if self.base_layer is base and kind.fused and dropouts == {0.0}:
-            out = adapted_op(prepared, base.weight, base.bias, op, [term for _, term in active])
+            out = self._adapted(prepared, base.weight, base.bias, op, active)
             return out.squeeze(0) if out.dim() > x.dim() else out  # unbatched conv input
         # bypass: the base layer's (or the tuner layer or quantized layer underneath's) output plus the adapters' op
         # on ΣΔW, each group of adapters with its own dropout on the input of the ΔW branch
@@ -305,19 +308,28 @@ class LycoLayer(nn.Module, BaseTunerLayer):
         else:
             result = self.base_layer(x, *args, **kwargs)
         for p in sorted(dropouts):
-            terms = [term for name, term in active if (self.dropout[name] if self.training else 0.0) == p]
-            inp = prepared.to(terms[0].dtype)
+            group = [(name, term) for name, term in active if (self.dropout[name] if self.training else 0.0) == p]
+            inp = prepared.to(group[0][1].dtype)
             inp = F.dropout(inp, p) if p > 0 else inp
-            out = adapted_op(inp, None, None, op, terms, weight_shape=self.weight_shape)
+            out = self._adapted(inp, None, None, op, group)
             out = out.squeeze(0) if out.dim() > x.dim() else out
             result = result + out.to(result.dtype)
         return result
+
+    def _adapted(self, x, weight, bias, op: BaseOp, active: list[tuple[str, DeltaTerm]]) -> torch.Tensor:
+        """``adapted_op`` on the active terms; a call without gradients in eval mode may reuse the weight it built
+        last time (``inference_cache``)."""
+        merged = cached_inference_weight(self, x, weight, active, self.weight_shape)
+        if merged is not None:
+            return inference_forward(x, merged, bias, op)
+        return adapted_op(x, weight, bias, op, [term for _, term in active], weight_shape=self.weight_shape)
 
     # ---------------------------------------------------------------------------------------------- merge/unmerge
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Add the adapters' scaled ΔW into the base weight (summed in float32 for fp16/bf16 weights; float8 and
         bitsandbytes weights are rounded back with a warning; torchao weights refuse)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
+        forget_layer(self)
         base = self.get_base_layer()
         for adapter in adapter_names:
             if adapter not in self._available_adapters:
@@ -341,6 +353,7 @@ class LycoLayer(nn.Module, BaseTunerLayer):
     def unmerge(self) -> None:
         """Subtract exactly what ``merge`` added (same ΔW, same scale), newest first; a DoRA adapter's merge is undone
         by restoring the weight kept at merge time (bit-exact; DoRA has no exact additive inverse)."""
+        forget_layer(self)
         base = self.get_base_layer()
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()

@@ -39,6 +39,10 @@ def test_cpu_smoke_run_fills_one_table_and_passes(smoke):
     assert [row[1] for row in _rows(table, "parity")] == ["tiny-loha-lin", "tiny-lokr-conv"]
     implementations = {row[2].split(";")[0] for row in _rows(table, "step")}
     assert implementations == {"base", "peft_lyco", "peft", "lycoris", "peft LoRA"}
+    cache = _rows(table, "cache")
+    assert [row[1] for row in cache] == ["lokr tiny 64, 8 tok", "loha tiny 64, 8 tok"] and all(
+        r[5] == "ok" for r in cache
+    )
 
 
 def test_a_failing_row_fails_the_check(monkeypatch, capsys):

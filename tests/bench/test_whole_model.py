@@ -172,7 +172,14 @@ def test_run_reports_every_implementation_against_lora(tiny_run):
             "min": min(rounds),
             "max": max(rounds),
         }
-    assert set(sample["run_seconds"]) == {"base", "lora", "ours-lokr", "ours-loha"}
+    assert set(sample["run_seconds"]) == {
+        "base",
+        "lora",
+        "ours-lokr",
+        "ours-loha",
+        "ours-lokr+cache",
+        "ours-loha+cache",
+    }
     assert all(math.isfinite(r["median"]) and r["median"] > 0 for r in sample["vs_lora"].values())
     assert set(train["output_difference"]) == {"lycoris-loha"} and train["output_difference"]["lycoris-loha"] < 1e-4
 

@@ -7,7 +7,6 @@ import torch
 
 from peft_lyco.functional import (
     add_delta,
-    add_delta_into,
     delta_weight,
     loha_delta_weight,
     lokr_delta_weight,
@@ -140,23 +139,3 @@ def test_rank_dropout_mask_semantics():
     assert abs((mask > 0).float().mean().item() - 0.75) < 0.03
     plain = rank_dropout_mask(100, 0.25, rescale=False)
     assert set(plain.unique().tolist()) <= {0.0, 1.0}
-
-
-@pytest.mark.parametrize("sign", [1, -1])
-@pytest.mark.parametrize(
-    "weight_dtype, delta_dtype",
-    [
-        (torch.float32, torch.float32),
-        (torch.bfloat16, torch.float32),
-        (torch.float16, torch.float32),
-        (torch.float64, torch.float32),
-        (torch.bfloat16, torch.bfloat16),
-    ],
-)
-def test_add_delta_into_gives_add_delta_bits_before_its_cast(weight_dtype, delta_dtype, sign):
-    weight = torch.randn(6, 4, 3, 3).to(weight_dtype)
-    delta = (torch.randn(6, 36) * 1e-2).to(delta_dtype)
-    expected = add_delta(weight, delta, sign)
-    got = add_delta_into(weight, delta.clone(), sign)
-    assert got.dtype == torch.promote_types(torch.promote_types(weight_dtype, delta_dtype), torch.float32)
-    assert torch.equal(got.to(weight_dtype), expected)

@@ -102,32 +102,66 @@ def _options(**overrides):
     from argparse import Namespace
 
     return Namespace(
-        **{"network_train_unet_only": True, "gradient_accumulation_steps": 1, "save_state": False, "resume": None}
+        **{"network_train_unet_only": True, "gradient_accumulation_steps": 1, "save_state": False, "resume": None,
+           "scale_weight_norms": None, "fp8_base": False, "optimizer_type": "AdamW"}
         | overrides
-    )
+    )  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "kind, overrides, message",
-    [
-        ("FSDP", {}, "FSDP is not supported"),
-        ("DEEPSPEED", {"network_train_unet_only": False}, "--network_train_unet_only"),
-        ("DEEPSPEED", {"gradient_accumulation_steps": 4}, "gradient_accumulation_steps: 1"),
-        ("DEEPSPEED", {"save_state": True}, "no --save_state/--resume"),
-    ],
-)
-def test_setups_whose_result_could_not_be_saved_are_refused_at_start(kind, overrides, message):
+def _accelerator(kind: str, fsdp_version: int = 2, activation_checkpointing: bool = False):
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
+
+    plugin = SimpleNamespace(fsdp_version=fsdp_version, activation_checkpointing=activation_checkpointing)
+    return SimpleNamespace(distributed_type=DistributedType[kind], state=SimpleNamespace(fsdp_plugin=plugin))
+
+
+@pytest.mark.parametrize(
+    "accelerator, overrides, message",
+    [
+        (_accelerator("FSDP", fsdp_version=1), {}, "fsdp_version: 2"),
+        (_accelerator("FSDP", activation_checkpointing=True), {}, "--gradient_checkpointing instead"),
+        (_accelerator("FSDP"), {"network_train_unet_only": False}, "--network_train_unet_only"),
+        (_accelerator("FSDP"), {"scale_weight_norms": 1.0}, "no --scale_weight_norms"),
+        (_accelerator("FSDP"), {"fp8_base": True}, "no --fp8_base"),
+        (_accelerator("FSDP"), {"optimizer_type": "AdamW8bit"}, "--optimizer_type AdamW "),
+        (_accelerator("DEEPSPEED"), {"network_train_unet_only": False}, "--network_train_unet_only"),
+        (_accelerator("DEEPSPEED"), {"gradient_accumulation_steps": 4}, "gradient_accumulation_steps: 1"),
+        (_accelerator("DEEPSPEED"), {"save_state": True}, "no --save_state/--resume"),
+    ],
+)
+def test_setups_whose_result_could_not_be_saved_are_refused_at_start(accelerator, overrides, message):
     from lyco_train.args import UsageError
     from lyco_train.loop import check_distributed_setup
 
     with pytest.raises(UsageError, match=message):
-        check_distributed_setup(SimpleNamespace(distributed_type=DistributedType[kind]), _options(**overrides))
+        check_distributed_setup(accelerator, _options(**overrides))
     for fine in ("NO", "MULTI_GPU", "MULTI_CPU"):
-        check_distributed_setup(SimpleNamespace(distributed_type=DistributedType[fine]), _options(**overrides))
-    check_distributed_setup(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED), _options())
+        check_distributed_setup(_accelerator(fine), _options(**overrides))
+    check_distributed_setup(_accelerator("DEEPSPEED"), _options())
+    check_distributed_setup(_accelerator("FSDP"), _options(save_state=True, gradient_accumulation_steps=4))
+
+
+def test_deepspeed_gets_the_micro_batch_the_trainers_cannot_pass_as_a_dataloader():
+    """An accelerate-config DeepSpeed setup leaves ``train_micro_batch_size_per_gpu`` "auto", which accelerate's
+    ``prepare`` resolves only from a DataLoader (and otherwise refuses to start); the trainers pass none, so they set it
+    to ``--train_batch_size``. A value the user's DeepSpeed config sets is kept."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+    from lyco_train.loop import fill_deepspeed_batch_size
+
+    plugin = DeepSpeedPlugin(zero_stage=2, gradient_accumulation_steps=1, gradient_clipping=1.0)
+    assert plugin.is_auto("train_micro_batch_size_per_gpu")  # what makes accelerate's prepare stop
+    accelerator = SimpleNamespace(
+        distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=plugin)
+    )
+    fill_deepspeed_batch_size(accelerator, SimpleNamespace(train_batch_size=3))
+    assert not plugin.is_auto("train_micro_batch_size_per_gpu")
+    assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 3
+    fill_deepspeed_batch_size(accelerator, SimpleNamespace(train_batch_size=5))
+    assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 3
 
 
 @pytest.mark.cuda

@@ -86,6 +86,7 @@ BAD_PATHS = [
     pytest.param(lambda t: ["--sample_prompts", prompts(t, "# only a comment\n")], "no prompts", id="prompt-empty"),
     pytest.param(lambda t: ["--sample_prompts", prompts(t, b"\xff\xfe bad")], "UTF-8", id="prompt-encoding"),
     pytest.param(lambda t: ["--sample_prompts", str(t)], "--sample_prompts", id="prompt-file-is-a-folder"),
+    pytest.param(lambda t: ["--sample_cache_mb", "-1"], "--sample_cache_mb must be >= 0", id="sample-cache-mb"),
     pytest.param(
         lambda t: ["--pretrained_model_name_or_path", str(t / "missing.safetensors")],
         "missing.safetensors",
@@ -127,7 +128,7 @@ def test_a_failing_sample_or_periodic_save_never_costs_the_final_adapter(tmp_pat
                 raise OSError(28, "No space left on device", stem)
             return super().__call__(stem, position)
 
-    def failing_render(args, accelerator, step, render, defaults):
+    def failing_render(args, accelerator, step, render, defaults, denoiser=None):
         stem = args.output_name if step == args.max_train_steps else f"{args.output_name}-step{step:08d}"
         seen.append((step, (tmp_path / "out" / f"{stem}.safetensors").is_file()))
         raise RuntimeError("expected scalar type Half but found Float")

@@ -197,6 +197,12 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sample_every_n_steps", type=int)
     group.add_argument("--sample_every_n_epochs", type=int)
     group.add_argument("--sample_at_first", action="store_true")
+    group.add_argument(
+        "--sample_cache_mb",
+        type=float,
+        help="MiB the samples may hold in cached W + ΣΔW of the denoiser's adapted layers, so its steps do not rebuild "
+        "them (default: a quarter of the device's free memory; 0: off); freed when sampling ends",
+    )
 
 
 def add_continuation_args(parser: argparse.ArgumentParser) -> None:
@@ -329,6 +335,8 @@ def check_args(
         value = getattr(args, option)
         need(value is None or value >= 1, f"--{option} must be at least 1, got {value}")
     need(args.max_data_loader_n_workers >= 0, "--max_data_loader_n_workers must be >= 0")
+    cache = getattr(args, "sample_cache_mb", None)
+    need(cache is None or cache >= 0, f"--sample_cache_mb must be >= 0, got {cache}")
     check_continuation(args, need)
     need(args.huber_c > 0, f"--huber_c must be > 0, got {args.huber_c}")
     need(args.ip_noise_gamma is None or args.ip_noise_gamma >= 0, "--ip_noise_gamma must be >= 0")

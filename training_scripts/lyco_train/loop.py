@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .args import UsageError, parse_key_values
 from .batches import EpochPlan
 from .network import optimizer_groups
+from .sharded import same_adapter_everywhere
 
 
 def make_accelerator(args: argparse.Namespace, *, unused_parameters: bool = False) -> Accelerator:
@@ -42,17 +43,31 @@ def make_accelerator(args: argparse.Namespace, *, unused_parameters: bool = Fals
 def check_distributed_setup(accelerator: Accelerator, args: argparse.Namespace) -> None:
     """Refuse, before any model loads, the ``accelerate launch`` setups whose result the trainers could not save.
 
-    FSDP shards the adapter's parameters (DTensors) across processes, and the writers read whole tensors from the
-    modules: a run would fail at its first save. DeepSpeed (ZeRO-1/2 keep parameters whole, so the adapter saves) wraps
-    exactly one model, steps its own gradient accumulation, and partitions the optimizer state per process.
+    FSDP runs as accelerate's ``fsdp_version: 2`` (``fully_shard``: modules keep their names and classes, parameters
+    become ``DTensor`` shards, which ``sharded`` gathers for every save). accelerate's FSDP2 shards one model per
+    ``prepare``, so only the denoiser trains; FSDP1 wraps modules (their names change) and accelerate's
+    activation checkpointing wraps them too, so both are refused. DeepSpeed (ZeRO-1/2 keep parameters whole, so the
+    adapter saves) wraps exactly one model, steps its own gradient accumulation, and partitions the optimizer state
+    per process.
     """
     kind = accelerator.distributed_type
     if kind == DistributedType.FSDP:
-        raise UsageError(
-            "FSDP is not supported by these trainers (the adapter would be sharded and could not be saved): use "
-            "multi-GPU DDP (distributed_type: MULTI_GPU) or DeepSpeed ZeRO-2 with --network_train_unet_only; "
-            "--fp8_base and --gradient_checkpointing cut the replicated base's memory instead"
-        )
+        plugin = accelerator.state.fsdp_plugin
+        problems = []
+        if plugin.fsdp_version != 2:
+            problems.append("fsdp_version: 2 (FSDP1 renames the wrapped modules)")
+        if plugin.activation_checkpointing:
+            problems.append("fsdp_activation_checkpointing: false and --gradient_checkpointing instead")
+        if not args.network_train_unet_only:
+            problems.append("--network_train_unet_only (accelerate's FSDP2 shards one trained model)")
+        if getattr(args, "scale_weight_norms", None):
+            problems.append("no --scale_weight_norms (it reads whole ΔW between steps)")
+        if getattr(args, "fp8_base", False):
+            problems.append("no --fp8_base (not verified with FSDP, which all-gathers the base cast to bf16/fp16)")
+        if getattr(args, "optimizer_type", "AdamW") == "AdamW8bit":
+            problems.append("--optimizer_type AdamW (bitsandbytes' 8-bit step has no sharded-tensor support)")
+        if problems:
+            raise UsageError("with FSDP, use " + "; ".join(problems))
     if kind == DistributedType.DEEPSPEED:
         problems = []
         if not args.network_train_unet_only:
@@ -66,6 +81,19 @@ def check_distributed_setup(accelerator: Accelerator, args: argparse.Namespace) 
             problems.append("no --save_state/--resume (ZeRO partitions the optimizer state per process)")
         if problems:
             raise UsageError("with DeepSpeed, use " + "; ".join(problems))
+
+
+def fill_deepspeed_batch_size(accelerator: Accelerator, args: argparse.Namespace) -> None:
+    """Under DeepSpeed: tell it the per-process micro-batch (``--train_batch_size``) when its config leaves it "auto".
+
+    accelerate fills "auto" from the batch size of a DataLoader passed to ``prepare``, and the trainers build their
+    batches themselves, so ``prepare`` would stop with "requires you to pass at least one of training or evaluation
+    dataloaders". Must run before ``accelerator.prepare``."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin.is_auto("train_micro_batch_size_per_gpu"):
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
 
 
 def _cpu_fp16_autocast_and_scaler(accelerator: Accelerator) -> None:
@@ -216,12 +244,14 @@ def prepare_training(
     trained: dict[str, torch.nn.Module],
 ) -> Training:
     """Plan epochs and steps, build optimizer (sd-scripts lr groups) and lr schedule, let accelerate wrap the models
-    (DDP under ``accelerate launch``)."""
+    (DDP or FSDP under ``accelerate launch``)."""
     data = epoch_plan(args, accelerator, records, buckets)
     steps = plan_steps(
         data.batches_per_epoch, args.gradient_accumulation_steps, args.max_train_steps, args.max_train_epochs
     )
     optimizer = make_optimizer(args, optimizer_groups(args, trained))
     lr_scheduler = make_scheduler(args, optimizer, steps.total_steps)
+    same_adapter_everywhere(accelerator, trained)
+    fill_deepspeed_batch_size(accelerator, args)
     prepared = accelerator.prepare(*trained.values(), optimizer)
     return Training(data, steps, dict(zip(trained, prepared[:-1])), prepared[-1], lr_scheduler)

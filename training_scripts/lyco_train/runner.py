@@ -32,6 +32,7 @@ from .loop import (
 )
 from .max_norm import MaxNormReport, apply_max_norm
 from .pruning import Retention, prune
+from .sharded import clip_gradients, whole_adapter, whole_model
 from .state import (
     Position,
     StateError,
@@ -149,11 +150,12 @@ class Trainer:
         nothing, and training goes on, so the next save can succeed; a failing final save raises."""
         self.accelerator.wait_for_everyone()
         error = None
-        if self.accelerator.is_main_process:
-            try:
-                self.history.saved += self.hooks.save(stem, position)
-            except OSError as err:
-                error = err
+        with whole_adapter(self.accelerator, self.models):  # under FSDP: gathered by every process
+            if self.accelerator.is_main_process:
+                try:
+                    self.history.saved += self.hooks.save(stem, position)
+                except OSError as err:
+                    error = err
         if self.args.save_state:
             folder = Path(self.args.output_dir) / state_name
             try:
@@ -183,8 +185,16 @@ class Trainer:
         self.history.final = Path(args.output_dir) / f"{args.output_name}.safetensors"
 
     def _sample(self, step: int) -> None:
-        """Render the samples of ``step``; any exception is reported (the files of the step are already saved)."""
-        if self.hooks.sample is not None and self.args.sample_prompts and self.accelerator.is_main_process:
+        """Render the samples of ``step``; any exception is reported (the files of the step are already saved).
+        Under FSDP every process first gathers the whole model, so the main process can render alone."""
+        if self.hooks.sample is not None and self.args.sample_prompts:
+            with whole_model(self.accelerator, self.models):
+                self._render(step)
+        self.accelerator.wait_for_everyone()
+
+    def _render(self, step: int) -> None:
+        """The main process's part of ``_sample``."""
+        if self.accelerator.is_main_process:
             for model in self.models.values():
                 model.eval()
             try:
@@ -200,7 +210,6 @@ class Trainer:
             finally:
                 for model in self.models.values():
                     model.train()
-        self.accelerator.wait_for_everyone()
 
     def _stop(self, position: Position, signum: int | None) -> None:
         """After Ctrl+C or SIGTERM: save the step just done (unless a periodic save just did), say how to go on, and
@@ -276,7 +285,7 @@ class Trainer:
     # -------------------------------------------------------------------------------------------------- loop
     def _optimizer_step(self) -> None:
         if self.args.max_grad_norm:
-            self.accelerator.clip_grad_norm_(trainable_parameters(*self.models.values()), self.args.max_grad_norm)
+            clip_gradients(self.accelerator, trainable_parameters(*self.models.values()), self.args.max_grad_norm)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from peft_lyco import inference_cache
+
 from .files import save_image
 
 OPTION_FIELDS = {"n": "negative", "w": "width", "h": "height", "d": "seed", "s": "steps", "l": "guidance"}
@@ -83,11 +85,44 @@ def save_sample(image, output_dir: str | Path, output_name: str, step: int, inde
     return save_image(image, Path(output_dir) / "sample" / f"{output_name}_{step:06d}_{index:02d}.png")
 
 
-def render_samples(args, accelerator, step: int, render, defaults: SamplePrompt) -> list[Path]:
-    """Render every ``--sample_prompts`` line with ``render(prompt) -> PIL image`` and save it; return the paths."""
+def free_memory_bytes(device: torch.device) -> int:
+    """Bytes a new tensor could take on ``device`` now: free device memory plus the CUDA allocator's unused reserve,
+    or the system's available memory on CPU; 0 where neither can be read."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu":
+        try:
+            meminfo = Path("/proc/meminfo").read_text()
+        except OSError:
+            return 0
+        for line in meminfo.splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def sample_cache_budget(cache_mb: float | None, device: torch.device) -> int:
+    """``--sample_cache_mb`` in bytes; by default a quarter of the free memory, leaving the rest to the sampler's
+    activations (a 1024² VAE decode needs several GB) and to what training holds."""
+    if cache_mb is not None:
+        return int(cache_mb * 2**20)
+    return free_memory_bytes(device) // 4
+
+
+def render_samples(
+    args, accelerator, step: int, render, defaults: SamplePrompt, denoiser: torch.nn.Module | None = None
+) -> list[Path]:
+    """Render every ``--sample_prompts`` line with ``render(prompt) -> PIL image`` and save it; return the paths.
+
+    With ``denoiser``, its unmerged adapted layers keep their ``W + ΣΔW`` across the sampling steps within
+    ``--sample_cache_mb`` (outputs bit-identical to rebuilding it each call); everything is freed on return."""
     written = []
-    for index, prompt in enumerate(read_sample_prompts(args.sample_prompts, defaults, args.pixel_multiple)):
-        with torch.no_grad(), accelerator.autocast():
-            image = render(prompt)
-        written.append(save_sample(image, args.output_dir, args.output_name, step, index))
+    prompts = read_sample_prompts(args.sample_prompts, defaults, args.pixel_multiple)
+    budget = sample_cache_budget(getattr(args, "sample_cache_mb", None), accelerator.device) if denoiser else 0
+    with inference_cache(budget, *([denoiser] if denoiser is not None else [])):
+        for index, prompt in enumerate(prompts):
+            with torch.no_grad(), accelerator.autocast():
+                image = render(prompt)
+            written.append(save_sample(image, args.output_dir, args.output_name, step, index))
     return written

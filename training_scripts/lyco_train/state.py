@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 
 from .files import run_output_names, save_tensors, write_text
+from .sharded import gather_adapter, gather_optimizer_state, load_full_state, trainable_tensors
 
 STATE_FILE = "training_state.json"
 # the tensor files of a state: "<kind>-<generation>.safetensors" (states of earlier versions: "<kind>.safetensors")
@@ -65,9 +66,9 @@ def _join_tensors(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return tree
 
 
-def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
+def _optimizer_to_files(optimizer_state: dict) -> tuple[dict, dict[str, torch.Tensor]]:
     tensors: dict[str, torch.Tensor] = {}
-    return _split_tensors(optimizer.state_dict(), "optimizer", tensors), tensors
+    return _split_tensors(optimizer_state, "optimizer", tensors), tensors
 
 
 def _optimizer_from_files(structure: dict, tensors: dict[str, torch.Tensor]) -> dict:
@@ -101,16 +102,6 @@ def _rng_restore(info: dict, tensors: dict[str, torch.Tensor]) -> None:
     np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
     version, state, gauss = info["python"]
     random.setstate((version, tuple(state), gauss))
-
-
-def adapter_tensors(models: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
-    """Every trainable tensor as ``<component>.<parameter name>``: exactly what training changes."""
-    return {
-        f"{component}.{name}": parameter.detach()
-        for component, model in models.items()
-        for name, parameter in model.named_parameters()
-        if parameter.requires_grad
-    }
 
 
 def _file_names(generation: int, num_processes: int) -> dict[str, Any]:
@@ -220,15 +211,17 @@ def save_state(
     except (StateError, TypeError, ValueError):  # no usable state yet: this save is the first
         generation = 1
     names = _file_names(generation, accelerator.num_processes)
+    # whole tensors on the main process (under FSDP gathered from the shards: every process takes part)
+    adapter = gather_adapter(accelerator, training.models)
+    optimizer_state = gather_optimizer_state(accelerator, training.models, training.optimizer)
     error = None
     try:
         rng_info, rng_tensors = rng or rng_snapshot()
         rng_path = folder / names["rng"][accelerator.process_index]
         save_tensors(rng_path, rng_tensors, metadata={"info": json.dumps(rng_info)})
         if accelerator.is_main_process:
-            models = {k: accelerator.unwrap_model(m) for k, m in training.models.items()}
-            save_tensors(folder / names["adapter"], adapter_tensors(models))
-            structure, tensors = _optimizer_to_files(training.optimizer)
+            save_tensors(folder / names["adapter"], adapter)
+            structure, tensors = _optimizer_to_files(optimizer_state)
             save_tensors(folder / names["optimizer"], tensors)
     except OSError as err:
         error = err
@@ -326,7 +319,7 @@ def load_state(folder: Path, accelerator, training, fingerprint: dict[str, Any])
         rng_info = json.loads(rng["metadata"]["info"])
     except (KeyError, json.JSONDecodeError) as err:
         raise StateError(f"state file '{rng_path}' has no readable RNG description: {err!r}") from err
-    current = adapter_tensors({k: accelerator.unwrap_model(m) for k, m in training.models.items()})
+    current = trainable_tensors({k: accelerator.unwrap_model(m) for k, m in training.models.items()})
     if set(saved) != set(current):
         missing, extra = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
         raise StateError(
@@ -342,10 +335,7 @@ def load_state(folder: Path, accelerator, training, fingerprint: dict[str, Any])
         optimizer_state = _optimizer_from_files(state["optimizer"], optimizer_tensors)
     except (KeyError, TypeError, ValueError) as err:
         raise StateError(f"optimizer state in '{folder}' does not match its tensor file: {err!r}") from err
-    with torch.no_grad():
-        for name, tensor in current.items():
-            tensor.copy_(saved[name])
-    training.optimizer.load_state_dict(optimizer_state)
+    load_full_state(accelerator, training.models, training.optimizer, saved, optimizer_state)
     training.lr_scheduler.load_state_dict(state["scheduler"])
     if state["grad_scaler"] is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(state["grad_scaler"])
