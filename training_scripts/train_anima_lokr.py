@@ -19,21 +19,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
 from lyco_train import args as options
-from lyco_train.batches import BatchBuilder, TrainingData, training_images
+from lyco_train.batches import BatchBuilder, TrainingData
 from lyco_train.cache import build_latent_cache, build_text_cache
 from lyco_train.data import DataError
 from lyco_train.export import AdapterWriter
-from lyco_train.loop import make_accelerator, place_frozen, prepare_training, weight_dtype
+from lyco_train.loop import place_frozen, prepare_training, weight_dtype
 from lyco_train.memory import apply_memory_options, store_weights_in_fp8
-from lyco_train.metadata import RunInfo
 from lyco_train.network_weights import NetworkWeightsError, add_network
 from lyco_train.objectives import (
     SIGMA_SAMPLING,
@@ -48,11 +44,12 @@ from lyco_train.objectives import (
     sample_noise,
     sample_sigmas,
 )
-from lyco_train.runner import Hooks, Trainer, check_resume_fits
+from lyco_train.runner import Hooks, Trainer
 from lyco_train.sampling import SamplePrompt, render_samples
 from lyco_train.sharded import whole_model
+from lyco_train.startup import start_run
 from lyco_train.state import StateError
-from lyco_train.tiny import TINY_SEED, report_reload, tiny_defaults, use_one_cpu_thread
+from lyco_train.tiny import TINY_SEED, report_reload, tiny_defaults
 from lyco_train.validation import FixedDraw, make_validator
 
 import peft_lyco  # noqa: F401  (registers LYCO_LOHA / LYCO_LOKR with PEFT)
@@ -240,22 +237,9 @@ def check_reload(args: argparse.Namespace, path: Path, trained: AnimaComponents,
 # -------------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> Result:
     args = parse_args(argv)
-    tiny = args.pretrained_model_name_or_path is None
-    accelerator = make_accelerator(args)
-    if tiny:
-        use_one_cpu_thread()
-    data = training_images(args, accelerator, tiny_model="Anima" if tiny else None)
+    start = start_run(args, family="anima", tiny_model="Anima", denoiser="transformer", text_encoders=("text_encoder",))
+    accelerator, data, run, tiny = start.accelerator, start.data, start.run, start.tiny
     records, buckets = data.records, data.buckets
-    check_resume_fits(
-        args,
-        accelerator,
-        records,
-        buckets,
-        components=("transformer",) if args.network_train_unet_only else ("transformer", "text_encoder"),
-    )
-
-    set_seed(args.seed, device_specific=True)
-    run = RunInfo(str(uuid.uuid4()), time.time(), args.pretrained_model_name_or_path or "tiny-random-anima", "anima")
     dtype, device = weight_dtype(accelerator), accelerator.device
     models = load_models(args, dtype)
     place_frozen(accelerator, models.vae, (models.dit, models.text_encoder))

@@ -16,23 +16,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
 from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 from lyco_train import args as options
-from lyco_train.batches import BatchBuilder, TrainingData, training_images
+from lyco_train.batches import BatchBuilder, TrainingData
 from lyco_train.cache import build_latent_cache, build_text_cache
 from lyco_train.data import DataError
 from lyco_train.export import AdapterWriter
 from lyco_train.long_prompts import MAX_TOKEN_LENGTHS, chunked_token_ids, join_chunk_states
-from lyco_train.loop import make_accelerator, place_frozen, prepare_training
+from lyco_train.loop import place_frozen, prepare_training
 from lyco_train.memory import apply_memory_options, store_weights_in_fp8
-from lyco_train.metadata import RunInfo
 from lyco_train.network_weights import NetworkWeightsError, add_network
 from lyco_train.objectives import (
     ddpm_noise_to_signal,
@@ -47,11 +43,12 @@ from lyco_train.objectives import (
     sample_timesteps,
     sdxl_time_ids,
 )
-from lyco_train.runner import Hooks, Trainer, check_resume_fits
+from lyco_train.runner import Hooks, Trainer
 from lyco_train.sampling import SamplePrompt, render_samples
 from lyco_train.sharded import whole_model
+from lyco_train.startup import start_run
 from lyco_train.state import StateError
-from lyco_train.tiny import TINY_SEED, report_reload, tiny_defaults, use_one_cpu_thread
+from lyco_train.tiny import TINY_SEED, report_reload, tiny_defaults
 from lyco_train.validation import FixedDraw, make_validator
 
 import peft_lyco  # noqa: F401  (registers LYCO_LOHA / LYCO_LOKR with PEFT)
@@ -219,22 +216,16 @@ def check_reload(
 # -------------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> Result:
     args = parse_args(argv)
-    tiny = args.pretrained_model_name_or_path is None
-    accelerator = make_accelerator(args, unused_parameters=not args.network_train_unet_only)
-    if tiny:
-        use_one_cpu_thread()
-    data = training_images(args, accelerator, tiny_model="SDXL" if tiny else None)
-    records, buckets = data.records, data.buckets
-    check_resume_fits(
+    start = start_run(
         args,
-        accelerator,
-        records,
-        buckets,
-        components=("unet",) if args.network_train_unet_only else ("unet", *TEXT_ENCODERS),
+        family="sdxl",
+        tiny_model="SDXL",
+        denoiser="unet",
+        text_encoders=TEXT_ENCODERS,
+        unused_parameters=not args.network_train_unet_only,
     )
-
-    set_seed(args.seed, device_specific=True)
-    run = RunInfo(str(uuid.uuid4()), time.time(), args.pretrained_model_name_or_path or "tiny-random-sdxl", "sdxl")
+    accelerator, data, run, tiny = start.accelerator, start.data, start.run, start.tiny
+    records, buckets = data.records, data.buckets
     pipe = load_pipeline(args)
     device = accelerator.device
     dtype = place_frozen(accelerator, pipe.vae, (pipe.unet, pipe.text_encoder, pipe.text_encoder_2))

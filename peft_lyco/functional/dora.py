@@ -21,7 +21,7 @@ class WeightDecompose:
 
     magnitude: torch.Tensor
     on_output: bool
-    multiplier: float = 1.0
+    multiplier: float | torch.Tensor = 1.0  # a 0-d tensor when module dropout is drawn inside a compiled graph
 
 
 def norm_dims(ndim: int, on_output: bool) -> tuple[int, ...]:
@@ -47,7 +47,7 @@ def decompose_scale(v: torch.Tensor, decompose: WeightDecompose) -> tuple[torch.
     """``(s, ‖V‖)`` for the adapted weight ``v``: the per-row or per-column factor ``M = s ⊙ V`` applies."""
     norm = torch.linalg.vector_norm(v, dim=norm_dims(v.dim(), decompose.on_output), keepdim=True)
     scale = decompose.magnitude.to(v.dtype) / (norm + torch.finfo(v.dtype).eps)
-    if decompose.multiplier != 1:
+    if isinstance(decompose.multiplier, torch.Tensor) or decompose.multiplier != 1:
         scale = decompose.multiplier * (scale - 1) + 1
     return scale, norm
 

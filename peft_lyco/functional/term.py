@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -45,3 +45,20 @@ def mask_rows(delta: torch.Tensor, row_mask: torch.Tensor | None) -> torch.Tenso
 def term_delta(term: DeltaTerm, shape: torch.Size) -> torch.Tensor:
     """The term's ΔW in ``shape`` (the base weight's), scaled once, with rank-dropout rows zeroed/rescaled."""
     return mask_rows(term.algorithm.delta(term.params, term.scale).reshape(shape), term.row_mask)
+
+
+def module_dropout_term(term: DeltaTerm, p: float, out_features: int) -> DeltaTerm:
+    """The term with kohya/LyCORIS module dropout drawn as a tensor: with probability ``p`` its contribution (and so
+    every gradient it gives) is exactly zero for this call, else it is the term unchanged.
+
+    This is the form ``torch.compile`` traces without a graph break (a Python branch on a random draw breaks the graph);
+    the work of a dropped term is still done. The keep factor (0 or 1) multiplies the term's row mask, so ΔW is zero,
+    and a DoRA term's strength, so its re-normalisation ``s`` is 1 and ``s ⊙ (W + 0) − W`` is zero too.
+    """
+    like = next(iter(term.params.values()))
+    keep = (torch.rand((), device=like.device) >= p).to(like.dtype)
+    row_mask = keep.expand(out_features) if term.row_mask is None else term.row_mask * keep
+    decompose = term.decompose
+    if decompose is not None:
+        decompose = replace(decompose, multiplier=decompose.multiplier * keep)
+    return replace(term, row_mask=row_mask, decompose=decompose)

@@ -19,6 +19,7 @@ from ..functional import Algorithm, DeltaTerm, rank_dropout_mask
 from ..functional.adapted import adapted_op, inference_forward, merged_weight, term_delta
 from ..functional.base_op import BaseOp, Conv2dOp, LinearOp
 from ..functional.dora import WeightDecompose, initial_magnitude, magnitude_shape
+from ..functional.term import module_dropout_term
 from .bases import base_weight
 from .config import LycoConfig
 from .inference_cache import cached_inference_weight, forget_layer
@@ -240,13 +241,14 @@ class LycoLayer(nn.Module, BaseTunerLayer):
         for adapter in self.active_adapters:
             if adapter not in self._available_adapters:
                 continue
-            if (
-                self.training
-                and self.module_dropout[adapter] > 0
-                and torch.rand(1).item() < self.module_dropout[adapter]
-            ):
+            p = self.module_dropout[adapter] if self.training else 0.0
+            compiling = torch.compiler.is_compiling()
+            if p > 0 and not compiling and torch.rand(1).item() < p:  # eager: a dropped adapter costs nothing
                 continue
-            terms.append((adapter, self._term(adapter, self.scaling[adapter], apply_rank_dropout=self.training)))
+            term = self._term(adapter, self.scaling[adapter], apply_rank_dropout=self.training)
+            if p > 0 and compiling:  # the same coin as a tensor: a Python branch on it would break the graph
+                term = module_dropout_term(term, p, self.out_features)
+            terms.append((adapter, term))
         return terms
 
     # -------------------------------------------------------------------------------------------------- forward

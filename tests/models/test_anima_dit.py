@@ -152,6 +152,24 @@ def test_rope3d_matches_formula_at_real_head_dim():
     )
 
 
+def test_rope_tables_stay_float32_when_the_model_is_cast_so_compile_traces_once():
+    """A bf16 cast rebuilds the tables at once: the first forward used to do it, changing buffer dtypes inside the
+    compiled graph, which cost every bf16 --torch_compile run a second compilation."""
+    from torch._dynamo.testing import CompileCounter
+
+    module = RoPE3D(AnimaConfig())
+    want = module((2, 3, 4))
+    module.to(torch.bfloat16)
+    assert all(buffer.dtype == torch.float32 for buffer in module.buffers())
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(module, backend=counter, fullgraph=True)
+    for _ in range(2):
+        assert torch.equal(compiled((2, 3, 4)), want)
+    torch._dynamo.reset()
+    assert counter.frame_count == 1
+
+
 def test_adapter_rope_and_timestep_features_match_formulas():
     torch.testing.assert_close(rope1d_angles(7, 64).double(), ref.rope1d_angles(7, 64), rtol=1e-6, atol=1e-5)
     sigma = torch.tensor([0.0, 0.37, 1.0])

@@ -147,7 +147,7 @@ def test_optimizer_state_round_trips_exactly_through_files():
     for _ in range(3):
         sum(p.square().sum() for p in params).backward()
         optimizer.step()
-    structure, tensors = _optimizer_to_files(optimizer)
+    structure, tensors = _optimizer_to_files(optimizer.state_dict())
     import json
 
     structure = json.loads(json.dumps(structure))  # what a state folder stores

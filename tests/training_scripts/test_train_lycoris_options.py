@@ -5,11 +5,9 @@ import json
 
 import train_sdxl_lokr as trainer
 from lyco_train.synthetic import make_shapes_dataset
-from peft import inject_adapter_in_model, set_peft_model_state_dict
 
-from peft_lyco.convert import kohya_to_peft, load_kohya
-from peft_lyco.models.tiny_sdxl import tiny_sdxl_pipeline
-from tests.training_scripts.test_train_sdxl import outputs
+from peft_lyco.convert import load_kohya
+from tests.training_scripts.sdxl_outputs import base_outputs, fresh_pipeline_with, outputs
 
 
 def test_dora_lokr_trained_by_the_sdxl_trainer_loads_back_equal(tmp_path):
@@ -21,10 +19,8 @@ def test_dora_lokr_trained_by_the_sdxl_trainer_loads_back_equal(tmp_path):
          "--network_args", "dora_wd=True", "wd_on_output=False", "use_scalar=True", "rs_lora=True"]
     )  # fmt: skip
     pipe = result.pipe
-    trained = outputs(pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
-    base_pipe = tiny_sdxl_pipeline(seed=0)
-    base = outputs(base_pipe.unet, base_pipe.text_encoder, base_pipe.text_encoder_2)
-    assert all((t - b).abs().max() > 1e-5 for t, b in zip(trained, base))
+    trained = outputs(pipe)
+    assert all((t - b).abs().max() > 1e-5 for t, b in zip(trained, base_outputs()))
 
     state_dict, metadata = load_kohya(result.final)
     scales = {k: v for k, v in state_dict.items() if k.endswith(".dora_scale")}
@@ -33,13 +29,8 @@ def test_dora_lokr_trained_by_the_sdxl_trainer_loads_back_equal(tmp_path):
     args = json.loads(metadata["ss_network_args"])
     assert args["dora_wd"] == "True" and args["wd_on_output"] == "False"
 
-    fresh = tiny_sdxl_pipeline(seed=0)
-    conversion = kohya_to_peft(state_dict, metadata=metadata, model=fresh)
-    for component, adapter in conversion.items():
-        model = getattr(fresh, component)
-        inject_adapter_in_model(adapter.config, model, adapter_name="loaded", state_dict=adapter.state_dict)
-        set_peft_model_state_dict(model, adapter.state_dict, adapter_name="loaded")
-    for got, want in zip(outputs(fresh.unet, fresh.text_encoder, fresh.text_encoder_2), trained):
+    fresh, _ = fresh_pipeline_with(state_dict, metadata)
+    for got, want in zip(outputs(fresh), trained):
         assert (got - want).abs().max() <= 1e-5
 
 

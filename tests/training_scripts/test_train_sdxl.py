@@ -10,12 +10,13 @@ from lyco_train.args import UsageError
 from lyco_train.data import DataError
 from lyco_train.state import state_files
 from lyco_train.synthetic import make_shapes_dataset
-from peft import PeftModel, inject_adapter_in_model, set_peft_model_state_dict
+from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from peft_lyco.convert import kohya_to_peft, load_kohya, peft_to_kohya
+from peft_lyco.convert import load_kohya, peft_to_kohya
 from peft_lyco.models.tiny_sdxl import tiny_sdxl_pipeline
+from tests.training_scripts.sdxl_outputs import base_outputs, fresh_pipeline_with, outputs, unet_inputs
 
 
 def run(tmp_path, *extra, images=4, name="run"):
@@ -25,25 +26,6 @@ def run(tmp_path, *extra, images=4, name="run"):
     return trainer.main(
         ["--train_data_dir", str(data), "--output_dir", str(tmp_path / name), "--sample_every_n_steps", "1000", *extra]
     )
-
-
-def unet_inputs(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return dict(
-        sample=torch.randn(2, 4, 16, 16, generator=g),
-        timestep=torch.tensor([10, 700]),
-        encoder_hidden_states=torch.randn(2, 77, 64, generator=g),
-        added_cond_kwargs={
-            "text_embeds": torch.randn(2, 32, generator=g),
-            "time_ids": torch.rand(2, 6, generator=g) * 64,
-        },
-    )
-
-
-def outputs(unet, te1, te2):
-    ids = torch.randint(2, 500, (2, 77), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        return (unet(**unet_inputs()).sample, te1(ids).last_hidden_state, te2(ids).text_embeds)
 
 
 def test_loss_finite_and_decreasing_on_a_fixed_batch(tmp_path, monkeypatch):
@@ -85,10 +67,8 @@ def test_saved_file_reloads_exactly_via_converter_lycoris_and_peft(tmp_path):
         "conv_alpha=1",
     )
     pipe = result.pipe
-    trained = outputs(pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
-    base_pipe = tiny_sdxl_pipeline(seed=0)
-    base = outputs(base_pipe.unet, base_pipe.text_encoder, base_pipe.text_encoder_2)
-    assert all((t - b).abs().max() > 1e-4 for t, b in zip(trained, base))  # every component learned something
+    trained = outputs(pipe)
+    assert all((t - b).abs().max() > 1e-4 for t, b in zip(trained, base_outputs()))  # every component learned something
 
     # metadata as sd-scripts writes it
     with safe_open(result.final, "pt") as handle:
@@ -103,13 +83,8 @@ def test_saved_file_reloads_exactly_via_converter_lycoris_and_peft(tmp_path):
     assert any(k.startswith("lora_te1_text_model_encoder_layers_") for k in state_dict)
 
     # 1. our converter: file -> PEFT configs + state dicts -> a fresh pipeline
-    fresh = tiny_sdxl_pipeline(seed=0)
-    conversion = kohya_to_peft(state_dict, metadata=metadata, model=fresh)
-    for component, adapter in conversion.items():
-        model = getattr(fresh, component)
-        inject_adapter_in_model(adapter.config, model, adapter_name="loaded", state_dict=adapter.state_dict)
-        set_peft_model_state_dict(model, adapter.state_dict, adapter_name="loaded")
-    for got, want in zip(outputs(fresh.unet, fresh.text_encoder, fresh.text_encoder_2), trained):
+    fresh, conversion = fresh_pipeline_with(state_dict, metadata)
+    for got, want in zip(outputs(fresh), trained):
         assert (got - want).abs().max() <= 1e-5
 
     # 2. lycoris-lora's own modules on the same tensors (its generic loader names modules "lycoris_" + module path)
@@ -123,7 +98,7 @@ def test_saved_file_reloads_exactly_via_converter_lycoris_and_peft(tmp_path):
         network, _ = create_lycoris_from_weights(1.0, None, getattr(other, component), weights_sd=part)
         assert len(network.loras) == len({k.split(".")[0] for k in part}) > 0
         network.apply_to()
-    for got, want in zip(outputs(other.unet, other.text_encoder, other.text_encoder_2), trained):
+    for got, want in zip(outputs(other), trained):
         assert (got - want).abs().max() <= 1e-5
 
     # 3. the PEFT adapter folder loads with PeftModel.from_pretrained

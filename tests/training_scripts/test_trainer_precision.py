@@ -234,6 +234,36 @@ def test_torch_compile_first_step_gradient_equals_eager(tmp_path, tmp_path_facto
     assert error <= 1e-5
 
 
+# the options whose code runs inside the compiled denoiser (each traced in one graph, no break); --blocks_to_swap
+# keeps the swapped blocks out of the graph on purpose (torch.compiler.disable: each swap replaces weight storage)
+COMPILED_OPTIONS = [
+    pytest.param("anima", ["--network_args", "module_dropout=0.1", "rank_dropout=0.1"], id="anima-dropouts"),
+    pytest.param("anima", ["--network_args", "dora_wd=True", "module_dropout=0.1"], id="anima-dora"),
+    pytest.param("anima", ["--algo", "loha", "--network_args", "use_scalar=True", "rs_lora=True"], id="anima-loha"),
+    pytest.param("anima", ["--gradient_checkpointing", "--fp8_base"], id="anima-checkpointing-fp8"),
+    pytest.param("anima", ["--mixed_precision", "bf16", "--full_bf16"], id="anima-full_bf16"),
+    pytest.param("sdxl", ["--network_args", "module_dropout=0.1", "rank_dropout=0.1", "conv_dim=2"], id="sdxl"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, options", COMPILED_OPTIONS)
+def test_torch_compile_trains_without_graph_breaks(tmp_path, monkeypatch, model, options):
+    """--torch_compile with the options that run inside the denoiser: dynamo traces it once, without a graph break
+    (module dropout used to break it at every adapted layer: 22 breaks in the tiny Anima DiT)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(TRAINERS[model], "check_reload", lambda *args, **kwargs: None)
+    torch._dynamo.reset()
+    counters.clear()
+    result = run(tmp_path, model, "--torch_compile", "--dynamo_backend", "aot_eager", "--max_train_steps", "2",
+                 "--train_batch_size", "1", *options)  # fmt: skip
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1  # bf16 Anima compiled twice: its RoPE tables changed dtype
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -212,9 +212,17 @@ class RoPE3D(nn.Module):
         self.dim_spatial_range = torch.arange(0, dim_h, 2, dtype=torch.float32, device=device) / dim_h
         self.dim_temporal_range = torch.arange(0, dim_t, 2, dtype=torch.float32, device=device) / dim_t
 
+    def _apply(self, fn, recurse: bool = True):
+        """``model.to(bfloat16)`` (any cast) casts the tables too: rebuild them in float32 right away, so that the
+        first forward does not change a buffer's dtype (under ``torch.compile`` that cost a second compilation)."""
+        super()._apply(fn, recurse)
+        if self.seq.dtype != at_least_fp32(self.seq.dtype) and not self.seq.is_meta:
+            self.reset_buffers()
+        return self
+
     def forward(self, grid: tuple[int, int, int]) -> torch.Tensor:
         """Angles (T·H·W, head_dim) for a patch grid (T, H, W)."""
-        if self.seq.dtype != at_least_fp32(self.seq.dtype):  # model.to(bfloat16) casts the tables; rebuild them
+        if self.seq.dtype != at_least_fp32(self.seq.dtype):  # tables assigned in half precision (state dict)
             self.reset_buffers()
         too_big = [f"{axis}={size} > {limit}" for axis, size, limit in zip("THW", grid, self.lengths) if size > limit]
         if too_big:
