@@ -121,8 +121,15 @@ def _mallopt(mmap_threshold: int, trim_threshold: int) -> bool:
 
 def return_freed_memory_to_the_os() -> bool:
     """Make glibc map every large block afresh and unmap it when freed, so the resident set tracks live tensors
-    (for the peak-memory phase; allocations get slower, so timings run after ``keep_freed_memory``)."""
-    return _mallopt(64 * 1024, 64 * 1024)
+    (for the peak-memory phase; allocations get slower, so timings run after ``keep_freed_memory``).
+
+    Blocks freed earlier into glibc's heaps are released too (``malloc_trim``): malloc reuses free heap chunks before
+    it maps new memory, so a step could otherwise run in already-resident pages and show no peak at all.
+    """
+    if not _mallopt(64 * 1024, 64 * 1024):
+        return False
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return True
 
 
 def keep_freed_memory() -> bool:

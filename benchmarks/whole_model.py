@@ -139,14 +139,15 @@ def output_differences(piece: Slice, built: dict[str, Adapted]) -> dict[str, flo
 
 
 def train_case(case: SliceCase, settings: WholeSettings, device: str, names: list[str] | None = None) -> dict[str, Any]:
-    """Peak memory first (allocator state returned to the OS on CPU), then activations, then interleaved timings."""
+    """Peak memory first, then activations, then interleaved timings. On CPU glibc returns freed blocks to the OS
+    from before the case is built until the peaks are taken, so the resident set follows live tensors."""
+    on_cpu = device == "cpu"
+    if on_cpu:
+        measure.return_freed_memory_to_the_os()
     piece = build_slice(case, device)
     built = build_implementations(piece, names)
     grad_outs = {name: _grad_out(piece, item) for name, item in built.items()}
     steps = {name: _step(piece, item, grad_outs[name]) for name, item in built.items()}
-    on_cpu = device == "cpu"
-    if on_cpu:
-        measure.return_freed_memory_to_the_os()
     peaks = {name: measure.peak_step_bytes(*steps[name], device) for name in built}
     if on_cpu:
         measure.keep_freed_memory()
