@@ -13,8 +13,11 @@ Its backward first plans, per adapter, the cheaper of two routes, then executes 
 Precision: the products run in one compute dtype (``compute_dtype``): autocast's where it is on, as ``F.linear`` and
 ``F.conv2d`` would under it, else the weight's. ``W + ΣΔW`` is summed in at least float32 and cast once to it; the
 input is kept in it (as autocast keeps its cast copy); gradients come back in each input's own dtype. A weight stored
-in float8 is upcast inside the op for each call and never kept upcast. Nothing in forward or backward breaks a
-``torch.compile`` graph (the factor derivatives go through ``pullback``).
+in float8 is upcast inside the op for each call and never kept upcast. Backward runs outside forward's autocast, so
+where autocast cast the factors (float32 factors, bf16 autocast) the ΔW for the rebuilt weight is formed again under
+forward's autocast, bit for bit forward's, while the dense factor gradients keep products in the factors' own dtype
+(as accurate as plain autograd's) and are prepared after the base backward. Nothing in forward or backward breaks a
+``torch.compile`` graph (the factor derivatives go through ``pullback``; an autocast context traces).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from .algorithm import Algorithm
+from .algorithm import Algorithm, DenseBackward
 from .base_op import BaseOp, LinearOp
 from .delta import FLOAT8_DTYPES, add_delta, add_delta_into, summation_dtype
 from .dora import WeightDecompose, decompose_backward, decompose_scale
@@ -226,23 +229,60 @@ def _plan_backward(ctx: Any, x: torch.Tensor | None, grad: torch.Tensor) -> _Bac
     return _BackwardPlan(plans, need_x, need_w, need_b)
 
 
+def _autocast_state(x: torch.Tensor) -> tuple[str, torch.dtype] | None:
+    """``(device type, dtype)`` of the autocast that is on for the input's device, or ``None``: forward builds ΔW's
+    products under it, and the backward's rebuild of ``W + ΣΔW`` repeats that (``_rebuilds_under_autocast``)."""
+    device = x.device.type
+    return (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
+
+
+def _rebuilds_under_autocast(ctx: Any, term: DeltaTerm) -> bool:
+    """Whether the term's ΔW for the rebuilt weight is formed again under forward's autocast, apart from the products
+    its dense factor gradients use: autocast cast its factors to another dtype in forward, so products formed in the
+    factors' own dtype (which keep the factor gradients as accurate as plain autograd's) round differently."""
+    return ctx.autocast is not None and term.dtype in AUTOCAST_ELIGIBLE and term.dtype != ctx.autocast[1]
+
+
+def _prepare_dense(ctx: Any, plan: _BackwardPlan, terms: list[DeltaTerm]) -> dict[int, DenseBackward]:
+    """The dense factor gradients prepared before the rebuild, whose ΔW the rebuild reuses; those of terms rebuilt
+    under autocast are prepared after the base backward (``_dense``), so their products never coexist with it."""
+    return {
+        i: term.algorithm.dense_backward(term, p.want, ctx.shape)
+        for i, (term, p) in enumerate(zip(terms, plan.terms))
+        if p.dense and not (p.rebuilt and _rebuilds_under_autocast(ctx, term))
+    }
+
+
+def _dense(ctx: Any, dense: dict[int, DenseBackward], i: int, term: DeltaTerm, p: _TermPlan) -> DenseBackward:
+    """Term ``i``'s dense factor gradients: the prepared ones, or prepared now."""
+    return dense.pop(i) if i in dense else term.algorithm.dense_backward(term, p.want, ctx.shape)
+
+
+def _rebuilt_delta(ctx: Any, dense: dict[int, DenseBackward], i: int, term: DeltaTerm) -> tuple[torch.Tensor, bool]:
+    """Term ``i``'s ΔW for the rebuilt weight, bit for bit the one forward built, and whether it may be summed into."""
+    if _rebuilds_under_autocast(ctx, term):
+        device, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype):
+            return term_delta(term, ctx.shape), True
+    if i in dense:
+        return dense[i].delta(), dense[i].owns_delta
+    return term_delta(term, ctx.shape), True
+
+
 def _execute_backward(ctx: Any, plan: _BackwardPlan, x, weight, terms: list[DeltaTerm], grad: torch.Tensor):
     """Run the plan: rebuild ``W + Σ ΔW`` where needed, one base backward, then each term's factor gradients."""
     op, shape = ctx.op, ctx.shape
     if any(term.decompose is not None for term in terms):
         return _execute_decomposed(ctx, plan, x, weight, terms, grad)
     # W + Σ rebuilt ΔW, keeping what the dense factor gradients reuse
-    dense = {
-        i: term.algorithm.dense_backward(term, p.want, shape)
-        for i, (term, p) in enumerate(zip(terms, plan.terms))
-        if p.dense
-    }
+    dense = _prepare_dense(ctx, plan, terms)
     deltas, owned = [], True
     for i, (term, p) in enumerate(zip(terms, plan.terms)):
         if not p.rebuilt:
             continue
-        deltas.append(dense[i].delta() if i in dense else term_delta(term, shape))
-        owned = owned and (i not in dense or dense[i].owns_delta)
+        delta, delta_owned = _rebuilt_delta(ctx, dense, i, term)
+        deltas.append(delta)
+        owned = owned and delta_owned
     merged = _cast(weight, ctx.compute) if plan.need_x else None
     if deltas:
         merged = _merged_weight(weight, sum_deltas(deltas), ctx.compute, owned=len(deltas) > 1 or owned)
@@ -255,7 +295,7 @@ def _execute_backward(ctx: Any, plan: _BackwardPlan, x, weight, terms: list[Delt
     by_dtype: dict[torch.dtype, torch.Tensor] = {}
     for i, (term, p) in enumerate(zip(terms, plan.terms)):
         if p.dense:
-            found = dense.pop(i).grads(by_dtype.setdefault(term.dtype, grad_weight.to(term.dtype)))
+            found = _dense(ctx, dense, i, term, p).grads(by_dtype.setdefault(term.dtype, grad_weight.to(term.dtype)))
         elif p.want or p.routed_x:
             found, share = structured_grads(term, p.want, x, grad, op, tuple(shape), input_grad=p.routed_x)
             if share is not None:
@@ -271,13 +311,9 @@ def _execute_decomposed(ctx: Any, plan: _BackwardPlan, x, weight, terms: list[De
     """The plan's execution when a term is DoRA: every wanted ΔW goes into ``M`` (``_decomposed_merge``), ``G = ∂L/∂M``
     is formed once, and each DoRA term's ``∂L/∂V`` (``decompose_backward``) feeds its factor gradients."""
     op, shape = ctx.op, ctx.shape
-    dense = {
-        i: term.algorithm.dense_backward(term, p.want, shape)
-        for i, (term, p) in enumerate(zip(terms, plan.terms))
-        if p.dense
-    }
+    dense = _prepare_dense(ctx, plan, terms)
     deltas = [
-        (dense[i].delta() if i in dense else term_delta(term, shape)) if p.rebuilt else None
+        _rebuilt_delta(ctx, dense, i, term)[0] if p.rebuilt else None
         for i, (term, p) in enumerate(zip(terms, plan.terms))
     ]
     merged, parts = _decomposed_merge(weight, terms, deltas, ctx.compute)
@@ -297,9 +333,9 @@ def _execute_decomposed(ctx: Any, plan: _BackwardPlan, x, weight, terms: list[De
                 magnitude = term.decompose.magnitude
                 found_grads[id(magnitude)] = grad_magnitude.to(magnitude.dtype)
             if p.dense:
-                found = dense.pop(i).grads(grad_v.to(term.dtype))
+                found = _dense(ctx, dense, i, term, p).grads(grad_v.to(term.dtype))
         elif p.dense:
-            found = dense.pop(i).grads(grad_merged.to(term.dtype))
+            found = _dense(ctx, dense, i, term, p).grads(grad_merged.to(term.dtype))
         elif p.want:
             found, _ = structured_grads(term, p.want, x, grad, op, tuple(shape), input_grad=False)
         found_grads.update({id(term.params[name]): g for name, g in found.items()})
@@ -329,6 +365,7 @@ class _AdaptedOp(torch.autograd.Function):
         compute = compute_dtype(x, weight)
         need = ctx.needs_input_grad
         ctx.op, ctx.shape, ctx.layouts, ctx.compute = op, shape, layouts, compute
+        ctx.autocast = _autocast_state(x)
         ctx.x_dtype, ctx.bias_dtype = x.dtype, None if bias is None else bias.dtype
         ctx.weight_dtype = None if weight is None else weight.dtype
         x = x.to(compute)  # kept in the compute dtype, as autocast keeps its cast copy

@@ -7,11 +7,13 @@ change to any one path's summation (say, summing in the half dtype, or rounding 
 """
 
 import copy
+import dataclasses
 
 import pytest
 import torch
+from peft import inject_adapter_in_model
 
-from benchmarks.modes import adapted_layers, adapted_net, net_input, store_bases_in
+from benchmarks.modes import adapted_layers, adapted_net, adapter_config, net_input, store_bases_in
 from peft_lyco.functional import add_delta
 from peft_lyco.functional.base_op import Conv2dOp, LinearOp
 from peft_lyco.functional.delta import FLOAT8_DTYPES
@@ -26,6 +28,7 @@ PRECISIONS = {
     "bf16 base, fp32 adapters": (BF16, F32, BF16, None),
     "fp16 base, fp32 adapters": (F16, F32, F16, None),
     "fp32 base, autocast bf16": (F32, F32, F32, BF16),
+    "full bf16, autocast bf16": (BF16, BF16, BF16, BF16),
     "bf16 base, fp32 adapters, autocast bf16": (BF16, F32, F32, BF16),
     "fp8 base, bf16 adapters": (torch.float8_e4m3fn, BF16, BF16, None),
     "fp8 base, fp32 adapters": (torch.float8_e5m2, F32, F32, None),
@@ -33,17 +36,24 @@ PRECISIONS = {
 }
 
 
-def _net(algorithm: str, precision: str) -> torch.nn.Module:
+def _net(algorithm: str, precision: str, *, dora: bool = False) -> torch.nn.Module:
+    """Every layer mode with adapter ``a`` (and, with ``dora``, a DoRA adapter ``b`` beside it) in this precision."""
     weight_dtype, adapter_dtype, _, _ = PRECISIONS[precision]
     net = adapted_net(algorithm, adapters=("a",), rank_dropout=0.0)
+    if dora:
+        config = dataclasses.replace(adapter_config(algorithm), weight_decompose=True)
+        inject_adapter_in_model(config, net, adapter_name="b")
+        for layer in adapted_layers(net):
+            layer.set_adapter(["a", "b"])
     if weight_dtype in FLOAT8_DTYPES:  # the rest of the net in the adapters' dtype, as sd-scripts' --fp8_base
         net.to(adapter_dtype)
         store_bases_in(net, weight_dtype)
         return net
     net.to(weight_dtype)
     for layer in adapted_layers(net):
-        for tensor in layer.adapter_parameters("a").values():
-            tensor.data = tensor.data.to(adapter_dtype)
+        for name in layer.active_adapters:
+            for tensor in layer.adapter_parameters(name).values():
+                tensor.data = tensor.data.to(adapter_dtype)
     return net
 
 
@@ -80,22 +90,8 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and torch.equal(a.view(torch.int16), b.view(torch.int16))
 
 
-AUTOCAST_GAP = pytest.mark.xfail(
-    strict=True,
-    reason="known gap: under autocast forward builds ΔW's products in the autocast dtype, the backward rebuild in the "
-    "factors' dtype (backward runs outside autocast), so ∂L/∂x uses a W + ΣΔW a few bf16 ulps off forward's. Running "
-    "backward under forward's autocast state closes it but makes LoHa's factor gradients 4x less accurate than plain "
-    "autograd's (tests/tuners/test_precision.py); it needs the rebuild alone under autocast.",
-)
-
-
-def _cases():
-    for algorithm in ("loha", "lokr"):
-        for precision, (_, _, _, autocast) in PRECISIONS.items():
-            yield pytest.param(algorithm, precision, marks=[AUTOCAST_GAP] if autocast else [])
-
-
-@pytest.mark.parametrize("algorithm, precision", list(_cases()))
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+@pytest.mark.parametrize("algorithm", ["loha", "lokr"])
 def test_forward_backward_and_merge_use_one_summation(algorithm, precision, monkeypatch):
     weight_dtype, _, input_dtype, autocast = PRECISIONS[precision]
     net = _net(algorithm, precision).eval()
@@ -119,6 +115,35 @@ def test_forward_backward_and_merge_use_one_summation(algorithm, precision, monk
         with torch.no_grad():
             merged = net(x)
         assert _same_bits(merged, unmerged)
+
+
+@pytest.mark.parametrize("precision", ["fp32 base, autocast bf16", "bf16 base, fp32 adapters, autocast bf16"])
+@pytest.mark.parametrize("algorithm", ["loha", "lokr"])
+def test_dora_backward_rebuilds_forwards_weight_under_autocast(algorithm, precision, monkeypatch):
+    """DoRA next to an additive adapter: the backward's ``M = W + ΔW_a + s ⊙ (W + ΔW_b) − W`` is forward's, bit for
+    bit, under autocast too (its ``V = W + ΔW_b`` repeats forward's ΔW, whose products autocast rounded)."""
+    _, _, input_dtype, _ = PRECISIONS[precision]
+    net = _net(algorithm, precision, dora=True).eval()
+    spy = _Spy(monkeypatch)
+    _step(net, precision, net_input(dtype=input_dtype))
+    layers = list(adapted_layers(net))
+    assert len(spy.forward) == len(layers) and len(spy.backward) == len(layers)
+    for layer, used, rebuilt in zip(layers, spy.forward, reversed(spy.backward)):
+        assert rebuilt is not None and _same_bits(used, rebuilt), layer.module_name
+
+
+@pytest.mark.parametrize("algorithm", ["loha", "lokr"])
+def test_input_gradient_alone_rebuilds_forwards_weight_under_autocast(algorithm, monkeypatch):
+    """Frozen adapters (only ∂L/∂x wanted): the rebuilt weight, which then shares nothing with factor gradients, is
+    forward's too."""
+    precision = "bf16 base, fp32 adapters, autocast bf16"
+    net = _net(algorithm, precision).eval().requires_grad_(False)
+    spy = _Spy(monkeypatch)
+    _step(net, precision, net_input(dtype=PRECISIONS[precision][2]))
+    layers = list(adapted_layers(net))
+    assert len(spy.forward) == len(layers) and len(spy.backward) == len(layers)
+    for layer, used, rebuilt in zip(layers, spy.forward, reversed(spy.backward)):
+        assert rebuilt is not None and _same_bits(used, rebuilt), layer.module_name
 
 
 @pytest.mark.parametrize("precision", ["full bf16", "bf16 base, fp32 adapters", "full fp16"])
