@@ -47,7 +47,7 @@ from benchmarks import cases as case_lists
 from benchmarks import inference_cache as cache_bench
 from benchmarks import measure, modes, report
 from benchmarks.cases import Case
-from benchmarks.implementations import Built, build
+from benchmarks.implementations import Built, Holder, build
 from benchmarks.run import _quiet
 
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
@@ -269,18 +269,9 @@ def parity_rows(device: str, cases: list[Case]) -> list[Row]:
 def _peft_lora(case: Case, base: torch.nn.Module) -> Built:
     rank = min(case.rank, 64)  # full-matrix LoKr cases carry a huge nominal rank
     config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=["layer"])
-    model = peft.get_peft_model(_Holder(copy.deepcopy(base)), config)
+    model = peft.get_peft_model(Holder(copy.deepcopy(base)), config)
     trainable = [p for p in model.parameters() if p.requires_grad]
     return Built(model, trainable, list(model.parameters()))
-
-
-class _Holder(torch.nn.Module):
-    def __init__(self, layer: torch.nn.Module):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
 
 
 def step_rows(device: str, cases: list[Case], *, autocast: torch.dtype | None, warmup: int, reps: int) -> list[Row]:

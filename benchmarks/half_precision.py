@@ -34,6 +34,7 @@ from torch import nn
 
 import peft_lyco
 from benchmarks import measure
+from benchmarks.implementations import Holder
 from peft_lyco import LoHaConfig, LoKrConfig
 
 PRECISIONS = {
@@ -72,15 +73,6 @@ CASES = [
 QUICK = [CASES[0], CASES[2]]
 
 
-class _Holder(nn.Module):
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
-
-
 def _base(case: Case, dtype: torch.dtype) -> nn.Module:
     torch.manual_seed(0)
     layer = nn.Conv2d(case.in_features, case.out_features, 3, padding=1) if case.conv else None
@@ -94,9 +86,9 @@ def _layers(case: Case, precision: str) -> dict[str, tuple[nn.Module, list[torch
     base = _base(case, base_dtype)
     common = {"r": case.rank, "alpha": case.rank, "init_weights": False, "target_modules": ["layer"]}
     config = LoHaConfig(**common) if case.algo == "loha" else LoKrConfig(factor=case.factor, **common)
-    ours = peft.inject_adapter_in_model(config, _Holder(copy.deepcopy(base))).layer
+    ours = peft.inject_adapter_in_model(config, Holder(copy.deepcopy(base))).layer
     lora_config = peft.LoraConfig(r=case.rank, lora_alpha=case.rank, target_modules=["layer"], init_lora_weights=False)
-    lora = peft.get_peft_model(_Holder(copy.deepcopy(base)), lora_config).base_model.model.layer
+    lora = peft.get_peft_model(Holder(copy.deepcopy(base)), lora_config).base_model.model.layer
     built = {}
     for name, layer in (("ours", ours), ("lora", lora)):
         params = [p for p in layer.parameters() if p.requires_grad]

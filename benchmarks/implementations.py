@@ -21,7 +21,7 @@ from .cases import Case
 IMPLS = ("base", "peft_lyco", "peft", "lycoris")
 
 
-class _Holder(nn.Module):
+class Holder(nn.Module):
     """A one-layer model so PEFT can target the layer by name."""
 
     def __init__(self, layer: nn.Module):
@@ -58,7 +58,7 @@ def _ours(case: Case, base: nn.Module) -> tuple[nn.Module, dict[str, torch.Tenso
         r=case.rank, alpha=case.alpha or case.rank, use_tucker=case.tucker, init_weights=False, target_modules=["layer"]
     )
     config = LoHaConfig(**common) if case.algo == "loha" else LoKrConfig(factor=case.factor, **common)
-    layer = peft.inject_adapter_in_model(config, _Holder(copy.deepcopy(base))).layer
+    layer = peft.inject_adapter_in_model(config, Holder(copy.deepcopy(base))).layer
     return layer, layer.adapter_parameters("default")
 
 
@@ -69,7 +69,7 @@ def _peft(case: Case, base: nn.Module) -> tuple[nn.Module, dict[str, torch.Tenso
     else:
         config = peft.LoKrConfig(target_modules=["layer"], decompose_factor=case.factor, **common)
     # get_peft_model keeps adapters in float32 on half-precision bases, as training scripts do
-    layer = peft.get_peft_model(_Holder(copy.deepcopy(base)), config).base_model.model.layer
+    layer = peft.get_peft_model(Holder(copy.deepcopy(base)), config).base_model.model.layer
     params = {
         name: getattr(layer, name)["default"] for name in layer.adapter_layer_names if "default" in getattr(layer, name)
     }
@@ -87,7 +87,7 @@ def _lycoris(case: Case, base: nn.Module) -> tuple[nn.Module, dict[str, torch.Te
     return module, params
 
 
-def _copy_factors(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> bool:
+def copy_factors(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> bool:
     """Give ``target`` the values of ``source`` when both have the same factor names and shapes."""
     if {n: tuple(t.shape) for n, t in source.items()} != {n: tuple(t.shape) for n, t in target.items()}:
         return False
@@ -109,7 +109,7 @@ def build(case: Case, device: str = "cpu") -> dict[str, Built]:
     built = {"base": Built(base, [], list(base.parameters()))}
     built["peft_lyco"] = Built(ours, list(ours_params.values()), list(ours.parameters()), ours.merge, ours.unmerge)
     peft_layer, peft_params = _peft(case, base)
-    notes = [] if _copy_factors(ours_params, peft_params) else ["PEFT's factor layout differs (its own random factors)"]
+    notes = [] if copy_factors(ours_params, peft_params) else ["PEFT's factor layout differs (its own random factors)"]
     built["peft"] = Built(
         peft_layer,
         list(peft_params.values()),
@@ -120,7 +120,7 @@ def build(case: Case, device: str = "cpu") -> dict[str, Built]:
     )
     lyco, lyco_params = _lycoris(case, base)
     notes = (
-        [] if _copy_factors(ours_params, lyco_params) else ["LyCORIS' factor layout differs (its own random factors)"]
+        [] if copy_factors(ours_params, lyco_params) else ["LyCORIS' factor layout differs (its own random factors)"]
     )
     lyco_weight = lyco.org_module[0].weight
     saved_weight = lyco_weight.detach().clone()

@@ -31,6 +31,7 @@ from peft_lyco import LoHaConfig, LoKrConfig
 from peft_lyco.tuners.inference_cache import inference_cache, inference_cache_info
 
 from . import measure
+from .implementations import Holder
 
 
 @dataclass(frozen=True)
@@ -51,24 +52,15 @@ SHAPES = [
 QUICK_SHAPES = [SHAPES[1], SHAPES[2], SHAPES[3]]
 
 
-class _Holder(nn.Module):
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
-
-
 def _implementations(shape: Shape, algo: str, dtype: torch.dtype, device: str) -> dict[str, nn.Module]:
     torch.manual_seed(0)
     base = nn.Linear(shape.in_features, shape.out_features).to(device=device, dtype=dtype).requires_grad_(False)
     common = {"r": 16, "alpha": 16, "init_weights": False, "target_modules": ["layer"]}
     config = LoHaConfig(**common) if algo == "loha" else LoKrConfig(factor=8, **common)
-    ours = peft.inject_adapter_in_model(config, _Holder(copy.deepcopy(base))).requires_grad_(False)
+    ours = peft.inject_adapter_in_model(config, Holder(copy.deepcopy(base))).requires_grad_(False)
     uncached = copy.deepcopy(ours)
     lora = peft.get_peft_model(
-        _Holder(copy.deepcopy(base)), peft.LoraConfig(r=16, lora_alpha=16, target_modules=["layer"])
+        Holder(copy.deepcopy(base)), peft.LoraConfig(r=16, lora_alpha=16, target_modules=["layer"])
     ).requires_grad_(False)
     return {
         "base": base.eval(),

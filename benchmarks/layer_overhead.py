@@ -31,26 +31,18 @@ from torch import nn
 
 import peft_lyco
 from benchmarks import measure
+from benchmarks.implementations import Holder
 from peft_lyco import LoHaConfig, LoKrConfig
 from peft_lyco.functional import structured
 
 DEFAULT_SIZES = ("320x77", "1280x256", "1280x1024")
 
 
-class _Holder(nn.Module):
-    def __init__(self, width: int):
-        super().__init__()
-        self.layer = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
-
-
 def build(width: int, rank: int, factor: int) -> dict[str, nn.Module]:
     """PEFT LoRA (the reference), ours LoKr and LoHa on copies of one frozen Linear, all with nonzero factors."""
     peft_lyco.register()
     torch.manual_seed(0)
-    base = _Holder(width).requires_grad_(False)
+    base = Holder(nn.Linear(width, width)).requires_grad_(False)
     configs = {
         "lora": peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=["layer"], init_lora_weights=False),
         "lokr": LoKrConfig(r=rank, alpha=rank, factor=factor, init_weights=False, target_modules=["layer"]),

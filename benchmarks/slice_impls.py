@@ -25,6 +25,7 @@ from torch import nn
 import peft_lyco
 from peft_lyco import LoHaConfig, LoKrConfig
 
+from .implementations import copy_factors
 from .slices import Slice, SliceCase
 
 LIBRARIES = ("ours", "peft", "lycoris")
@@ -100,15 +101,6 @@ def layer_factors(module: nn.Module, path: str, library: str) -> dict[str, torch
     return {n: p for n, p in layer.named_parameters(recurse=False) if n.startswith(("hada_", "lokr_"))}
 
 
-def _copy_factors(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> bool:
-    if {n: tuple(t.shape) for n, t in source.items()} != {n: tuple(t.shape) for n, t in target.items()}:
-        return False
-    with torch.no_grad():
-        for name, tensor in source.items():
-            target[name].copy_(tensor)
-    return True
-
-
 def _build_one(name: str, piece: Slice, random: bool) -> nn.Module:
     case = piece.case
     module = _shared_copy(piece.module)
@@ -165,9 +157,7 @@ def _share_factor_values(built: dict[str, Adapted], piece: Slice) -> None:
             differ = [
                 path
                 for path in piece.targets
-                if not _copy_factors(
-                    layer_factors(ours.module, path, "ours"), layer_factors(peer.module, path, library)
-                )
+                if not copy_factors(layer_factors(ours.module, path, "ours"), layer_factors(peer.module, path, library))
             ]
             if differ:
                 peer.notes.append(f"factor layout differs from ours on {len(differ)} of {len(piece.targets)} layers")
