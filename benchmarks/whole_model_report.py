@@ -192,6 +192,8 @@ def _check_lines(result: dict) -> list[str]:
     for entry in result.get("train", []):
         diffs = ", ".join(f"{k} {v:.1e}" for k, v in entry["output_difference"].items())
         notes = "; ".join(f"{k}: {', '.join(v)}" for k, v in entry["notes"].items())
+        if not diffs and not notes:  # no peer in this run: nothing was compared
+            continue
         lines.append(
             f"- {entry['case']['name']}: |ours − peer| / |ours − base| = {diffs}" + (f"; {notes}" if notes else "")
         )
