@@ -143,14 +143,20 @@ PRECISION_CASES = [  # options, bound on the relative gradient error against the
 ]
 
 
-@pytest.mark.parametrize("options, bound", PRECISION_CASES)
-def test_anima_first_step_gradient_in_each_precision_is_close_to_float32(tmp_path, tmp_path_factory, options, bound):
-    want = reference_gradients(tmp_path_factory, "anima")
-    got = first_step_gradients(tmp_path, "anima", *options)
+def check_first_step(tmp_path, tmp_path_factory, model, options, bound):
+    """The first step's gradients under ``options`` are within ``bound`` of the float32 run's, and the options
+    stored what they say (``check_storage``)."""
+    want = reference_gradients(tmp_path_factory, model)
+    got = first_step_gradients(tmp_path, model, *options)
     error = relative_error(got, want)
-    print(f"anima {' '.join(options)}: relative gradient error vs fp32 {error:.3g}")
+    print(f"{model} {' '.join(options)}: relative gradient error vs fp32 {error:.3g}")
     assert error <= bound
     check_storage(options)
+
+
+@pytest.mark.parametrize("options, bound", PRECISION_CASES)
+def test_anima_first_step_gradient_in_each_precision_is_close_to_float32(tmp_path, tmp_path_factory, options, bound):
+    check_first_step(tmp_path, tmp_path_factory, "anima", options, bound)
 
 
 def check_storage(options):
@@ -167,12 +173,7 @@ def check_storage(options):
 @pytest.mark.slow
 @pytest.mark.parametrize("options, bound", PRECISION_CASES)
 def test_sdxl_first_step_gradient_in_each_precision_is_close_to_float32(tmp_path, tmp_path_factory, options, bound):
-    want = reference_gradients(tmp_path_factory, "sdxl")
-    got = first_step_gradients(tmp_path, "sdxl", *options)
-    error = relative_error(got, want)
-    print(f"sdxl {' '.join(options)}: relative gradient error vs fp32 {error:.3g}")
-    assert error <= bound
-    check_storage(options)
+    check_first_step(tmp_path, tmp_path_factory, "sdxl", options, bound)
 
 
 # ------------------------------------------------------------------------------------ gradient checkpointing
