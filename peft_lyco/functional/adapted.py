@@ -346,9 +346,9 @@ def _execute_decomposed(ctx: Any, plan: _BackwardPlan, x, weight, terms: list[De
 def inference_weight(
     x: torch.Tensor, weight: torch.Tensor | None, terms: Sequence[DeltaTerm], shape: torch.Size
 ) -> torch.Tensor:
-    """The weight a call without gradients runs its op on: ``W + ΣΔW`` (``merged_weight``), or ΣΔW without a base
-    weight, in the call's compute dtype. ``inference_forward`` of it is ``adapted_op``'s no-grad result, bit for bit,
-    so a caller may keep it and reuse it while nothing it was built from changed."""
+    """The weight a call runs its op on: ``W + ΣΔW`` (``merged_weight``), or ΣΔW without a base weight, in the call's
+    compute dtype; the fused op's forward builds it here too. ``inference_forward`` of it is ``adapted_op``'s no-grad
+    result, bit for bit, so a caller may keep it and reuse it while nothing it was built from changed."""
     compute = compute_dtype(x, weight)
     return merged_weight(weight, terms, [term_delta(t, shape) for t in terms], compute)
 
@@ -368,8 +368,8 @@ class _AdaptedOp(torch.autograd.Function):
         ctx.autocast = _autocast_state(x)
         ctx.x_dtype, ctx.bias_dtype = x.dtype, None if bias is None else bias.dtype
         ctx.weight_dtype = None if weight is None else weight.dtype
+        merged = inference_weight(x, weight, terms, shape)  # the same weight a call without gradients runs on
         x = x.to(compute)  # kept in the compute dtype, as autocast keeps its cast copy
-        merged = merged_weight(weight, terms, [term_delta(t, shape) for t in terms], compute)
         # the input is needed for any weight-side gradient, and by a convolution's input gradient (as the base keeps it)
         keep_x = need[1] or any(need[6:]) or (need[0] and not isinstance(op, LinearOp))
         keep_weight = need[0] or any(layout.decompose is not None for layout in layouts)  # DoRA's V = W + ΔW
