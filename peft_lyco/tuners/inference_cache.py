@@ -108,10 +108,7 @@ class _InferenceCache:
         return sum(entry.nbytes for entry in list(self._entries.values()))
 
     def info(self) -> CacheInfo:
-        entries = list(self._entries.values())
-        return CacheInfo(
-            self.budget, sum(e.nbytes for e in entries), len(entries), self._hits, self._misses, self._over_budget
-        )
+        return CacheInfo(self.budget, self.used(), len(self._entries), self._hits, self._misses, self._over_budget)
 
     def clear(self) -> None:
         self._entries.clear()
