@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from itertools import combinations
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,13 +20,13 @@ LOKR_PARAMS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lok
 
 def lokr_delta_weight(
     *,
-    w1: Optional[torch.Tensor] = None,
-    w1_a: Optional[torch.Tensor] = None,
-    w1_b: Optional[torch.Tensor] = None,
-    w2: Optional[torch.Tensor] = None,
-    w2_a: Optional[torch.Tensor] = None,
-    w2_b: Optional[torch.Tensor] = None,
-    t2: Optional[torch.Tensor] = None,
+    w1: torch.Tensor | None = None,
+    w1_a: torch.Tensor | None = None,
+    w1_b: torch.Tensor | None = None,
+    w2: torch.Tensor | None = None,
+    w2_a: torch.Tensor | None = None,
+    w2_b: torch.Tensor | None = None,
+    t2: torch.Tensor | None = None,
     scale: float = 1.0,
 ) -> torch.Tensor:
     """LoKr ΔW = ``scale * kron(w1, w2)``, scaled once.
@@ -50,7 +49,7 @@ def lokr_delta_weight(
     return delta.mul_(scale) if scale != 1 else delta  # in place: kron's backward does not need its output
 
 
-def _kron_halves(params: Mapping[str, torch.Tensor]) -> Optional[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+def _kron_halves(params: Mapping[str, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
     """The matrices a Linear LoKr applies to the ``in_m`` axis (left) and the ``in_n`` axis (right) of a token, in
     order; ``None`` for conv or Tucker factors, which have no such form."""
     left = [params["lokr_w1"]] if "lokr_w1" in params else [params["lokr_w1_b"], params["lokr_w1_a"]]
@@ -95,7 +94,7 @@ def _search_order(left: tuple[tuple[int, ...], ...], right: tuple[tuple[int, ...
     return best
 
 
-def lokr_linear_macs(params: Mapping[str, torch.Tensor]) -> Optional[int]:
+def lokr_linear_macs(params: Mapping[str, torch.Tensor]) -> int | None:
     """Multiply-accumulates per token of ``lokr_linear_apply`` with these factors (kohya names), or ``None`` where
     it does not apply (conv, Tucker)."""
     halves = _kron_halves(params)
@@ -114,7 +113,7 @@ def lokr_linear_apply(x: torch.Tensor, params: Mapping[str, torch.Tensor], scale
         raise ValueError(f"LoKr factors expect {in_m * in_n} input features ({in_m} x {in_n}), got {x.shape[-1]}")
     order, _ = _cheapest_order(left, right)
     chains = {"left": iter(left), "right": iter(right)}
-    tokens = x.reshape(-1, in_m, in_n)
+    tokens = x.contiguous().reshape(-1, in_m, in_n)  # see _kron_chain_grads: strided tokens make matmul loop
     for i, side in enumerate(order):
         matrix = next(chains[side])
         if i == 0 and scale != 1:
@@ -138,7 +137,7 @@ def _kron_chain_grads(
     want: set[str],
     scale: float,
     input_grad: bool,
-) -> tuple[dict[str, torch.Tensor], Optional[torch.Tensor]]:
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Gradients (in ``x``'s dtype) of the wanted factors of ``lokr_linear_apply(x, params, scale)`` against the
     output gradient ``grad``, and with ``input_grad`` the gradient of ``x``: the chain's steps run forward keeping
     each intermediate, then back, each step's two products by hand (no autograd graph, no nested engine run).
@@ -153,7 +152,10 @@ def _kron_chain_grads(
     order, _ = _cheapest_order(left, right)
     chains = {"left": iter(zip(left_names, left)), "right": iter(zip(right_names, right))}
     steps = []  # (side, name, matrix as applied, its input)
-    tokens = x.reshape(-1, left[0].shape[1], right[0].shape[1])
+    # contiguous tokens (a chunk-sized copy where the layer's input or output gradient is a permuted view, as around
+    # SDXL's proj_in/proj_out): matmul folds contiguous 3-D tokens into one mm per step, but runs strided ones as a
+    # batched product with one small copy per token
+    tokens = x.contiguous().reshape(-1, left[0].shape[1], right[0].shape[1])
     for i, side in enumerate(order):
         name, matrix = next(chains[side])
         if i == 0 and scale != 1:
@@ -163,7 +165,7 @@ def _kron_chain_grads(
     # the earliest step whose input gradient is still needed
     first = 0 if input_grad else next((i for i, step in enumerate(steps) if step[1] in want), len(steps))
     found: dict[str, torch.Tensor] = {}
-    back = grad.reshape(tokens.shape)
+    back = grad.contiguous().reshape(tokens.shape)
     for i in range(len(steps) - 1, first - 1, -1):
         side, name, matrix, inp = steps[i]
         if name in want:
@@ -277,11 +279,11 @@ class LoKr(Algorithm):
     def delta(self, params: Mapping[str, torch.Tensor], scale: float) -> torch.Tensor:
         return lokr_delta_weight(**{name[len("lokr_") :]: params.get(name) for name in LOKR_PARAMS}, scale=scale)
 
-    def linear_route(self, params: Mapping[str, torch.Tensor], io_elements: int) -> Optional[StructuredRoute]:
+    def linear_route(self, params: Mapping[str, torch.Tensor], io_elements: int) -> StructuredRoute | None:
         macs = lokr_linear_macs(params)
         return None if macs is None else StructuredRoute(macs, io_elements, 3)
 
-    def conv_macs(self, params: Mapping[str, torch.Tensor], weight_shape: tuple[int, ...]) -> Optional[int]:
+    def conv_macs(self, params: Mapping[str, torch.Tensor], weight_shape: tuple[int, ...]) -> int | None:
         return lokr_conv_macs(params, weight_shape)
 
     def conv_apply(self, x, params, scale, weight_shape, conv) -> torch.Tensor:
