@@ -31,6 +31,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .algorithm import Algorithm, DenseBackward
+from .autocast import AUTOCAST_ELIGIBLE, autocast_dtype
 from .base_op import BaseOp, LinearOp
 from .delta import FLOAT8_DTYPES, add_delta, add_delta_into, summation_dtype
 from .dora import WeightDecompose, decompose_backward, decompose_scale
@@ -49,17 +50,14 @@ __all__ = [
     "term_delta",
 ]
 
-# input dtypes autocast casts (it leaves float64 alone)
-AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
-
 
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor | None) -> torch.dtype:
     """The dtype a layer's products run in: autocast's where it is on for the input's device (what ``F.linear`` and
     ``F.conv2d`` would run in), else the weight's (the input's for a float8 weight, which is storage only, or for no
     weight)."""
-    device = x.device.type
-    if x.dtype in AUTOCAST_ELIGIBLE and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
+    autocast = autocast_dtype(x.device.type)
+    if x.dtype in AUTOCAST_ELIGIBLE and autocast is not None:
+        return autocast
     if weight is None or weight.dtype in FLOAT8_DTYPES:
         return x.dtype
     return weight.dtype
@@ -232,8 +230,8 @@ def _plan_backward(ctx: Any, x: torch.Tensor | None, grad: torch.Tensor) -> _Bac
 def _autocast_state(x: torch.Tensor) -> tuple[str, torch.dtype] | None:
     """``(device type, dtype)`` of the autocast that is on for the input's device, or ``None``: forward builds ΔW's
     products under it, and the backward's rebuild of ``W + ΣΔW`` repeats that (``_rebuilds_under_autocast``)."""
-    device = x.device.type
-    return (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
+    dtype = autocast_dtype(x.device.type)
+    return None if dtype is None else (x.device.type, dtype)
 
 
 def _rebuilds_under_autocast(ctx: Any, term: DeltaTerm) -> bool:

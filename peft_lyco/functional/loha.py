@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .algorithm import Algorithm, DenseBackward, Pieces
+from .autocast import autocast_dtype
 from .factorization import LoHaLayout, loha_layout
 from .pullback import pullback
 from .structured import StructuredRoute
@@ -77,7 +78,7 @@ def hadamard_of_pairs(first: Pair, second: Pair) -> torch.Tensor:
     blocks = _row_blocks(a1.shape[0], b1.shape[1], a1.device)
     if len(blocks) == 1:
         return (a1 @ b1).mul_(a2 @ b2)
-    autocast = torch.is_autocast_enabled(a1.device.type)
+    autocast = autocast_dtype(a1.device.type) is not None
     delta = None if autocast else a1.new_empty(a1.shape[0], b1.shape[1])
     for rows in blocks:
         if autocast:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .algorithm import Algorithm, DenseBackward, Pieces, graph_backward
+from .autocast import as_autocast_product
 from .factorization import LoKrLayout, lokr_layout
 from .structured import StructuredRoute
 from .term import DeltaTerm
@@ -33,6 +34,7 @@ def lokr_delta_weight(
 
     ``w1`` is ``lokr_w1`` or ``lokr_w1_a @ lokr_w1_b``; ``w2`` is ``lokr_w2``, ``lokr_w2_a @ lokr_w2_b`` (flat convs give
     ``(out_k, in_n * prod(kernel))``) or the Tucker rebuild of ``lokr_t2`` (``lokr_w2_a`` then is ``(r, out_k)``).
+    Under autocast the Kronecker product runs in autocast's dtype, as its ``mm`` products do.
     The result has ``w2``'s rank: 2-D for Linear and flat convs, ``(out, in, *kernel)`` for full or Tucker convs.
     """
     if w1 is None:
@@ -45,6 +47,7 @@ def lokr_delta_weight(
         w2 = w2_a @ w2_b if t2 is None else rebuild_tucker(t2, w2_a, w2_b)
     while w1.dim() < w2.dim():
         w1 = w1.unsqueeze(-1)
+    w1, w2 = as_autocast_product(w1, w2)
     delta = torch.kron(w1, w2.contiguous())
     return delta.mul_(scale) if scale != 1 else delta  # in place: kron's backward does not need its output
 
