@@ -8,7 +8,8 @@ Its backward first plans, per adapter, the cheaper of two routes, then executes 
   gradients reusing what it built for the rebuild (LoHa: its products' small factor pairs; LoKr: its Kronecker
   product's graph);
 * structured (``structured.py``): the factor gradients, and where cheaper the adapter's share of ∂L/∂x, straight from
-  the input and the output gradient through a product that never builds ΔW.
+  the input and the output gradient through a product that never builds ΔW; a route that is not accurate in half
+  precision (Tucker LoHa's convolutions) only where the products run in float32 or wider.
 
 Precision: the products run in one compute dtype (``compute_dtype``): autocast's where it is on, as ``F.linear`` and
 ``F.conv2d`` would under it, else the weight's. ``W + ΣΔW`` is summed in at least float32 and cast once to it; the
