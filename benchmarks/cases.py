@@ -102,6 +102,18 @@ FULL = HEADLINE + [
     # SDXL ResNet 3x3 convs at the three resolutions of 1024² training
     Case("lokr-conv320-128-f4", "SDXL ResNet conv 320ch, 128² map", "lokr", 320, 320, 8, kernel=3, side=128, factor=4),
     Case("loha-conv640-64-r8", "SDXL ResNet conv 640ch, 64² map", "loha", 640, 640, 8, kernel=3, side=64),
+    # the headline Tucker LoHa conv at rank 8, where its structured route (1x1 -> rank-64 core -> 1x1) pays off
+    Case(
+        "loha-conv320-32-tucker-r8",
+        "SDXL ResNet conv 320ch, 32² map",
+        "loha",
+        320,
+        320,
+        8,
+        kernel=3,
+        side=32,
+        tucker=True,
+    ),
     Case(
         "lokr-conv1280-32-f8-tucker",
         "SDXL ResNet conv 1280ch, 32² map",

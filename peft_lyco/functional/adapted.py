@@ -8,7 +8,8 @@ Its backward first plans, per adapter, the cheaper of two routes, then executes 
   gradients reusing what it built for the rebuild (LoHa: its products' small factor pairs; LoKr: its Kronecker
   product's graph);
 * structured (``structured.py``): the factor gradients, and where cheaper the adapter's share of ∂L/∂x, straight from
-  the input and the output gradient through a product that never builds ΔW.
+  the input and the output gradient through a product that never builds ΔW; a route that is not accurate in half
+  precision (Tucker LoHa's convolutions) only where the products run in float32 or wider.
 
 Precision: the products run in one compute dtype (``compute_dtype``): autocast's where it is on, as ``F.linear`` and
 ``F.conv2d`` would under it, else the weight's. ``W + ΣΔW`` is summed in at least float32 and cast once to it; the
@@ -75,10 +76,27 @@ def sum_deltas(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     return total
 
 
-def structured_grads_pay_off(op: BaseOp, term: DeltaTerm, weight_shape: torch.Size) -> bool:
-    """Whether the term's factor gradients take the structured route (cheaper than the dense weight gradient)."""
+def _route(
+    op: BaseOp, term: DeltaTerm, weight_shape: torch.Size, compute: torch.dtype, structured_grads: bool | None
+) -> StructuredRoute | None:
+    """The structured route the term's factor gradients take when the layer's products run in ``compute``, or
+    ``None`` for the dense route. ``structured_grads`` as ``adapted_op``'s; a route is only taken where it is
+    accurate in ``compute``, and never for DoRA, whose factor gradients come from ∂L/∂V."""
+    if structured_grads is False or term.decompose is not None:
+        return None
     route = term.algorithm.route(op, term.params, tuple(weight_shape))
-    return route is not None and route.pays_off(math.prod(weight_shape))
+    if route is None or not route.accurate_in(compute):
+        return None
+    if structured_grads is None and not route.pays_off(math.prod(weight_shape)):
+        return None
+    return route
+
+
+def structured_grads_pay_off(op: BaseOp, term: DeltaTerm, weight_shape: torch.Size, compute: torch.dtype) -> bool:
+    """Whether the term's factor gradients take the structured route when the layer's products run in ``compute``
+    (``compute_dtype`` of the call): one exists, is accurate in that dtype and is cheaper than the dense weight
+    gradient."""
+    return _route(op, term, weight_shape, compute, None) is not None
 
 
 def _merged_weight(
@@ -409,7 +427,8 @@ def adapted_op(
     ``W + ΣΔW`` is summed like ``add_delta`` (>= fp32, cast once), so the result equals the merged layer's output.
     With ``weight=None`` it is ``op(x, ΣΔW)`` (bypass, for bases that cannot be summed into; give ``weight_shape``).
     ``structured_grads``: ``None`` lets the cost model pick each adapter's route, ``True`` takes the structured route
-    wherever one exists, ``False`` never (tests compare the routes).
+    wherever one exists, ``False`` never (tests compare the routes). Either way a route is only taken where it is
+    accurate in the call's compute dtype (``compute_dtype``): Tucker LoHa's convolution route needs float32 or wider.
     """
     if not terms:
         raise ValueError("adapted_op needs at least one adapter term")
@@ -425,13 +444,10 @@ def adapted_op(
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in trainable if t is not None):
         return inference_forward(x, inference_weight(x, weight, terms, shape), bias, op)
     layouts = []
+    compute = compute_dtype(x, weight)
     for term in terms:
         decompose = None if term.decompose is None else (term.decompose.on_output, term.decompose.multiplier)
-        route = None
-        if structured_grads is not False and decompose is None:  # DoRA's factor gradients come from ∂L/∂V
-            route = term.algorithm.route(op, term.params, tuple(shape))
-        if route is not None and structured_grads is None and not route.pays_off(math.prod(shape)):
-            route = None
+        route = _route(op, term, shape, compute, structured_grads)
         masked = term.row_mask is not None
         layouts.append(_TermLayout(term.algorithm, tuple(term.params), term.scale, masked, route, decompose))
     return _AdaptedOp.apply(x, weight, bias, op, shape, tuple(layouts), *tensors, *masks, *magnitudes)

@@ -85,8 +85,10 @@ class Algorithm(ABC):
         if op.groups != 1:
             return None
         macs = self.conv_macs(params, weight_shape)
+        if macs is None:
+            return None
         # autograd: the product again, then both of its backward products
-        return None if macs is None else StructuredRoute(macs, io_elements, 3)
+        return StructuredRoute(macs, io_elements, 3, half_precision=self.conv_apply_half_precision(params))
 
     @abstractmethod
     def linear_route(self, params: Mapping[str, torch.Tensor], io_elements: int) -> StructuredRoute | None:
@@ -95,6 +97,11 @@ class Algorithm(ABC):
     @abstractmethod
     def conv_macs(self, params: Mapping[str, torch.Tensor], weight_shape: tuple[int, ...]) -> int | None:
         """Multiply-adds per output pixel of ``conv_apply``, or ``None`` where it does not apply."""
+
+    def conv_apply_half_precision(self, params: Mapping[str, torch.Tensor]) -> bool:
+        """Whether ``conv_apply``'s factor gradients stay about as accurate as the dense route's when its products run
+        in bfloat16 or float16 (yes unless an algorithm says otherwise)."""
+        return True
 
     @abstractmethod
     def conv_apply(

@@ -1,7 +1,8 @@
 """Factor gradients (and the adapter's share of ∂L/∂x) straight from the layer input and the output gradient, through
 a product that never builds ΔW: Linear LoKr's Kronecker chain, flat LoHa as a rank-r1·r2 product (Linear and
-ungrouped convs), Conv2d LoKr as grouped convolutions mixed by ``w1``. The fused op takes this route where it costs
-less than the dense weight gradient ``G = ∂L/∂W`` (one weight-sized product per token or output pixel).
+ungrouped convs), Tucker LoHa as a rank-r1·r2 Tucker form (ungrouped convs), Conv2d LoKr as grouped convolutions mixed
+by ``w1``. The fused op takes this route where it costs less than the dense weight gradient ``G = ∂L/∂W`` (one
+weight-sized product per token or output pixel) and is accurate in the layer's compute dtype.
 
 Each algorithm supplies its products and their cost (``Algorithm.route``, ``conv_apply``, ``linear_grads``); this
 module holds the cost model and runs a route.
@@ -35,11 +36,18 @@ CHUNK_ELEMENTS = 1 << 22
 @dataclass(frozen=True)
 class StructuredRoute:
     """Cost of one adapter's ΔW-free product per token (Linear) or output pixel (conv): its multiply-adds, the input
-    and output elements each pass moves, and how many passes its factor gradients take."""
+    and output elements each pass moves, and how many passes its factor gradients take; and whether its products stay
+    about as accurate as the dense route's when they run in bfloat16 or float16 (``half_precision``)."""
 
     apply_macs: int
     io_elements: int
     grad_passes: int
+    half_precision: bool = True
+
+    def accurate_in(self, dtype: torch.dtype) -> bool:
+        """Whether the route may run its products in ``dtype`` (the layer's compute dtype): any dtype when it is
+        accurate in half precision, else float32 and wider only."""
+        return self.half_precision or torch.finfo(dtype).bits >= 32
 
     @property
     def pass_cost(self) -> int:
