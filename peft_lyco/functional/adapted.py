@@ -77,26 +77,35 @@ def sum_deltas(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def _route(
-    op: BaseOp, term: DeltaTerm, weight_shape: torch.Size, compute: torch.dtype, structured_grads: bool | None
+    op: BaseOp,
+    term: DeltaTerm,
+    weight_shape: torch.Size,
+    compute: torch.dtype,
+    structured_grads: bool | None,
+    device_type: str,
 ) -> StructuredRoute | None:
-    """The structured route the term's factor gradients take when the layer's products run in ``compute``, or
-    ``None`` for the dense route. ``structured_grads`` as ``adapted_op``'s; a route is only taken where it is
-    accurate in ``compute``, and never for DoRA, whose factor gradients come from ∂L/∂V."""
+    """The structured route the term's factor gradients take when the layer's products run in ``compute`` on
+    ``device_type``, or ``None`` for the dense route. ``structured_grads`` as ``adapted_op``'s; a route is only taken
+    where it is accurate in ``compute`` (on CUDA with cuDNN's TF32 on, float32 convolutions round their operands to
+    TF32), and never for DoRA, whose factor gradients come from ∂L/∂V."""
     if structured_grads is False or term.decompose is not None:
         return None
     route = term.algorithm.route(op, term.params, tuple(weight_shape))
-    if route is None or not route.accurate_in(compute):
+    tf32 = device_type == "cuda" and torch.backends.cudnn.allow_tf32
+    if route is None or not route.accurate_in(compute, tf32=tf32):
         return None
     if structured_grads is None and not route.pays_off(math.prod(weight_shape)):
         return None
     return route
 
 
-def structured_grads_pay_off(op: BaseOp, term: DeltaTerm, weight_shape: torch.Size, compute: torch.dtype) -> bool:
+def structured_grads_pay_off(
+    op: BaseOp, term: DeltaTerm, weight_shape: torch.Size, compute: torch.dtype, *, device_type: str = "cpu"
+) -> bool:
     """Whether the term's factor gradients take the structured route when the layer's products run in ``compute``
-    (``compute_dtype`` of the call): one exists, is accurate in that dtype and is cheaper than the dense weight
-    gradient."""
-    return _route(op, term, weight_shape, compute, None) is not None
+    (``compute_dtype`` of the call) on ``device_type``: one exists, is accurate there and is cheaper than the dense
+    weight gradient."""
+    return _route(op, term, weight_shape, compute, None, device_type) is not None
 
 
 def _merged_weight(
@@ -447,7 +456,7 @@ def adapted_op(
     compute = compute_dtype(x, weight)
     for term in terms:
         decompose = None if term.decompose is None else (term.decompose.on_output, term.decompose.multiplier)
-        route = _route(op, term, shape, compute, structured_grads)
+        route = _route(op, term, shape, compute, structured_grads, x.device.type)
         masked = term.row_mask is not None
         layouts.append(_TermLayout(term.algorithm, tuple(term.params), term.scale, masked, route, decompose))
     return _AdaptedOp.apply(x, weight, bias, op, shape, tuple(layouts), *tensors, *masks, *magnitudes)

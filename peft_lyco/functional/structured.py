@@ -44,10 +44,13 @@ class StructuredRoute:
     grad_passes: int
     half_precision: bool = True
 
-    def accurate_in(self, dtype: torch.dtype) -> bool:
+    def accurate_in(self, dtype: torch.dtype, *, tf32: bool = False) -> bool:
         """Whether the route may run its products in ``dtype`` (the layer's compute dtype): any dtype when it is
-        accurate in half precision, else float32 and wider only."""
-        return self.half_precision or torch.finfo(dtype).bits >= 32
+        accurate in half precision, else float32 and wider only, and float32 only where its products do not round
+        their operands to TF32 (``tf32``: 10 mantissa bits, as float16's)."""
+        if self.half_precision:
+            return True
+        return torch.finfo(dtype).bits > 32 or (dtype == torch.float32 and not tf32)
 
     @property
     def pass_cost(self) -> int:

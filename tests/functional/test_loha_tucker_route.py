@@ -122,3 +122,15 @@ def test_cost_model_takes_the_route_only_in_float32_or_wider(dtype, expected):
     for tucker, accurate in ((True, expected), (False, True)):
         params = {n: torch.empty(s) for n, s in loha_layout(320, 320, (3, 3), 8, tucker).shapes.items()}
         assert structured_grads_pay_off(CONV, DeltaTerm(LOHA, params, 1.0), shape, dtype) is accurate, tucker
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_float32_on_cuda_with_tf32_convolutions_keeps_the_dense_route(tf32, monkeypatch):
+    # cuDNN's TF32 (PyTorch's default for convolutions) rounds float32 operands to 10 mantissa bits, as float16
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+    shape = torch.Size((320, 320, 3, 3))
+    params = {n: torch.empty(s) for n, s in loha_layout(320, 320, (3, 3), 8, True).shapes.items()}
+    term = DeltaTerm(LOHA, params, 1.0)
+    assert structured_grads_pay_off(CONV, term, shape, torch.float32, device_type="cuda") is not tf32
+    assert structured_grads_pay_off(CONV, term, shape, torch.float64, device_type="cuda")
+    assert structured_grads_pay_off(CONV, term, shape, torch.float32, device_type="cpu")
