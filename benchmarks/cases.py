@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import torch
 
@@ -22,7 +21,7 @@ class Case:
     kernel: int = 0  # 0: Linear; k: k x k conv, padding k // 2
     side: int = 0
     batch: int = 1
-    alpha: Optional[float] = None  # None: alpha = rank
+    alpha: float | None = None  # None: alpha = rank
     factor: int = -1
     tucker: bool = False
     dtype: str = "float32"

@@ -4,8 +4,8 @@ LoHa/LoKr and lycoris-lora, all holding the same factor values wherever their la
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import peft
 import torch

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from peft_lyco.convert.io import write_atomically
 
@@ -24,15 +24,15 @@ def write_atomic(path: Path, text: str) -> None:
     write_atomically(path, lambda temp: Path(temp).write_text(text))
 
 
-def _ms(seconds: Optional[float]) -> str:
+def _ms(seconds: float | None) -> str:
     return "–" if seconds is None else f"{seconds * 1000:.1f}"
 
 
-def _x(ratio: Optional[float]) -> str:
+def _x(ratio: float | None) -> str:
     return "–" if ratio is None else f"{ratio:.2f}×"
 
 
-def _mb(n: Optional[int]) -> str:
+def _mb(n: int | None) -> str:
     return "n/a" if n is None else f"{n / MB:.1f}"
 
 
@@ -123,7 +123,7 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _loading_lines(loading: Optional[dict]) -> list[str]:
+def _loading_lines(loading: dict | None) -> list[str]:
     if loading is None:
         return ["### Loading and fusing", "", "Not run (`--no-loading`)."]
     lines = [

@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make the checkout's packages importable
@@ -116,7 +116,7 @@ def bench_case(case: Case, settings: Settings, device: str) -> dict[str, Any]:
     }
 
 
-def peak_case(case: Case, device: str) -> dict[str, Optional[int]]:
+def peak_case(case: Case, device: str) -> dict[str, int | None]:
     """Peak memory of one training step of each implementation (run before the timings, see measure)."""
     built = build(case, device)
     x, grad_out = _inputs(case, device, built["base"].module)
@@ -235,7 +235,7 @@ def _quiet() -> Iterator[None]:
                 logger.setLevel(level)
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the issue's three cases, few rounds, tiny loading run")
     parser.add_argument("--cases", nargs="*", help="only these case names")

@@ -24,10 +24,9 @@ def register() -> None:
 
 register()
 
-from . import convert  # noqa: E402  (kohya/LyCORIS files <-> PEFT; needs the registered types)
+from . import convert
 
 __all__ = [
-    "convert",
     "LYCO_LOHA",
     "LYCO_LOKR",
     "LoHaConfig",
@@ -38,9 +37,10 @@ __all__ = [
     "LoKrModel",
     "LycoConfig",
     "LycoLayer",
-    "register",
     "clear_inference_cache",
+    "convert",
     "inference_cache",
     "inference_cache_info",
+    "register",
     "set_inference_cache_budget",
 ]

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
 
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -24,15 +25,15 @@ Lr = Union[float, int]
 
 
 def param_groups(
-    model: Union[nn.Module, Mapping[str, nn.Module]],
+    model: nn.Module | Mapping[str, nn.Module],
     *,
     lr: Lr,
-    unet_lr: Optional[Lr] = None,
-    text_encoder_lr: Optional[Union[Lr, Sequence[Lr]]] = None,
-    reg_lrs: Optional[Union[str, Mapping[str, Lr], Sequence[tuple[str, Lr]]]] = None,
-    loraplus_lr_ratio: Optional[float] = None,
-    loraplus_unet_lr_ratio: Optional[float] = None,
-    loraplus_text_encoder_lr_ratio: Optional[float] = None,
+    unet_lr: Lr | None = None,
+    text_encoder_lr: Lr | Sequence[Lr] | None = None,
+    reg_lrs: str | Mapping[str, Lr] | Sequence[tuple[str, Lr]] | None = None,
+    loraplus_lr_ratio: float | None = None,
+    loraplus_unet_lr_ratio: float | None = None,
+    loraplus_text_encoder_lr_ratio: float | None = None,
 ) -> list[dict[str, Any]]:
     """Named parameter groups for the trainable parameters of ``model``.
 
@@ -89,7 +90,7 @@ def _text_encoder_lrs(text_encoder_lr: Any, lr: float) -> list[float]:
     return [_check_lr(text_encoder_lr, "text_encoder_lr")]
 
 
-def _components(model: Union[nn.Module, Mapping[str, nn.Module]]) -> list[tuple[str, bool, int, nn.Module]]:
+def _components(model: nn.Module | Mapping[str, nn.Module]) -> list[tuple[str, bool, int, nn.Module]]:
     """``(name, is_text_encoder, text-encoder index, module)`` per component."""
     if isinstance(model, nn.Module):
         try:
@@ -134,11 +135,11 @@ def _trainable(module: nn.Module) -> list[tuple[str, str, nn.Parameter]]:
 
 
 def _component_groups(
-    name: str, module: nn.Module, lr: float, ratio: Optional[float], reg_lrs: Sequence[tuple[str, float]]
+    name: str, module: nn.Module, lr: float, ratio: float | None, reg_lrs: Sequence[tuple[str, float]]
 ) -> list[dict[str, Any]]:
     """Groups of one component: one per matched regex (in ``reg_lrs`` order), then the component's own; each
     split into a plain and a "plus" part when a LoRA+ ratio is set."""
-    buckets: dict[Optional[int], dict[str, list]] = {}
+    buckets: dict[int | None, dict[str, list]] = {}
     for path, kind, param in _trainable(module):
         index = next((i for i, (pattern, _) in enumerate(reg_lrs) if re.fullmatch(pattern, path)), None)
         part = "plus" if ratio is not None and kind in PLUS_PARAMS else "plain"

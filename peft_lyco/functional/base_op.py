@@ -7,7 +7,7 @@ never the weight-sized ``W + ΔW``, which backward rebuilds from the factors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -17,12 +17,12 @@ import torch.nn.functional as F
 class LinearOp:
     """``F.linear`` on inputs of shape ``(..., in)``."""
 
-    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, weight, bias)
 
     def backward(
-        self, grad: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], need_input: bool, need_weight: bool
-    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        self, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, need_input: bool, need_weight: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(∂L/∂x, ∂L/∂weight)`` for the wanted ones; ``weight`` may be ``None`` when ∂L/∂x is not wanted."""
         grad_input = grad @ weight if need_input else None
         grad_weight = None
@@ -43,12 +43,12 @@ class Conv2dOp:
     dilation: tuple[int, int]
     groups: int
 
-    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def backward(
-        self, grad: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], need_input: bool, need_weight: bool
-    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        self, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, need_input: bool, need_weight: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(∂L/∂x, ∂L/∂weight)`` from one ``convolution_backward`` call (``weight`` only supplies the shape when
         ∂L/∂x is not wanted)."""
         if not (need_input or need_weight):

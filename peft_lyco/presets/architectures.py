@@ -8,7 +8,7 @@ applied here to diffusers/transformers classes and our ``AnimaDiT``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 from torch import nn
 
@@ -43,7 +43,7 @@ class Architecture:
         return list(found.items())
 
 
-@lru_cache(maxsize=None)
+@cache
 def architectures() -> tuple[Architecture, ...]:
     """The known presets (imports diffusers/transformers lazily, once)."""
     from diffusers import UNet2DConditionModel

@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from math import prod
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
@@ -56,7 +57,7 @@ def _fullmatch_any(patterns: Sequence[str], path: str) -> bool:
 
 def _rank_alpha(
     path: str, layer: nn.Module, args: NetworkArgs, network_dim: int, network_alpha: float, *, preset: bool
-) -> Optional[tuple[int, float]]:
+) -> tuple[int, float] | None:
     """Per-module (rank, alpha), or None when the module is skipped.
 
     With a preset, kxk convs are adapted only with ``conv_dim`` (sd-scripts); with explicit ``target_modules`` they
@@ -87,12 +88,12 @@ def build_config(
     algo: str,
     model: nn.Module,
     *,
-    network_dim: Optional[int] = 4,
-    network_alpha: Optional[float] = 1.0,
-    network_args: Optional[Sequence[str]] = None,
-    target_modules: Optional[Union[list[str], str]] = None,
+    network_dim: int | None = 4,
+    network_alpha: float | None = 1.0,
+    network_args: Sequence[str] | None = None,
+    target_modules: list[str] | str | None = None,
     **kwargs: Any,
-) -> Union[LoHaConfig, LoKrConfig]:
+) -> LoHaConfig | LoKrConfig:
     """A ``LoHaConfig``/``LoKrConfig`` for ``model`` that adapts exactly the modules sd-scripts would.
 
     ``network_args`` takes sd-scripts strings (``["conv_dim=16", "factor=4", ...]``); the same options may be
@@ -214,7 +215,7 @@ def _make_config(config_cls, plan, args: NetworkArgs, network_dim, network_alpha
 
 
 def describe(
-    config: LycoConfig, model: nn.Module, modules: Optional[Sequence[tuple[str, nn.Module]]] = None
+    config: LycoConfig, model: nn.Module, modules: Sequence[tuple[str, nn.Module]] | None = None
 ) -> list[ModuleRow]:
     """The adapter each targeted module of ``model`` gets under ``config`` (same resolution as the tuner).
 

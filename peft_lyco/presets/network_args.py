@@ -11,8 +11,9 @@ import difflib
 import math
 import re
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any
 
 Pairs = tuple[tuple[str, Any], ...]
 
@@ -25,10 +26,10 @@ class NetworkArgsError(ValueError):
 class NetworkArgs:
     """Every option ``build_config``/``param_groups`` understand, after parsing (``None`` = not given)."""
 
-    conv_dim: Optional[int] = None
-    conv_alpha: Optional[float] = None
+    conv_dim: int | None = None
+    conv_alpha: float | None = None
     use_tucker: bool = False
-    factor: Optional[int] = None
+    factor: int | None = None
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
     exclude_patterns: tuple[str, ...] = ()
@@ -36,15 +37,15 @@ class NetworkArgs:
     network_reg_dims: Pairs = ()
     network_reg_lrs: Pairs = ()
     train_llm_adapter: bool = False
-    loraplus_lr_ratio: Optional[float] = None
-    loraplus_unet_lr_ratio: Optional[float] = None
-    loraplus_text_encoder_lr_ratio: Optional[float] = None
+    loraplus_lr_ratio: float | None = None
+    loraplus_unet_lr_ratio: float | None = None
+    loraplus_text_encoder_lr_ratio: float | None = None
     verbose: bool = False
-    dropout: Optional[float] = None
-    rank_dropout_scale: Optional[bool] = None
-    decompose_both: Optional[bool] = None
-    full_matrix: Optional[bool] = None
-    unbalanced_factorization: Optional[bool] = None
+    dropout: float | None = None
+    rank_dropout_scale: bool | None = None
+    decompose_both: bool | None = None
+    full_matrix: bool | None = None
+    unbalanced_factorization: bool | None = None
     dora_wd: bool = False
     wd_on_output: bool = True
     use_scalar: bool = False
@@ -200,7 +201,7 @@ def _pairs(check: Callable[[Any], Any]) -> Callable[[Any], Pairs]:
     return convert
 
 
-def _neuron_dropout(value: Any) -> Optional[float]:
+def _neuron_dropout(value: Any) -> float | None:
     """Plain dropout (``--network_dropout`` or ``dropout=``): drops input features of the ΔW branch in training."""
     if value is None or value == "None":
         return None
@@ -274,7 +275,7 @@ def _validated(name: str, value: Any, raw: Any) -> Any:
         raise NetworkArgsError(f"network argument {name}={raw!r}: {err}") from None
 
 
-def split_network_args(network_args: Optional[Sequence[str]]) -> dict[str, str]:
+def split_network_args(network_args: Sequence[str] | None) -> dict[str, str]:
     """``["key=value", ...]`` → ``{key: value}`` (split at the first ``=``), rejecting repeats and bad items."""
     if network_args is None:
         return {}
@@ -291,7 +292,7 @@ def split_network_args(network_args: Optional[Sequence[str]]) -> dict[str, str]:
     return result
 
 
-def parse_network_args(network_args: Optional[Sequence[str]] = None, **options: Any) -> NetworkArgs:
+def parse_network_args(network_args: Sequence[str] | None = None, **options: Any) -> NetworkArgs:
     """sd-scripts strings (``"conv_dim=16"``, ``"exclude_patterns=[r'.*norm.*']"``) and/or keyword options with
     Python values → ``NetworkArgs``. Unknown, repeated or malformed arguments raise ``NetworkArgsError``."""
     values: dict[str, Any] = {}

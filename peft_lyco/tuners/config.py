@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, ClassVar
 
 from peft.tuners.lycoris_utils import LycorisConfig
 
@@ -22,13 +22,13 @@ class LycoConfig(LycorisConfig):
     """
 
     r: int = field(default=8, metadata={"help": "Rank of Linear and 1x1-conv adapters (kohya network_dim)."})
-    alpha: Optional[float] = field(
+    alpha: float | None = field(
         default=8.0, metadata={"help": "Scale numerator: scale = alpha / r. None or 0 means alpha = r (scale 1)."}
     )
-    conv_r: Optional[int] = field(
+    conv_r: int | None = field(
         default=None, metadata={"help": "Rank for kxk convolutions (kohya conv_dim); None uses r."}
     )
-    conv_alpha: Optional[float] = field(
+    conv_alpha: float | None = field(
         default=None, metadata={"help": "Alpha for kxk convolutions (kohya conv_alpha); None uses alpha."}
     )
     use_tucker: bool = field(
@@ -72,27 +72,27 @@ class LycoConfig(LycorisConfig):
     module_dropout: float = field(
         default=0.0, metadata={"help": "Probability of skipping the whole adapter of a module in a training step."}
     )
-    init_weights: Union[bool, str] = field(
+    init_weights: bool | str = field(
         default=True,
         metadata={
             "help": "True or 'lycoris': kohya/LyCORIS init (ΔW = 0). 'peft': PEFT's init (ΔW = 0). "
             "False: random non-zero factors, for tests."
         },
     )
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={"help": "Module names, suffixes or a regex to adapt (nn.Linear and nn.Conv2d), as in PEFT."},
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module names, suffixes or a regex never to adapt, as in PEFT."}
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Layer indices to adapt, as in PEFT."}
     )
-    layers_pattern: Optional[Union[list[str], str]] = field(
+    layers_pattern: list[str] | str | None = field(
         default=None, metadata={"help": "Name of the layer list that layers_to_transform indexes, as in PEFT."}
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Extra modules to train in full and save, as in PEFT."}
     )
     option_pattern: dict[str, dict[str, Any]] = field(

@@ -7,7 +7,7 @@ comes from the algorithm object, so forward, merge, unmerge and export use one f
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -148,7 +148,7 @@ class LycoLayer(nn.Module, BaseTunerLayer):
             tensors["dora_scale"] = self.dora_scale[adapter_name].detach()
         return tensors
 
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         """Move an adapter to the base weight's device, keeping its dtype (PEFT's version would also cast it to a
         half-precision base's dtype, so adapters loaded with ``low_cpu_mem_usage`` would differ from others)."""
         device = device if device is not None else self.get_base_layer().weight.device
@@ -186,7 +186,7 @@ class LycoLayer(nn.Module, BaseTunerLayer):
             if adapter in self._available_adapters:
                 self.scaling[adapter] *= scale
 
-    def unscale_layer(self, scale: Optional[float] = None) -> None:
+    def unscale_layer(self, scale: float | None = None) -> None:
         """Undo ``scale_layer``; with ``None`` reset the active adapters to their own scale."""
         for adapter in self.active_adapters:
             if adapter in self._available_adapters:
@@ -327,7 +327,7 @@ class LycoLayer(nn.Module, BaseTunerLayer):
         return adapted_op(x, weight, bias, op, [term for _, term in active], weight_shape=self.weight_shape)
 
     # ---------------------------------------------------------------------------------------------- merge/unmerge
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the adapters' scaled ΔW into the base weight (summed in float32 for fp16/bf16 weights; float8 and
         bitsandbytes weights are rounded back with a warning; torchao weights refuse)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
@@ -40,7 +39,7 @@ class LycoTuner(BaseTuner):
         adapter_name: str,
         autocast_adapter_dtype: bool = True,
         low_cpu_mem_usage: bool = False,
-        state_dict: Optional[dict[str, torch.Tensor]] = None,
+        state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Check the name and every target first, then inject; if injection still fails, put the model back."""
         check_adapter_name(adapter_name)
@@ -58,7 +57,7 @@ class LycoTuner(BaseTuner):
             undo.restore(adapter_name)
             raise
 
-    def _check_targets(self, model: nn.Module, config: LycoConfig, state_dict: Optional[dict]) -> None:
+    def _check_targets(self, model: nn.Module, config: LycoConfig, state_dict: dict | None) -> None:
         """Raise before any replacement if a targeted module cannot take this adapter, naming every bad module."""
         if state_dict is not None:
             wanted = {key.rsplit("." + self.prefix, 1)[0].removeprefix("_orig_mod.") for key in state_dict}

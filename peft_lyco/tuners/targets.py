@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
-from typing import Optional, Union
 
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -39,7 +38,7 @@ def adaptable_layers(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield path, module
 
 
-def exact_target_modules(paths: Iterable[str], module_names: Optional[Iterable[str]] = None) -> Union[set[str], str]:
+def exact_target_modules(paths: Iterable[str], module_names: Iterable[str] | None = None) -> set[str] | str:
     """The set of ``paths`` (PEFT's own form of a target list) when PEFT's list rule (``name == t`` or ``name.endswith("." + t)``) can hit no
     other module of ``module_names``; otherwise, or when the model's names are unknown, a full-match regex.
 

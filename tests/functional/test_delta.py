@@ -96,7 +96,7 @@ def test_loha_custom_backward_passes_gradcheck(tucker):
         args = [_rand(4, 3), _rand(3, 5), _rand(4, 3), _rand(3, 5)]
     for a in args:
         a.requires_grad_(True)
-    fn = lambda *xs: loha_delta_weight(*xs, scale=0.7)  # noqa: E731
+    fn = lambda *xs: loha_delta_weight(*xs, scale=0.7)
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7)
 
 

@@ -12,12 +12,12 @@ from lyco_train.objectives import (
     flow_noisy_input,
     flow_target,
     min_snr_weights,
+    per_sample_loss,
     sample_generators,
     sample_noise,
     sample_sigmas,
     sample_timesteps,
     sdxl_time_ids,
-    per_sample_loss,
 )
 from lyco_train.runner import step_loss
 from lyco_train.sampling import SamplePrompt, parse_prompt_line

@@ -5,8 +5,6 @@ The random choice is drawn by the epoch plan (so a resumed run repeats it); this
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 from PIL import Image
 
@@ -15,7 +13,7 @@ HUE_SHIFT_DEGREES = 16.0  # sd-scripts shifts OpenCV hue (0-180) by up to 8, i.e
 GAMMA_RANGE = (0.95, 1.05)
 
 
-def draw_color_change(rng: np.random.Generator) -> Optional[tuple[str, float]]:
+def draw_color_change(rng: np.random.Generator) -> tuple[str, float] | None:
     """None (two times in three), else ("hue", degrees in [-16, 16]) or ("gamma", γ in [0.95, 1.05]) at equal odds."""
     apply, kind, amount = rng.random(3)
     if apply > COLOR_AUG_PROBABILITY:
@@ -26,7 +24,7 @@ def draw_color_change(rng: np.random.Generator) -> Optional[tuple[str, float]]:
     return "gamma", float(low + (high - low) * amount)
 
 
-def apply_color_change(image: Image.Image, change: Optional[tuple[str, float]]) -> Image.Image:
+def apply_color_change(image: Image.Image, change: tuple[str, float] | None) -> Image.Image:
     """``image`` (RGB) with its hue rotated by the given degrees, or its 0-255 values raised to γ and clipped (as
     sd-scripts does, so γ > 1 brightens mid-tones and saturates highlights)."""
     if change is None:

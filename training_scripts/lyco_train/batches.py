@@ -8,8 +8,8 @@ data-loader workers.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -31,10 +31,10 @@ class Sample:
 
     record: int
     flip: bool
-    crop_offset: Optional[float]
+    crop_offset: float | None
     drop_caption: bool
-    caption_seed: Optional[int] = None
-    color: Optional[tuple[str, float]] = None
+    caption_seed: int | None = None
+    color: tuple[str, float] | None = None
     noise_seed: int = 0
     share: float = 1.0
 
@@ -257,7 +257,7 @@ def load_training_data(datasets: list[DatasetSpec], *, seed: int, where: str) ->
     return TrainingData(records, buckets, held, held_buckets)
 
 
-def training_images(args, accelerator, *, tiny_model: Optional[str] = None) -> TrainingData:
+def training_images(args, accelerator, *, tiny_model: str | None = None) -> TrainingData:
     """The run's images (from ``--dataset_config`` or ``--train_data_dir``) and their buckets. With ``tiny_model``
     (the embedded default) the coloured-shapes dataset is generated first (by the main process) unless data is given."""
     if tiny_model:

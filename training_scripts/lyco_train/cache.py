@@ -8,8 +8,8 @@ bucket or model never reads a stale entry.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Optional
 
 import torch
 from safetensors import safe_open
@@ -25,7 +25,7 @@ from .files import save_tensors
 class _Store:
     """Tensor dicts by key, in memory or as one safetensors file per key in ``folder``."""
 
-    def __init__(self, folder: Optional[Path]):
+    def __init__(self, folder: Path | None):
         self.folder = folder
         self.memory: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -77,7 +77,7 @@ def latent_jobs(records: list[ImageRecord], buckets: list[tuple[int, int]]) -> l
 class LatentCache:
     """VAE latents of centre-cropped images, keyed by file identity, bucket, flip and ``tag`` (model and settings)."""
 
-    def __init__(self, tag: str, folder: Optional[Path] = None):
+    def __init__(self, tag: str, folder: Path | None = None):
         self.tag, self.store = tag, _Store(folder)
 
     def key(self, record: ImageRecord, bucket: tuple[int, int], flip: bool) -> str:
@@ -123,7 +123,7 @@ class LatentCache:
 class TextCache:
     """Frozen text-encoder outputs per caption (the empty caption included, for caption dropout)."""
 
-    def __init__(self, tag: str, encode: Callable[[list[str]], dict[str, torch.Tensor]], folder: Optional[Path] = None):
+    def __init__(self, tag: str, encode: Callable[[list[str]], dict[str, torch.Tensor]], folder: Path | None = None):
         self.tag, self.encode, self.store = tag, encode, _Store(folder)
 
     def key(self, caption: str) -> str:
@@ -155,7 +155,7 @@ def _cache_dir(args) -> Path:
     return base / ".lyco_cache"
 
 
-def build_latent_cache(args, accelerator, records, buckets, *, tag: str, encode) -> Optional[LatentCache]:
+def build_latent_cache(args, accelerator, records, buckets, *, tag: str, encode) -> LatentCache | None:
     """With ``--cache_latents``: every latent a run can use, encoded once (the main process first, so other
     processes reuse its disk files); None otherwise."""
     if not args.cache_latents:
@@ -166,7 +166,7 @@ def build_latent_cache(args, accelerator, records, buckets, *, tag: str, encode)
     return cache
 
 
-def build_text_cache(args, accelerator, records, *, tag: str, encode) -> Optional[TextCache]:
+def build_text_cache(args, accelerator, records, *, tag: str, encode) -> TextCache | None:
     """With ``--cache_text_encoder_outputs``: every caption (as its subset's fixed rules write it) and the empty one
     (caption dropout) encoded once under the run's autocast; None otherwise. Shuffling and tag dropout are refused
     with this option before the run starts."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from typing import Optional
 
 import numpy as np
 
@@ -31,9 +30,9 @@ class CaptionRules:
     separator: str = ","
     tag_dropout_rate: float = 0.0
     dropout_rate: float = 0.0
-    prefix: Optional[str] = None
-    suffix: Optional[str] = None
-    secondary_separator: Optional[str] = None
+    prefix: str | None = None
+    suffix: str | None = None
+    secondary_separator: str | None = None
     wildcard: bool = False
     dropout_every_n_epochs: int = 0
 
@@ -42,7 +41,7 @@ class CaptionRules:
         """Whether the text of a caption changes from one showing to the next (shuffling, tag dropout, wildcards)."""
         return self.shuffle or self.tag_dropout_rate > 0 or self.wildcard
 
-    def fixed(self) -> "CaptionRules":
+    def fixed(self) -> CaptionRules:
         """The same rules without their random parts: what validation and text-encoder caches see (wildcards resolve
         to the first line and the first options)."""
         return replace(self, shuffle=False, tag_dropout_rate=0.0, dropout_rate=0.0, dropout_every_n_epochs=0)
@@ -73,7 +72,7 @@ def split_tags(caption: str, rules: CaptionRules) -> tuple[list[str], list[str],
 WILDCARD = re.compile(r"\{([^}]+)\}")
 
 
-def resolve_wildcards(caption: str, rng: Optional[np.random.Generator]) -> str:
+def resolve_wildcards(caption: str, rng: np.random.Generator | None) -> str:
     """sd-scripts' wildcards: one line of a multi-line caption, then every ``{a|b|c}`` replaced by one option (``{{``
     and ``}}`` stay literal braces); chosen with ``rng``, or the first line and first options when it is None."""
     lines = caption.split("\n")
@@ -90,7 +89,7 @@ def resolve_wildcards(caption: str, rng: Optional[np.random.Generator]) -> str:
     return WILDCARD.sub(choose, caption).replace(opening, "{").replace(closing, "}")
 
 
-def process_caption(caption: str, rules: CaptionRules, rng: Optional[np.random.Generator] = None) -> str:
+def process_caption(caption: str, rules: CaptionRules, rng: np.random.Generator | None = None) -> str:
     """The training text of ``caption``: wildcards resolved (with ``wildcard``), prefix/suffix added, then (when the
     rules shuffle or drop tags) the flexible tags shuffled with ``rng`` and each dropped with probability
     ``tag_dropout_rate``, joined with ``", "``; finally ``secondary_separator`` replaced by ``separator``.

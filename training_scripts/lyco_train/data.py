@@ -11,7 +11,6 @@ import random
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional
 
 from PIL import Image
 
@@ -44,7 +43,7 @@ class Subset:
     color_aug: bool = False
     random_crop: bool = False
     is_reg: bool = False
-    class_tokens: Optional[str] = None
+    class_tokens: str | None = None
     dataset: int = 0
     batch_size: int = 1
 
@@ -168,7 +167,7 @@ def scan_subsets(subsets: list[Subset], *, where: str) -> list[ImageRecord]:
 
 
 def scan_dataset(
-    root: str | Path, caption_extension: str = ".txt", template: Optional[Subset] = None
+    root: str | Path, caption_extension: str = ".txt", template: Subset | None = None
 ) -> list[ImageRecord]:
     """All images under ``root`` (directly or one folder down) with their captions and repeats (``scan_subsets``);
     ``template`` gives every subset's other settings."""

@@ -16,9 +16,10 @@ import difflib
 import json
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import tomllib
 
@@ -60,7 +61,7 @@ TYPE_NAMES: dict[Callable[[Any], bool], str] = {
 }
 
 # key -> (type check, command-line option it falls back to or None, default)
-DATASET_KEYS: dict[str, tuple[Callable[[Any], bool], Optional[str], Any]] = {
+DATASET_KEYS: dict[str, tuple[Callable[[Any], bool], str | None, Any]] = {
     "resolution": (_is_resolution, "resolution", None),
     "batch_size": (_is_int, "train_batch_size", 1),
     "enable_bucket": (_is_bool, "enable_bucket", False),
@@ -71,7 +72,7 @@ DATASET_KEYS: dict[str, tuple[Callable[[Any], bool], Optional[str], Any]] = {
     "validation_split": (_is_number, "validation_split", 0.0),
     "validation_seed": (_is_int, "validation_seed", None),
 }
-SUBSET_KEYS: dict[str, tuple[Callable[[Any], bool], Optional[str], Any]] = {
+SUBSET_KEYS: dict[str, tuple[Callable[[Any], bool], str | None, Any]] = {
     "num_repeats": (_is_int, None, 1),
     "caption_extension": (_is_str, "caption_extension", ".txt"),
     "shuffle_caption": (_is_bool, "shuffle_caption", False),
@@ -91,7 +92,7 @@ SUBSET_KEYS: dict[str, tuple[Callable[[Any], bool], Optional[str], Any]] = {
     "class_tokens": (_is_str, None, None),
     "cache_info": (_is_bool, None, False),  # sd-scripts' cache of image sizes: accepted, nothing to do here
 }
-SUBSET_ONLY_KEYS: dict[str, tuple[Callable[[Any], bool], Optional[str], Any]] = {
+SUBSET_ONLY_KEYS: dict[str, tuple[Callable[[Any], bool], str | None, Any]] = {
     "image_dir": (_is_str, None, None),
     "is_reg": (_is_bool, None, False),
 }
@@ -118,7 +119,7 @@ class DatasetSpec:
     buckets: BucketSettings
     batch_size: int
     validation_split: float
-    validation_seed: Optional[int]
+    validation_seed: int | None
     subsets: tuple[Subset, ...]
 
 

@@ -77,9 +77,12 @@ def remove_leftovers(output_dir: str | os.PathLike, output_name: str) -> list[Pa
     found = []
     for path in root.iterdir():
         final = _final_name(path.name)
-        if final is not None and ours.fullmatch(final):
-            found.append(path)
-        elif path.name.endswith(PARTIAL_SUFFIX) and ours.fullmatch(path.name[: -len(PARTIAL_SUFFIX)]):
+        if (
+            final is not None
+            and ours.fullmatch(final)
+            or path.name.endswith(PARTIAL_SUFFIX)
+            and ours.fullmatch(path.name[: -len(PARTIAL_SUFFIX)])
+        ):
             found.append(path)
         elif path.is_dir() and ours.fullmatch(path.name):
             found += [p for p in path.rglob(f".*{TEMP_SUFFIX}") if _final_name(p.name)]

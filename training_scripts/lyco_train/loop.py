@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from accelerate import Accelerator

@@ -11,9 +11,9 @@ import math
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -61,7 +61,7 @@ class Hooks:
 
     loss: Callable[..., torch.Tensor]
     save: Callable[[str, Position], list[Path]]
-    sample: Optional[Callable[[int], list[Path]]] = None
+    sample: Callable[[int], list[Path]] | None = None
 
 
 @dataclass
@@ -72,8 +72,8 @@ class History:
     losses: list[float] = field(default_factory=list)
     validation: list[tuple[int, str, float]] = field(default_factory=list)
     saved: list[Path] = field(default_factory=list)
-    position: Optional[Position] = None
-    final: Optional[Path] = None
+    position: Position | None = None
+    final: Path | None = None
 
 
 def check_resume_fits(args, accelerator, records: list, buckets: list, components: tuple[str, ...]) -> None:
@@ -98,7 +98,7 @@ def step_loss(per_sample: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
     return (per_sample.float() * shares.to(per_sample.device, torch.float32)).sum()
 
 
-def _save_due(every: Optional[int], count: int) -> bool:
+def _save_due(every: int | None, count: int) -> bool:
     return bool(every) and count % every == 0
 
 
@@ -112,7 +112,7 @@ class Trainer:
         training: Training,
         build: BatchBuilder,
         hooks: Hooks,
-        validator: Optional[Validator] = None,
+        validator: Validator | None = None,
     ):
         self.args, self.accelerator, self.training, self.validator = args, accelerator, training, validator
         self.models, self.optimizer, self.lr_scheduler = training.models, training.optimizer, training.lr_scheduler
@@ -123,7 +123,7 @@ class Trainer:
         self.last_step: tuple[Position, tuple] | None = None
         self.retention = Retention.from_args(args)
         self.max_norm: MaxNormReport | None = None
-        self.last_validation: Optional[float] = None
+        self.last_validation: float | None = None
 
     # ------------------------------------------------------------------------------------------------- state
     def resume(self, folder: str) -> Position:

@@ -15,7 +15,7 @@ import random
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -343,7 +343,7 @@ def load_state(folder: Path, accelerator, training, fingerprint: dict[str, Any])
     return Position(**state["position"])
 
 
-def steps_planned(state: dict[str, Any], max_train_steps: int, max_train_epochs: Optional[int]) -> int:
+def steps_planned(state: dict[str, Any], max_train_steps: int, max_train_epochs: int | None) -> int:
     """The total number of steps a run resuming ``state`` with these options trains (epochs win over steps, an
     epoch being the saved run's optimizer steps per epoch)."""
     if not max_train_epochs:
@@ -352,7 +352,7 @@ def steps_planned(state: dict[str, Any], max_train_steps: int, max_train_epochs:
     return max_train_epochs * math.ceil(saved["batches_per_epoch"] / saved["gradient_accumulation_steps"])
 
 
-def state_folder_name(output_name: str, step: Optional[int] = None, epoch: Optional[int] = None) -> str:
+def state_folder_name(output_name: str, step: int | None = None, epoch: int | None = None) -> str:
     """sd-scripts' state folder names: ``NAME-step00000100-state``, ``NAME-000002-state``, or ``NAME-state``."""
     if step is not None:
         return f"{output_name}-step{step:08d}-state"

@@ -9,8 +9,8 @@ at every validation of a run, and in a resumed run. Validation never touches the
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -61,7 +61,7 @@ class Validator:
         *,
         seed: int,
         accelerator,
-        max_steps: Optional[int] = None,
+        max_steps: int | None = None,
     ):
         self.batches = batches[:max_steps] if max_steps else batches
         self.build, self.loss, self.seed, self.accelerator = build, loss, seed, accelerator
@@ -93,7 +93,7 @@ class Validator:
         return sum(losses) / len(losses)
 
 
-def make_validator(args, accelerator, data: TrainingData, latent_cache, loss) -> Optional[Validator]:
+def make_validator(args, accelerator, data: TrainingData, latent_cache, loss) -> Validator | None:
     """The run's validator over ``data``'s held-out images (None when nothing is held out); the noise seed is
     ``--validation_seed``, else ``--seed``."""
     if not data.validation_records:

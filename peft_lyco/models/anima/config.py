@@ -82,7 +82,7 @@ class AnimaConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "AnimaConfig":
+    def from_dict(cls, values: dict[str, Any]) -> AnimaConfig:
         """Build from a dict, naming any key that is not a field."""
         unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 from dataclasses import asdict
-from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +38,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(context_dim, query_dim, bias=False)
         self.output_proj = nn.Linear(query_dim, query_dim, bias=False)
 
-    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, angles: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, angles: torch.Tensor | None = None):
         source = x if context is None else context
         out = qk_norm_attention(
             self.q_proj(x),
@@ -204,7 +203,7 @@ class RoPE3D(nn.Module):
         self.register_buffer("dim_temporal_range", torch.empty(dim_t // 2))
         self.reset_buffers()
 
-    def reset_buffers(self, device: Union[torch.device, str, None] = None) -> None:
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
         """(Re)compute the position table and the per-pair exponents ``2i/dim`` (on ``device`` if given)."""
         device = self.seq.device if device is None else device
         dim_t, dim_h = self.dims
@@ -238,7 +237,7 @@ OPTIONAL_BUFFERS = ("pos_embedder.seq", "pos_embedder.dim_spatial_range", "pos_e
 CONFIG_METADATA_KEY = "anima_config"
 
 
-def config_in_file(path: Union[str, os.PathLike]) -> Optional[AnimaConfig]:
+def config_in_file(path: str | os.PathLike) -> AnimaConfig | None:
     """The ``AnimaConfig`` a checkpoint carries as JSON under the ``anima_config`` metadata key (files of other sizes
     than the released model, e.g. tiny test models, written with ``config_metadata``); None when it carries none."""
     from safetensors import safe_open
@@ -260,7 +259,7 @@ class AnimaDiT(nn.Module):
     ``AnimaDiT.from_single_file(path)``; pass ``AnimaConfig(...)`` for other sizes.
     """
 
-    def __init__(self, config: Optional[AnimaConfig] = None):
+    def __init__(self, config: AnimaConfig | None = None):
         super().__init__()
         self.config = config = config or AnimaConfig()
         dim = config.model_channels
@@ -288,7 +287,7 @@ class AnimaDiT(nn.Module):
         patch_values = config.patch_spatial**2 * config.patch_temporal * config.out_channels
         self.final_layer = FinalLayer(dim, patch_values, config.adaln_lora_dim)
         self.gradient_checkpointing = False
-        self.block_swap: Optional[BlockSwap] = None
+        self.block_swap: BlockSwap | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -307,13 +306,13 @@ class AnimaDiT(nn.Module):
     @classmethod
     def from_single_file(
         cls,
-        path: Union[str, os.PathLike],
-        config: Optional[AnimaConfig] = None,
+        path: str | os.PathLike,
+        config: AnimaConfig | None = None,
         *,
-        torch_dtype: Optional[torch.dtype] = None,
-        device: Union[str, torch.device] = "cpu",
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
         strict: bool = True,
-    ) -> "AnimaDiT":
+    ) -> AnimaDiT:
         """Load a released Anima DiT ``.safetensors`` (keys with or without ``net.``), built on the meta device first.
 
         Every parameter must be in the file (the ``pos_embedder`` buffers may be absent); unexpected keys raise
@@ -359,7 +358,7 @@ class AnimaDiT(nn.Module):
         """Recompute each block in backward (training memory for compute)."""
         self.gradient_checkpointing = enabled
 
-    def enable_block_swap(self, count: int, device: Union[str, torch.device]) -> BlockSwap:
+    def enable_block_swap(self, count: int, device: str | torch.device) -> BlockSwap:
         """Keep the frozen weights of the last ``count`` blocks on the CPU, brought to ``device`` only while each runs
         (see ``peft_lyco.models.block_swap``); call ``.offload()`` on the result once the model is placed."""
         self.block_swap = BlockSwap(self.blocks, count, device)
@@ -370,8 +369,8 @@ class AnimaDiT(nn.Module):
         self,
         qwen3_hidden_states: torch.Tensor,
         t5_input_ids: torch.Tensor,
-        t5_attention_mask: Optional[torch.Tensor] = None,
-        qwen3_attention_mask: Optional[torch.Tensor] = None,
+        t5_attention_mask: torch.Tensor | None = None,
+        qwen3_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the LLM adapter and zero the rows of padded T5 positions: the (B, L, C) cross-attention context."""
         if not self.config.use_llm_adapter:
@@ -387,12 +386,12 @@ class AnimaDiT(nn.Module):
         self,
         x: torch.Tensor,
         timesteps: torch.Tensor,
-        context: Optional[torch.Tensor] = None,
-        fps: Optional[torch.Tensor] = None,
-        padding_mask: Optional[torch.Tensor] = None,
-        target_input_ids: Optional[torch.Tensor] = None,
-        target_attention_mask: Optional[torch.Tensor] = None,
-        source_attention_mask: Optional[torch.Tensor] = None,
+        context: torch.Tensor | None = None,
+        fps: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        target_input_ids: torch.Tensor | None = None,
+        target_attention_mask: torch.Tensor | None = None,
+        source_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Velocity for latents ``x`` (B, C, T, H, W) or (B, C, H, W) at σ = ``timesteps`` (B,) or (B, T) in [0, 1].
 
@@ -446,7 +445,7 @@ class AnimaDiT(nn.Module):
                 f"({config.patch_temporal}, {config.patch_spatial}, {config.patch_spatial})"
             )
 
-    def _embed_patches(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def _embed_patches(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
         if self.config.concat_padding_mask:
             batch, _, frames, height, width = x.shape
             if padding_mask is None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -51,9 +51,9 @@ def qk_norm_attention(
     k_norm: nn.Module,
     num_heads: int,
     *,
-    q_angles: Optional[torch.Tensor] = None,
-    k_angles: Optional[torch.Tensor] = None,
-    key_mask: Optional[torch.Tensor] = None,
+    q_angles: torch.Tensor | None = None,
+    k_angles: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Multi-head attention on projected ``q`` (B, L, H·d), ``k``/``v`` (B, S, H·d): per-head RMSNorm on q and k,
     then RoPE (when angles are given), then SDPA with the default scale. Returns (B, L, H·d).

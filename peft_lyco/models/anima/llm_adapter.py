@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -31,7 +29,7 @@ class LLMAdapterAttention(nn.Module):
         context: torch.Tensor,
         q_angles: torch.Tensor,
         k_angles: torch.Tensor,
-        key_mask: Optional[torch.Tensor],
+        key_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         out = qk_norm_attention(
             self.q_proj(x),
@@ -66,8 +64,8 @@ class LLMAdapterBlock(nn.Module):
         context: torch.Tensor,
         target_angles: torch.Tensor,
         source_angles: torch.Tensor,
-        target_mask: Optional[torch.Tensor],
-        source_mask: Optional[torch.Tensor],
+        target_mask: torch.Tensor | None,
+        source_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         normed = self.norm_self_attn(x)
         x = x + self.self_attn(normed, normed, target_angles, target_angles, target_mask)
@@ -114,8 +112,8 @@ class LLMAdapter(nn.Module):
         self,
         source_hidden_states: torch.Tensor,
         target_input_ids: torch.Tensor,
-        target_attention_mask: Optional[torch.Tensor] = None,
-        source_attention_mask: Optional[torch.Tensor] = None,
+        target_attention_mask: torch.Tensor | None = None,
+        source_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = self.in_proj(self.embed(target_input_ids))
         head_dim = x.shape[-1] // self.num_heads

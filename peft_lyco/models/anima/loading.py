@@ -7,7 +7,8 @@ Only safetensors content is read, whatever the file is called (pickles are refus
 from __future__ import annotations
 
 import os
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 from torch import nn

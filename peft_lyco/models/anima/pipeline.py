@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 
@@ -42,7 +42,7 @@ class AnimaPipeline:
         self.tokenizer, self.t5_tokenizer = tokenizer, t5_tokenizer
         self.max_length, self.t5_max_length = max_length, t5_max_length
 
-    def encode_prompt(self, prompts: Union[str, Sequence[str]]) -> PromptEmbeds:
+    def encode_prompt(self, prompts: str | Sequence[str]) -> PromptEmbeds:
         """Qwen3 states, masks and T5 ids for ``prompts`` (see ``text.encode_prompt``)."""
         return encode_prompt(
             prompts,
@@ -63,16 +63,16 @@ class AnimaPipeline:
     @torch.no_grad()
     def __call__(
         self,
-        prompt: Union[str, Sequence[str]],
-        negative_prompt: Union[str, Sequence[str]] = "",
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] = "",
         *,
         height: int = 1024,
         width: int = 1024,
         num_inference_steps: int = 50,
         guidance_scale: float = 3.5,
         flow_shift: float = 5.0,
-        generator: Optional[torch.Generator] = None,
-        latents: Optional[torch.Tensor] = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
         output_type: str = "pt",
     ):
         """Generate images: ``output_type`` "pt" (B, 3, H, W) in [0, 1], "pil" (list of PIL images) or "latent".

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
 
 import torch
 
@@ -34,7 +34,7 @@ def qwen3_06b_config():
 
 
 def qwen3_text_encoder_from_single_file(
-    path: Union[str, os.PathLike], config=None, *, torch_dtype: Optional[torch.dtype] = None
+    path: str | os.PathLike, config=None, *, torch_dtype: torch.dtype | None = None
 ):
     """A ``Qwen3Model`` from a single ``.safetensors`` file (keys ``model.layers.N...``; a tied ``lm_head`` is ignored).
 
@@ -69,7 +69,7 @@ class PromptEmbeds:
 
 @torch.no_grad()
 def encode_prompt(
-    prompts: Union[str, Sequence[str]],
+    prompts: str | Sequence[str],
     text_encoder,
     tokenizer,
     t5_tokenizer,
