@@ -273,18 +273,7 @@ def test_lokr_linear_apply_equals_dense_delta():
         lokr_linear_apply(torch.randn(2, 5, dtype=torch.float64), params)
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        "loha-conv-lowrank-route",
-        "loha-conv-tucker",
-        "loha-conv-tucker-strided",
-        "lokr-conv-flat",
-        "lokr-conv-tucker",
-        "lokr-conv-mix-first",
-        "lokr-conv-full",
-    ],
-)
+@pytest.mark.parametrize("case", [*(case for case in STRUCTURED if "-conv-" in case), "lokr-conv-full"])
 def test_conv_apply_equals_conv_with_the_dense_delta(case):
     op, x, weight, _, params, scales, _ = _setup(case)
     for p, s in zip(params, scales):
